@@ -1,0 +1,9 @@
+"""Faithful, readable PyTorch implementations that fastseg's kernels are tested against."""
+from .masked_attention import (
+    ReferenceMaskedCrossAttention,
+    masked_attention,
+    merge_masks,
+    multi_head_attention,
+)
+
+__all__ = ["ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention"]

@@ -1,0 +1,21 @@
+"""Shared assertions for the kernel tests."""
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (0 when both are zero)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num if den == 0 else num / den
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
+    """Shape equal, no NaN/Inf in ``actual``, and relative L2 error below ``tol``."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
