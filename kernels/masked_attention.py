@@ -1,0 +1,428 @@
+"""Masked multi-head attention with a bit-packed mask: flash-attention forward and backward in Triton.
+
+Shapes (every tensor may be strided, the head dimension must be contiguous):
+  q: (B, H, M, D)   k, v: (B, H, N, D)   o: (B, H, M, D)   fp32 / fp16 / bf16 (fp64 under the interpreter)
+  bits: (Bm, Hm, M, ceil(N / 32)) int32, Bm in {1, B}, Hm in {1, H}: bit ``n % 32`` of word ``n // 32``
+        is 1 when query m may attend to key n. A mask shared by all heads is stored (and read) once.
+  lse: (B, H, M) fp32 (fp64 for fp64 inputs), the row log-sum-exp in base 2 of the scaled scores; +inf for a row with no
+       allowed key, whose output (and gradient) is defined as 0.
+
+The score matrix never reaches memory. A (query block, key block) tile with no allowed bit is skipped
+(no K/V load, no dot), so the work falls with mask sparsity. Mask2Former has few queries (100-200) and
+many keys (up to 32768 per image), so the forward pass and the dq pass split the keys over ``num_splits``
+programs per query block and combine the partial results deterministically (no atomics anywhere).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg._backend import interpreter_enabled, record_launch
+
+LOG2E = 1.4426950408889634
+
+# Splits are multiples of this many keys, so every BLOCK_N divides them.
+_SPLIT_GRANULE = 32 if interpreter_enabled() else 128
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    if kind == "dkdv":
+        shapes = [(32, 64), (64, 64), (32, 128), (64, 128)]
+    else:
+        shapes = [(32, 64), (64, 64), (64, 128), (128, 64)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in shapes
+        for w, s in ((4, 2), (4, 3), (8, 3))
+    ]
+
+
+@triton.jit
+def _mask_tile(mask_ptr, qm, kn, stride_mm, n_q, key_end, HAS_MASK: tl.constexpr):
+    """Bool tile: query ``qm`` may attend key ``kn`` and both are in range.
+
+    ``qm`` and ``kn`` are 2-D broadcastable index tensors ((M, 1) and (1, N), or transposed for (N, M)).
+    """
+    inside = (qm < n_q) & (kn < key_end)
+    if HAS_MASK:
+        words = tl.load(mask_ptr + qm * stride_mm + (kn >> 5), mask=inside, other=0)
+        inside = inside & (((words >> (kn & 31)) & 1) != 0)
+    return inside
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "KEYS_PER_SPLIT"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Mask, Acc, Mx, Lsum,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm,
+    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, batch·head, key split): unnormalised partial output and its row max / row sum."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < N_Q) & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    start = pid_s * KEYS_PER_SPLIT
+    end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        allowed = _mask_tile(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, N_Q, end, HAS_MASK)
+        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:  # skip fully masked tiles
+            kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
+    row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+    m_ok = offs_m < N_Q
+    tl.store(Acc + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
+    tl.store(Mx + row, m_i, mask=m_ok)
+    tl.store(Lsum + row, l_i, mask=m_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    Acc, Mx, Lsum, O, LSE,
+    stride_ob, stride_oh, stride_om,
+    H, N_Q, HEAD_DIM, NUM_SPLITS, BH,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the key splits: o = Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if l = 0)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_Q
+    m_tot = tl.full([BLOCK_M], float("-inf"), ACC)
+    for s in range(0, NUM_SPLITS):
+        m_s = tl.load(Mx + (s * BH + pid_bh) * N_Q + offs_m, mask=m_ok, other=float("-inf"))
+        m_tot = tl.maximum(m_tot, m_s)
+    m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+    l_tot = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for s in range(0, NUM_SPLITS):
+        row = (s * BH + pid_bh) * N_Q + offs_m
+        w = tl.exp2(tl.load(Mx + row, mask=m_ok, other=float("-inf")) - m_ref)
+        l_tot += w * tl.load(Lsum + row, mask=m_ok, other=0.0)
+        acc += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    empty = l_tot == 0.0
+    out = acc / tl.where(empty, 1.0, l_tot)[:, None]
+    b = pid_bh // H
+    h = pid_bh % H
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = tl.where(empty, float("inf"), m_ref + tl.log2(tl.where(empty, 1.0, l_tot)))
+    tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, DK, DV,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for m0 in range(0, N_Q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        allowed = _mask_tile(mask_base, offs_m[None, :], offs_n[:, None], stride_mm, N_Q, N_K, HAS_MASK)  # (N, M)
+        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:
+            qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+            lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+            delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "KEYS_PER_SPLIT"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, DQ,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm,
+    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, batch·head, key split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D) fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    qo_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+    lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    start = pid_s * KEYS_PER_SPLIT
+    end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        allowed = _mask_tile(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, N_Q, end, HAS_MASK)
+        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:
+            kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+    tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
+
+
+@triton.jit
+def _pack_kernel(
+    AM, KPM, Bits,
+    stride_ab, stride_ah, stride_aq, stride_an,
+    stride_kb, stride_kn,
+    H_OUT, N_Q, N_K, N_WORDS,
+    HAS_AM: tl.constexpr, AM_MASKED: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MASKED: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Pack one (b, h, q) row of uint8 masks into int32 words; bit = 1 means allowed."""
+    row = tl.program_id(0)  # over Bm * Hm * N_Q
+    pid_w = tl.program_id(1)
+    qi = row % N_Q
+    bh = row // N_Q
+    b = bh // H_OUT
+    h = bh % H_OUT
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    bit = tl.arange(0, 32)
+    offs_n = offs_w[:, None] * 32 + bit[None, :]
+    inside = offs_n < N_K
+    allowed = inside
+    if HAS_AM:
+        a = tl.load(AM + b * stride_ab + h * stride_ah + qi * stride_aq + offs_n * stride_an, mask=inside, other=0)
+        if AM_MASKED:
+            allowed = allowed & (a == 0)
+        else:
+            allowed = allowed & (a != 0)
+    if HAS_KPM:
+        kp = tl.load(KPM + b * stride_kb + offs_n * stride_kn, mask=inside, other=0)
+        if KPM_MASKED:
+            allowed = allowed & (kp == 0)
+        else:
+            allowed = allowed & (kp != 0)
+    words = tl.sum(allowed.to(tl.int32) << bit[None, :], axis=1)  # distinct bits: sum == or
+    tl.store(Bits + row * N_WORDS + offs_w, words, mask=offs_w < N_WORDS)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's TF32 switch (as torch's own matmuls do); other dtypes ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_enabled():
+        return "tf32"
+    return "ieee"
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    """Accumulation dtype (torch, triton): fp64 inputs accumulate in fp64, all others in fp32."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _num_splits(bh: int, n_q: int, n_k: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
+    """(splits, keys per split): enough programs to fill the GPU, each split a multiple of the granule."""
+    if num_splits is None:
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            target = 1
+        num_splits = max(1, min(triton.cdiv(target, bh * triton.cdiv(n_q, 64)), triton.cdiv(n_k, 1024)))
+    num_splits = max(1, min(num_splits, triton.cdiv(n_k, _SPLIT_GRANULE)))
+    per = triton.cdiv(triton.cdiv(n_k, num_splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
+    return triton.cdiv(n_k, per), per
+
+
+def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
+    if bits is None:
+        return q, (0, 0, 0), False  # dummy pointer, never read
+    sb = bits.stride(0) if bits.shape[0] > 1 else 0
+    sh = bits.stride(1) if bits.shape[1] > 1 else 0
+    return bits, (sb, sh, bits.stride(2)), True
+
+
+def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
+    """Returns (o, lse): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M) fp32."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    BD = _block_d(D)
+    acc_t, acc_tl = _acc(q.dtype)
+    splits, per = _num_splits(B * H, M, N, q.device, num_splits)
+    acc = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
+    mx = torch.empty((splits, B * H, M), device=q.device, dtype=acc_t)
+    lsum = torch.empty_like(mx)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
+    mask, ms, has_mask = _mask_args(bits, q)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, splits)  # noqa: E731
+    record_launch("masked_attention_fwd")
+    _fwd_kernel[grid](
+        q, k, v, mask, acc, mx, lsum, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+        H, M, N, D, per,
+        HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
+    )
+    bm = 16 if interpreter_enabled() else 64
+    record_launch("masked_attention_combine")
+    _combine_kernel[(triton.cdiv(M, bm), B * H)](
+        acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
+        ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
+    )
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, bits, scale: float, num_splits: int | None = None):
+    """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    BD = _block_d(D)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    acc_t, acc_tl = _acc(q.dtype)
+    delta = (do.to(acc_t) * o.to(acc_t)).sum(-1).contiguous()  # (B, H, M) rowsum(dO * O)
+    lse = lse.contiguous()
+    mask, ms, has_mask = _mask_args(bits, q)
+    prec = _precision(q.dtype)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
+    record_launch("masked_attention_bwd_dkdv")
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, mask, dk, dv, scale * LOG2E, scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *ms,
+        H, M, N, D,
+        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
+    splits, per = _num_splits(B * H, M, N, q.device, num_splits)
+    dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, splits)  # noqa: E731
+    record_launch("masked_attention_bwd_dq")
+    _bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, mask, dq_part, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms,
+        H, M, N, D, per,
+        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
+    dq = torch.empty_like(q)
+    dq.copy_((dq_part.sum(0)[..., :D] * scale).view(B, H, M, D))
+    return dq, dk, dv
+
+
+def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,
+         n_q: int, n_k: int) -> torch.Tensor:
+    """Bit-pack masks into (Bm, Hm, n_q, ceil(n_k / 32)) int32 words (bit 1 = allowed).
+
+    attn_mask: bool (Ba, Ha, n_q, n_k) with Ba in {1, batch}, Ha in {1, heads}, any strides, or None.
+    key_padding_mask: bool (batch, n_k) or None. ``*_masked``: True means "True = masked out"
+    (nn.MultiheadAttention's convention); False means "True = allowed" (SDPA's).
+    """
+    ref = attn_mask if attn_mask is not None else key_padding_mask
+    bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
+    hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
+    n_words = triton.cdiv(n_k, 32)
+    bits = torch.empty((bm, hm, n_q, n_words), device=ref.device, dtype=torch.int32)
+    if attn_mask is not None:
+        am = attn_mask.view(torch.uint8)
+        sa = [am.stride(i) if am.shape[i] > 1 else 0 for i in range(4)]
+    else:
+        am, sa = bits, [0, 0, 0, 0]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        sk = [kpm.stride(0), kpm.stride(1)]
+    else:
+        kpm, sk = bits, [0, 0]
+    block_w = 4 if interpreter_enabled() else 8
+    record_launch("masked_attention_pack")
+    _pack_kernel[(bm * hm * n_q, triton.cdiv(n_words, block_w))](
+        am, kpm, bits, *sa, *sk, hm, n_q, n_k, n_words,
+        HAS_AM=attn_mask is not None, AM_MASKED=attn_masked,
+        HAS_KPM=key_padding_mask is not None, KPM_MASKED=kpm_masked, BLOCK_W=block_w,
+    )
+    return bits
