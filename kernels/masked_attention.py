@@ -14,6 +14,8 @@ programs per query block and combine the partial results deterministically (no a
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +29,11 @@ _SPLIT_GRANULE = 32 if interpreter_enabled() else 128
 
 
 def _configs(kind: str) -> list[triton.Config]:
+    """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if kind == "dkdv":
         shapes = [(32, 64), (64, 64), (32, 128), (64, 128)]
     else:
@@ -51,6 +56,17 @@ def _mask_tile(mask_ptr, qm, kn, stride_mm, n_q, key_end, HAS_MASK: tl.constexpr
         words = tl.load(mask_ptr + qm * stride_mm + (kn >> 5), mask=inside, other=0)
         inside = inside & (((words >> (kn & 31)) & 1) != 0)
     return inside
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast": operands go through fp32 first (the
+    interpreter's bf16 dot is broken in Triton 3.6, so bf16 takes this path under TRITON_INTERPRET)."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
 
 
 @triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "KEYS_PER_SPLIT"])
@@ -92,7 +108,7 @@ def _fwd_kernel(
         if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:  # skip fully masked tiles
             kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
@@ -100,7 +116,7 @@ def _fwd_kernel(
             alpha = tl.exp2(m_i - m_ref)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
             m_i = m_new
     # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
@@ -186,12 +202,12 @@ def _bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
             lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
             delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
             p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dv += _dot(p_t.to(do.dtype), do, PRECISION)
+            dp_t = _dot(v, tl.trans(do), PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -241,11 +257,11 @@ def _bwd_dq_kernel(
             kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dp = _dot(do, tl.trans(v), PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
 
@@ -292,7 +308,9 @@ def _pack_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's TF32 switch (as torch's own matmuls do); other dtypes ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_enabled():
+    if interpreter_enabled():
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 

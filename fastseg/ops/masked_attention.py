@@ -95,9 +95,7 @@ def pack_mask(
             raise ValueError(f"key_padding_mask must have shape ({batch}, {num_keys}), got {tuple(kpm.shape)}")
     ref = am if am is not None else kpm
     if _backend.select(_OP, ref.device) == "triton":
-        bits = _kernels().pack(am, kpm, attn_masked=masked, kpm_masked=masked, batch=batch, heads=heads,
-                               n_q=num_queries, n_k=num_keys)
-        return PackedMask(bits, num_keys)
+        return PackedMask(_pack_op(am, kpm, masked, batch, heads, num_queries, num_keys), num_keys)
     allowed = _allowed_torch(am, kpm, masked, batch, num_keys)
     return PackedMask(_pack_torch(allowed), num_keys)
 
@@ -130,6 +128,21 @@ def unpack_mask(mask: PackedMask) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("fastseg::pack_mask", mutates_args=())
+def _pack_op(am: torch.Tensor | None, kpm: torch.Tensor | None, masked: bool, batch: int, heads: int,
+             n_q: int, n_k: int) -> torch.Tensor:
+    return _kernels().pack(am, kpm, attn_masked=masked, kpm_masked=masked, batch=batch, heads=heads,
+                           n_q=n_q, n_k=n_k)
+
+
+@_pack_op.register_fake
+def _pack_fake(am, kpm, masked, batch, heads, n_q, n_k):
+    ref = am if am is not None else kpm
+    bm = batch if (kpm is not None or am.shape[0] > 1) else 1
+    hm = heads if (am is not None and am.shape[1] > 1) else 1
+    return ref.new_empty((bm, hm, n_q, (n_k + 31) // 32), dtype=torch.int32)
 
 
 @torch.library.custom_op("fastseg::masked_attention_fwd", mutates_args=())
@@ -213,6 +226,9 @@ def masked_attention(
     1/√D; ``num_splits`` overrides how many programs share one query block's keys.
     Returns (B, H, M, D) in q's dtype (the autocast dtype under autocast). Empty rows give 0.
     """
+    if torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64:
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     _check_qkv(q, k, v)
     B, H, M, D = q.shape
     N = k.shape[2]
@@ -221,9 +237,6 @@ def masked_attention(
         key_padding_mask=key_padding_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if torch.is_autocast_enabled(device.type) and q.dtype != torch.float64:
-        dt = torch.get_autocast_dtype(device.type)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     packed = None
     if isinstance(attn_mask, PackedMask):
         if key_padding_mask is not None:
