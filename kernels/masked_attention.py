@@ -46,16 +46,36 @@ def _configs(kind: str) -> list[triton.Config]:
 
 
 @triton.jit
-def _mask_tile(mask_ptr, qm, kn, stride_mm, n_q, key_end, HAS_MASK: tl.constexpr):
-    """Bool tile: query ``qm`` may attend key ``kn`` and both are in range.
+def _mask_tile(mask_ptr, offs_m, n0, stride_mm, n_q, key_end,
+               HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mask tile of queries ``offs_m`` x keys ``n0 .. n0 + BLOCK_N`` (n0 % 32 == 0): (bool tile, any bit set).
 
-    ``qm`` and ``kn`` are 2-D broadcastable index tensors ((M, 1) and (1, N), or transposed for (N, M)).
+    The tile is (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED. It loads BLOCK_N / 32 words per
+    query and expands them in registers; out-of-range queries and keys are False.
     """
-    inside = (qm < n_q) & (kn < key_end)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    bit = tl.arange(0, 32)
+    if TRANSPOSED:
+        inside = (offs_m[None, :] < n_q) & (offs_n[:, None] < key_end)
+    else:
+        inside = (offs_m[:, None] < n_q) & (offs_n[None, :] < key_end)
     if HAS_MASK:
-        words = tl.load(mask_ptr + qm * stride_mm + (kn >> 5), mask=inside, other=0)
-        inside = inside & (((words >> (kn & 31)) & 1) != 0)
-    return inside
+        offs_w = n0 // 32 + tl.arange(0, BLOCK_N // 32)
+        if TRANSPOSED:  # words (BLOCK_N / 32, BLOCK_M) -> bits (BLOCK_N / 32, 32, BLOCK_M)
+            words = tl.load(mask_ptr + offs_m[None, :] * stride_mm + offs_w[:, None],
+                            mask=(offs_m[None, :] < n_q) & (offs_w[:, None] * 32 < key_end), other=0)
+            bits = (words[:, None, :] >> bit[None, :, None]) & 1
+            allowed = (tl.reshape(bits, (BLOCK_N, BLOCK_M)) != 0) & inside
+        else:  # words (BLOCK_M, BLOCK_N / 32) -> bits (BLOCK_M, BLOCK_N / 32, 32)
+            words = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_w[None, :],
+                            mask=(offs_m[:, None] < n_q) & (offs_w[None, :] * 32 < key_end), other=0)
+            bits = (words[:, :, None] >> bit[None, None, :]) & 1
+            allowed = (tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0) & inside
+        any_set = tl.max(tl.max((words != 0).to(tl.int32), axis=1), axis=0) > 0
+    else:
+        allowed = inside
+        any_set = True
+    return allowed, any_set
 
 
 @triton.jit
@@ -104,8 +124,8 @@ def _fwd_kernel(
     end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed = _mask_tile(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, N_Q, end, HAS_MASK)
-        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:  # skip fully masked tiles
+        allowed, any_set = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, end, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        if any_set:  # skip fully masked tiles
             kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             s = _dot(q, tl.trans(k), PRECISION) * qk_scale
@@ -195,8 +215,9 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for m0 in range(0, N_Q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        allowed = _mask_tile(mask_base, offs_m[None, :], offs_n[:, None], stride_mm, N_Q, N_K, HAS_MASK)  # (N, M)
-        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:
+        allowed, any_set = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                      HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
+        if any_set:
             qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
@@ -252,8 +273,8 @@ def _bwd_dq_kernel(
     end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed = _mask_tile(mask_base, offs_m[:, None], offs_n[None, :], stride_mm, N_Q, end, HAS_MASK)
-        if tl.max(tl.max(allowed.to(tl.int32), axis=1), axis=0) > 0:
+        allowed, any_set = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, end, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        if any_set:
             kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -436,7 +457,7 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
         sk = [kpm.stride(0), kpm.stride(1)]
     else:
         kpm, sk = bits, [0, 0]
-    block_w = 4 if interpreter_enabled() else 8
+    block_w = 4 if interpreter_enabled() else 64
     record_launch("masked_attention_pack")
     _pack_kernel[(bm * hm * n_q, triton.cdiv(n_words, block_w))](
         am, kpm, bits, *sa, *sk, hm, n_q, n_k, n_words,
