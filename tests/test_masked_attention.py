@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import TOL, assert_close
+from helpers import DTYPES_EXACT, EXACT, TOL, assert_close
 
 import fastseg
 from fastseg import ops
@@ -35,7 +35,7 @@ def _check_op(q, k, v, allowed, launches, num_splits=None, tol=None, packed=None
     return out, got
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES_EXACT)
 @pytest.mark.parametrize("D", [16, 24, 64])
 @pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
 def test_op_matches_reference(device, triton_launches, dtype, D, density):
@@ -48,7 +48,7 @@ def test_op_matches_reference(device, triton_launches, dtype, D, density):
 @pytest.mark.parametrize("num_splits", [2, 3, 7])
 def test_key_splits(device, triton_launches, num_splits):
     """The forward and dq passes split the keys; every split count gives the same result."""
-    q, k, v = _qkv(1, 2, 21, 150, 32, torch.float64, device)
+    q, k, v = _qkv(1, 2, 21, 150, 32, EXACT, device)
     allowed = torch.rand(1, 1, 21, 150, device=device) < 0.3  # shared across heads
     _check_op(q, k, v, allowed, triton_launches, num_splits=num_splits)
 
@@ -65,7 +65,7 @@ def test_no_mask_and_block_sparse(device, triton_launches):
 
 
 def test_empty_rows_are_zero_not_nan(device, triton_launches):
-    q, k, v = _qkv(2, 2, 9, 45, 16, torch.float64, device)
+    q, k, v = _qkv(2, 2, 9, 45, 16, EXACT, device)
     allowed = torch.rand(2, 2, 9, 45, device=device) < 0.4
     allowed[0, 1, 3] = False
     allowed[1, :, 8] = False
@@ -100,9 +100,9 @@ def test_half_precision(device, triton_launches):
 def test_strided_inputs(device, triton_launches):
     """Views from a (B, S, H·D) projection and a non-contiguous head dim are both handled."""
     B, H, M, N, D = 2, 3, 10, 33, 16
-    x = torch.randn(B, M, H * D, dtype=torch.float64, device=device)
+    x = torch.randn(B, M, H * D, dtype=EXACT, device=device)
     q = x.unflatten(-1, (H, D)).permute(0, 2, 1, 3).requires_grad_()
-    kv = torch.randn(B, H, D, N, 2, dtype=torch.float64, device=device)
+    kv = torch.randn(B, H, D, N, 2, dtype=EXACT, device=device)
     k = kv[..., 0].transpose(2, 3).requires_grad_()  # head dim not contiguous: copied once
     v = kv[..., 1].transpose(2, 3).requires_grad_()
     allowed = torch.rand(B * H, M, N, device=device) < 0.5
@@ -132,7 +132,7 @@ def test_pack_kernel_matches_torch_pack(device, triton_launches):
 
 
 def test_packed_mask_input(device, triton_launches):
-    q, k, v = _qkv(2, 2, 12, 40, 16, torch.float64, device)
+    q, k, v = _qkv(2, 2, 12, 40, 16, EXACT, device)
     allowed = torch.rand(2, 1, 12, 40, device=device) < 0.5
     packed = ops.pack_mask(allowed, batch=2, heads=2, num_queries=12, num_keys=40)
     assert packed.bits.shape == (2, 1, 12, 2)
@@ -142,7 +142,7 @@ def test_packed_mask_input(device, triton_launches):
 # --------------------------------------------------------------------------------- drop-in module
 
 
-def _module_inputs(batch_first, B, M, L, E, kdim, vdim, device, dtype=torch.float64):
+def _module_inputs(batch_first, B, M, L, E, kdim, vdim, device, dtype=EXACT):
     shp = lambda s, e: (B, s, e) if batch_first else (s, B, e)  # noqa: E731
     return (torch.randn(shp(M, E), device=device, dtype=dtype, requires_grad=True),
             torch.randn(shp(L, kdim), device=device, dtype=dtype, requires_grad=True),
@@ -168,8 +168,8 @@ def _compare_with_mha(mha, mod, inputs, launches, **kwargs):
 @pytest.mark.parametrize("mask_kind", ["2d", "per_head", "float", "kpm_only"])
 def test_module_matches_nn_multihead_attention(device, triton_launches, batch_first, mask_kind):
     E, H, B, M, L = 48, 3, 2, 11, 37
-    mha = torch.nn.MultiheadAttention(E, H, batch_first=batch_first, device=device, dtype=torch.float64)
-    mod = MaskedCrossAttention(E, H, batch_first=batch_first, device=device, dtype=torch.float64)
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=batch_first, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention(E, H, batch_first=batch_first, device=device, dtype=EXACT)
     mod.load_state_dict(mha.state_dict())
     inputs = _module_inputs(batch_first, B, M, L, E, E, E, device)
     kpm = torch.rand(B, L, device=device) < 0.2
@@ -180,9 +180,9 @@ def test_module_matches_nn_multihead_attention(device, triton_launches, batch_fi
     elif mask_kind == "per_head":
         kwargs["attn_mask"] = torch.rand(B * H, M, L, device=device) < 0.7
     elif mask_kind == "float":
-        am = torch.zeros(B * H, M, L, device=device, dtype=torch.float64)
+        am = torch.zeros(B * H, M, L, device=device, dtype=EXACT)
         kwargs["attn_mask"] = am.masked_fill(torch.rand(B * H, M, L, device=device) < 0.5, float("-inf"))
-        kwargs["key_padding_mask"] = torch.zeros(B, L, device=device, dtype=torch.float64).masked_fill(kpm, float("-inf"))
+        kwargs["key_padding_mask"] = torch.zeros(B, L, device=device, dtype=EXACT).masked_fill(kpm, float("-inf"))
     if mask_kind != "kpm_only":  # nn.MultiheadAttention gives NaN on empty rows: keep one key open
         am = kwargs["attn_mask"]
         if am.dtype == torch.bool:
@@ -194,7 +194,7 @@ def test_module_matches_nn_multihead_attention(device, triton_launches, batch_fi
 
 def test_module_kdim_vdim_no_bias_unbatched(device, triton_launches):
     E, H, M, L = 32, 2, 9, 26
-    mha = torch.nn.MultiheadAttention(E, H, bias=False, kdim=20, vdim=12, device=device, dtype=torch.float64)
+    mha = torch.nn.MultiheadAttention(E, H, bias=False, kdim=20, vdim=12, device=device, dtype=EXACT)
     mod = MaskedCrossAttention.from_mha(mha)
     assert set(mod.state_dict()) == set(mha.state_dict())
     inputs = _module_inputs(False, 2, M, L, E, 20, 12, device)
@@ -208,20 +208,20 @@ def test_module_kdim_vdim_no_bias_unbatched(device, triton_launches):
 def test_module_positional_call_and_reference_module(device, triton_launches):
     """Positional arguments in nn.MultiheadAttention's order; the reference module agrees too."""
     E, H, B, M, L = 32, 4, 2, 7, 20
-    ref = ReferenceMaskedCrossAttention(E, H, batch_first=True, device=device, dtype=torch.float64)
+    ref = ReferenceMaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
     mod = MaskedCrossAttention.from_mha(ref)
     q, k, v = _module_inputs(True, B, M, L, E, E, E, device)
     kpm = torch.zeros(B, L, dtype=torch.bool, device=device)
     am = torch.rand(B * H, M, L, device=device) < 0.5
     am[:, :, 0] = False
     out = mod(q, k, v, kpm, False, am)[0]
-    assert_close(out, ref(q, k, v, kpm, False, am)[0], TOL[torch.float64], "reference module")
+    assert_close(out, ref(q, k, v, kpm, False, am)[0], TOL[EXACT], "reference module")
 
 
 def test_module_empty_rows_give_out_proj_bias(device, triton_launches):
     E, H = 16, 2
-    mod = MaskedCrossAttention(E, H, device=device, dtype=torch.float64)
-    ref = ReferenceMaskedCrossAttention(E, H, empty_rows="zero", device=device, dtype=torch.float64)
+    mod = MaskedCrossAttention(E, H, device=device, dtype=EXACT)
+    ref = ReferenceMaskedCrossAttention(E, H, empty_rows="zero", device=device, dtype=EXACT)
     ref.load_state_dict(mod.state_dict())
     q, k, v = _module_inputs(False, 2, 5, 12, E, E, E, device)
     mask = torch.rand(5, 12, device=device) < 0.5
@@ -229,13 +229,13 @@ def test_module_empty_rows_give_out_proj_bias(device, triton_launches):
     out = mod(q, k, v, attn_mask=mask)[0]
     assert torch.isfinite(out).all()
     assert_close(out[2], mod.out_proj.bias.expand(2, E), 1e-12, "empty row")
-    assert_close(out, ref(q, k, v, attn_mask=mask)[0], TOL[torch.float64], "reference with empty_rows='zero'")
+    assert_close(out, ref(q, k, v, attn_mask=mask)[0], TOL[EXACT], "reference with empty_rows='zero'")
 
 
 def test_torch_backend_matches(device):
     """The plain-PyTorch path (CPU without the interpreter) computes the same function."""
     E, H = 32, 4
-    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=torch.float64)
+    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
     q, k, v = _module_inputs(True, 2, 6, 19, E, E, E, device)
     mask = torch.rand(2 * H, 6, 19, device=device) < 0.5
     mask[:, 1] = True
@@ -244,7 +244,7 @@ def test_torch_backend_matches(device):
         fastseg.launches.clear()
         out_torch = mod(q, k, v, attn_mask=mask)[0]
         assert not fastseg.launches
-    assert_close(out, out_torch, TOL[torch.float64], "torch backend")
+    assert_close(out, out_torch, TOL[EXACT], "torch backend")
 
 
 def test_autocast(device, triton_launches):
@@ -267,7 +267,7 @@ def test_autocast(device, triton_launches):
 
 def test_torch_compile_no_graph_break(device, triton_launches):
     E, H = 32, 2
-    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=torch.float64)
+    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
     q, k, v = _module_inputs(True, 2, 8, 30, E, E, E, device)
     mask = torch.rand(8, 30, device=device) < 0.5
     mask[:, 0] = False
@@ -275,7 +275,7 @@ def test_torch_compile_no_graph_break(device, triton_launches):
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
     triton_launches.clear()
     out = compiled(q, k, v, attn_mask=mask)[0]
-    assert_close(out, want, TOL[torch.float64], "compiled")
+    assert_close(out, want, TOL[EXACT], "compiled")
     out.sum().backward()
     assert KERNELS | BWD_KERNELS <= set(triton_launches)
 

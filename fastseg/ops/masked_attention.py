@@ -201,6 +201,8 @@ def _check_qkv(q, k, v):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in _DTYPES:
         raise TypeError(f"unsupported dtype {q.dtype}; expected one of {_DTYPES}")
+    if q.dtype == torch.float64 and q.device.type == "cuda":
+        raise TypeError("fp64 masked attention runs under the Triton interpreter only; use fp32/fp16/bf16 on CUDA")
     if D > 256:
         raise ValueError(f"head dim {D} > 256 is not supported by the fused kernel")
     _backend.check_same_device(_OP, q=q, k=k, v=v)
