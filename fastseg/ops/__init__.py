@@ -1,4 +1,4 @@
 """Differentiable fused ops (autograd over the Triton kernels, dispatched by :mod:`fastseg._backend`)."""
-from .masked_attention import PackedMask, masked_attention, pack_mask, unpack_mask
+from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
 
-__all__ = ["PackedMask", "masked_attention", "pack_mask", "unpack_mask"]
+__all__ = ["PackedMask", "mask_from_embeddings", "masked_attention", "pack_mask", "unpack_mask"]

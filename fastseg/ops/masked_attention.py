@@ -269,3 +269,60 @@ def masked_attention(
     bits = None if packed is None else packed.bits
     out, _ = _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))
     return out
+
+
+# ------------------------------------------------------------------------ Mask2Former's attention mask
+
+
+def _full_words(n_k: int, device) -> torch.Tensor:
+    """(ceil(n_k / 32),) int32 words with the first n_k bits set."""
+    return _pack_torch(torch.ones(n_k, dtype=torch.bool, device=device))
+
+
+@torch.library.custom_op("fastseg::attention_mask_sign_pack", mutates_args=())
+def _sign_pack_op(emb: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import attention_mask
+
+    return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype))
+
+
+@_sign_pack_op.register_fake
+def _sign_pack_fake(emb, feat):
+    B, Q, _ = emb.shape
+    return (emb.new_empty((B, 1, Q, (feat.shape[2] + 31) // 32), dtype=torch.int32),
+            emb.new_empty((B, Q), dtype=torch.int32))
+
+
+def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, reset_empty: bool = True) -> PackedMask:
+    """Mask2Former's attention mask of one level, bit-packed, without any (B, Q, h·w) tensor.
+
+    mask_embed: (B, Q, C); features: (B, C, h, w) (the mask features resized to the level once).
+    Query q may attend pixel p iff ``mask_embed[b, q] · features[b, :, p] >= 0`` (``sigmoid(logit) >= 0.5``,
+    Mask2Former's threshold). With ``reset_empty`` a query with no allowed pixel may attend everywhere, as
+    in Mask2Former. Returns a :class:`PackedMask` with bits (B, 1, Q, ceil(h·w / 32)), shared by all heads.
+    Not differentiable (Mask2Former detaches the mask). Logits within rounding of 0 may differ in sign
+    from ``interpolate(mask_embed · full-res features)`` (bilinear resizing and the dot product commute
+    exactly only in exact arithmetic).
+    """
+    if mask_embed.dim() != 3 or features.dim() != 4 or features.shape[:2] != (mask_embed.shape[0], mask_embed.shape[2]):
+        raise ValueError(f"mask_embed must be (B, Q, C) and features (B, C, h, w); got {tuple(mask_embed.shape)} "
+                         f"and {tuple(features.shape)}")
+    device = _backend.check_same_device("mask_from_embeddings", mask_embed=mask_embed, features=features)
+    B, Q, _ = mask_embed.shape
+    feat = features.flatten(2)
+    n_k = feat.shape[2]
+    mask_embed, feat = mask_embed.detach(), feat.detach()
+    if feat.dtype != mask_embed.dtype:
+        feat = feat.to(mask_embed.dtype)
+    if _backend.select("mask_from_embeddings", device) == "triton":
+        if mask_embed.dtype == torch.float64 and device.type == "cuda":
+            raise TypeError("fp64 runs under the Triton interpreter only")
+        bits, counts = _sign_pack_op(mask_embed, feat)
+        empty = counts == 0
+    else:
+        allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
+        bits = _pack_torch(allowed).unsqueeze(1)
+        empty = ~allowed.any(-1)
+    if reset_empty:
+        bits = torch.where(empty[:, None, :, None], _full_words(n_k, device), bits)
+    return PackedMask(bits, n_k)
