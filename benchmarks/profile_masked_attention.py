@@ -26,18 +26,19 @@ def main():
             packed = ops.pack_mask(allowed.unsqueeze(1), batch=B, heads=H, num_queries=Q, num_keys=L)
             bits = packed.bits
             t_fwd = do_bench(lambda: K.forward(q, k, v, bits, D ** -0.5), return_mode="median")
-            o, lse = K.forward(q, k, v, bits, D ** -0.5)
+            o, lse, blocks, counts = K.forward(q, k, v, bits, D ** -0.5)
             do = torch.randn_like(o)
-            t_bwd = do_bench(lambda: K.backward(do, q, k, v, o, lse, bits, D ** -0.5), return_mode="median")
+            t_bwd = do_bench(lambda: K.backward(do, q, k, v, o, lse, bits, blocks, counts, D ** -0.5), return_mode="median")
             t_nomask = do_bench(lambda: K.forward(q, k, v, None, D ** -0.5), return_mode="median")
-            qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+            t_lists = do_bench(lambda: K.tile_lists(bits, Q, L), return_mode="median")
+            nonempty = counts.sum().item() / counts.numel() / blocks.shape[-1]
             sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1)), return_mode="median")
             sdpa_nomask = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
             flops = 4 * B * H * Q * L * D
-            print(f"B={B} Q={Q} L={L} {dt} dens={dens}: pack(per-head bool) {t_pack:.3f} ms | fwd {t_fwd:.3f} "
+            print(f"B={B} Q={Q} L={L} {dt} dens={dens}: tiles non-empty {nonempty:.2f} (lists {t_lists:.3f} ms) | "
+                  f"pack(per-head bool) {t_pack:.3f} ms | fwd {t_fwd:.3f} "
                   f"({flops / t_fwd / 1e9:.0f} TFLOP/s dense-equiv) | fwd no mask {t_nomask:.3f} | bwd {t_bwd:.3f} | "
-                  f"sdpa fwd {sdpa:.3f} (no mask {sdpa_nomask:.3f}) | best configs fwd {K._fwd_kernel.best_config} "
-                  f"dq {K._bwd_dq_kernel.best_config} dkdv {K._bwd_dkdv_kernel.best_config}", flush=True)
+                  f"sdpa fwd {sdpa:.3f} (no mask {sdpa_nomask:.3f})", flush=True)
 
 
 if __name__ == "__main__":

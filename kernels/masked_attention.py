@@ -7,10 +7,13 @@ Shapes (every tensor may be strided, the head dimension must be contiguous):
   lse: (B, H, M) fp32 (fp64 for fp64 inputs), the row log-sum-exp in base 2 of the scaled scores; +inf for a row with no
        allowed key, whose output (and gradient) is defined as 0.
 
-The score matrix never reaches memory. A (query block, key block) tile with no allowed bit is skipped
-(no K/V load, no dot), so the work falls with mask sparsity. Mask2Former has few queries (100-200) and
-many keys (up to 32768 per image), so the forward pass and the dq pass split the keys over ``num_splits``
-programs per query block and combine the partial results deterministically (no atomics anywhere).
+The score matrix never reaches memory. The forward and dq kernels walk, per query block, the list of key
+blocks with at least one allowed bit (built once per call by :func:`tile_lists`, like FlexAttention's
+block mask), so the work falls with mask sparsity and the loop has no branch that would stop Triton from
+pipelining the K/V loads; the dk/dv kernel skips empty tiles with a branch (few query blocks per key
+block). Mask2Former has few queries (100-200) and many keys (up to 32768 per image), so the forward and
+dq passes split each query block's tiles over ``num_splits`` programs and combine the partial results
+deterministically (no atomics anywhere).
 """
 from __future__ import annotations
 
@@ -24,25 +27,25 @@ from fastseg._backend import interpreter_enabled, record_launch
 
 LOG2E = 1.4426950408889634
 
-# Splits are multiples of this many keys, so every BLOCK_N divides them.
-_SPLIT_GRANULE = 32 if interpreter_enabled() else 128
+# (BLOCK_M, BLOCK_N) of the forward and dq kernels: the granularity of the list of non-empty tiles.
+TILE = (16, 32) if interpreter_enabled() else (64, 64)
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0."""
+    """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0.
+
+    The forward and dq kernels walk a list of non-empty (query block, key block) tiles, so their tile
+    shape is fixed (:data:`TILE`); only warps and pipeline depth are tuned for them."""
+    bm, bn = TILE
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     if kind == "dkdv":
-        shapes = [(32, 64), (64, 64), (32, 128), (64, 128)]
-    else:
-        shapes = [(32, 64), (64, 64), (64, 128), (128, 64)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in shapes
-        for w, s in ((4, 2), (4, 3), (8, 3))
-    ]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n in ((32, 64), (64, 64), (32, 128), (64, 128)) for w, s in ((4, 2), (4, 3), (8, 3))]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))]
 
 
 @triton.jit
@@ -89,20 +92,22 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return out
 
 
-@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "KEYS_PER_SPLIT"])
+@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Mask, Acc, Mx, Lsum,
+    Q, K, V, Mask, Blocks, Counts, Acc, Mx, Lsum,
     qk_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm,
-    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (query block, batch·head, key split): unnormalised partial output and its row max / row sum."""
+    """One (query block, batch·head, split): unnormalised partial output and its row max / row sum over
+    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -116,28 +121,30 @@ def _fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
+    tile_row = b * stride_cb + h * stride_ch + pid_m
+    count = tl.load(Counts + tile_row)
+    per_split = tl.cdiv(count, tl.num_programs(2))
+    j_end = tl.minimum((pid_s + 1) * per_split, count)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    start = pid_s * KEYS_PER_SPLIT
-    end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
-    for n0 in range(start, end, BLOCK_N):
+    for j in range(pid_s * per_split, j_end):
+        n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed, any_set = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, end, HAS_MASK, False, BLOCK_M, BLOCK_N)
-        if any_set:  # skip fully masked tiles
-            kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-            p = tl.exp2(s - m_ref[:, None])
-            alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-            m_i = m_new
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
     # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     m_ok = offs_m < N_Q
@@ -236,21 +243,22 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "KEYS_PER_SPLIT"])
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, DQ,
+    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, DQ,
     qk_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_mb, stride_mh, stride_mm,
-    H, N_Q, N_K, HEAD_DIM, KEYS_PER_SPLIT,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (query block, batch·head, key split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D) fp32."""
+    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -268,21 +276,23 @@ def _bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
+    tile_row = b * stride_cb + h * stride_ch + pid_m
+    count = tl.load(Counts + tile_row)
+    per_split = tl.cdiv(count, tl.num_programs(2))
+    j_end = tl.minimum((pid_s + 1) * per_split, count)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    start = pid_s * KEYS_PER_SPLIT
-    end = tl.minimum(start + KEYS_PER_SPLIT, N_K)
-    for n0 in range(start, end, BLOCK_N):
+    for j in range(pid_s * per_split, j_end):
+        n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed, any_set = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, end, HAS_MASK, False, BLOCK_M, BLOCK_N)
-        if any_set:
-            kv_ok = (offs_n[:, None] < end) & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
 
@@ -345,17 +355,34 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _num_splits(bh: int, n_q: int, n_k: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
-    """(splits, keys per split): enough programs to fill the GPU, each split a multiple of the granule."""
+def _num_splits(bh: int, n_qb: int, n_kb: int, device: torch.device, num_splits: int | None) -> int:
+    """Programs sharing one query block's tiles: enough programs to fill the GPU (~4 per SM)."""
     if num_splits is None:
-        if device.type == "cuda":
-            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            target = 1
-        num_splits = max(1, min(triton.cdiv(target, bh * triton.cdiv(n_q, 64)), triton.cdiv(n_k, 1024)))
-    num_splits = max(1, min(num_splits, triton.cdiv(n_k, _SPLIT_GRANULE)))
-    per = triton.cdiv(triton.cdiv(n_k, num_splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
-    return triton.cdiv(n_k, per), per
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        num_splits = triton.cdiv(target, bh * n_qb)
+    return max(1, min(num_splits, n_kb))
+
+
+def tile_lists(bits: torch.Tensor | None, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-empty (query block, key block) tiles of a packed mask at the :data:`TILE` granularity.
+
+    Returns ``blocks`` (Gb, Gh, n_qb, n_kb) int32 — for each query block the indices of the key blocks
+    with at least one allowed bit first, ascending — and ``counts`` (Gb, Gh, n_qb) int32, how many.
+    (Gb, Gh) are the mask's (batch, head) sizes, (1, 1) without a mask.
+    """
+    bm, bn = TILE
+    n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
+    device = bits.device if bits is not None else None
+    if bits is None:
+        blocks = torch.arange(n_kb, dtype=torch.int32).expand(1, 1, n_qb, n_kb).contiguous()
+        return blocks, torch.full((1, 1, n_qb), n_kb, dtype=torch.int32)
+    gb, gh, _, n_words = bits.shape
+    wpb = bn // 32
+    nonzero = torch.nn.functional.pad((bits != 0).to(torch.uint8), (0, n_kb * wpb - n_words, 0, n_qb * bm - n_q))
+    flags = nonzero.view(gb, gh, n_qb, bm, n_kb, wpb).amax(dim=(3, 5))  # (Gb, Gh, n_qb, n_kb)
+    counts = flags.sum(-1, dtype=torch.int32)
+    blocks = torch.argsort(1 - flags, dim=-1, stable=True).to(torch.int32)
+    return blocks.contiguous(), counts.to(device).contiguous()
 
 
 def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
@@ -366,25 +393,33 @@ def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
     return bits, (sb, sh, bits.stride(2)), True
 
 
+def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
+    gb, gh, n_qb = counts.shape
+    return (gh * n_qb if gb > 1 else 0), (n_qb if gh > 1 else 0)
+
+
 def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
-    """Returns (o, lse): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M) fp32."""
+    """Returns (o, lse, blocks, counts): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
+    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass)."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
-    splits, per = _num_splits(B * H, M, N, q.device, num_splits)
+    blocks, counts = tile_lists(bits, M, N)
+    blocks, counts = blocks.to(q.device), counts.to(q.device)
+    n_qb, n_kb = blocks.shape[2:]
+    splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     acc = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     mx = torch.empty((splits, B * H, M), device=q.device, dtype=acc_t)
     lsum = torch.empty_like(mx)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
     mask, ms, has_mask = _mask_args(bits, q)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, splits)  # noqa: E731
     record_launch("masked_attention_fwd")
-    _fwd_kernel[grid](
-        q, k, v, mask, acc, mx, lsum, scale * LOG2E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
-        H, M, N, D, per,
+    _fwd_kernel[(n_qb, B * H, splits)](
+        q, k, v, mask, blocks, counts, acc, mx, lsum, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
     )
     bm = 16 if interpreter_enabled() else 64
@@ -393,10 +428,10 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
         acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
         ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
     )
-    return o, lse
+    return o, lse, blocks, counts
 
 
-def backward(do, q, k, v, o, lse, bits, scale: float, num_splits: int | None = None):
+def backward(do, q, k, v, o, lse, bits, blocks, counts, scale: float, num_splits: int | None = None):
     """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
     B, H, M, D = q.shape
     N = k.shape[2]
@@ -419,14 +454,14 @@ def backward(do, q, k, v, o, lse, bits, scale: float, num_splits: int | None = N
         H, M, N, D,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
-    splits, per = _num_splits(B * H, M, N, q.device, num_splits)
+    n_qb, n_kb = blocks.shape[2:]
+    splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, splits)  # noqa: E731
     record_launch("masked_attention_bwd_dq")
-    _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, mask, dq_part, scale * LOG2E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms,
-        H, M, N, D, per,
+    _bwd_dq_kernel[(n_qb, B * H, splits)](
+        q, k, v, do, lse, delta, mask, blocks, counts, dq_part, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
     dq = torch.empty_like(q)

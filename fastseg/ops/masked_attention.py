@@ -147,38 +147,42 @@ def _pack_fake(am, kpm, masked, batch, heads, n_q, n_k):
 
 @torch.library.custom_op("fastseg::masked_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor | None, scale: float,
-            num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().forward(q, k, v, bits, scale, num_splits or None)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, bits, scale, num_splits):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc)
+    bm, bn = _kernels().TILE
+    gb, gh = (1, 1) if bits is None else bits.shape[:2]
+    n_qb, n_kb = -(-q.shape[2] // bm), -(-k.shape[2] // bn)
+    return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc),
+            q.new_empty((gb, gh, n_qb, n_kb), dtype=torch.int32), q.new_empty((gb, gh, n_qb), dtype=torch.int32))
 
 
 @torch.library.custom_op("fastseg::masked_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, bits: torch.Tensor | None, scale: float,
-            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(do, q, k, v, o, lse, bits, scale, num_splits or None)
+            lse: torch.Tensor, bits: torch.Tensor | None, blocks: torch.Tensor, counts: torch.Tensor,
+            scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().backward(do, q, k, v, o, lse, bits, blocks, counts, scale, num_splits or None)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, bits, scale, num_splits):
+def _bwd_fake(do, q, k, v, o, lse, bits, blocks, counts, scale, num_splits):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bits, scale, num_splits = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, bits)
+    o, lse, blocks, counts = output
+    ctx.save_for_backward(q, k, v, o, lse, bits, blocks, counts)
     ctx.scale, ctx.num_splits = scale, num_splits
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, bits = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, ctx.scale, ctx.num_splits)
+def _backward(ctx, do, dlse, dblocks, dcounts):
+    q, k, v, o, lse, bits, blocks, counts = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, blocks, counts, ctx.scale, ctx.num_splits)
     return dq, dk, dv, None, None, None
 
 
@@ -267,7 +271,7 @@ def masked_attention(
         packed = pack_mask(attn_mask, key_padding_mask, batch=B, heads=H, num_queries=M, num_keys=N, masked=masked)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bits = None if packed is None else packed.bits
-    out, _ = _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))
+    out = _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))[0]
     return out
 
 
