@@ -1,12 +1,13 @@
-"""Where the time of the fused masked attention goes (CUDA): pack, forward, backward, whole module.
+"""Where the time of the fused masked attention goes (CUDA): per-kernel GPU time from the profiler,
+CPU-inclusive time (do_bench) and GPU-only time (CUDA-graph replay) of the op.
 
-    python benchmarks/profile_masked_attention.py
+    cd benchmarks && python profile_masked_attention.py
 """
 import torch
-from triton.testing import do_bench
+from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench, do_bench_cudagraph
 
 from fastseg import ops
-from fastseg.kernels import masked_attention as K
 
 from bench_masked_attention import coherent_mask
 
@@ -14,31 +15,34 @@ from bench_masked_attention import coherent_mask
 def main():
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
-    for B, Q, h, w, dt in [(2, 200, 128, 256, torch.float16), (8, 100, 64, 64, torch.float16)]:
+    for B, Q, h, w, dt, dens in [(2, 200, 128, 256, torch.float16, 0.3), (2, 200, 128, 256, torch.float16, None),
+                                 (8, 100, 64, 64, torch.float16, 0.3)]:
         H, D, L = 8, 32, h * w
-        q = torch.randn(B, Q, H, D, device=dev, dtype=dt).transpose(1, 2)
-        k = torch.randn(B, L, H, D, device=dev, dtype=dt).transpose(1, 2)
-        v = torch.randn(B, L, H, D, device=dev, dtype=dt).transpose(1, 2)
-        for dens in (0.05, 0.3, 1.0):
+        q, k, v = (torch.randn(B, n, H, D, device=dev, dtype=dt).transpose(1, 2).requires_grad_()
+                   for n in (Q, L, L))
+        packed = None
+        if dens is not None:
             allowed = coherent_mask(B, Q, h, w, dens, dev, gen)
-            masked_rep = (~allowed).unsqueeze(1).expand(B, H, Q, L).contiguous()
-            t_pack = do_bench(lambda: ops.pack_mask(masked_rep, batch=B, heads=H, num_queries=Q, num_keys=L, masked=True), return_mode="median")
             packed = ops.pack_mask(allowed.unsqueeze(1), batch=B, heads=H, num_queries=Q, num_keys=L)
-            bits = packed.bits
-            t_fwd = do_bench(lambda: K.forward(q, k, v, bits, D ** -0.5), return_mode="median")
-            o, lse, blocks, counts = K.forward(q, k, v, bits, D ** -0.5)
-            do = torch.randn_like(o)
-            t_bwd = do_bench(lambda: K.backward(do, q, k, v, o, lse, bits, blocks, counts, D ** -0.5), return_mode="median")
-            t_nomask = do_bench(lambda: K.forward(q, k, v, None, D ** -0.5), return_mode="median")
-            t_lists = do_bench(lambda: K.tile_lists(bits, Q, L), return_mode="median")
-            nonempty = counts.sum().item() / counts.numel() / blocks.shape[-1]
-            sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1)), return_mode="median")
-            sdpa_nomask = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
-            flops = 4 * B * H * Q * L * D
-            print(f"B={B} Q={Q} L={L} {dt} dens={dens}: tiles non-empty {nonempty:.2f} (lists {t_lists:.3f} ms) | "
-                  f"pack(per-head bool) {t_pack:.3f} ms | fwd {t_fwd:.3f} "
-                  f"({flops / t_fwd / 1e9:.0f} TFLOP/s dense-equiv) | fwd no mask {t_nomask:.3f} | bwd {t_bwd:.3f} | "
-                  f"sdpa fwd {sdpa:.3f} (no mask {sdpa_nomask:.3f})", flush=True)
+        fwd = lambda: ops.masked_attention(q, k, v, packed)  # noqa: E731
+        out = fwd()
+        g = torch.randn_like(out)
+
+        def fwdbwd():
+            torch.autograd.grad(ops.masked_attention(q, k, v, packed), (q, k, v), g)
+
+        fwdbwd()
+        with torch.no_grad():
+            t_fwd, t_fwd_graph = do_bench(fwd, return_mode="median"), do_bench_cudagraph(fwd, return_mode="median")
+        t_fb = do_bench(fwdbwd, return_mode="median")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwdbwd()
+            torch.cuda.synchronize()
+        flops = 4 * B * H * Q * L * D
+        print(f"\n== B={B} Q={Q} L={L} {dt} density={dens}: fwd {t_fwd:.3f} ms (GPU only, graph: {t_fwd_graph:.3f} ms, "
+              f"{flops / t_fwd_graph / 1e9:.0f} TFLOP/s), fwd+bwd {t_fb:.3f} ms", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,10 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
-    count = tl.load(Counts + tile_row)
+    if HAS_MASK:
+        count = tl.load(Counts + tile_row)
+    else:
+        count = N_KB
     per_split = tl.cdiv(count, tl.num_programs(2))
     j_end = tl.minimum((pid_s + 1) * per_split, count)
 
@@ -130,7 +133,10 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for j in range(pid_s * per_split, j_end):
-        n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        if HAS_MASK:
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        else:
+            n0 = j * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
@@ -277,12 +283,18 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
-    count = tl.load(Counts + tile_row)
+    if HAS_MASK:
+        count = tl.load(Counts + tile_row)
+    else:
+        count = N_KB
     per_split = tl.cdiv(count, tl.num_programs(2))
     j_end = tl.minimum((pid_s + 1) * per_split, count)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for j in range(pid_s * per_split, j_end):
-        n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        if HAS_MASK:
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        else:
+            n0 = j * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
@@ -295,6 +307,29 @@ def _bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
+
+
+@triton.jit
+def _tile_list_kernel(
+    Mask, Blocks, Counts,
+    N_Q, N_QB, N_WORDS, N_KB,
+    BLOCK_M: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """For one (mask batch·head, query block): the key blocks with an allowed bit, compacted (prefix sum)."""
+    row = tl.program_id(0)  # over G * N_QB
+    g = row // N_QB
+    offs_m = (row % N_QB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = tl.zeros([], tl.int32)
+    for c0 in range(0, N_KB, CHUNK):
+        kb = c0 + tl.arange(0, CHUNK)
+        w = kb[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]  # (CHUNK, WPB)
+        words = tl.load(Mask + (g * N_Q + offs_m[:, None, None]) * N_WORDS + w[None, :, :],
+                        mask=(offs_m < N_Q)[:, None, None] & (w < N_WORDS)[None, :, :], other=0)
+        flag = tl.max(tl.max((words != 0).to(tl.int32), axis=2), axis=0)  # (CHUNK,)
+        pos = base + tl.cumsum(flag, 0) - 1
+        tl.store(Blocks + row * N_KB + pos, kb, mask=flag > 0)
+        base += tl.sum(flag, 0)
+    tl.store(Counts + row, base)
 
 
 @triton.jit
@@ -363,26 +398,25 @@ def _num_splits(bh: int, n_qb: int, n_kb: int, device: torch.device, num_splits:
     return max(1, min(num_splits, n_kb))
 
 
-def tile_lists(bits: torch.Tensor | None, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-empty (query block, key block) tiles of a packed mask at the :data:`TILE` granularity.
 
-    Returns ``blocks`` (Gb, Gh, n_qb, n_kb) int32 — for each query block the indices of the key blocks
-    with at least one allowed bit first, ascending — and ``counts`` (Gb, Gh, n_qb) int32, how many.
-    (Gb, Gh) are the mask's (batch, head) sizes, (1, 1) without a mask.
+    Returns ``blocks`` (Gb, Gh, n_qb, n_kb) int32 — for each query block the ascending indices of the key
+    blocks with at least one allowed bit, in its first ``counts`` entries (the rest is unused) — and
+    ``counts`` (Gb, Gh, n_qb) int32. (Gb, Gh) are the mask's (batch, head) sizes.
     """
     bm, bn = TILE
     n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
-    device = bits.device if bits is not None else None
-    if bits is None:
-        blocks = torch.arange(n_kb, dtype=torch.int32).expand(1, 1, n_qb, n_kb).contiguous()
-        return blocks, torch.full((1, 1, n_qb), n_kb, dtype=torch.int32)
     gb, gh, _, n_words = bits.shape
-    wpb = bn // 32
-    nonzero = torch.nn.functional.pad((bits != 0).to(torch.uint8), (0, n_kb * wpb - n_words, 0, n_qb * bm - n_q))
-    flags = nonzero.view(gb, gh, n_qb, bm, n_kb, wpb).amax(dim=(3, 5))  # (Gb, Gh, n_qb, n_kb)
-    counts = flags.sum(-1, dtype=torch.int32)
-    blocks = torch.argsort(1 - flags, dim=-1, stable=True).to(torch.int32)
-    return blocks.contiguous(), counts.to(device).contiguous()
+    bits = bits.contiguous()
+    blocks = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int32)
+    counts = torch.empty((gb, gh, n_qb), device=bits.device, dtype=torch.int32)
+    record_launch("masked_attention_tile_list")
+    _tile_list_kernel[(gb * gh * n_qb,)](
+        bits, blocks, counts, n_q, n_qb, n_words, n_kb,
+        BLOCK_M=bm, WORDS_PER_BLOCK=bn // 32, CHUNK=16 if interpreter_enabled() else 64,
+    )
+    return blocks, counts
 
 
 def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
@@ -394,7 +428,7 @@ def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
 
 
 def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
-    gb, gh, n_qb = counts.shape
+    gb, gh, n_qb = counts.shape[:3]
     return (gh * n_qb if gb > 1 else 0), (n_qb if gh > 1 else 0)
 
 
@@ -405,9 +439,12 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
     N = k.shape[2]
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
-    blocks, counts = tile_lists(bits, M, N)
-    blocks, counts = blocks.to(q.device), counts.to(q.device)
-    n_qb, n_kb = blocks.shape[2:]
+    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
+    if bits is not None:
+        blocks, counts = tile_lists(bits, M, N)
+    else:  # every tile: the kernels do not read the (empty) lists
+        blocks = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
+        counts = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     acc = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     mx = torch.empty((splits, B * H, M), device=q.device, dtype=acc_t)
@@ -454,7 +491,7 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, scale: float, num_splits
         H, M, N, D,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
-    n_qb, n_kb = blocks.shape[2:]
+    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     record_launch("masked_attention_bwd_dq")

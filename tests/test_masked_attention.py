@@ -316,3 +316,19 @@ def test_bad_input_errors(device):
         ops.masked_attention(x, x[..., :8], x)
     with pytest.raises(ValueError, match="4-D"):
         ops.masked_attention(x[0], x, x)
+
+
+def test_tile_lists_skip_exactly_the_empty_tiles(device, triton_launches):
+    from fastseg.kernels import masked_attention as K
+
+    bm, bn = K.TILE
+    M, N = 2 * bm + 3, 5 * bn + 7
+    allowed = torch.zeros(2, 1, M, N, dtype=torch.bool, device=device)
+    allowed[0, 0, 0, 3 * bn + 1] = True  # query block 0 sees key block 3 only
+    allowed[0, 0, 2 * bm + 2, 5 * bn + 6] = True  # the ragged last query block sees the ragged last key block
+    allowed[1, 0, bm:2 * bm, :] = True  # batch 1, query block 1: everything
+    packed = ops.pack_mask(allowed, batch=2, heads=1, num_queries=M, num_keys=N)
+    blocks, counts = K.tile_lists(packed.bits, M, N)
+    assert counts.tolist() == [[[1, 0, 1]], [[0, 6, 0]]]
+    assert blocks[0, 0, 0, 0] == 3 and blocks[0, 0, 2, 0] == 5
+    assert blocks[1, 0, 1].tolist() == list(range(6))

@@ -155,10 +155,13 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tenso
 def _fwd_fake(q, k, v, bits, scale, num_splits):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bm, bn = _kernels().TILE
-    gb, gh = (1, 1) if bits is None else bits.shape[:2]
     n_qb, n_kb = -(-q.shape[2] // bm), -(-k.shape[2] // bn)
-    return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc),
-            q.new_empty((gb, gh, n_qb, n_kb), dtype=torch.int32), q.new_empty((gb, gh, n_qb), dtype=torch.int32))
+    if bits is None:
+        blocks, counts = q.new_empty((1, 1, n_qb, 0), dtype=torch.int32), q.new_empty((1, 1, n_qb, 0), dtype=torch.int32)
+    else:
+        blocks = q.new_empty((*bits.shape[:2], n_qb, n_kb), dtype=torch.int32)
+        counts = q.new_empty((*bits.shape[:2], n_qb), dtype=torch.int32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc), blocks, counts
 
 
 @torch.library.custom_op("fastseg::masked_attention_bwd", mutates_args=())
