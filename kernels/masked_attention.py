@@ -53,28 +53,34 @@ def _mask_tile(mask_ptr, offs_m, n0, stride_mm, n_q, key_end,
                HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Mask tile of queries ``offs_m`` x keys ``n0 .. n0 + BLOCK_N`` (n0 % 32 == 0): (bool tile, any bit set).
 
-    The tile is (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED. It loads BLOCK_N / 32 words per
-    query and expands them in registers; out-of-range queries and keys are False.
+    The tile is (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED. It loads the BLOCK_N / 32 words
+    of each query as vectors, broadcasts each over its 32 keys with a select (no reshape, no layout
+    change) and tests the bits; out-of-range queries and keys are False.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    bit = tl.arange(0, 32)
+    m_ok = offs_m < n_q
     if TRANSPOSED:
-        inside = (offs_m[None, :] < n_q) & (offs_n[:, None] < key_end)
+        inside = m_ok[None, :] & (offs_n[:, None] < key_end)
     else:
-        inside = (offs_m[:, None] < n_q) & (offs_n[None, :] < key_end)
+        inside = m_ok[:, None] & (offs_n[None, :] < key_end)
     if HAS_MASK:
-        offs_w = n0 // 32 + tl.arange(0, BLOCK_N // 32)
-        if TRANSPOSED:  # words (BLOCK_N / 32, BLOCK_M) -> bits (BLOCK_N / 32, 32, BLOCK_M)
-            words = tl.load(mask_ptr + offs_m[None, :] * stride_mm + offs_w[:, None],
-                            mask=(offs_m[None, :] < n_q) & (offs_w[:, None] * 32 < key_end), other=0)
-            bits = (words[:, None, :] >> bit[None, :, None]) & 1
-            allowed = (tl.reshape(bits, (BLOCK_N, BLOCK_M)) != 0) & inside
-        else:  # words (BLOCK_M, BLOCK_N / 32) -> bits (BLOCK_M, BLOCK_N / 32, 32)
-            words = tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_w[None, :],
-                            mask=(offs_m[:, None] < n_q) & (offs_w[None, :] * 32 < key_end), other=0)
-            bits = (words[:, :, None] >> bit[None, None, :]) & 1
-            allowed = (tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0) & inside
-        any_set = tl.max(tl.max((words != 0).to(tl.int32), axis=1), axis=0) > 0
+        word_of_key = (offs_n - n0) >> 5
+        any_set = False
+        if TRANSPOSED:
+            words = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        else:
+            words = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        for w in tl.static_range(BLOCK_N // 32):
+            word = tl.load(mask_ptr + offs_m * stride_mm + (n0 // 32 + w), mask=m_ok & (n0 + 32 * w < key_end), other=0)
+            any_set = any_set | (tl.max((word != 0).to(tl.int32), axis=0) > 0)
+            if TRANSPOSED:
+                words = tl.where(word_of_key[:, None] == w, word[None, :], words)
+            else:
+                words = tl.where(word_of_key[None, :] == w, word[:, None], words)
+        if TRANSPOSED:
+            allowed = inside & (((words >> (offs_n[:, None] & 31)) & 1) != 0)
+        else:
+            allowed = inside & (((words >> (offs_n[None, :] & 31)) & 1) != 0)
     else:
         allowed = inside
         any_set = True
