@@ -10,8 +10,8 @@ Shapes (every tensor may be strided, the head dimension must be contiguous):
 The score matrix never reaches memory. The forward and dq kernels walk, per query block, the list of key
 blocks with at least one allowed bit (built once per call by :func:`tile_lists`, like FlexAttention's
 block mask), so the work falls with mask sparsity and the loop has no branch that would stop Triton from
-pipelining the K/V loads; the dk/dv kernel skips empty tiles with a branch (few query blocks per key
-block). Mask2Former has few queries (100-200) and many keys (up to 32768 per image), so the forward and
+pipelining the K/V loads; the dk/dv kernel skips empty tiles with a branch on a per-tile flag (few
+query blocks per key block). Mask2Former has few queries (100-200) and many keys (up to 32768 per image), so the forward and
 dq passes split each query block's tiles over ``num_splits`` programs and combine the partial results
 deterministically (no atomics anywhere).
 """
@@ -34,16 +34,13 @@ TILE = (16, 32) if interpreter_enabled() else (64, 64)
 def _configs(kind: str) -> list[triton.Config]:
     """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0.
 
-    The forward and dq kernels walk a list of non-empty (query block, key block) tiles, so their tile
-    shape is fixed (:data:`TILE`); only warps and pipeline depth are tuned for them."""
+    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); only warps and pipeline
+    depth are tuned."""
     bm, bn = TILE
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
-    if kind == "dkdv":
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n in ((32, 64), (64, 64), (32, 128), (64, 128)) for w, s in ((4, 2), (4, 3), (8, 3))]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))]
 
@@ -203,7 +200,7 @@ def _combine_kernel(
 @triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, DK, DV,
+    Q, K, V, DO, LSE, Delta, Mask, Flags, DK, DV,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -212,7 +209,8 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm,
-    H, N_Q, N_K, HEAD_DIM,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -232,11 +230,16 @@ def _bwd_dkdv_kernel(
     mask_base = Mask + b * stride_mb + h * stride_mh
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    flag_row = b * stride_cb + h * stride_ch
     for m0 in range(0, N_Q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        allowed, any_set = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
-                                      HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
-        if any_set:
+        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
+        if HAS_MASK:  # skip empty tiles (flag from tile_lists: no in-kernel reduction)
+            tile_ok = tl.load(Flags + (flag_row + m0 // BLOCK_M) * N_KB + pid_n) != 0
+        else:
+            tile_ok = True
+        if tile_ok:
             qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
@@ -317,11 +320,12 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _tile_list_kernel(
-    Mask, Blocks, Counts,
+    Mask, Blocks, Counts, Flags,
     N_Q, N_QB, N_WORDS, N_KB,
     BLOCK_M: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """For one (mask batch·head, query block): the key blocks with an allowed bit, compacted (prefix sum)."""
+    """For one (mask batch·head, query block): which key blocks have an allowed bit (Flags) and their
+    indices compacted by a prefix sum (Blocks, Counts)."""
     row = tl.program_id(0)  # over G * N_QB
     g = row // N_QB
     offs_m = (row % N_QB) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -334,6 +338,7 @@ def _tile_list_kernel(
         flag = tl.max(tl.max((words != 0).to(tl.int32), axis=2), axis=0)  # (CHUNK,)
         pos = base + tl.cumsum(flag, 0) - 1
         tl.store(Blocks + row * N_KB + pos, kb, mask=flag > 0)
+        tl.store(Flags + row * N_KB + kb, flag.to(tl.int8), mask=kb < N_KB)
         base += tl.sum(flag, 0)
     tl.store(Counts + row, base)
 
@@ -404,12 +409,13 @@ def _num_splits(bh: int, n_qb: int, n_kb: int, device: torch.device, num_splits:
     return max(1, min(num_splits, n_kb))
 
 
-def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-empty (query block, key block) tiles of a packed mask at the :data:`TILE` granularity.
 
     Returns ``blocks`` (Gb, Gh, n_qb, n_kb) int32 — for each query block the ascending indices of the key
     blocks with at least one allowed bit, in its first ``counts`` entries (the rest is unused) — and
-    ``counts`` (Gb, Gh, n_qb) int32. (Gb, Gh) are the mask's (batch, head) sizes.
+    ``counts`` (Gb, Gh, n_qb) int32, and ``flags`` (Gb, Gh, n_qb, n_kb) int8 (1 = tile not empty).
+    (Gb, Gh) are the mask's (batch, head) sizes.
     """
     bm, bn = TILE
     n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
@@ -417,12 +423,13 @@ def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, to
     bits = bits.contiguous()
     blocks = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int32)
     counts = torch.empty((gb, gh, n_qb), device=bits.device, dtype=torch.int32)
+    flags = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int8)
     record_launch("masked_attention_tile_list")
     _tile_list_kernel[(gb * gh * n_qb,)](
-        bits, blocks, counts, n_q, n_qb, n_words, n_kb,
+        bits, blocks, counts, flags, n_q, n_qb, n_words, n_kb,
         BLOCK_M=bm, WORDS_PER_BLOCK=bn // 32, CHUNK=16 if interpreter_enabled() else 64,
     )
-    return blocks, counts
+    return blocks, counts, flags
 
 
 def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
@@ -439,7 +446,7 @@ def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
 
 
 def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
-    """Returns (o, lse, blocks, counts): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
+    """Returns (o, lse, blocks, counts, flags): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
     fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass)."""
     B, H, M, D = q.shape
     N = k.shape[2]
@@ -447,10 +454,11 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
     acc_t, acc_tl = _acc(q.dtype)
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     if bits is not None:
-        blocks, counts = tile_lists(bits, M, N)
+        blocks, counts, flags = tile_lists(bits, M, N)
     else:  # every tile: the kernels do not read the (empty) lists
         blocks = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
         counts = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
+        flags = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int8)
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     acc = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     mx = torch.empty((splits, B * H, M), device=q.device, dtype=acc_t)
@@ -471,10 +479,10 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
         acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
         ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
     )
-    return o, lse, blocks, counts
+    return o, lse, blocks, counts, flags
 
 
-def backward(do, q, k, v, o, lse, bits, blocks, counts, scale: float, num_splits: int | None = None):
+def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None):
     """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
     B, H, M, D = q.shape
     N = k.shape[2]
@@ -488,16 +496,15 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, scale: float, num_splits
     prec = _precision(q.dtype)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)  # noqa: E731
+    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     record_launch("masked_attention_bwd_dkdv")
-    _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, mask, dk, dv, scale * LOG2E, scale,
+    _bwd_dkdv_kernel[(n_kb, B * H)](
+        q, k, v, do, lse, delta, mask, flags, dk, dv, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *ms,
-        H, M, N, D,
+        *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
-    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     record_launch("masked_attention_bwd_dq")

@@ -328,7 +328,8 @@ def test_tile_lists_skip_exactly_the_empty_tiles(device, triton_launches):
     allowed[0, 0, 2 * bm + 2, 5 * bn + 6] = True  # the ragged last query block sees the ragged last key block
     allowed[1, 0, bm:2 * bm, :] = True  # batch 1, query block 1: everything
     packed = ops.pack_mask(allowed, batch=2, heads=1, num_queries=M, num_keys=N)
-    blocks, counts = K.tile_lists(packed.bits, M, N)
+    blocks, counts, flags = K.tile_lists(packed.bits, M, N)
     assert counts.tolist() == [[[1, 0, 1]], [[0, 6, 0]]]
     assert blocks[0, 0, 0, 0] == 3 and blocks[0, 0, 2, 0] == 5
     assert blocks[1, 0, 1].tolist() == list(range(6))
+    assert flags[0, 0, 0].tolist() == [0, 0, 0, 1, 0, 0] and flags[1, 0, 1].tolist() == [1] * 6

@@ -95,7 +95,8 @@ def pack_mask(
             raise ValueError(f"key_padding_mask must have shape ({batch}, {num_keys}), got {tuple(kpm.shape)}")
     ref = am if am is not None else kpm
     if _backend.select(_OP, ref.device) == "triton":
-        return PackedMask(_pack_op(am, kpm, masked, batch, heads, num_queries, num_keys), num_keys)
+        pack = _pack_op if torch.compiler.is_compiling() else _pack_impl
+        return PackedMask(pack(am, kpm, masked, batch, heads, num_queries, num_keys), num_keys)
     allowed = _allowed_torch(am, kpm, masked, batch, num_keys)
     return PackedMask(_pack_torch(allowed), num_keys)
 
@@ -130,11 +131,13 @@ def unpack_mask(mask: PackedMask) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("fastseg::pack_mask", mutates_args=())
-def _pack_op(am: torch.Tensor | None, kpm: torch.Tensor | None, masked: bool, batch: int, heads: int,
-             n_q: int, n_k: int) -> torch.Tensor:
+def _pack_impl(am: torch.Tensor | None, kpm: torch.Tensor | None, masked: bool, batch: int, heads: int,
+               n_q: int, n_k: int) -> torch.Tensor:
     return _kernels().pack(am, kpm, attn_masked=masked, kpm_masked=masked, batch=batch, heads=heads,
                            n_q=n_q, n_k=n_k)
+
+
+_pack_op = torch.library.custom_op("fastseg::pack_mask", _pack_impl, mutates_args=())
 
 
 @_pack_op.register_fake
@@ -145,9 +148,29 @@ def _pack_fake(am, kpm, masked, batch, heads, n_q, n_k):
     return ref.new_empty((bm, hm, n_q, (n_k + 31) // 32), dtype=torch.int32)
 
 
+# Eager calls go through a plain autograd.Function (torch.library's custom-op dispatch costs ~1 ms of
+# Python per call); under torch.compile the same kernels are reached through the custom ops below, which
+# Dynamo traces without a graph break.
+
+
+class _MaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bits, scale, num_splits):
+        o, lse, *lists = _kernels().forward(q, k, v, bits, scale, num_splits or None)
+        ctx.save_for_backward(q, k, v, o, lse, bits, *lists)
+        ctx.scale, ctx.num_splits = scale, num_splits
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, bits, *lists = ctx.saved_tensors
+        dq, dk, dv = _kernels().backward(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits or None)
+        return dq, dk, dv, None, None, None
+
+
 @torch.library.custom_op("fastseg::masked_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor | None, scale: float,
-            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().forward(q, k, v, bits, scale, num_splits or None)
 
 
@@ -157,35 +180,36 @@ def _fwd_fake(q, k, v, bits, scale, num_splits):
     bm, bn = _kernels().TILE
     n_qb, n_kb = -(-q.shape[2] // bm), -(-k.shape[2] // bn)
     if bits is None:
-        blocks, counts = q.new_empty((1, 1, n_qb, 0), dtype=torch.int32), q.new_empty((1, 1, n_qb, 0), dtype=torch.int32)
+        lists = [q.new_empty((1, 1, n_qb, 0), dtype=dt) for dt in (torch.int32, torch.int32, torch.int8)]
     else:
-        blocks = q.new_empty((*bits.shape[:2], n_qb, n_kb), dtype=torch.int32)
-        counts = q.new_empty((*bits.shape[:2], n_qb), dtype=torch.int32)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc), blocks, counts
+        g = tuple(bits.shape[:2])
+        lists = [q.new_empty((*g, n_qb, n_kb), dtype=torch.int32), q.new_empty((*g, n_qb), dtype=torch.int32),
+                 q.new_empty((*g, n_qb, n_kb), dtype=torch.int8)]
+    return (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc), *lists)
 
 
 @torch.library.custom_op("fastseg::masked_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, bits: torch.Tensor | None, blocks: torch.Tensor, counts: torch.Tensor,
-            scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(do, q, k, v, o, lse, bits, blocks, counts, scale, num_splits or None)
+            flags: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale, num_splits or None)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, bits, blocks, counts, scale, num_splits):
+def _bwd_fake(do, q, k, v, o, lse, bits, blocks, counts, flags, scale, num_splits):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bits, scale, num_splits = inputs
-    o, lse, blocks, counts = output
-    ctx.save_for_backward(q, k, v, o, lse, bits, blocks, counts)
+    o, lse, *lists = output
+    ctx.save_for_backward(q, k, v, o, lse, bits, *lists)
     ctx.scale, ctx.num_splits = scale, num_splits
 
 
-def _backward(ctx, do, dlse, dblocks, dcounts):
-    q, k, v, o, lse, bits, blocks, counts = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, blocks, counts, ctx.scale, ctx.num_splits)
+def _backward(ctx, do, *unused):
+    q, k, v, o, lse, bits, *lists = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits)
     return dq, dk, dv, None, None, None
 
 
@@ -274,8 +298,9 @@ def masked_attention(
         packed = pack_mask(attn_mask, key_padding_mask, batch=B, heads=H, num_queries=M, num_keys=N, masked=masked)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bits = None if packed is None else packed.bits
-    out = _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))[0]
-    return out
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))[0]
+    return _MaskedAttention.apply(q, k, v, bits, float(scale), int(num_splits or 0))
 
 
 # ------------------------------------------------------------------------ Mask2Former's attention mask
@@ -286,11 +311,13 @@ def _full_words(n_k: int, device) -> torch.Tensor:
     return _pack_torch(torch.ones(n_k, dtype=torch.bool, device=device))
 
 
-@torch.library.custom_op("fastseg::attention_mask_sign_pack", mutates_args=())
-def _sign_pack_op(emb: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sign_pack_impl(emb: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention_mask
 
     return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype))
+
+
+_sign_pack_op = torch.library.custom_op("fastseg::attention_mask_sign_pack", _sign_pack_impl, mutates_args=())
 
 
 @_sign_pack_op.register_fake
@@ -324,7 +351,7 @@ def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, re
     if _backend.select("mask_from_embeddings", device) == "triton":
         if mask_embed.dtype == torch.float64 and device.type == "cuda":
             raise TypeError("fp64 runs under the Triton interpreter only")
-        bits, counts = _sign_pack_op(mask_embed, feat)
+        bits, counts = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat)
         empty = counts == 0
     else:
         allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
