@@ -70,9 +70,9 @@ def cluster_core(
         x = fold_regions(x, fold_w, fold_h)
         value = fold_regions(value, fold_w, fold_h)
     b, c, w, h = x.shape
-    pool = nn.AdaptiveAvgPool2d((proposal_w, proposal_h))
-    centers = pool(x)  # [b, c, C_W, C_H]; M = C_W*C_H, N = w*h
-    value_centers = pool(value).flatten(2).transpose(1, 2)  # "b c w h -> b (w h) c"
+    # centers_proposal = nn.AdaptiveAvgPool2d((proposal_w, proposal_h)) in the original
+    centers = F.adaptive_avg_pool2d(x, (proposal_w, proposal_h))  # [b, c, C_W, C_H]; M = C_W*C_H, N = w*h
+    value_centers = F.adaptive_avg_pool2d(value, (proposal_w, proposal_h)).flatten(2).transpose(1, 2)
     b, c, ww, hh = centers.shape
     sim = torch.sigmoid(
         sim_beta
