@@ -32,9 +32,10 @@ def _configs():
 
 
 @triton.jit
-def _region_setup(pid, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M,
+def _region_setup(pid, SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """Decode the program's (b, e, f2, f3), its base offset in [B, E*C, D2, D3] and the pooling bins."""
+    """Decode the program's (b, e, f2, f3), its region's base offsets in the inputs (batch stride SB_IN) and
+    in out/grad-out (batch stride SB_OUT), and the pooling bins."""
     f3 = pid % F3
     t = pid // F3
     f2 = t % F2
@@ -42,7 +43,8 @@ def _region_setup(pid, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M,
     e = t % E
     b = t // E
     hw = D2 * D3
-    base = (b.to(tl.int64) * E + e) * C * hw + (f2 * R2) * D3 + f3 * R3
+    base = b.to(tl.int64) * SB_IN + e * C * hw + (f2 * R2) * D3 + f3 * R3
+    base_out = b.to(tl.int64) * SB_OUT + e * C * hw + (f2 * R2) * D3 + f3 * R3
     offs_m = tl.arange(0, BLOCK_M)
     mmask = offs_m < M
     pi = offs_m // P3
@@ -55,7 +57,7 @@ def _region_setup(pid, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M,
     inv_area = tl.where(mmask, 1.0 / area.to(ACC), 0.0)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    return b, e, f2, f3, base, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask
+    return b, e, f2, f3, base, base_out, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask
 
 
 @triton.jit
@@ -111,12 +113,12 @@ def _pooled_centers(x_ptr, base, N, R3, D3, hw, offs_c, cmask, rs, re, cs, ce, i
 @triton.jit
 def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
                     assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr,
-                    E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
+                    SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
                     RETURN_CENTER: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    b, e, f2, f3, base, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
-        pid, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
+    b, e, f2, f3, base, base_out, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
+        pid, SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
     hw = D2 * D3
     inst = pid.to(tl.int64)
     # 1) center proposal: adaptive average pooling of the region's points.
@@ -170,7 +172,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
             o = tl.dot(onehot, agg, input_precision="ieee", out_dtype=ACC) * s[:, None]
             i = offs_n // R3
             j = offs_n % R3
-            off = base + (i * D3 + j)[:, None] + (offs_c * hw)[None, :]
+            off = base_out + (i * D3 + j)[:, None] + (offs_c * hw)[None, :]
             tl.store(out_ptr + off, o.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & cmask[None, :])
 
 
@@ -178,12 +180,12 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
 @triton.jit
 def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, dbeta_ptr,
                     assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr, tmp_ptr,
-                    E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
+                    SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
                     RETURN_CENTER: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
-    b, e, f2, f3, base, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
-        pid, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
+    b, e, f2, f3, base, base_out, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
+        pid, SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
     hw = D2 * D3
     inst = pid.to(tl.int64)
     mc_off = inst * M * C + offs_m[:, None] * C + offs_c[None, :]
@@ -206,7 +208,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
-            gt, _ = _load_points(g_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+            gt, _ = _load_points(g_ptr, base_out, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
             a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
             s = tl.load(sim_ptr + inst * N + offs_n, mask=nmask, other=0.0)
             p = tl.where(offs_m[:, None] == a[None, :], s[None, :], 0.0).to(ACC)  # (BLOCK_M, BLOCK_N)
@@ -290,10 +292,22 @@ def _blocks(C: int, M: int):
     return max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(C))
 
 
+def _check_layout(*ts: torch.Tensor) -> int:
+    """All of ts: same shape/strides, dense (channel stride D2*D3, row stride D3, unit stride); -> batch stride."""
+    t0 = ts[0]
+    _, _, D2, D3 = t0.shape
+    for t in ts:
+        if t.shape != t0.shape or t.stride() != t0.stride() or t.stride()[1:] != (D2 * D3, D3, 1):
+            raise ValueError("context_cluster kernels need dense [B, E*C, D2, D3] tensors with equal strides")
+    return t0.stride(0)
+
+
 def cluster_forward(x, v, alpha, beta, heads: int, folds, proposals, return_center: bool):
-    """x, v: contiguous [B, heads*C, D2, D3]; alpha, beta: [1]. folds = (F2, F3) dividing (D2, D3),
-    proposals = (P2, P3). Returns out ([B, heads*C, D2, D3] or [B, heads*C, F2*P2, F3*P3] with return_center)
-    and the saved state (assign, sim, cen, agg, cnt) for :func:`cluster_backward`."""
+    """x, v: [B, heads*C, D2, D3] with dense channel/spatial strides (equal strides; they may be the two
+    channel halves of one packed tensor); alpha, beta: [1]. folds = (F2, F3) dividing (D2, D3),
+    proposals = (P2, P3). Returns out (contiguous [B, heads*C, D2, D3], or [B, heads*C, F2*P2, F3*P3] with
+    return_center) and the saved state (assign, sim, cen, agg, cnt) for :func:`cluster_backward`."""
+    sb_in = _check_layout(x, v)
     B, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M = _dims(x, heads, folds, proposals)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_inst = B * heads * F2 * F3
@@ -306,24 +320,28 @@ def cluster_forward(x, v, alpha, beta, heads: int, folds, proposals, return_cent
     if return_center:
         out = torch.empty(B, heads * C, F2 * P2, F3 * P3, device=dev, dtype=x.dtype)
     else:
-        out = torch.empty_like(x)
+        out = torch.empty(B, heads * C, D2, D3, device=dev, dtype=x.dtype)
     BLOCK_M, BLOCK_C = _blocks(C, M)
     record_launch("coc_fwd_kernel")
     _coc_fwd_kernel[(n_inst,)](
         x, v, alpha, beta, out, assign, sim, cen, agg, cnt,
-        heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
+        sb_in, heads * C * D2 * D3, heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
         RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return out, (assign, sim, cen, agg, cnt)
 
 
-def cluster_backward(g, x, v, alpha, saved, heads: int, folds, proposals, return_center: bool):
+def cluster_backward(g, x, v, alpha, saved, heads: int, folds, proposals, return_center: bool, dx=None, dv=None):
     """Gradients (dx, dv, dalpha, dbeta) of :func:`cluster_forward` given g = dL/dout (contiguous, out's
-    shape). dalpha/dbeta are fp32/fp64 tensors of shape [1]."""
+    shape). dx/dv may be given (e.g. the halves of one packed buffer; strides as x's), else they are
+    allocated like x. dalpha/dbeta are fp32 (fp64 for fp64 inputs) tensors of shape [1]."""
     assign, sim, cen, agg, cnt = saved
     B, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M = _dims(x, heads, folds, proposals)
+    dx = torch.empty_like(x) if dx is None else dx
+    dv = torch.empty_like(v) if dv is None else dv
+    sb_in = _check_layout(x, v, dx, dv)
+    if not g.is_contiguous():
+        raise ValueError("context_cluster backward needs a contiguous grad_output")
     n_inst = B * heads * F2 * F3
-    dx = torch.empty_like(x)
-    dv = torch.empty_like(v)
     dalpha = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     dbeta = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     tmp = torch.empty(n_inst * N, device=x.device, dtype=sim.dtype)
@@ -331,6 +349,6 @@ def cluster_backward(g, x, v, alpha, saved, heads: int, folds, proposals, return
     record_launch("coc_bwd_kernel")
     _coc_bwd_kernel[(n_inst,)](
         x, v, g, alpha, dx, dv, dalpha, dbeta, assign, sim, cen, agg, cnt, tmp,
-        heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
+        sb_in, heads * C * D2 * D3, heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
         RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return dx, dv, dalpha.sum().reshape(1), dbeta.sum().reshape(1)

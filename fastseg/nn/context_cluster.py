@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops.context_cluster import context_cluster
+from ..ops.context_cluster import context_cluster_packed
 
 __all__ = ["ContextCluster"]
 
@@ -14,7 +15,9 @@ class ContextCluster(nn.Module):
     ``sim_alpha``, ``sim_beta``). Input [b, dim, w, h] -> [b, out_dim, w, h] (or [b, out_dim,
     fold_w*proposal_w, fold_h*proposal_h] with ``return_center``, folds applying only when both are > 1).
 
-    The 1x1 convs stay cuBLAS/cuDNN convolutions; everything between them is :func:`fastseg.ops.context_cluster`.
+    ``f`` and ``v`` run as one 1x1 convolution (their weights concatenated, so the input is read once and the
+    packed gradient flows back through one convolution); everything between it and ``proj`` is
+    :func:`fastseg.ops.context_cluster_packed`.
     """
 
     def __init__(self, dim, out_dim, proposal_w=2, proposal_h=2, fold_w=2, fold_h=2, heads=4, head_dim=24,
@@ -35,9 +38,10 @@ class ContextCluster(nn.Module):
         self.return_center = return_center
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value = self.v(x)
-        x = self.f(x)
-        out = context_cluster(x, value, self.sim_alpha, self.sim_beta, self.heads, self.fold_w, self.fold_h,
+        weight = torch.cat([self.f.weight, self.v.weight])
+        bias = None if self.f.bias is None else torch.cat([self.f.bias, self.v.bias])
+        xv = F.conv2d(x, weight, bias)
+        out = context_cluster_packed(xv, self.sim_alpha, self.sim_beta, self.heads, self.fold_w, self.fold_h,
                               self.proposal_w, self.proposal_h, self.return_center)
         return self.proj(out)
 

@@ -13,7 +13,7 @@ import torch
 from .._backend import check_same_device, select
 from ..reference.context_cluster import cluster_core
 
-__all__ = ["context_cluster", "effective_folds"]
+__all__ = ["context_cluster", "context_cluster_packed", "effective_folds"]
 
 _OP = "context_cluster"
 
@@ -45,16 +45,25 @@ def _check(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, pro
 
 
 class _ContextClusterFn(torch.autograd.Function):
+    """x, value separate, or (value=None) x = the packed [B, 2*E*C, W, H] output of one conv for f and v."""
+
     @staticmethod
     def forward(ctx, x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center):
         from fastseg.kernels import context_cluster as K
 
-        x = x.contiguous()
-        value = value.contiguous()
+        ctx.packed = value is None
+        if ctx.packed:
+            x = x.contiguous()
+            ec = x.shape[1] // 2
+            xs, vs = x[:, :ec], x[:, ec:]
+            to_save = (x,)
+        else:
+            xs, vs = x.contiguous(), value.contiguous()
+            to_save = (xs, vs)
         alpha = sim_alpha.detach().contiguous()
         beta = sim_beta.detach().contiguous()
-        out, saved = K.cluster_forward(x, value, alpha, beta, heads, folds, proposals, return_center)
-        ctx.save_for_backward(x, value, alpha, *saved)
+        out, saved = K.cluster_forward(xs, vs, alpha, beta, heads, folds, proposals, return_center)
+        ctx.save_for_backward(alpha, *saved, *to_save)
         ctx.cfg = (heads, folds, proposals, return_center)
         ctx.param_dtypes = (sim_alpha.dtype, sim_beta.dtype)
         return out
@@ -63,11 +72,34 @@ class _ContextClusterFn(torch.autograd.Function):
     def backward(ctx, g):
         from fastseg.kernels import context_cluster as K
 
-        x, value, alpha, *saved = ctx.saved_tensors
+        alpha, *rest = ctx.saved_tensors
+        saved = rest[:5]
         heads, folds, proposals, return_center = ctx.cfg
-        dx, dv, dalpha, dbeta = K.cluster_backward(g.contiguous(), x, value, alpha, saved, heads, folds,
-                                                   proposals, return_center)
+        if ctx.packed:
+            (xv,) = rest[5:]
+            ec = xv.shape[1] // 2
+            dxv = torch.empty_like(xv)
+            _, _, dalpha, dbeta = K.cluster_backward(g.contiguous(), xv[:, :ec], xv[:, ec:], alpha, saved, heads,
+                                                     folds, proposals, return_center, dx=dxv[:, :ec], dv=dxv[:, ec:])
+            dx, dv = dxv, None
+        else:
+            xs, vs = rest[5:]
+            dx, dv, dalpha, dbeta = K.cluster_backward(g.contiguous(), xs, vs, alpha, saved, heads, folds,
+                                                       proposals, return_center)
         return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None
+
+
+def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, xs, vs):
+    device = check_same_device(_OP, x=x, sim_alpha=sim_alpha, sim_beta=sim_beta)
+    folds = _check(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
+    if select(_OP, device) == "torch":
+        out = cluster_core(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
+                           return_center)
+        return out.to(x.dtype)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
+    return _ContextClusterFn.apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h),
+                                   bool(return_center))
 
 
 def context_cluster(
@@ -87,13 +119,26 @@ def context_cluster(
     Output dtype is x's dtype. On CPU without the Triton interpreter it runs the plain PyTorch math of
     :func:`fastseg.reference.cluster_core` (cast to x's dtype).
     """
-    device = check_same_device(_OP, x=x, value=value, sim_alpha=sim_alpha, sim_beta=sim_beta)
-    folds = _check(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
-    if select(_OP, device) == "torch":
-        out = cluster_core(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
-                           return_center)
-        return out.to(x.dtype)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
-    return _ContextClusterFn.apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h),
-                                   bool(return_center))
+    check_same_device(_OP, x=x, value=value)
+    return _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
+                x, value)
+
+
+def context_cluster_packed(
+    xv: torch.Tensor,
+    sim_alpha: torch.Tensor,
+    sim_beta: torch.Tensor,
+    heads: int,
+    fold_w: int = 2,
+    fold_h: int = 2,
+    proposal_w: int = 2,
+    proposal_h: int = 2,
+    return_center: bool = False,
+) -> torch.Tensor:
+    """:func:`context_cluster` on xv = cat([x, value], dim=1) ([B, 2*heads*head_dim, W, H], e.g. one conv
+    computing ``f`` and ``v`` together); its gradient comes back as one packed tensor."""
+    if xv.dim() != 4 or xv.shape[1] % 2:
+        raise ValueError(f"{_OP}: packed input must be [B, 2*heads*head_dim, W, H], got {tuple(xv.shape)}")
+    ec = xv.shape[1] // 2
+    return _run(xv, None, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
+                xv[:, :ec], xv[:, ec:])
