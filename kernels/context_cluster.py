@@ -10,7 +10,9 @@ Tensors: x (similarity features) and v (values) are contiguous [B, E*C, D2, D3] 
 ``f`` and ``v``; E heads of C channels); the regions are the F2 x F3 tiles of size R2 x R3; centers are the
 adaptive average pools (PyTorch's bins) of a region to P2 x P3. Output: [B, E*C, D2, D3], or with
 ``return_center`` [B, E*C, F2*P2, F3*P3]. fp32/fp16/bf16 (fp64 too) inputs, accumulation in fp32 (fp64 for
-fp64 inputs). The small matrix products use ``tl.dot`` in IEEE precision with zero-padded tiles.
+fp64 inputs). The small (M, N_chunk) x (N_chunk, C) products are register broadcast-sums for M <= 8 and
+``tl.dot`` in IEEE precision on zero-padded tiles beyond; gathers of per-center rows for the points
+(agg[a_n], center[a_n], dL/dagg[a_n]) are loads from the program's small, L1-resident scratch block.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ from fastseg._backend import interpreter_enabled, record_launch
 __all__ = ["cluster_forward", "cluster_backward"]
 
 _EPS = 1e-12  # F.normalize's eps
+_SMALL_M = 8  # centers per region up to which the small products avoid tl.dot
 
 
 def _configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (2, 4)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((32, 2), (64, 2), (64, 4), (128, 4))]
 
 
 @triton.jit
@@ -97,15 +100,33 @@ def _normalize_rows(t, EPS: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    """a @ b for small tiles: tl.dot (IEEE fp32) when the center tile is large, else a register broadcast-sum
+    (no padding of M to 16 and no shared-memory layout round trip)."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _gather_rows(ptr, inst, M, C, a, nmask, offs_c, cmask):
+    """(BLOCK_N, BLOCK_C) rows a_n of the program's [M, C] scratch block (L1-resident)."""
+    return tl.load(ptr + inst * M * C + a[:, None] * C + offs_c[None, :], mask=nmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _pooled_centers(x_ptr, base, N, R3, D3, hw, offs_c, cmask, rs, re, cs, ce, inv_area,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                    USE_DOT: tl.constexpr):
     cen = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         xt, _ = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         wt = _pool_weights_mn(offs_n, nmask, R3, rs, re, cs, ce, inv_area).to(ACC)
-        cen += tl.dot(wt, xt, input_precision="ieee", out_dtype=ACC)
+        cen += _mm(wt, xt, USE_DOT, ACC)
     return cen
 
 
@@ -115,7 +136,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
                     assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr,
                     SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
                     RETURN_CENTER: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
     pid = tl.program_id(0)
     b, e, f2, f3, base, base_out, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
         pid, SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
@@ -123,7 +144,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
     inst = pid.to(tl.int64)
     # 1) center proposal: adaptive average pooling of the region's points.
     cen = _pooled_centers(x_ptr, base, N, R3, D3, hw, offs_c, cmask, rs, re, cs, ce, inv_area,
-                          BLOCK_N, BLOCK_M, BLOCK_C, ACC)
+                          BLOCK_N, BLOCK_M, BLOCK_C, ACC, USE_DOT)
     chat, _, _ = _normalize_rows(cen, EPS)
     alpha = tl.load(alpha_ptr).to(ACC)
     beta = tl.load(beta_ptr).to(ACC)
@@ -136,7 +157,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
         xt, _ = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         vt, _ = _load_points(v_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         xhat, _, _ = _normalize_rows(xt, EPS)
-        cos = tl.dot(xhat, tl.trans(chat), input_precision="ieee", out_dtype=ACC)  # (BLOCK_N, BLOCK_M)
+        cos = _mm(xhat, tl.trans(chat), USE_DOT, ACC)  # (BLOCK_N, BLOCK_M)
         s = 1.0 / (1.0 + tl.exp(-(beta + alpha * cos)))
         s = tl.where(mmask[None, :], s, -1.0)
         smax = tl.max(s, axis=1)
@@ -145,7 +166,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
         tl.store(sim_ptr + inst * N + offs_n, smax, mask=nmask)
         onehot = (offs_m[:, None] == a[None, :]) & nmask[None, :]  # (BLOCK_M, BLOCK_N)
         p = tl.where(onehot, smax[None, :], 0.0) + _pool_weights_mn(offs_n, nmask, R3, rs, re, cs, ce, inv_area)
-        acc += tl.dot(p.to(ACC), vt, input_precision="ieee", out_dtype=ACC)
+        acc += _mm(p.to(ACC), vt, USE_DOT, ACC)
         cnt += tl.sum(onehot.to(ACC), axis=1)
     agg = acc / (cnt + 1.0)[:, None]
     mc_off = inst * M * C + offs_m[:, None] * C + offs_c[None, :]
@@ -168,8 +189,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
             nmask = offs_n < N
             a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
             s = tl.load(sim_ptr + inst * N + offs_n, mask=nmask, other=0.0)
-            onehot = tl.where(a[:, None] == offs_m[None, :], 1.0, 0.0).to(ACC)  # (BLOCK_N, BLOCK_M)
-            o = tl.dot(onehot, agg, input_precision="ieee", out_dtype=ACC) * s[:, None]
+            o = _gather_rows(agg_ptr, inst, M, C, a, nmask, offs_c, cmask) * s[:, None]
             i = offs_n // R3
             j = offs_n % R3
             off = base_out + (i * D3 + j)[:, None] + (offs_c * hw)[None, :]
@@ -179,10 +199,10 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
 @triton.autotune(configs=_configs(), key=["N", "M", "C", "RETURN_CENTER"])
 @triton.jit
 def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, dbeta_ptr,
-                    assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr, tmp_ptr,
+                    assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr, tmp_ptr, dmat_ptr,
                     SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
                     RETURN_CENTER: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
     pid = tl.program_id(0)
     b, e, f2, f3, base, base_out, offs_m, mmask, rs, re, cs, ce, inv_area, offs_c, cmask = _region_setup(
         pid, SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, M, BLOCK_M, BLOCK_C, ACC)
@@ -193,7 +213,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
     cen = tl.load(cen_ptr + mc_off, mask=mc_mask, other=0.0)
     agg = tl.load(agg_ptr + mc_off, mask=mc_mask, other=0.0)
     cnt = tl.load(cnt_ptr + inst * M + offs_m, mask=mmask, other=0.0)
-    chat, cnrm, cden = _normalize_rows(cen, EPS)
+    _, cnrm, cden = _normalize_rows(cen, EPS)
     alpha = tl.load(alpha_ptr).to(ACC)
     # grad of the aggregated centers: D = dL/d(sum + value_center) = dL/dagg / (cnt + 1)
     if RETURN_CENTER:
@@ -212,12 +232,13 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
             a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
             s = tl.load(sim_ptr + inst * N + offs_n, mask=nmask, other=0.0)
             p = tl.where(offs_m[:, None] == a[None, :], s[None, :], 0.0).to(ACC)  # (BLOCK_M, BLOCK_N)
-            gagg += tl.dot(p, gt, input_precision="ieee", out_dtype=ACC)
-            onehot = tl.where(a[:, None] == offs_m[None, :], 1.0, 0.0).to(ACC)  # (BLOCK_N, BLOCK_M)
-            agg_n = tl.dot(onehot, agg, input_precision="ieee", out_dtype=ACC)
+            gagg += _mm(p, gt, USE_DOT, ACC)
+            agg_n = _gather_rows(agg_ptr, inst, M, C, a, nmask, offs_c, cmask)
             tl.store(tmp_ptr + inst * N + offs_n, tl.sum(agg_n * gt, axis=1), mask=nmask)
         tl.debug_barrier()
     dmat = gagg / (cnt + 1.0)[:, None]
+    tl.store(dmat_ptr + mc_off, dmat, mask=mc_mask)
+    tl.debug_barrier()
     # pass 2: dv, ds -> dz = ds * s(1-s) -> dalpha, dbeta, dcos; dchat accumulated over the region.
     dchat = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     dal = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -235,20 +256,20 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
             ds = tl.load(tmp_ptr + inst * N + offs_n, mask=nmask, other=0.0)
         onehot = tl.where(a[:, None] == offs_m[None, :], 1.0, 0.0).to(ACC)  # (BLOCK_N, BLOCK_M)
         q = onehot * s[:, None] + _pool_weights_nm(offs_n, nmask, R3, rs, re, cs, ce, inv_area).to(ACC)
-        dvt = tl.dot(q, dmat, input_precision="ieee", out_dtype=ACC)
+        dvt = _mm(q, dmat, USE_DOT, ACC)
         tl.store(dv_ptr + off, dvt.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & cmask[None, :])
-        d_n = tl.dot(onehot, dmat, input_precision="ieee", out_dtype=ACC)
+        d_n = _gather_rows(dmat_ptr, inst, M, C, a, nmask, offs_c, cmask)
         ds += tl.sum(vt * d_n, axis=1)
         dz = tl.where(nmask, ds * s * (1.0 - s), 0.0)
         xhat, _, _ = _normalize_rows(xt, EPS)
-        chat_n = tl.dot(onehot, chat, input_precision="ieee", out_dtype=ACC)
+        chat_n, _, _ = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
         cos = tl.sum(xhat * chat_n, axis=1)
         dal += dz * cos
         dbe += dz
         dcos = alpha * dz
         tl.store(tmp_ptr + inst * N + offs_n, dcos, mask=nmask)
         pc = tl.where(offs_m[:, None] == a[None, :], dcos[None, :], 0.0).to(ACC)  # (BLOCK_M, BLOCK_N)
-        dchat += tl.dot(pc, xhat, input_precision="ieee", out_dtype=ACC)
+        dchat += _mm(pc, xhat, USE_DOT, ACC)
     tl.store(dalpha_ptr + pid, tl.sum(dal, axis=0))
     tl.store(dbeta_ptr + pid, tl.sum(dbe, axis=0))
     # F.normalize backward for the centers, then through the pooling in pass 3.
@@ -262,15 +283,14 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         xt, off = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
         dcos = tl.load(tmp_ptr + inst * N + offs_n, mask=nmask, other=0.0)
-        onehot = tl.where(a[:, None] == offs_m[None, :], 1.0, 0.0).to(ACC)
-        chat_n = tl.dot(onehot, chat, input_precision="ieee", out_dtype=ACC)
+        chat_n, _, _ = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
         dxhat = dcos[:, None] * chat_n
         xn = tl.sqrt(tl.sum(xt * xt, axis=1))
         xden = tl.maximum(xn, EPS)
         xdot = tl.sum(dxhat * xt, axis=1)
         dxt = dxhat / xden[:, None] - tl.where(xn > EPS, xdot / (xden * xden * xden), 0.0)[:, None] * xt
         wnm = _pool_weights_nm(offs_n, nmask, R3, rs, re, cs, ce, inv_area).to(ACC)
-        dxt += tl.dot(wnm, dcen, input_precision="ieee", out_dtype=ACC)
+        dxt += _mm(wnm, dcen, USE_DOT, ACC)
         tl.store(dx_ptr + off, dxt.to(dx_ptr.dtype.element_ty), mask=nmask[:, None] & cmask[None, :])
 
 
@@ -289,7 +309,11 @@ def _dims(x: torch.Tensor, heads: int, folds, proposals):
 
 
 def _blocks(C: int, M: int):
-    return max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(C))
+    """BLOCK_M, BLOCK_C, USE_DOT: up to 8 centers the products are register broadcast-sums over the exact
+    (power-of-2) center count; more centers use tl.dot, whose tiles are padded to 16."""
+    if M <= _SMALL_M:
+        return triton.next_power_of_2(M), max(16, triton.next_power_of_2(C)), False
+    return max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(C)), True
 
 
 def _check_layout(*ts: torch.Tensor) -> int:
@@ -321,12 +345,13 @@ def cluster_forward(x, v, alpha, beta, heads: int, folds, proposals, return_cent
         out = torch.empty(B, heads * C, F2 * P2, F3 * P3, device=dev, dtype=x.dtype)
     else:
         out = torch.empty(B, heads * C, D2, D3, device=dev, dtype=x.dtype)
-    BLOCK_M, BLOCK_C = _blocks(C, M)
+    BLOCK_M, BLOCK_C, USE_DOT = _blocks(C, M)
     record_launch("coc_fwd_kernel")
     _coc_fwd_kernel[(n_inst,)](
         x, v, alpha, beta, out, assign, sim, cen, agg, cnt,
         sb_in, heads * C * D2 * D3, heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
-        RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+        RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        USE_DOT=USE_DOT)
     return out, (assign, sim, cen, agg, cnt)
 
 
@@ -345,10 +370,12 @@ def cluster_backward(g, x, v, alpha, saved, heads: int, folds, proposals, return
     dalpha = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     dbeta = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     tmp = torch.empty(n_inst * N, device=x.device, dtype=sim.dtype)
-    BLOCK_M, BLOCK_C = _blocks(C, M)
+    dmat = torch.empty(n_inst * M * C, device=x.device, dtype=sim.dtype)
+    BLOCK_M, BLOCK_C, USE_DOT = _blocks(C, M)
     record_launch("coc_bwd_kernel")
     _coc_bwd_kernel[(n_inst,)](
-        x, v, g, alpha, dx, dv, dalpha, dbeta, assign, sim, cen, agg, cnt, tmp,
+        x, v, g, alpha, dx, dv, dalpha, dbeta, assign, sim, cen, agg, cnt, tmp, dmat,
         sb_in, heads * C * D2 * D3, heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
-        RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+        RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+        USE_DOT=USE_DOT)
     return dx, dv, dalpha.sum().reshape(1), dbeta.sum().reshape(1)
