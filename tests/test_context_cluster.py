@@ -81,6 +81,8 @@ CASES = [
     ((5, 9, 2, 3, 3, 2, 3, 8, True), (1, 9, 8), 1.2, -0.4),
     # proposals larger than the region (4x3 bins on a 3x4 region: overlapping adaptive bins), head_dim 40
     ((4, 6, 4, 3, 2, 2, 2, 40, False), (1, 6, 8), 3.0, 0.0),
+    # two centers per region (proposals 1x2), 3 heads of 16
+    ((6, 5, 1, 2, 2, 2, 3, 16, False), (1, 4, 6), 1.0, 0.2),
     # coc_tiny-like stage: head_dim 24, 4 heads, 2x2 proposals on 5x5 regions
     ((16, 16, 2, 2, 2, 2, 4, 24, False), (1, 10, 10), 1.0, 0.0),
 ]

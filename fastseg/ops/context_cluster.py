@@ -89,6 +89,12 @@ class _ContextClusterFn(torch.autograd.Function):
         return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None
 
 
+@torch.compiler.disable
+def _apply(*args):
+    # torch.compile of a model using this op graph-breaks here and runs the kernels as they are
+    return _ContextClusterFn.apply(*args)
+
+
 def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, xs, vs):
     device = check_same_device(_OP, x=x, sim_alpha=sim_alpha, sim_beta=sim_beta)
     folds = _check(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
@@ -98,8 +104,7 @@ def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, propo
         return out.to(x.dtype)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
-    return _ContextClusterFn.apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h),
-                                   bool(return_center))
+    return _apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h), bool(return_center))
 
 
 def context_cluster(
