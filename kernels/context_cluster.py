@@ -6,8 +6,9 @@ and streams the region's N = R2*R3 points in chunks of BLOCK_N, so neither the (
 anything of size (b, M, N, C) is ever stored. Per point only the assignment (int32) and its similarity are
 kept for backward; per region the pooled centers, the aggregated centers and the cluster sizes.
 
-Tensors: x (similarity features) and v (values) are contiguous [B, E*C, D2, D3] (outputs of the 1x1 convs
-``f`` and ``v``; E heads of C channels); the regions are the F2 x F3 tiles of size R2 x R3; centers are the
+Tensors: x (similarity features) and v (values) are [B, E*C, D2, D3] (outputs of the 1x1 convs ``f`` and
+``v``; E heads of C channels), dense apart from the batch stride (so they may be the two channel halves of
+one packed conv output); the regions are the F2 x F3 tiles of size R2 x R3; centers are the
 adaptive average pools (PyTorch's bins) of a region to P2 x P3. Output: [B, E*C, D2, D3], or with
 ``return_center`` [B, E*C, F2*P2, F3*P3]. fp32/fp16/bf16 (fp64 too) inputs, accumulation in fp32 (fp64 for
 fp64 inputs). The small (M, N_chunk) x (N_chunk, C) products are register broadcast-sums for M <= 8 and
