@@ -200,7 +200,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
 @triton.autotune(configs=_configs(), key=["N", "M", "C", "RETURN_CENTER"])
 @triton.jit
 def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, dbeta_ptr,
-                    assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr, tmp_ptr, dmat_ptr,
+                    assign_ptr, sim_ptr, cen_ptr, agg_ptr, cnt_ptr, tmp_ptr, dcos_ptr, dmat_ptr,
                     SB_IN, SB_OUT, E, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
                     RETURN_CENTER: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, USE_DOT: tl.constexpr):
@@ -268,7 +268,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         dal += dz * cos
         dbe += dz
         dcos = alpha * dz
-        tl.store(tmp_ptr + inst * N + offs_n, dcos, mask=nmask)
+        tl.store(dcos_ptr + inst * N + offs_n, dcos, mask=nmask)
         pc = tl.where(offs_m[:, None] == a[None, :], dcos[None, :], 0.0).to(ACC)  # (BLOCK_M, BLOCK_N)
         dchat += _mm(pc, xhat, USE_DOT, ACC)
     tl.store(dalpha_ptr + pid, tl.sum(dal, axis=0))
@@ -283,7 +283,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         nmask = offs_n < N
         xt, off = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
-        dcos = tl.load(tmp_ptr + inst * N + offs_n, mask=nmask, other=0.0)
+        dcos = tl.load(dcos_ptr + inst * N + offs_n, mask=nmask, other=0.0)
         chat_n, _, _ = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
         dxhat = dcos[:, None] * chat_n
         xn = tl.sqrt(tl.sum(xt * xt, axis=1))
@@ -371,11 +371,12 @@ def cluster_backward(g, x, v, alpha, saved, heads: int, folds, proposals, return
     dalpha = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     dbeta = torch.empty(n_inst, device=x.device, dtype=sim.dtype)
     tmp = torch.empty(n_inst * N, device=x.device, dtype=sim.dtype)
+    dcos = torch.empty(n_inst * N, device=x.device, dtype=sim.dtype)
     dmat = torch.empty(n_inst * M * C, device=x.device, dtype=sim.dtype)
     BLOCK_M, BLOCK_C, USE_DOT = _blocks(C, M)
     record_launch("coc_bwd_kernel")
     _coc_bwd_kernel[(n_inst,)](
-        x, v, g, alpha, dx, dv, dalpha, dbeta, assign, sim, cen, agg, cnt, tmp, dmat,
+        x, v, g, alpha, dx, dv, dalpha, dbeta, assign, sim, cen, agg, cnt, tmp, dcos, dmat,
         sb_in, heads * C * D2 * D3, heads, C, D2, D3, F2, F3, R2, R3, P2, P3, N, M,
         RETURN_CENTER=return_center, ACC=_acc_dtype(x.dtype), EPS=_EPS, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
         USE_DOT=USE_DOT)
