@@ -38,6 +38,27 @@ def _peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def check_stage(dim, heads, head_dim, fold, size, batch=2):
+    """fp32 (TF32 off) fused vs eager on the stage shape: relative errors of output and input grad."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    ref = Cluster(dim, dim, 2, 2, fold, fold, heads, head_dim).cuda()
+    fused = ContextCluster(dim, dim, 2, 2, fold, fold, heads, head_dim).cuda()
+    fused.load_state_dict(ref.state_dict())
+    x1 = torch.randn(batch, dim, size, size, device="cuda", requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ref(x1), fused(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    return dict(out=rel(y2, y1), d_input=rel(x2.grad, x1.grad), d_v_weight=rel(fused.v.weight.grad, ref.v.weight.grad),
+                d_alpha=rel(fused.sim_alpha.grad, ref.sim_alpha.grad))
+
+
 def bench_stage(dim, heads, head_dim, fold, size, batch, dtype, impls, warmup, rep):
     ref = Cluster(dim, dim, 2, 2, fold, fold, heads, head_dim).cuda().to(dtype)
     fused = ContextCluster(dim, dim, 2, 2, fold, fold, heads, head_dim).cuda().to(dtype)
@@ -78,6 +99,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves its compile time)")
     ap.add_argument("--warmup", type=int, default=10, help="do_bench warmup (ms)")
     ap.add_argument("--rep", type=int, default=40, help="do_bench repetition time (ms)")
+    ap.add_argument("--no-check", action="store_true", help="skip the fp32 fused-vs-eager check per stage")
     ap.add_argument("--out", default="bench_context_cluster_kernel.json")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -98,12 +120,18 @@ def main(argv=None):
             entry[f"speedup_fwd_bwd_vs_{other}"] = by[other]["fwd_bwd_ms"] / by["fused"]["fwd_bwd_ms"]
             entry[f"mem_ratio_fwd_bwd_vs_{other}"] = by["fused"]["peak_fwd_bwd_mb"] / max(
                 by[other]["peak_fwd_bwd_mb"], 1e-9)
+        if not args.no_check:
+            # fp32 relative errors; a point whose best two centers are (nearly) tied may be assigned differently
+            # by the two implementations, which shows up here as an error well above 1e-6 on that stage.
+            entry["check_fp32_rel_err"] = check_stage(dims[s], heads[s], head_dims[s], folds[s], size)
         results.append(entry)
         print(f"stage {s} {entry['shape']} heads={heads[s]} fold={folds[s]}")
         for r in rows:
             print(f"  {r['impl']:8s} fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms  "
                   f"peak fwd+bwd {r['peak_fwd_bwd_mb']:9.1f} MiB")
         print("  " + "  ".join(f"{k}={v:.2f}" for k, v in entry.items() if k.startswith(("speedup", "mem"))))
+        if "check_fp32_rel_err" in entry:
+            print("  fp32 check (rel err): " + "  ".join(f"{k}={v:.1e}" for k, v in entry["check_fp32_rel_err"].items()))
     report = dict(benchmark="context_cluster_module", model=args.model, res=args.res, batch=args.batch,
                   dtype=args.dtype, device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(), results=results,
