@@ -131,7 +131,8 @@ def main(argv=None):
                   f"peak fwd+bwd {r['peak_fwd_bwd_mb']:9.1f} MiB")
         print("  " + "  ".join(f"{k}={v:.2f}" for k, v in entry.items() if k.startswith(("speedup", "mem"))))
         if "check_fp32_rel_err" in entry:
-            print("  fp32 check (rel err): " + "  ".join(f"{k}={v:.1e}" for k, v in entry["check_fp32_rel_err"].items()))
+            errs = entry["check_fp32_rel_err"]
+            print("  fp32 check (rel err): " + "  ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     report = dict(benchmark="context_cluster_module", model=args.model, res=args.res, batch=args.batch,
                   dtype=args.dtype, device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, python=platform.python_version(), results=results,

@@ -275,7 +275,8 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
     tl.store(dbeta_ptr + pid, tl.sum(dbe, axis=0))
     # F.normalize backward for the centers, then through the pooling in pass 3.
     cdot = tl.sum(dchat * cen, axis=1)
-    dcen = dchat / cden[:, None] - tl.where(cnrm > EPS, cdot / (cden * cden * tl.maximum(cnrm, EPS)), 0.0)[:, None] * cen
+    ccoef = tl.where(cnrm > EPS, cdot / (cden * cden * tl.maximum(cnrm, EPS)), 0.0)
+    dcen = dchat / cden[:, None] - ccoef[:, None] * cen
     tl.debug_barrier()
     # pass 3: dx = normalize-backward(dcos * chat[a]) + pool-backward(dcen)
     for n0 in range(0, N, BLOCK_N):
