@@ -10,8 +10,8 @@ Dispatch (see :mod:`fastseg._backend`): CUDA tensors run compiled Triton kernels
 kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before import, else a PyTorch path.
 """
 from ._backend import interpreter_enabled, launches, use_backend
-from . import nn, ops, reference
+from . import models, nn, ops, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "reference", "use_backend", "launches", "interpreter_enabled", "__version__"]
+__all__ = ["models", "nn", "ops", "reference", "use_backend", "launches", "interpreter_enabled", "__version__"]

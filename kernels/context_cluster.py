@@ -125,7 +125,7 @@ def _pooled_centers(x_ptr, base, N, R3, D3, hw, offs_c, cmask, rs, re, cs, ce, i
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        xt, _ = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+        xt, _unused1 = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         wt = _pool_weights_mn(offs_n, nmask, R3, rs, re, cs, ce, inv_area).to(ACC)
         cen += _mm(wt, xt, USE_DOT, ACC)
     return cen
@@ -146,7 +146,7 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
     # 1) center proposal: adaptive average pooling of the region's points.
     cen = _pooled_centers(x_ptr, base, N, R3, D3, hw, offs_c, cmask, rs, re, cs, ce, inv_area,
                           BLOCK_N, BLOCK_M, BLOCK_C, ACC, USE_DOT)
-    chat, _, _ = _normalize_rows(cen, EPS)
+    chat, _unused2, _unused3 = _normalize_rows(cen, EPS)
     alpha = tl.load(alpha_ptr).to(ACC)
     beta = tl.load(beta_ptr).to(ACC)
     # 2) similarity, sigmoid, argmax (first index on ties) and aggregation (+ the pooled value centers).
@@ -155,9 +155,9 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        xt, _ = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
-        vt, _ = _load_points(v_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
-        xhat, _, _ = _normalize_rows(xt, EPS)
+        xt, _unused4 = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+        vt, _unused5 = _load_points(v_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+        xhat, _unused6, _unused7 = _normalize_rows(xt, EPS)
         cos = _mm(xhat, tl.trans(chat), USE_DOT, ACC)  # (BLOCK_N, BLOCK_M)
         s = 1.0 / (1.0 + tl.exp(-(beta + alpha * cos)))
         s = tl.where(mmask[None, :], s, -1.0)
@@ -214,7 +214,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
     cen = tl.load(cen_ptr + mc_off, mask=mc_mask, other=0.0)
     agg = tl.load(agg_ptr + mc_off, mask=mc_mask, other=0.0)
     cnt = tl.load(cnt_ptr + inst * M + offs_m, mask=mmask, other=0.0)
-    _, cnrm, cden = _normalize_rows(cen, EPS)
+    _unused8, cnrm, cden = _normalize_rows(cen, EPS)
     alpha = tl.load(alpha_ptr).to(ACC)
     # grad of the aggregated centers: D = dL/d(sum + value_center) = dL/dagg / (cnt + 1)
     if RETURN_CENTER:
@@ -229,7 +229,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < N
-            gt, _ = _load_points(g_ptr, base_out, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+            gt, _unused9 = _load_points(g_ptr, base_out, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
             a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
             s = tl.load(sim_ptr + inst * N + offs_n, mask=nmask, other=0.0)
             p = tl.where(offs_m[:, None] == a[None, :], s[None, :], 0.0).to(ACC)  # (BLOCK_M, BLOCK_N)
@@ -248,7 +248,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         xt, off = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
-        vt, _ = _load_points(v_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+        vt, _unused10 = _load_points(v_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
         s = tl.load(sim_ptr + inst * N + offs_n, mask=nmask, other=0.0)
         if RETURN_CENTER:
@@ -262,8 +262,8 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         d_n = _gather_rows(dmat_ptr, inst, M, C, a, nmask, offs_c, cmask)
         ds += tl.sum(vt * d_n, axis=1)
         dz = tl.where(nmask, ds * s * (1.0 - s), 0.0)
-        xhat, _, _ = _normalize_rows(xt, EPS)
-        chat_n, _, _ = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
+        xhat, _unused11, _unused12 = _normalize_rows(xt, EPS)
+        chat_n, _unused13, _unused14 = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
         cos = tl.sum(xhat * chat_n, axis=1)
         dal += dz * cos
         dbe += dz
@@ -285,7 +285,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         xt, off = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=BLOCK_M)
         dcos = tl.load(dcos_ptr + inst * N + offs_n, mask=nmask, other=0.0)
-        chat_n, _, _ = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
+        chat_n, _unused15, _unused16 = _normalize_rows(_gather_rows(cen_ptr, inst, M, C, a, nmask, offs_c, cmask), EPS)
         dxhat = dcos[:, None] * chat_n
         xn = tl.sqrt(tl.sum(xt * xt, axis=1))
         xden = tl.maximum(xn, EPS)
