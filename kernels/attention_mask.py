@@ -7,7 +7,7 @@ that GEMM tile by tile and keeps only the sign: packed 1 bit per (query, pixel),
 (logit >= 0). A row with no allowed pixel is, as in Mask2Former, allowed everywhere (a second tiny pass).
 
 Shapes: emb (B, Q, C), feat (B, C, P) any strides, fp32/fp16/bf16 (fp64 under the interpreter);
-bits (B, 1, Q, ceil(P / 32)) int32 (stored query-minor); counts (B, Q) int32 (allowed pixels per row, before the reset).
+bits (B, 1, Q, ceil(P / 32)) int32; counts (B, Q) int32 (allowed pixels per row, before the reset).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import triton.language as tl
 
 from fastseg._backend import interpreter_enabled, record_launch
 
-from .masked_attention import _dot, packed_empty
+from .masked_attention import _dot
 
 
 def _configs():
@@ -37,7 +37,6 @@ def _sign_pack_kernel(
     E, F, Bits, Counts,
     stride_eb, stride_eq, stride_ec,
     stride_fb, stride_fc, stride_fp,
-    stride_bb, stride_bq, stride_bw,
     N_Q, C, N_P, N_WORDS,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -63,7 +62,7 @@ def _sign_pack_kernel(
     bits = tl.reshape(allowed, (BLOCK_Q, BLOCK_W, 32)) << tl.arange(0, 32)[None, None, :]
     words = tl.sum(bits, axis=2)  # distinct bits: sum == or
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    tl.store(Bits + b * stride_bb + offs_q[:, None] * stride_bq + offs_w[None, :] * stride_bw, words,
+    tl.store(Bits + (b * N_Q + offs_q[:, None]) * N_WORDS + offs_w[None, :], words,
              mask=q_ok[:, None] & (offs_w[None, :] < N_WORDS))
     tl.atomic_add(Counts + b * N_Q + offs_q, tl.sum(allowed, axis=1), mask=q_ok)
 
@@ -73,13 +72,12 @@ def sign_pack(emb: torch.Tensor, feat: torch.Tensor, precision: str) -> tuple[to
     B, Q, C = emb.shape
     P = feat.shape[2]
     n_words = triton.cdiv(P, 32)
-    bits = packed_empty(B, 1, Q, n_words, emb.device)
+    bits = torch.empty((B, 1, Q, n_words), device=emb.device, dtype=torch.int32)
     counts = torch.zeros((B, Q), device=emb.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), triton.cdiv(n_words, meta["BLOCK_W"]), B)  # noqa: E731
     record_launch("attention_mask_sign_pack")
     _sign_pack_kernel[grid](
-        emb, feat, bits, counts, *emb.stride(), *feat.stride(), bits.stride(0), bits.stride(2), bits.stride(3),
-        Q, C, P, n_words, PRECISION=precision,
+        emb, feat, bits, counts, *emb.stride(), *feat.stride(), Q, C, P, n_words, PRECISION=precision,
         ACC=tl.float64 if emb.dtype == torch.float64 else tl.float32,
     )
     return bits, counts

@@ -46,47 +46,42 @@ def _configs(kind: str) -> list[triton.Config]:
 
 
 @triton.jit
-def _load_words(mask_ptr, offs_m, word0, stride_mm, stride_mw, n_q, n_words, WORDS: tl.constexpr):
-    """(BLOCK_M, WORDS) int32: mask words word0 .. word0 + WORDS of queries ``offs_m`` (0 outside).
-
-    fastseg stores packed masks query-minor (stride_mm == 1), so this is WORDS coalesced row loads."""
-    offs_w = word0 + tl.arange(0, WORDS)
-    return tl.load(mask_ptr + offs_m[:, None] * stride_mm + offs_w[None, :] * stride_mw,
-                   mask=(offs_m < n_q)[:, None] & (offs_w < n_words)[None, :], other=0)
-
-
-@triton.jit
-def _mask_tile(words, offs_m, n0, n_q, n_k,
+def _mask_tile(mask_ptr, offs_m, n0, stride_mm, n_q, key_end,
                HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bool tile "query ``offs_m`` may attend key ``n0 + j``" from the tile's words (see _load_words).
+    """Mask tile of queries ``offs_m`` x keys ``n0 .. n0 + BLOCK_N`` (n0 % 32 == 0): (bool tile, any bit set).
 
-    (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED; n0 % 32 == 0. Each word is broadcast over its
-    32 keys with a select (no reshape, no layout change); out-of-range queries and keys are False.
+    The tile is (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED. It loads the BLOCK_N / 32 words
+    of each query as vectors, broadcasts each over its 32 keys with a select (no reshape, no layout
+    change) and tests the bits; out-of-range queries and keys are False.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     m_ok = offs_m < n_q
     if TRANSPOSED:
-        allowed = m_ok[None, :] & (offs_n[:, None] < n_k)
+        inside = m_ok[None, :] & (offs_n[:, None] < key_end)
     else:
-        allowed = m_ok[:, None] & (offs_n[None, :] < n_k)
+        inside = m_ok[:, None] & (offs_n[None, :] < key_end)
     if HAS_MASK:
         word_of_key = (offs_n - n0) >> 5
-        col = tl.arange(0, BLOCK_N // 32)
+        any_set = False
         if TRANSPOSED:
-            tile = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+            words = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
         else:
-            tile = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            words = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         for w in tl.static_range(BLOCK_N // 32):
-            word = tl.sum(tl.where(col[None, :] == w, words, 0), axis=1)  # (BLOCK_M,)
+            word = tl.load(mask_ptr + offs_m * stride_mm + (n0 // 32 + w), mask=m_ok & (n0 + 32 * w < key_end), other=0)
+            any_set = any_set | (tl.max((word != 0).to(tl.int32), axis=0) > 0)
             if TRANSPOSED:
-                tile = tl.where(word_of_key[:, None] == w, word[None, :], tile)
+                words = tl.where(word_of_key[:, None] == w, word[None, :], words)
             else:
-                tile = tl.where(word_of_key[None, :] == w, word[:, None], tile)
+                words = tl.where(word_of_key[None, :] == w, word[:, None], words)
         if TRANSPOSED:
-            allowed = allowed & (((tile >> (offs_n[:, None] & 31)) & 1) != 0)
+            allowed = inside & (((words >> (offs_n[:, None] & 31)) & 1) != 0)
         else:
-            allowed = allowed & (((tile >> (offs_n[None, :] & 31)) & 1) != 0)
-    return allowed
+            allowed = inside & (((words >> (offs_n[None, :] & 31)) & 1) != 0)
+    else:
+        allowed = inside
+        any_set = True
+    return allowed, any_set
 
 
 @triton.jit
@@ -108,9 +103,9 @@ def _fwd_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mw,
+    stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
-    H, N_Q, N_K, HEAD_DIM, N_KB, N_WORDS,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -140,23 +135,13 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    WPB: tl.constexpr = BLOCK_N // 32
-    j_start = pid_s * per_split
-    # the tile index and mask words of the next tile are loaded one iteration ahead (by hand: Triton
-    # pipelines only the K/V loads that feed the dots)
-    kb_next = tl.load(Blocks + tile_row * N_KB + j_start, mask=HAS_MASK & (j_start < j_end), other=0)
-    words_next = _load_words(mask_base, offs_m, kb_next * WPB, stride_mm, stride_mw, N_Q, N_WORDS * HAS_MASK, WPB)
-    for j in range(j_start, j_end):
+    for j in range(pid_s * per_split, j_end):
         if HAS_MASK:
-            n0 = kb_next * BLOCK_N
-            words = words_next
-            kb_next = tl.load(Blocks + tile_row * N_KB + j + 1, mask=j + 1 < j_end, other=0)
-            words_next = _load_words(mask_base, offs_m, kb_next * WPB, stride_mm, stride_mw, N_Q, N_WORDS, WPB)
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
         else:
             n0 = j * BLOCK_N
-            words = words_next
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed = _mask_tile(words, offs_m, n0, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -223,9 +208,9 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mh, stride_mm, stride_mw,
+    stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
-    H, N_Q, N_K, HEAD_DIM, N_KB, N_WORDS,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -248,9 +233,8 @@ def _bwd_dkdv_kernel(
     flag_row = b * stride_cb + h * stride_ch
     for m0 in range(0, N_Q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        words = _load_words(mask_base, offs_m, pid_n * (BLOCK_N // 32), stride_mm, stride_mw, N_Q,
-                            N_WORDS * HAS_MASK, BLOCK_N // 32)
-        allowed = _mask_tile(words, offs_m, pid_n * BLOCK_N, N_Q, N_K, HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
+        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
         if HAS_MASK:  # skip empty tiles (flag from tile_lists: no in-kernel reduction)
             tile_ok = tl.load(Flags + (flag_row + m0 // BLOCK_M) * N_KB + pid_n) != 0
         else:
@@ -283,9 +267,9 @@ def _bwd_dq_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    stride_mb, stride_mh, stride_mm, stride_mw,
+    stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
-    H, N_Q, N_K, HEAD_DIM, N_KB, N_WORDS,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -315,23 +299,13 @@ def _bwd_dq_kernel(
     per_split = tl.cdiv(count, tl.num_programs(2))
     j_end = tl.minimum((pid_s + 1) * per_split, count)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    WPB: tl.constexpr = BLOCK_N // 32
-    j_start = pid_s * per_split
-    # the tile index and mask words of the next tile are loaded one iteration ahead (by hand: Triton
-    # pipelines only the K/V loads that feed the dots)
-    kb_next = tl.load(Blocks + tile_row * N_KB + j_start, mask=HAS_MASK & (j_start < j_end), other=0)
-    words_next = _load_words(mask_base, offs_m, kb_next * WPB, stride_mm, stride_mw, N_Q, N_WORDS * HAS_MASK, WPB)
-    for j in range(j_start, j_end):
+    for j in range(pid_s * per_split, j_end):
         if HAS_MASK:
-            n0 = kb_next * BLOCK_N
-            words = words_next
-            kb_next = tl.load(Blocks + tile_row * N_KB + j + 1, mask=j + 1 < j_end, other=0)
-            words_next = _load_words(mask_base, offs_m, kb_next * WPB, stride_mm, stride_mw, N_Q, N_WORDS, WPB)
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
         else:
             n0 = j * BLOCK_N
-            words = words_next
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        allowed = _mask_tile(words, offs_m, n0, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
@@ -347,21 +321,19 @@ def _bwd_dq_kernel(
 @triton.jit
 def _tile_list_kernel(
     Mask, Blocks, Counts, Flags,
-    stride_mb, stride_mh, stride_mm, stride_mw,
-    GH, N_Q, N_QB, N_WORDS, N_KB,
+    N_Q, N_QB, N_WORDS, N_KB,
     BLOCK_M: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """For one (mask batch·head, query block): which key blocks have an allowed bit (Flags) and their
     indices compacted by a prefix sum (Blocks, Counts)."""
-    row = tl.program_id(0)  # over Gb * Gh * N_QB
+    row = tl.program_id(0)  # over G * N_QB
     g = row // N_QB
-    mask_base = Mask + (g // GH) * stride_mb + (g % GH) * stride_mh
     offs_m = (row % N_QB) * BLOCK_M + tl.arange(0, BLOCK_M)
     base = tl.zeros([], tl.int32)
     for c0 in range(0, N_KB, CHUNK):
         kb = c0 + tl.arange(0, CHUNK)
         w = kb[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]  # (CHUNK, WPB)
-        words = tl.load(mask_base + offs_m[:, None, None] * stride_mm + w[None, :, :] * stride_mw,
+        words = tl.load(Mask + (g * N_Q + offs_m[:, None, None]) * N_WORDS + w[None, :, :],
                         mask=(offs_m < N_Q)[:, None, None] & (w < N_WORDS)[None, :, :], other=0)
         flag = tl.max(tl.max((words != 0).to(tl.int32), axis=2), axis=0)  # (CHUNK,)
         pos = base + tl.cumsum(flag, 0) - 1
@@ -376,7 +348,6 @@ def _pack_kernel(
     AM, KPM, Bits,
     stride_ab, stride_ah, stride_aq, stride_an,
     stride_kb, stride_kn,
-    stride_bb, stride_bh, stride_bq, stride_bw,
     H_OUT, N_Q, N_K, N_WORDS,
     HAS_AM: tl.constexpr, AM_MASKED: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MASKED: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -406,7 +377,7 @@ def _pack_kernel(
         else:
             allowed = allowed & (kp != 0)
     words = tl.sum(allowed.to(tl.int32) << bit[None, :], axis=1)  # distinct bits: sum == or
-    tl.store(Bits + b * stride_bb + h * stride_bh + qi * stride_bq + offs_w * stride_bw, words, mask=offs_w < N_WORDS)
+    tl.store(Bits + row * N_WORDS + offs_w, words, mask=offs_w < N_WORDS)
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -449,30 +420,24 @@ def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, to
     bm, bn = TILE
     n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
     gb, gh, _, n_words = bits.shape
+    bits = bits.contiguous()
     blocks = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int32)
     counts = torch.empty((gb, gh, n_qb), device=bits.device, dtype=torch.int32)
     flags = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int8)
     record_launch("masked_attention_tile_list")
     _tile_list_kernel[(gb * gh * n_qb,)](
-        bits, blocks, counts, flags, *bits.stride(), gh, n_q, n_qb, n_words, n_kb,
+        bits, blocks, counts, flags, n_q, n_qb, n_words, n_kb,
         BLOCK_M=bm, WORDS_PER_BLOCK=bn // 32, CHUNK=16 if interpreter_enabled() else 64,
     )
     return blocks, counts, flags
 
 
-def packed_empty(gb: int, gh: int, n_q: int, n_words: int, device) -> torch.Tensor:
-    """Uninitialised packed-mask words, shape (gb, gh, n_q, n_words), stored query-minor so that the
-    kernels' loads of one word for a block of queries are coalesced."""
-    return torch.empty((gb, gh, n_words, n_q), device=device, dtype=torch.int32).transpose(2, 3)
-
-
 def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
-    """(pointer, (stride_b, stride_h, stride_q, stride_word), n_words, has_mask)."""
     if bits is None:
-        return q, (0, 0, 0, 0), 0, False  # dummy pointer, never read
+        return q, (0, 0, 0), False  # dummy pointer, never read
     sb = bits.stride(0) if bits.shape[0] > 1 else 0
     sh = bits.stride(1) if bits.shape[1] > 1 else 0
-    return bits, (sb, sh, bits.stride(2), bits.stride(3)), bits.shape[3], True
+    return bits, (sb, sh, bits.stride(2)), True
 
 
 def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
@@ -500,12 +465,12 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
     lsum = torch.empty_like(mx)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
-    mask, ms, n_words, has_mask = _mask_args(bits, q)
+    mask, ms, has_mask = _mask_args(bits, q)
     record_launch("masked_attention_fwd")
     _fwd_kernel[(n_qb, B * H, splits)](
         q, k, v, mask, blocks, counts, acc, mx, lsum, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb, n_words,
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
     )
     bm = 16 if interpreter_enabled() else 64
@@ -527,7 +492,7 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num
     acc_t, acc_tl = _acc(q.dtype)
     delta = (do.to(acc_t) * o.to(acc_t)).sum(-1).contiguous()  # (B, H, M) rowsum(dO * O)
     lse = lse.contiguous()
-    mask, ms, n_words, has_mask = _mask_args(bits, q)
+    mask, ms, has_mask = _mask_args(bits, q)
     prec = _precision(q.dtype)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -537,7 +502,7 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num
         q, k, v, do, lse, delta, mask, flags, dk, dv, scale * LOG2E, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb, n_words,
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
@@ -546,7 +511,7 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num
     _bwd_dq_kernel[(n_qb, B * H, splits)](
         q, k, v, do, lse, delta, mask, blocks, counts, dq_part, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb, n_words,
+        H, M, N, D, n_kb,
         HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
     dq = torch.empty_like(q)
@@ -566,7 +531,7 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
     bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
     hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
     n_words = triton.cdiv(n_k, 32)
-    bits = packed_empty(bm, hm, n_q, n_words, ref.device)
+    bits = torch.empty((bm, hm, n_q, n_words), device=ref.device, dtype=torch.int32)
     if attn_mask is not None:
         am = attn_mask.view(torch.uint8)
         sa = [am.stride(i) if am.shape[i] > 1 else 0 for i in range(4)]
@@ -580,7 +545,7 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
     block_w = 4 if interpreter_enabled() else 64
     record_launch("masked_attention_pack")
     _pack_kernel[(bm * hm * n_q, triton.cdiv(n_words, block_w))](
-        am, kpm, bits, *sa, *sk, *bits.stride(), hm, n_q, n_k, n_words,
+        am, kpm, bits, *sa, *sk, hm, n_q, n_k, n_words,
         HAS_AM=attn_mask is not None, AM_MASKED=attn_masked,
         HAS_KPM=key_padding_mask is not None, KPM_MASKED=kpm_masked, BLOCK_W=block_w,
     )

@@ -358,5 +358,5 @@ def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, re
         bits = _pack_torch(allowed).unsqueeze(1)
         empty = ~allowed.any(-1)
     if reset_empty:
-        bits[empty.unsqueeze(1)] = _full_words(n_k, device)  # in place: keeps the query-minor layout
+        bits = torch.where(empty[:, None, :, None], _full_words(n_k, device), bits)
     return PackedMask(bits, n_k)
