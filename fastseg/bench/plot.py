@@ -1,0 +1,72 @@
+"""Heat maps (matplotlib, PNG) of peak memory and time over the queries × resolution grid."""
+from __future__ import annotations
+
+import math
+
+__all__ = ["memprof_heatmaps"]
+
+
+def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, title: str = "") -> str:
+    """One row of panels per batch size: peak memory of each path, then time of each path (when measured).
+    Cells over ``budget`` are marked with a red frame; OOM / unavailable cells are grey and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    queries = sorted({r["queries"] for r in rows})
+    res = list(dict.fromkeys(r["resolution"] for r in rows))
+    panels = [("peak_bytes", i) for i in impls]
+    panels += [("time_ms", i) for i in impls if any(r["impl"] == i and r.get("time_ms") for r in rows)]
+    fig, axes = plt.subplots(len(batches), len(panels), figsize=(3.6 * len(panels), 2.9 * len(batches) + 0.6),
+                             squeeze=False)
+    for bi, b in enumerate(batches):
+        for pi, (key, impl) in enumerate(panels):
+            ax = axes[bi][pi]
+            grid = np.full((len(res), len(queries)), np.nan)
+            labels = [["" for _ in queries] for _ in res]
+            for r in rows:
+                if r["batch"] != b or r["impl"] != impl:
+                    continue
+                y, x = res.index(r["resolution"]), queries.index(r["queries"])
+                v = r.get(key)
+                if r["status"] == "ok" and v:
+                    grid[y, x] = v / 2**20 if key == "peak_bytes" else v
+                    labels[y][x] = (f"{v / 2**30:.2f}G" if v >= 2**30 else f"{v / 2**20:.0f}M") if key == "peak_bytes" \
+                        else f"{v:.3g}"
+                    if key == "peak_bytes" and budget is not None and v > budget:
+                        ax.add_patch(matplotlib.patches.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False,
+                                                                  edgecolor="red", linewidth=2))
+                else:
+                    labels[y][x] = r["status"] if r["status"] != "ok" else "-"
+            finite = grid[np.isfinite(grid)]
+            norm = None
+            if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
+                norm = matplotlib.colors.LogNorm(vmin=finite.min(), vmax=finite.max())
+            cmap = matplotlib.colormaps["viridis"].copy()
+            cmap.set_bad("lightgrey")
+            im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+            for y in range(len(res)):
+                for x in range(len(queries)):
+                    ax.text(x, y, labels[y][x], ha="center", va="center", fontsize=7,
+                            color="white" if math.isfinite(grid[y, x]) else "black")
+            ax.set_xticks(range(len(queries)), [str(q) for q in queries])
+            ax.set_yticks(range(len(res)), res)
+            ax.set_xlabel("queries")
+            if pi == 0:
+                ax.set_ylabel(f"batch {b}\ninput H x W")
+            method = next((r.get("method", "") for r in rows if r["impl"] == impl and r["status"] == "ok"), "")
+            what = "peak memory (MiB)" if key == "peak_bytes" else "time (ms)"
+            sub = " [analytic]" if key == "peak_bytes" and method.startswith("analytic") else ""
+            ax.set_title(f"{impl}: {what}{sub}", fontsize=9)
+            if finite.size:
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
