@@ -261,14 +261,11 @@ def cmd_memprof(args) -> int:
                 summary[key] = {k: best[k] for k in ("queries", "resolution", "batch", "peak_bytes")}
                 out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: Q={best['queries']} at "
                           f"{best['resolution']} ({fmt_bytes(best['peak_bytes'])}, {method})")
-    if cpu:
-        saved = [r for r in rows if r.get("saved_bytes") and r["status"] == "ok"]
-        if saved:
-            out.print("saved for backward (activations kept between forward and backward, excluding inputs/weights):")
-            for r in saved:
-                how = "analytic" if r["fastseg"] else "measured"
-                out.print(f"  {r['impl']:>10} B={r['batch']} Q={r['queries']} {r['resolution']}: "
-                          f"{fmt_bytes(r['saved_bytes'])} ({how})")
+    if cpu and any(r.get("saved_bytes") for r in rows):
+        for table in memprof_tables(rows, budget, cpu, key="saved_bytes",
+                                    what=f"saved for backward (activations, excl. inputs/weights; {mp.eager} measured, "
+                                         f"{mp.fused} analytic)", show_budget=False):
+            out.print(table)
     bad = [r for r in rows if r["status"] == "OOM"]
     if bad:
         out.print(f"{len(bad)} setting(s) ran out of memory (recorded as OOM).")

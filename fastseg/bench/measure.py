@@ -107,12 +107,11 @@ def make_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], m
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence the C++ profiler's log lines on fd 2 (Python exceptions still propagate)."""
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
+        sys.stderr.flush()
     except Exception:
-        yield
-        return
-    sys.stderr.flush()
+        pass
     saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as devnull:

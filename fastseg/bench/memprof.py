@@ -118,30 +118,35 @@ def largest_within(rows: list[dict], budget: int, impl: str, batch: int | None =
     return max(ok, key=lambda r: (r["queries"] * r["height"] * r["width"] * r["batch"], r["queries"]))
 
 
-def _cell(r: dict | None, budget: int) -> str:
+def _cell(key: str, r: dict | None, budget: int) -> str:
     if r is None:
         return "-"
     if r["status"] == "OOM":
         return "[bold red]OOM[/]"
     if r["status"] != "ok":
         return f"[yellow]{r['status']}[/]"
-    text = fmt_bytes(r["peak_bytes"])
-    if r["peak_bytes"] > budget:
+    if r.get(key) is None:
+        return "-"
+    text = fmt_bytes(r[key])
+    if r[key] > budget:
         return f"[red]{text} >budget[/]"
     return text
 
 
-def memprof_tables(rows: list[dict], budget: int, cpu: bool):
-    """A rich Table per batch: resolution rows × query columns, each cell eager | fastseg peak."""
+def memprof_tables(rows: list[dict], budget: int, cpu: bool, key: str = "peak_bytes", what: str = "peak memory",
+                   show_budget: bool = True):
+    """A rich Table per batch: resolution rows × query columns, each cell eager | fastseg ``key`` bytes."""
     from rich.table import Table
 
     tables = []
+    budget_text = f" (budget {fmt_bytes(budget)})" if show_budget else ""
+    budget = budget if show_budget else 2**62
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     for b in sorted({r["batch"] for r in rows}):
         sub = [r for r in rows if r["batch"] == b]
         queries = sorted({r["queries"] for r in sub})
         res = list(dict.fromkeys(r["resolution"] for r in sub))
-        t = Table(title=f"peak memory, batch {b} (budget {fmt_bytes(budget)}); cells: " + " | ".join(impls),
+        t = Table(title=f"{what}, batch {b}{budget_text}; cells: " + " | ".join(impls),
                   title_justify="left")
         t.add_column("input H x W")
         for q in queries:
@@ -149,7 +154,7 @@ def memprof_tables(rows: list[dict], budget: int, cpu: bool):
         for rs in res:
             cells = []
             for q in queries:
-                parts = [_cell(next((r for r in sub if r["resolution"] == rs and r["queries"] == q and r["impl"] == i),
+                parts = [_cell(key, next((r for r in sub if r["resolution"] == rs and r["queries"] == q and r["impl"] == i),
                                     None), budget) for i in impls]
                 cells.append(" | ".join(parts))
             t.add_row(rs, *cells)

@@ -43,11 +43,15 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
                 else:
                     labels[y][x] = r["status"] if r["status"] != "ok" else "-"
             finite = grid[np.isfinite(grid)]
+            # one colour scale for all panels of a quantity in this row, so the paths compare at a glance
+            same = [r[key] for r in rows if r["batch"] == b and r["status"] == "ok" and r.get(key)]
+            same = np.array([v / 2**20 if key == "peak_bytes" else v for v in same]) if same else finite
             norm = None
-            if finite.size and finite.min() > 0 and finite.max() / finite.min() > 20:
-                norm = matplotlib.colors.LogNorm(vmin=finite.min(), vmax=finite.max())
-            cmap = matplotlib.colormaps["viridis"].copy()
-            cmap.set_bad("lightgrey")
+            if same.size:
+                lo, hi = float(same.min()), float(same.max())
+                norm = (matplotlib.colors.LogNorm(vmin=lo, vmax=hi) if lo > 0 and hi / lo > 20
+                        else matplotlib.colors.Normalize(vmin=lo, vmax=hi))
+            cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
             im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
             for y in range(len(res)):
                 for x in range(len(queries)):
