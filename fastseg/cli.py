@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--impl", help="only these implementations (comma-separated, e.g. fastseg,eager)")
     b.add_argument("--quick", action="store_true", help="a few small shapes per op (smoke run)")
     b.add_argument("--out", help="write results: FILE.csv, FILE.json, or both for a name without extension")
+    b.add_argument("--plot", help="write a bar chart of fastseg's speed-ups to this PNG")
     common(b)
 
     m = sub.add_parser("memprof", help="peak memory (and time) over queries x resolution x batch, eager vs fastseg")
@@ -191,6 +192,14 @@ def cmd_bench(args) -> int:
     if args.out:
         paths = write_results(args.out, rows, env, command=["fastseg"] + sys.argv[1:], notes=notes)
         out.print("wrote " + ", ".join(paths))
+    if args.plot:
+        from fastseg.bench.plot import bench_speedup_plot
+
+        title = f"fastseg bench ({env['device_name']}, torch {env['torch']}, {env['date']})"
+        if bench_speedup_plot(rows, args.plot, title):
+            out.print(f"wrote {args.plot}")
+        else:
+            out.print("no speed-up to plot (fastseg rows unavailable or failed): no PNG written")
     errors = [r for r in rows if r["status"] == "error"]
     if errors:
         err.print(f"[bold red]{len(errors)} case(s) failed with an error[/] (see the status column)")

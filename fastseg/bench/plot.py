@@ -74,3 +74,40 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def bench_speedup_plot(rows: list[dict], path: str, title: str = "") -> str | None:
+    """Bar chart per op and mode: fastseg's speed-up over each baseline for every shape (1.0 = parity).
+    Returns None (and writes nothing) when no row has a speed-up (e.g. fastseg unavailable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = {}
+    for r in rows:
+        if r.get("speedup") and not r["fastseg"]:
+            groups.setdefault((r["op"], r["mode"]), []).append(r)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for ax, ((op, mode), rs) in zip(axes[:, 0], sorted(groups.items())):
+        cases = list(dict.fromkeys(f"{r['shape']} {r['dtype']}" for r in rs))
+        impls = list(dict.fromkeys(r["impl"] for r in rs))
+        width = 0.8 / max(1, len(impls))
+        for i, impl in enumerate(impls):
+            vals = [next((r["speedup"] for r in rs if r["impl"] == impl and f"{r['shape']} {r['dtype']}" == c),
+                         np.nan) for c in cases]
+            ax.bar(np.arange(len(cases)) + i * width, vals, width, label=f"vs {impl}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(cases)) + 0.4 - width / 2, cases, rotation=20, ha="right", fontsize=6)
+        ax.set_ylabel("fastseg speed-up (x)")
+        ax.set_title(f"{op}, {mode}", fontsize=9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
