@@ -35,7 +35,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def compare(fused: torch.nn.Module, ref: torch.nn.Module, inputs: list[torch.Tensor],
-            call: Callable, dtype: torch.dtype, device: torch.device) -> list[dict]:
+            call: Callable, dtype: torch.dtype, device: torch.device, input_names=None) -> list[dict]:
     """Run ``call(module, *inputs)`` for both (fused in ``dtype`` on ``device``; reference in fp32/fp64 on the
     same inputs) and compare output and gradients of inputs and parameters."""
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -54,7 +54,8 @@ def compare(fused: torch.nn.Module, ref: torch.nn.Module, inputs: list[torch.Ten
     lr = [x for x in xs_r if x.requires_grad] + [pr[n] for n in names]
     gf = torch.autograd.grad(out_f, lf, g.to(out_f.dtype), allow_unused=True)
     gr = torch.autograd.grad(out_r, lr, g.to(out_r.dtype), allow_unused=True)
-    labels = [f"grad input{i}" for i, x in enumerate(xs_f) if x.requires_grad] + [f"grad {n}" for n in names]
+    input_names = input_names or [f"input{i}" for i in range(len(xs_f))]
+    labels = [f"grad {input_names[i]}" for i, x in enumerate(xs_f) if x.requires_grad] + [f"grad {n}" for n in names]
     tol = tolerance(dtype, device)
     results = [dict(zip(("max_abs", "rel"), _rel(out_f, out_r)), quantity="forward", tol=tol)]
     for lab, a, b in zip(labels, gf, gr):
@@ -84,7 +85,8 @@ def check_masked_attention(device, dtype):
     attn_mask = (~allowed).unsqueeze(1).repeat(1, nh, 1, 1).flatten(0, 1).to(device)
     inputs = [torch.randn(Q, B, E, generator=g), torch.randn(h * w, B, E, generator=g),
               torch.randn(h * w, B, E, generator=g)]
-    return compare(fused, ref, inputs, lambda m, q, k, v: m(q, k, v, attn_mask=attn_mask)[0], dtype, device)
+    return compare(fused, ref, inputs, lambda m, q, k, v: m(q, k, v, attn_mask=attn_mask)[0], dtype, device,
+                   input_names=["query", "key", "value"])
 
 
 def check_msca(device, dtype):
@@ -95,7 +97,7 @@ def check_msca(device, dtype):
     fused = cls(8)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 8, 13, 11, generator=torch.Generator().manual_seed(0))
-    return compare(fused, ref, [x], lambda m, x: m(x), dtype, device)
+    return compare(fused, ref, [x], lambda m, x: m(x), dtype, device, input_names=["x"])
 
 
 def check_context_cluster(device, dtype):
@@ -107,7 +109,7 @@ def check_context_cluster(device, dtype):
     fused = cls(**args)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(0))
-    return compare(fused, ref, [x], lambda m, x: m(x), dtype, device)
+    return compare(fused, ref, [x], lambda m, x: m(x), dtype, device, input_names=["x"])
 
 
 CHECKS: dict[str, Callable] = {

@@ -44,7 +44,12 @@ def bench_tables(rows: list[dict], title_suffix: str = ""):
                 t.add_section()
             first = key != prev
             prev = key
-            impl = f"[bold green]{r['impl']}[/]" if r["fastseg"] else r["impl"]
+            tag = ""
+            if r["fastseg"] and not r.get("backend", "triton").startswith("triton"):
+                tag = " (torch path)"
+            elif r["fastseg"] and "interpreter" in r.get("backend", ""):
+                tag = " (interpreter)"
+            impl = f"[bold green]{r['impl']}[/]{tag}" if r["fastseg"] else r["impl"]
             time = "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}"
             speed = "" if r["speedup"] is None or r["fastseg"] else f"{r['speedup']:.2f}x"
             mem = "OOM" if r["status"] == "OOM" else fmt_bytes(r["peak_bytes"])

@@ -161,13 +161,14 @@ def prep_flex(s, dtype, device, mode) -> Prepared:
     query, key, value, attn_mask, mha = _inputs(s, dtype, device, mode)
     B, nh, Q, L = s["B"], s["heads"], s["Q"], s["H"] * s["W"]
     flex = compiled(flex_attention)
+    allowed = torch.empty(B, Q, L, dtype=torch.bool, device=device)  # FlexAttention: True = may attend
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[b, q_idx, kv_idx]
 
     def fwd():
-        # the mask changes every decoder layer, so building the block mask is part of the cost
-        allowed = ~attn_mask.view(B, nh, Q, L)[:, 0]  # the same for every head
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed[b, q_idx, kv_idx]
+        # the mask changes every decoder layer, so converting it and building the block mask are part of the cost
+        torch.logical_not(attn_mask.view(B, nh, Q, L)[:, 0], out=allowed)  # the same for every head
         block_mask = create_block_mask(mask_mod, B, None, Q, L, device=device, _compile=True)
         q, k, v = _project(mha, query, key, value)
         return _out(mha, flex(q, k, v, block_mask=block_mask))
