@@ -30,7 +30,8 @@ def main() -> int:
     p.add_argument("--preset", default="default")
     p.add_argument("--dtypes", default="bf16")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--timeout", type=int, default=240, help="seconds per op (default 240)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per step (default 300)")
+    p.add_argument("--quick", action="store_true", help="smoke run: --quick shapes, tiny memprof grid")
     p.add_argument("--no-memprof", action="store_true")
     p.add_argument("--budget", default="24GB", help="memprof budget (default 24GB)")
     p.add_argument("--model-compile", action="store_true", help="include torch.compile of whole models")
@@ -40,14 +41,17 @@ def main() -> int:
     log = open(os.path.join(args.out_dir, "run_all.log"), "a")
     cmds = []
     for op in ops:
-        cmd = ["bench", op, "--preset", args.preset, "--dtype", args.dtypes, "--no-progress",
+        cmd = ["bench", op, *(["--quick"] if args.quick else ["--preset", args.preset]), "--dtype", args.dtypes, "--no-progress",
                "--out", os.path.join(args.out_dir, f"bench_{op}"),
                "--plot", os.path.join(args.out_dir, f"bench_{op}.png")]
         if op in MODEL_OPS and not args.model_compile:
             cmd += ["--impl", "fastseg,eager,reference"]
         cmds.append((f"bench {op}", cmd))
         if op in MEMPROF_OPS and not args.no_memprof:
-            cmds.append((f"memprof {op}", ["memprof", "--op", op, "--budget", args.budget, "--batch", "2,8",
+            grid = ["--batch", "2,8"] if op == "masked-attention" else ["--batch", "2", "--queries", "100,200,400"]
+            if args.quick:
+                grid = ["--quick"]
+            cmds.append((f"memprof {op}", ["memprof", "--op", op, "--budget", args.budget, *grid,
                                            "--dtype", args.dtypes.split(",")[0], "--no-progress",
                                            "--out", os.path.join(args.out_dir, f"memprof_{op}"),
                                            "--plot", os.path.join(args.out_dir, f"memprof_{op}.png")]))

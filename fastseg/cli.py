@@ -133,6 +133,12 @@ def _select_work(args, device):
     named = bool(args.ops)
     specs = [get_op(n) for n in args.ops] if named else list(all_ops().values())
     notes, work = [], []
+    if not named and device.type != "cuda":
+        heavy = [s.name for s in specs if s.heavy]
+        specs = [s for s in specs if not s.heavy]
+        if heavy:
+            notes.append(f"whole-model ops ({', '.join(heavy)}) are not run by default on a CPU (a training step "
+                         "takes many seconds there); name them to run them, e.g. `fastseg bench mscan`")
     preset = "quick" if args.quick else args.preset
     if args.shape and preset:
         raise BenchError("give either --shape or --preset/--quick, not both")

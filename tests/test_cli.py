@@ -289,3 +289,31 @@ def test_module_entry_point_check_subprocess():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "under the interpreter" in p.stdout
+
+
+def test_masked_attention_baselines_compute_the_same():
+    """The baselines are timed on the same math: SDPA (and fastseg where built) agree with nn.MHA eager."""
+    from fastseg.bench.ops import masked_attention as ma
+    from fastseg.bench.registry import get_op
+
+    spec = get_op("masked-attention")
+    s = spec.full_shape({"B": 2, "Q": 5, "H": 3, "W": 7, "E": 32, "heads": 4, "density": 0.2})
+    ref = ma.prep_eager(s, torch.float32, torch.device("cpu"), "fwd")
+    with torch.no_grad():
+        expected = ref.forward()
+        for impl in ("sdpa", "fastseg"):
+            try:
+                got = spec.impl(impl).prepare(s, torch.float32, torch.device("cpu"), "fwd").forward()
+            except Unavailable:
+                continue
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_default_bench_skips_whole_models(dummy, monkeypatch, capsys):
+    from fastseg.bench import registry
+
+    ops = registry.all_ops()
+    monkeypatch.setattr(registry, "all_ops", lambda: {"dummy": dummy, "mscan": ops["mscan"]})
+    assert cli.main(["bench", "--no-progress", "--impl", "fastseg,eager"]) == 0
+    text = capsys.readouterr().out
+    assert "whole-model ops (mscan) are not run by default on a CPU" in text

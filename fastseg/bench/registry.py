@@ -64,6 +64,7 @@ class OpSpec:
     issue: str = ""
     memprof: MemprofSpec | None = None
     notes: list = field(default_factory=list)
+    heavy: bool = False  # whole models: on CPU only when named explicitly (minutes per step there)
 
     def full_shape(self, partial: dict) -> dict:
         shape = dict(self.shape_keys)

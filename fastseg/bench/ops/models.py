@@ -46,6 +46,7 @@ register(OpSpec(
     name="mscan",
     summary="SegNeXt MSCAN encoder, whole model (train step = forward + backward)",
     issue="issue 4",
+    heavy=True,
     shape_keys={"model": "t", "B": 8, "H": 512, "W": 512},
     presets={
         "quick": [{"model": "t", "B": 2, "H": 256, "W": 256}],
@@ -70,10 +71,11 @@ register(OpSpec(
     name="coc",
     summary="Context Clusters coc_tiny / coc_medium classifier, whole model (train step)",
     issue="issue 5",
+    heavy=True,
     shape_keys={"model": "tiny", "B": 64, "H": 224, "W": 224},
     presets={
         "quick": [{"model": "tiny", "B": 4, "H": 224, "W": 224}],
-        "cpu": [{"model": "tiny", "B": 2, "H": 112, "W": 112}],
+        "cpu": [{"model": "tiny", "B": 2, "H": 128, "W": 128}],  # sizes: multiples of 32 (fold 8 at stride 4),
         "default": [{"model": "tiny", "B": 128, "H": 224, "W": 224}],
         "imagenet": [{"model": m, "B": 128, "H": 224, "W": 224} for m in ("tiny", "medium")],
         "full": [{"model": m, "B": b, "H": 224, "W": 224} for m in ("tiny", "medium") for b in (64, 128)],
@@ -98,6 +100,7 @@ register(OpSpec(
 #                "leaves": [tensors to differentiate, e.g. the decoder's parameters],
 #                "resident": [tensors/modules the case holds]}
 #
+# (if absent, _m2f_default_case below builds the case from the public decoder/criterion API of issue 7)
 # and optionally  decoder_memory_accounting(*, batch, queries, image_hw, dtype) -> {part: bytes}  (what the
 # fused decoder keeps for backward, exactly) for `fastseg memprof` on CPU. Until then the op reports itself
 # unavailable with this message.
@@ -106,12 +109,54 @@ M2F_WHAT = ("the Mask2Former decoder hook fastseg.models.mask2former.decoder_ben
             "(see fastseg/bench/ops/models.py)")
 
 
+def _m2f_default_case(*, batch, queries, image_hw, dtype, device, train, fused, num_classes=150, objects=10):
+    """Fallback when the hook is absent: the issue-7 decoder (``MultiScaleMaskedTransformerDecoder``, hidden 256,
+    8 heads, 9 layers) on random multi-scale features at strides 32/16/8 and mask features at stride 4, with
+    Mask2Former's criterion (Hungarian matcher, point-sampled losses, deep supervision) on random targets.
+    ``fused``: the decoder's memory-lean path, its cross-attention patched to fastseg's kernel."""
+    decoder_cls = require("fastseg.models", "MultiScaleMaskedTransformerDecoder", M2F_WHAT)
+    build_criterion = require("fastseg.models", "build_mask2former_criterion", M2F_WHAT)
+    torch.manual_seed(0)
+    decoder = decoder_cls(256, num_classes=num_classes, num_queries=queries, fused=fused)
+    if fused:
+        patch = require("fastseg", "patch", "fastseg.patch lands with issue 7")
+        require("fastseg.nn", "MaskedCrossAttention", "the fused masked attention lands with issue 3")
+        patch(decoder)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decoder = decoder.to(device=device, dtype=param_dtype).train(train)
+    criterion = build_criterion(num_classes).to(device)
+    g = generator(device)
+    (H, W), B = image_hw, batch
+    feats = [randn((B, 256, -(-H // s), -(-W // s)), param_dtype, device, g, train) for s in (32, 16, 8)]
+    mask_features = randn((B, 256, -(-H // 4), -(-W // 4)), param_dtype, device, g, train)
+    from .masked_attention import blob_mask
+
+    targets = [{"labels": torch.randint(0, num_classes, (objects,), generator=g, device=device),
+                "masks": blob_mask(1, objects, H, W, 0.1, g, device)[0].view(objects, H, W)} for _ in range(B)]
+
+    def forward():
+        with _autocast(device, dtype):
+            out = decoder(feats, mask_features)
+            if not train:
+                return out["pred_logits"]
+            losses = criterion(out, targets)
+            weights = criterion.weight_dict
+            return sum(v * weights[k] for k, v in losses.items() if k in weights)
+    leaves = [p for p in decoder.parameters() if p.requires_grad] + (feats + [mask_features] if train else [])
+    return {"forward": forward, "leaves": leaves, "resident": [decoder, *feats, mask_features]
+            + [t["masks"] for t in targets]}
+
+
 def _m2f_prep(fused: bool):
     def prepare(s, dtype, device, mode) -> Prepared:
-        hook = require("fastseg.models.mask2former", "decoder_bench_case", M2F_WHAT)
+        try:
+            hook = require("fastseg.models.mask2former", "decoder_bench_case", M2F_WHAT)
+        except Unavailable:
+            hook = _m2f_default_case
         case = hook(batch=s["B"], queries=s["Q"], image_hw=(s["H"], s["W"]), dtype=dtype, device=device,
                     train=mode == "fwdbwd", fused=fused)
-        return Prepared(make_step(case["forward"], list(case["leaves"]), mode), resident=list(case.get("resident", [])))
+        return Prepared(make_step(case["forward"], list(case["leaves"]), mode), resident=list(case.get("resident", [])),
+                        forward=case["forward"])
     return prepare
 
 
@@ -129,6 +174,7 @@ register(OpSpec(
     name="mask2former-decoder",
     summary="Mask2Former transformer decoder (9 layers + heads): training step / inference, reference vs fused",
     issue="issue 7",
+    heavy=True,
     shape_keys={"B": 2, "Q": 100, "H": 512, "W": 512},
     presets={
         "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
