@@ -184,6 +184,10 @@ def cmd_bench(args) -> int:
     out.print(_env_line(env))
     if device.type != "cuda":
         out.print(f"[bold yellow]{CPU_BANNER}[/]")
+        from fastseg import _backend
+        if _backend.interpreter_enabled():
+            out.print("[bold yellow]TRITON_INTERPRET=1: fastseg rows run the Triton interpreter (slow, for "
+                      "correctness only); unset it for the CPU path timings.[/]")
     out.print(f"fastseg ops run as: {fastseg_backend(device)}; peak memory: {MEMORY_METHOD[device.type]}; "
               "time: " + ("triton.testing.do_bench median" if device.type == "cuda" else "wall-clock median after warm-up"))
     rows, run_notes = run_bench(work, dtypes, modes, device, impls=impls, console=err,
@@ -196,7 +200,7 @@ def cmd_bench(args) -> int:
     for n in notes:
         out.print(f"[dim]note:[/] {n}")
     if args.out:
-        paths = write_results(args.out, rows, env, command=["fastseg"] + sys.argv[1:], notes=notes)
+        paths = write_results(args.out, rows, env, command=args.argv, notes=notes)
         out.print("wrote " + ", ".join(paths))
     if args.plot:
         from fastseg.bench.plot import bench_speedup_plot
@@ -289,7 +293,7 @@ def cmd_memprof(args) -> int:
         memprof_heatmaps(rows, args.plot, budget, title)
         out.print(f"wrote {args.plot}")
     if args.out:
-        paths = write_results(args.out, rows, env, command=["fastseg"] + sys.argv[1:],
+        paths = write_results(args.out, rows, env, command=args.argv,
                               extra={"budget_bytes": budget, "largest_within_budget": summary})
         out.print("wrote " + ", ".join(paths))
     return 1 if any(r["status"] == "error" for r in rows) else 0
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = ["fastseg", *argv]
     if _needs_interpreter(args):
         # fastseg (and its @triton.jit kernels) is already imported without the interpreter: run again in a
         # fresh process with TRITON_INTERPRET=1 so the Triton kernels really run on the CPU.

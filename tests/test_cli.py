@@ -158,7 +158,7 @@ def test_bench_table_csv_json(dummy, tmp_path, capsys):
     doc = json.loads(open(f"{out}.json").read())
     env = doc["environment"]
     assert {"device_name", "torch", "triton", "commit", "date"} <= set(env) and env["device"] == "cpu"
-    assert len(doc["results"]) == len(rows) and doc["command"][:2] == ["fastseg", "bench"] or doc["command"]
+    assert len(doc["results"]) == len(rows) and doc["command"][:3] == ["fastseg", "bench", "dummy"]
 
 
 def test_bench_real_baselines_tiny_shape(tmp_path, capsys):
