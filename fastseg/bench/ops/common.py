@@ -30,11 +30,13 @@ def compiled(fn):
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 256))
-    if hasattr(cfg, "accumulated_recompile_limit"):
-        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+    for name, value in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096)):
+        try:
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), value))
+        except Exception:  # noqa: BLE001 - renamed/removed knobs in other torch versions
+            pass
     return torch.compile(fn)
 
 
