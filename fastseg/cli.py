@@ -327,7 +327,7 @@ def cmd_check(args) -> int:
         if not e["results"]:
             colour = "yellow" if e["status"] == "unavailable" else "bold red"
             t.add_row(e["op"], e["dtype"], e["backend"], str(e["launches"]), "", "", "", "",
-                      f"[{colour}]{e['status']}[/]: {e['note'][:90]}")
+                      f"[{colour}]{e['status']}[/]: {e['note'][:160]}")
             continue
         for i, r in enumerate(e["results"]):
             res = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"
@@ -335,7 +335,7 @@ def cmd_check(args) -> int:
                       str(e["launches"]) if i == 0 else "", r["quantity"], f"{r['max_abs']:.2e}", f"{r['rel']:.2e}",
                       f"{r['tol']:.0e}", res)
         if e["note"]:
-            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {e['note'][:90]}")
+            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {e['note'][:160]}")
         t.add_section()
     out.print(t)
     failed = [e for e in entries if e["status"] in ("FAIL", "error")]
