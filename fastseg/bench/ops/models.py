@@ -1,0 +1,198 @@
+"""Whole-model cases: MSCAN (issue 4) and CoC (issue 5) training steps, and the Mask2Former decoder (issue 7).
+
+A training step here is forward + backward of a scalar loss (no optimizer step); fp16/bf16 run under
+``torch.autocast`` with fp32 parameters, as mixed-precision training does. ``fwd`` is an eval-mode forward.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..measure import Prepared, Unavailable, make_step
+from ..registry import Impl, MemprofSpec, OpSpec, register, require
+from .common import compiled, generator, randn, scalar_loss
+
+
+def _autocast(device, dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _model_prep(factory_name: str, what: str, fused: bool, compile_: bool = False, size_key: str | None = None):
+    def prepare(s, dtype, device, mode) -> Prepared:
+        name = factory_name.format(**s) if size_key else factory_name
+        factory = require("fastseg.models", name, what)
+        torch.manual_seed(0)
+        try:
+            model = factory(fused=fused)
+        except TypeError as exc:
+            raise Unavailable(f"fastseg.models.{name}(fused=...) not supported in this build: {exc}") from None
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        model = model.to(device=device, dtype=param_dtype).train(mode == "fwdbwd")
+        x = randn((s["B"], 3, s["H"], s["W"]), param_dtype, device, generator(device))
+        fn = compiled(model) if compile_ else model
+
+        def fwd():
+            with _autocast(device, dtype):
+                return scalar_loss(fn(x))
+        leaves = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(make_step(fwd, leaves, mode), resident=[x, model])
+    return prepare
+
+
+register(OpSpec(
+    name="mscan",
+    summary="SegNeXt MSCAN encoder, whole model (train step = forward + backward)",
+    issue="issue 4",
+    heavy=True,
+    shape_keys={"model": "t", "B": 8, "H": 512, "W": 512},
+    presets={
+        "quick": [{"model": "t", "B": 2, "H": 256, "W": 256}],
+        "cpu": [{"model": "t", "B": 1, "H": 128, "W": 128}],
+        "default": [{"model": "t", "B": 16, "H": 512, "W": 512}, {"model": "b", "B": 8, "H": 512, "W": 512}],
+        "ade": [{"model": m, "B": 16, "H": 512, "W": 512} for m in ("t", "b")],
+        "cityscapes": [{"model": m, "B": 8, "H": 1024, "W": 1024} for m in ("t", "b")],
+        "full": [{"model": m, "B": b, "H": r, "W": r} for m in ("t", "b") for b, r in ((16, 512), (8, 1024))],
+    },
+    label=lambda s: f"MSCAN-{s['model'].upper()} B={s['B']} {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _model_prep("mscan_{model}", "MSCAN lands with issue 4", True, size_key="model"), fastseg=True,
+             description="fastseg.models.mscan_*(fused=True)"),
+        Impl("eager", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, size_key="model"),
+             description="fastseg.models.mscan_*(fused=False)"),
+        Impl("compile", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, True, size_key="model"),
+             gpu_only=True, description="torch.compile(mscan_*(fused=False))"),
+    ],
+))
+
+register(OpSpec(
+    name="coc",
+    summary="Context Clusters coc_tiny / coc_medium classifier, whole model (train step)",
+    issue="issue 5",
+    heavy=True,
+    shape_keys={"model": "tiny", "B": 64, "H": 224, "W": 224},
+    presets={
+        "quick": [{"model": "tiny", "B": 4, "H": 224, "W": 224}],
+        "cpu": [{"model": "tiny", "B": 2, "H": 128, "W": 128}],  # sizes: multiples of 32 (fold 8 at stride 4),
+        "default": [{"model": "tiny", "B": 128, "H": 224, "W": 224}],
+        "imagenet": [{"model": m, "B": 128, "H": 224, "W": 224} for m in ("tiny", "medium")],
+        "full": [{"model": m, "B": b, "H": 224, "W": 224} for m in ("tiny", "medium") for b in (64, 128)],
+    },
+    label=lambda s: f"coc_{s['model']} B={s['B']} {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _model_prep("coc_{model}", "CoC lands with issue 5", True, size_key="model"), fastseg=True,
+             description="fastseg.models.coc_*(fused=True)"),
+        Impl("eager", _model_prep("coc_{model}", "CoC lands with issue 5", False, size_key="model"),
+             description="fastseg.models.coc_*(fused=False)"),
+        Impl("compile", _model_prep("coc_{model}", "CoC lands with issue 5", False, True, size_key="model"),
+             gpu_only=True, description="torch.compile(coc_*(fused=False))"),
+    ],
+))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HOOK for issue 7 (Mask2Former decoder). The decoder's author provides, in fastseg/models/mask2former.py:
+#
+#   def decoder_bench_case(*, batch, queries, image_hw, dtype, device, train, fused) -> dict
+#       returns {"forward": callable() -> tensor (the scalar loss when train, else the outputs),
+#                "leaves": [tensors to differentiate, e.g. the decoder's parameters],
+#                "resident": [tensors/modules the case holds]}
+#
+# (if absent, _m2f_default_case below builds the case from the public decoder/criterion API of issue 7)
+# and optionally  decoder_memory_accounting(*, batch, queries, image_hw, dtype) -> {part: bytes}  (what the
+# fused decoder keeps for backward, exactly) for `fastseg memprof` on CPU. Until then the op reports itself
+# unavailable with this message.
+# ---------------------------------------------------------------------------------------------------------
+M2F_WHAT = ("the Mask2Former decoder hook fastseg.models.mask2former.decoder_bench_case lands with issue 7 "
+            "(see fastseg/bench/ops/models.py)")
+
+
+def _m2f_default_case(*, batch, queries, image_hw, dtype, device, train, fused, num_classes=150, objects=10):
+    """Fallback when the hook is absent: the issue-7 decoder (``MultiScaleMaskedTransformerDecoder``, hidden 256,
+    8 heads, 9 layers) on random multi-scale features at strides 32/16/8 and mask features at stride 4, with
+    Mask2Former's criterion (Hungarian matcher, point-sampled losses, deep supervision) on random targets.
+    ``fused``: the decoder's memory-lean path, its cross-attention patched to fastseg's kernel."""
+    decoder_cls = require("fastseg.models", "MultiScaleMaskedTransformerDecoder", M2F_WHAT)
+    build_criterion = require("fastseg.models", "build_mask2former_criterion", M2F_WHAT)
+    torch.manual_seed(0)
+    decoder = decoder_cls(256, num_classes=num_classes, num_queries=queries, fused=fused)
+    if fused:
+        patch = require("fastseg", "patch", "fastseg.patch lands with issue 7")
+        require("fastseg.nn", "MaskedCrossAttention", "the fused masked attention lands with issue 3")
+        patch(decoder)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    decoder = decoder.to(device=device, dtype=param_dtype).train(train)
+    criterion = build_criterion(num_classes).to(device)
+    g = generator(device)
+    (H, W), B = image_hw, batch
+    feats = [randn((B, 256, -(-H // s), -(-W // s)), param_dtype, device, g, train) for s in (32, 16, 8)]
+    mask_features = randn((B, 256, -(-H // 4), -(-W // 4)), param_dtype, device, g, train)
+    from .masked_attention import blob_mask
+
+    targets = [{"labels": torch.randint(0, num_classes, (objects,), generator=g, device=device),
+                "masks": blob_mask(1, objects, H, W, 0.1, g, device)[0].view(objects, H, W)} for _ in range(B)]
+
+    def forward():
+        with _autocast(device, dtype):
+            out = decoder(feats, mask_features)
+            if not train:
+                return out["pred_logits"]
+            losses = criterion(out, targets)
+            weights = criterion.weight_dict
+            return sum(v * weights[k] for k, v in losses.items() if k in weights)
+    leaves = [p for p in decoder.parameters() if p.requires_grad] + (feats + [mask_features] if train else [])
+    return {"forward": forward, "leaves": leaves, "resident": [decoder, *feats, mask_features]
+            + [t["masks"] for t in targets]}
+
+
+def _m2f_prep(fused: bool):
+    def prepare(s, dtype, device, mode) -> Prepared:
+        try:
+            hook = require("fastseg.models.mask2former", "decoder_bench_case", M2F_WHAT)
+        except Unavailable:
+            hook = _m2f_default_case
+        case = hook(batch=s["B"], queries=s["Q"], image_hw=(s["H"], s["W"]), dtype=dtype, device=device,
+                    train=mode == "fwdbwd", fused=fused)
+        return Prepared(make_step(case["forward"], list(case["leaves"]), mode), resident=list(case.get("resident", [])),
+                        forward=case["forward"])
+    return prepare
+
+
+def _m2f_analytic(s, dtype):
+    hook = require("fastseg.models.mask2former", "decoder_memory_accounting", M2F_WHAT)
+    return hook(batch=s["B"], queries=s["Q"], image_hw=(s["H"], s["W"]), dtype=dtype)
+
+
+def _m2f_cpu_estimate(s, dtype):
+    # eager decoder: ~10 layers × (B·8·Q·L/64 attention + B·Q·H·W/16 mask logits) floats, generously
+    return 10 * s["B"] * s["Q"] * s["H"] * s["W"] * 4 // 4
+
+
+register(OpSpec(
+    name="mask2former-decoder",
+    summary="Mask2Former transformer decoder (9 layers + heads): training step / inference, reference vs fused",
+    issue="issue 7",
+    heavy=True,
+    shape_keys={"B": 2, "Q": 100, "H": 512, "W": 512},
+    presets={
+        "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
+        "cpu": [{"B": 1, "Q": 50, "H": 128, "W": 128}],
+        "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
+        "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
+        "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
+        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8) for q in (100, 200)
+                 for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
+    },
+    label=lambda s: f"B={s['B']} Q={s['Q']} image {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _m2f_prep(True), fastseg=True, description="decoder, fused path"),
+        Impl("reference", _m2f_prep(False), description="decoder, reference path"),
+    ],
+    memprof=MemprofSpec(
+        shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
+        analytic=_m2f_analytic, cpu_estimate=_m2f_cpu_estimate,
+        description="the whole Mask2Former decoder, training step",
+    ),
+))
