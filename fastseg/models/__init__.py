@@ -1,0 +1,20 @@
+"""Reference models (plain PyTorch): Mask2Former, MaskFormer and their building blocks.
+
+* :func:`build_mask2former` / :class:`Mask2Former` (``set_fused(True)`` for the memory-lean path),
+  :class:`Mask2FormerDecoder` (the masked-attention decoder alone) and :func:`build_mask2former_criterion`.
+* :func:`build_maskformer` / :class:`MaskFormer`.
+* :class:`TinyResNet`: small backbone for tests.
+"""
+from .backbones import TinyResNet, backbone_from_name
+from .criterion import SetCriterion
+from .mask2former import (Mask2Former, Mask2FormerDecoder, MultiScaleMaskedTransformerDecoder,
+                          build_mask2former, build_mask2former_criterion)
+from .matcher import HungarianMatcher
+from .pixel_decoder import BasePixelDecoder, MSDeformAttnPixelDecoder
+from . import fused, inference
+
+__all__ = [
+    "TinyResNet", "backbone_from_name", "SetCriterion", "HungarianMatcher", "Mask2Former", "Mask2FormerDecoder",
+    "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
+    "MSDeformAttnPixelDecoder", "fused", "inference",
+]
