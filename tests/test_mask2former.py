@@ -1,0 +1,199 @@
+"""Mask2Former reference model and its fused (memory-lean) path, on CPU with tiny configurations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastseg.models import build_mask2former, fused as fz
+from fastseg.models.common import point_sample
+from fastseg.models.matcher import batch_sigmoid_ce_loss, batch_sigmoid_ce_loss_gemm
+from helpers import assert_close
+
+TINY = dict(hidden_dim=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=3, mask_dim=32, conv_dim=32,
+            enc_layers=1, enc_nheads=4, enc_dim_feedforward=64, train_num_points=64, test_topk_per_image=8,
+            object_mask_threshold=0.0, overlap_threshold=0.0, thing_ids=(0, 1))
+
+
+def _model(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return build_mask2former("tiny", 5, **{**TINY, **kw}).to(dtype)
+
+
+def _batch(dtype, size=64):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=dtype)
+    targets = [{"labels": torch.tensor([1, 3]), "masks": (torch.rand(2, size, size, generator=g) > 0.5).to(dtype)},
+               {"labels": torch.tensor([0]), "masks": (torch.rand(1, size, size, generator=g) > 0.5).to(dtype)}]
+    return x, targets
+
+
+def test_reference_train_step_and_inference():
+    model = _model()
+    x, targets = _batch(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = model(x, targets)
+    assert len(losses) == 3 * (TINY["dec_layers"] + 1)  # ce, mask, dice on every prediction
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    opt.step()
+    model.eval()
+    out = model(x)
+    assert out["pred_masks"].shape == (2, 6, 16, 16) and out["pred_logits"].shape == (2, 6, 6)
+    sem = model.semantic_inference(out, (64, 64))
+    assert sem[0].shape == (5, 64, 64)
+    pan, info = model.panoptic_inference(out, (64, 64))[0]
+    assert pan.shape == (64, 64) and pan.dtype == torch.int32
+    inst = model.instance_inference(out, (64, 64))[0]
+    assert inst["pred_masks"].shape == (8, 64, 64)
+
+
+def _capture_masks(model):
+    masks = []
+    hooks = [layer.multihead_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs["attn_mask"].clone()), with_kwargs=True)
+        for layer in model.predictor.transformer_cross_attention_layers]
+    return masks, hooks
+
+
+def _run(model, fused, x, targets):
+    model.set_fused(fused)
+    model.zero_grad()
+    masks, hooks = _capture_masks(model)
+    torch.manual_seed(1)  # same random points on both paths
+    outputs = model.forward_features(x)
+    raw, indices = model.criterion(outputs, targets, return_indices=True)
+    losses = {k: v * model.criterion.weight_dict[k] for k, v in raw.items()}
+    sum(losses.values()).backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return outputs, losses, indices, masks, grads
+
+
+def test_fused_matches_reference_float64():
+    model = _model(torch.float64)
+    x, targets = _batch(torch.float64)
+    out_r, loss_r, idx_r, masks_r, grad_r = _run(model, False, x, targets)
+    out_f, loss_f, idx_f, masks_f, grad_f = _run(model, True, x, targets)
+    assert "pred_masks" not in out_f and out_f["pred_embeds"].shape == (2, 6, 32)
+    # attention masks, bit for bit (both bool (B·heads, Q, HW), True = masked)
+    assert len(masks_r) == len(masks_f) == TINY["dec_layers"]
+    for mr, mf in zip(masks_r, masks_f):
+        assert mr.dtype == mf.dtype == torch.bool and torch.equal(mr, mf)
+    allm = torch.cat([m.flatten() for m in masks_r])
+    assert allm.any() and not allm.all()  # non-trivial masks
+    # logits, mask logits, matcher assignments, losses
+    assert torch.equal(out_r["pred_logits"], out_f["pred_logits"])
+    for a, b in zip([out_r] + out_r["aux_outputs"], [out_f] + out_f["aux_outputs"]):
+        assert_close(torch.einsum("bqc,bchw->bqhw", b["pred_embeds"], b["mask_features"]), a["pred_masks"], 1e-12)
+    for ir, jf in zip(idx_r, idx_f):
+        for (qr, tr), (qf, tf) in zip(ir, jf):
+            assert torch.equal(qr, qf) and torch.equal(tr, tf)
+    assert loss_r.keys() == loss_f.keys()
+    for k in loss_r:
+        assert abs(loss_r[k].item() - loss_f[k].item()) <= 1e-12 * max(1.0, abs(loss_r[k].item())), k
+    # every parameter gradient (relative to the global gradient norm: some true gradients are exactly 0,
+    # e.g. conv biases before GroupNorm, and carry only rounding noise)
+    assert grad_r.keys() == grad_f.keys() and len(grad_r) == len(list(model.parameters()))
+    total = torch.sqrt(sum(g.pow(2).sum() for g in grad_r.values()))
+    for n in grad_r:
+        assert (grad_r[n] - grad_f[n]).norm() <= 1e-10 * total, n
+    # inference: semantic, panoptic, instance
+    model.eval()
+    with torch.no_grad():
+        out_r = model.set_fused(False).forward_features(x)
+        out_f = model.set_fused(True).forward_features(x)
+    for sr, sf in zip(model.semantic_inference(out_r, (64, 48)), model.semantic_inference(out_f, (64, 48))):
+        assert_close(sf, sr, 1e-12)
+    for (pr, ir), (pf, if_) in zip(model.panoptic_inference(out_r, (64, 64)), model.panoptic_inference(out_f, (64, 64))):
+        assert torch.equal(pr, pf) and ir == if_
+    assert any(len(ir) > 0 for _, ir in model.panoptic_inference(out_r, (64, 64)))
+    for a, b in zip(model.instance_inference(out_r, (64, 64)), model.instance_inference(out_f, (64, 64))):
+        assert torch.equal(a["pred_classes"], b["pred_classes"]) and torch.equal(a["pred_masks"], b["pred_masks"])
+        assert_close(b["scores"], a["scores"], 1e-12)
+
+
+def test_point_sampling_identities():
+    torch.manual_seed(0)
+    B, C, h, w, N, P = 2, 5, 7, 9, 5, 11
+    feats = torch.randn(B, C, h, w, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    bidx = torch.tensor([1, 0, 1, 1, 0])
+    coords = torch.rand(N, P, 2, dtype=torch.float64)
+    # reference: form the masks, then sample them
+    masks = torch.einsum("nc,nchw->nhw", e, feats[bidx])
+    ref = point_sample(masks[:, None], coords, align_corners=False)[:, 0]
+    g = torch.randn(N, P, dtype=torch.float64)
+    ge_r, gf_r = torch.autograd.grad((ref * g).sum(), (e, feats))
+    for chunk in (1, 2 * C * P, 1 << 20):  # one mask per chunk, two per chunk, everything at once
+        out = fz.point_logits(e, feats, bidx, coords, chunk_elems=chunk)
+        assert_close(out, ref, 1e-13, "point_logits")
+        ge, gf = torch.autograd.grad((out * g).sum(), (e, feats))
+        assert_close(ge, ge_r, 1e-13, "grad e")
+        assert_close(gf, gf_r, 1e-13, "grad F")
+    # shared points: sample F once, then one GEMM
+    c1 = coords[:1]
+    shared = fz.shared_point_logits(e.detach(), feats.detach()[0], c1)
+    full = point_sample(torch.einsum("nc,chw->nhw", e.detach(), feats.detach()[0])[:, None],
+                        c1.expand(N, -1, -1), align_corners=False)[:, 0]
+    assert_close(shared, full, 1e-13, "shared_point_logits")
+    # BCE cost as one GEMM
+    t = (torch.rand(3, P, dtype=torch.float64) > 0.5).double()
+    assert_close(batch_sigmoid_ce_loss_gemm(full, t), batch_sigmoid_ce_loss(full, t), 1e-13, "bce gemm")
+
+
+@pytest.mark.parametrize("size,tile", [((50, 37), 7), ((13, 5), None), ((7, 9), 3)])
+def test_tiled_upsampling_matches_interpolate(size, tile):
+    torch.manual_seed(0)
+    feats = torch.randn(4, 7, 9, dtype=torch.float64)
+    e = torch.randn(3, 4, dtype=torch.float64)
+    ref = F.interpolate(torch.einsum("nc,chw->nhw", e, feats)[None], size=size, mode="bilinear",
+                        align_corners=False)[0]
+    out = torch.empty_like(ref)
+    rows = 0
+    for y0, y1, t in fz.iter_upsampled_logits(e, feats, size, tile_rows=tile):
+        assert tile is None or y1 - y0 <= tile
+        out[:, y0:y1] = t
+        rows += y1 - y0
+    assert rows == size[0]
+    assert_close(out, ref, 1e-13)
+
+
+def test_level_allowed_matches_reference_mask():
+    torch.manual_seed(0)
+    e = torch.randn(2, 4, 6, dtype=torch.float64)
+    feats = torch.randn(2, 6, 16, 12, dtype=torch.float64)
+    e[0, 1] = 0  # logits exactly 0: sigmoid = 0.5 is not < 0.5, so allowed on both paths
+    feats[1] = feats[1].abs() + 0.1
+    e[1, 3] = -1.0  # every logit negative: empty row -> attends everywhere
+    logits = F.interpolate(torch.einsum("bqc,bchw->bqhw", e, feats), size=(5, 7), mode="bilinear", align_corners=False)
+    ref_masked = logits.sigmoid().flatten(2) < 0.5
+    ref_masked[torch.where(ref_masked.sum(-1) == ref_masked.shape[-1])] = False
+    allowed = fz.level_allowed(e, fz.resize_mask_features(feats, (5, 7)))
+    assert torch.equal(allowed, ~ref_masked)
+    assert allowed[1, 3].all() and allowed[0, 1].all() and not allowed.all()
+
+
+def test_fused_with_masked_cross_attention_if_available():
+    nn_mod = pytest.importorskip("fastseg.nn")
+    if not hasattr(nn_mod, "MaskedCrossAttention"):
+        pytest.skip("fastseg.nn.MaskedCrossAttention is not in this build")
+    model = _model(torch.float64)
+    x, targets = _batch(torch.float64)
+    _, loss_r, _, _, grad_r = _run(model, False, x, targets)
+    for layer in model.predictor.transformer_cross_attention_layers:
+        layer.multihead_attn = nn_mod.MaskedCrossAttention.from_mha(layer.multihead_attn)
+    _, loss_f, _, masks_f, grad_f = _run(model, True, x, targets)
+    assert type(masks_f[0]).__name__ == "PackedMask"  # packed from the embeddings, no (B·heads, Q, L) tensor
+    for k in loss_r:
+        assert abs(loss_r[k].item() - loss_f[k].item()) <= 1e-9 * max(1.0, abs(loss_r[k].item())), k
+    total = torch.sqrt(sum(g.pow(2).sum() for g in grad_r.values()))
+    for n in grad_r:
+        assert (grad_r[n] - grad_f[n]).norm() <= 1e-8 * total, n
+
+
+def test_bad_inputs():
+    with pytest.raises(ImportError, match="not available"):
+        build_mask2former("no_such_backbone", 3)
+    model = _model()
+    with pytest.raises(AssertionError):
+        model.predictor([torch.randn(1, 32, 2, 2)] * 2, torch.randn(1, 32, 16, 16))
