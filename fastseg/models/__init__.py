@@ -9,6 +9,7 @@ from .backbones import TinyResNet, backbone_from_name
 from .criterion import SetCriterion
 from .mask2former import (Mask2Former, Mask2FormerDecoder, MultiScaleMaskedTransformerDecoder,
                           build_mask2former, build_mask2former_criterion)
+from .maskformer import MaskFormer, build_maskformer
 from .matcher import HungarianMatcher
 from .pixel_decoder import BasePixelDecoder, MSDeformAttnPixelDecoder
 from . import fused, inference
@@ -16,5 +17,5 @@ from . import fused, inference
 __all__ = [
     "TinyResNet", "backbone_from_name", "SetCriterion", "HungarianMatcher", "Mask2Former", "Mask2FormerDecoder",
     "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
-    "MSDeformAttnPixelDecoder", "fused", "inference",
+    "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer",
 ]
