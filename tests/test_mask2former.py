@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastseg
+
 from fastseg.models import build_mask2former, fused as fz
 from fastseg.models.common import point_sample
 from fastseg.models.matcher import batch_sigmoid_ce_loss, batch_sigmoid_ce_loss_gemm
@@ -46,10 +48,14 @@ def test_reference_train_step_and_inference():
     assert inst["pred_masks"].shape == (8, 64, 64)
 
 
+def _copy(mask):
+    return mask.clone() if isinstance(mask, torch.Tensor) else mask
+
+
 def _capture_masks(model):
     masks = []
     hooks = [layer.multihead_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: masks.append(kwargs["attn_mask"].clone()), with_kwargs=True)
+        lambda mod, args, kwargs: masks.append(_copy(kwargs["attn_mask"])), with_kwargs=True)
         for layer in model.predictor.transformer_cross_attention_layers]
     return masks, hooks
 
@@ -173,7 +179,7 @@ def test_level_allowed_matches_reference_mask():
     assert allowed[1, 3].all() and allowed[0, 1].all() and not allowed.all()
 
 
-def test_fused_with_masked_cross_attention_if_available():
+def test_fused_with_masked_cross_attention_if_available(triton_launches):
     nn_mod = pytest.importorskip("fastseg.nn")
     if not hasattr(nn_mod, "MaskedCrossAttention"):
         pytest.skip("fastseg.nn.MaskedCrossAttention is not in this build")
@@ -182,13 +188,24 @@ def test_fused_with_masked_cross_attention_if_available():
     _, loss_r, _, _, grad_r = _run(model, False, x, targets)
     for layer in model.predictor.transformer_cross_attention_layers:
         layer.multihead_attn = nn_mod.MaskedCrossAttention.from_mha(layer.multihead_attn)
+    _, loss_r2, _, masks_r, grad_r2 = _run(model, False, x, targets)  # reference decoder, patched attention
     _, loss_f, _, masks_f, grad_f = _run(model, True, x, targets)
-    assert type(masks_f[0]).__name__ == "PackedMask"  # packed from the embeddings, no (B·heads, Q, L) tensor
+    from fastseg.ops import unpack_mask
+    for mr, mf in zip(masks_r, masks_f):
+        # packed from the embeddings (no (B·heads, Q, L) tensor), shared by the heads, equal bit for bit
+        assert type(mf).__name__ == "PackedMask" and mf.bits.shape[1] == 1
+        B, Q, L = mr.shape[0] // 4, mr.shape[1], mr.shape[2]
+        assert torch.equal(unpack_mask(mf)[:, 0], ~mr.view(B, 4, Q, L)[:, 0])
+    for k in loss_r:
+        assert abs(loss_r[k].item() - loss_r2[k].item()) <= 1e-9 * max(1.0, abs(loss_r[k].item())), k
     for k in loss_r:
         assert abs(loss_r[k].item() - loss_f[k].item()) <= 1e-9 * max(1.0, abs(loss_r[k].item())), k
     total = torch.sqrt(sum(g.pow(2).sum() for g in grad_r.values()))
     for n in grad_r:
         assert (grad_r[n] - grad_f[n]).norm() <= 1e-8 * total, n
+    if fastseg.interpreter_enabled():  # the Triton kernels ran (sign-and-pack mask, attention fwd + bwd)
+        for name in ("attention_mask_sign_pack", "masked_attention_fwd", "masked_attention_bwd_dq"):
+            assert triton_launches[name] > 0, name
 
 
 def test_bad_inputs():

@@ -185,7 +185,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             level_index = i % self.num_feature_levels
             cross = self.transformer_cross_attention_layers[i]
             if self.fused:
-                attn_mask = self.attention_mask_argument(attn_mask, cross.multihead_attn)
+                attn_mask = self.fused_attention_mask(*attn_mask, cross.multihead_attn)
             else:
                 attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
             output = cross(output, src[level_index], memory_mask=attn_mask, memory_key_padding_mask=None,
@@ -212,32 +212,39 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def forward_prediction_heads(self, output, mask_features, attn_mask_target_size, level_feats=None,
                                  need_mask: bool = True):
         """Class logits, then (reference) mask logits + bool (B·heads, Q, h·w) attention mask (True = masked),
-        or (fused) mask embeddings + bool allowed mask (B, Q, h·w) from ``e · resize(F)``."""
+        or (fused) mask embeddings + (detached embeddings, mask features resized to the level) from which
+        :meth:`fused_attention_mask` builds the next layer's mask."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         if level_feats is not None:
-            allowed = None
+            state = None
             if need_mask:
                 size = tuple(attn_mask_target_size)
                 if size not in level_feats:
                     with torch.no_grad():
                         level_feats[size] = resize_mask_features(mask_features.detach(), size)
-                allowed = level_allowed(mask_embed, level_feats[size])
-            return outputs_class, mask_embed, allowed
+                state = (mask_embed.detach(), level_feats[size])
+            return outputs_class, mask_embed, state
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
         attn_mask = (attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5)
         return outputs_class, outputs_mask, attn_mask.bool().detach()
 
-    def attention_mask_argument(self, allowed: torch.Tensor, attn_module: nn.Module):
-        """The fused (B, Q, L) allowed mask as the cross-attention's ``attn_mask``: a head-shared
-        :class:`fastseg.ops.PackedMask` for fastseg's MaskedCrossAttention, else nn.MultiheadAttention's
-        bool (B·heads, Q, L) with True = masked."""
-        B, Q, L = allowed.shape
+    def fused_attention_mask(self, mask_embed: torch.Tensor, level_features: torch.Tensor, attn_module: nn.Module):
+        """The attention mask of one level from ``sign(e · F_level)`` (empty rows reset), in the form the
+        cross-attention takes: for fastseg's MaskedCrossAttention a head-shared :class:`fastseg.ops.PackedMask`
+        straight from the embeddings (``fastseg.ops.mask_from_embeddings``, no (B, Q, h·w) tensor); for
+        ``nn.MultiheadAttention`` its bool (B·heads, Q, h·w), True = masked."""
         if _accepts_packed_mask(attn_module):
-            from ..ops import pack_mask
-            return pack_mask(allowed[:, None], batch=B, heads=self.num_heads, num_queries=Q, num_keys=L)
+            from .. import ops
+            if hasattr(ops, "mask_from_embeddings"):
+                return ops.mask_from_embeddings(mask_embed, level_features)
+            allowed = level_allowed(mask_embed, level_features)
+            B, Q, L = allowed.shape
+            return ops.pack_mask(allowed[:, None], batch=B, heads=self.num_heads, num_queries=Q, num_keys=L)
+        allowed = level_allowed(mask_embed, level_features)
+        B, Q, L = allowed.shape
         return (~allowed)[:, None].expand(B, self.num_heads, Q, L).reshape(B * self.num_heads, Q, L)
 
 
