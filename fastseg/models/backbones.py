@@ -65,8 +65,11 @@ class TinyResNet(nn.Module):
 # channels of the project's backbones (strides 4, 8, 16, 32), used when the module has no out_channels
 KNOWN_CHANNELS = {
     "mscan_t": [32, 64, 160, 256], "mscan_s": [64, 128, 320, 512], "mscan_b": [64, 128, 320, 512],
-    "mscan_l": [64, 128, 320, 512],
+    "mscan_l": [64, 128, 320, 512], "coc_tiny": [32, 64, 196, 320], "coc_small": [64, 128, 320, 512],
+    "coc_medium": [64, 128, 320, 512],
 }
+# constructor arguments that make a classification backbone return its 4 stage features
+DEFAULT_KWARGS = {"coc_tiny": {"fork_feat": True}, "coc_small": {"fork_feat": True}, "coc_medium": {"fork_feat": True}}
 
 
 def backbone_from_name(name: str, **kwargs) -> tuple[nn.Module, list[int] | None]:
@@ -79,5 +82,5 @@ def backbone_from_name(name: str, **kwargs) -> tuple[nn.Module, list[int] | None
     fn = getattr(models, name, None)
     if fn is None:
         raise ImportError(f"backbone {name!r} is not available: fastseg.models.{name} does not exist in this build")
-    m = fn(**kwargs)
+    m = fn(**{**DEFAULT_KWARGS.get(name, {}), **kwargs})
     return m, getattr(m, "out_channels", None) or KNOWN_CHANNELS.get(name)
