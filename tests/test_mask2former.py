@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fastseg
 
@@ -214,3 +216,47 @@ def test_bad_inputs():
     model = _model()
     with pytest.raises(AssertionError):
         model.predictor([torch.randn(1, 32, 2, 2)] * 2, torch.randn(1, 32, 16, 16))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.where = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.where = t.numel(), (str(func), tuple(t.shape))
+        return out
+
+
+def test_fused_path_never_forms_query_by_pixel_tensors():
+    """Decoder + matcher + losses + backward, then semantic inference: the reference forms (B, Q, H/4, W/4)
+    logits and (Q, H, W) upsampled masks; the fused path stays below both (many queries, few channels, so
+    Q·pixels dominates every other tensor; nheads=2 keeps nn.MultiheadAttention's (B·heads, Q, HW/4)
+    probabilities at stride 8 below the bound too)."""
+    Q, size = 64, 64
+    model = _model(num_queries=Q, mask_dim=16, conv_dim=16, hidden_dim=16, nheads=2, enc_nheads=2)
+    x, targets = _batch(torch.float32, size)
+    mask_features, multi_scale = model.pixel_decoder(model.backbone(x))
+    mask_features = mask_features.detach().requires_grad_()
+    multi_scale = [f.detach().requires_grad_() for f in multi_scale]
+    h, w = mask_features.shape[-2:]
+    largest = {}
+    for fused in (False, True):
+        model.set_fused(fused)
+        train, infer = _LargestTensor(), _LargestTensor()
+        with train:
+            outputs = model.predictor(multi_scale, mask_features)
+            sum(model.losses(outputs, targets).values()).backward()
+        with torch.no_grad(), infer:
+            model.semantic_inference(outputs, (size, size), tile_rows=8)
+        largest[fused] = (train, infer)
+    ref_train, ref_infer = largest[False]
+    fz_train, fz_infer = largest[True]
+    assert ref_train.numel >= 2 * Q * h * w and ref_infer.numel >= Q * size * size  # the bound can be hit
+    assert fz_train.numel < 2 * Q * h * w, fz_train.where
+    assert fz_infer.numel <= Q * size * size // 4, fz_infer.where

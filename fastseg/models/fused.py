@@ -90,7 +90,8 @@ def point_logits(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.
             stop += 1
         sel = order[start:stop]
         args = (embeds[sel], features[b:b + 1], coords[sel])
-        pieces.append(checkpoint(_chunk_logits, *args, use_reentrant=False) if grad else _chunk_logits(*args))
+        pieces.append(checkpoint(_chunk_logits, *args, use_reentrant=False, preserve_rng_state=False)
+                      if grad else _chunk_logits(*args))
         start = stop
     out = torch.cat(pieces, 0)
     return out[torch.argsort(order)]

@@ -364,7 +364,7 @@ class Mask2Former(nn.Module):
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
     # ------------------------------------------------------------------------------------------ inference
-    def _per_image(self, outputs, size, ref_fn, stream_fn, **kw):
+    def _per_image(self, outputs, size, ref_fn, stream_fn, tile_rows=None, **kw):
         results = []
         if "pred_masks" in outputs:
             masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
@@ -372,26 +372,28 @@ class Mask2Former(nn.Module):
                 results.append(ref_fn(cls, m, **kw))
         else:
             for cls, e, feats in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"]):
-                results.append(stream_fn(cls, e, feats, size, **kw))
+                results.append(stream_fn(cls, e, feats, size, tile_rows=tile_rows, **kw))
         return results
 
     @torch.no_grad()
-    def semantic_inference(self, outputs: dict, size: tuple[int, int]) -> list[torch.Tensor]:
-        """Per image (K, H, W) class scores at ``size`` (the padded input size)."""
-        return self._per_image(outputs, size, semantic_inference, semantic_inference_streaming)
+    def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
+        """Per image (K, H, W) class scores at ``size`` (the padded input size). Fused outputs are upsampled
+        ``tile_rows`` output rows at a time (default: about 2**24 values per tile)."""
+        return self._per_image(outputs, size, semantic_inference, semantic_inference_streaming, tile_rows)
 
     @torch.no_grad()
-    def panoptic_inference(self, outputs: dict, size: tuple[int, int]) -> list:
+    def panoptic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
         """Per image (panoptic_seg (H, W) int32, segments_info)."""
-        return self._per_image(outputs, size, panoptic_inference, panoptic_inference_streaming,
+        return self._per_image(outputs, size, panoptic_inference, panoptic_inference_streaming, tile_rows,
                                num_classes=self.num_classes, thing_ids=self.thing_ids,
                                object_mask_threshold=self.object_mask_threshold,
                                overlap_threshold=self.overlap_threshold)
 
     @torch.no_grad()
-    def instance_inference(self, outputs: dict, size: tuple[int, int], panoptic_on: bool = False) -> list:
+    def instance_inference(self, outputs: dict, size: tuple[int, int], panoptic_on: bool = False,
+                           tile_rows: int | None = None) -> list:
         """Per image {"pred_masks", "scores", "pred_classes"}."""
-        return self._per_image(outputs, size, instance_inference, instance_inference_streaming,
+        return self._per_image(outputs, size, instance_inference, instance_inference_streaming, tile_rows,
                                num_classes=self.num_classes, test_topk_per_image=self.test_topk_per_image,
                                thing_ids=self.thing_ids if panoptic_on else None)
 
