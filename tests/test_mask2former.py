@@ -260,3 +260,29 @@ def test_fused_path_never_forms_query_by_pixel_tensors():
     assert ref_train.numel >= 2 * Q * h * w and ref_infer.numel >= Q * size * size  # the bound can be hit
     assert fz_train.numel < 2 * Q * h * w, fz_train.where
     assert fz_infer.numel <= Q * size * size // 4, fz_infer.where
+
+
+def test_reference_matches_hugging_face_port():
+    """The reference model built from a Hugging Face Mask2Former (same weights) computes the same logits, masks
+    and, with the same random points, the same loss; the fused path on it gives that loss too."""
+    from hf_models import targets as hf_targets, tiny_hf_mask2former
+    from fastseg.models.convert import mask2former_from_hf
+
+    hf = tiny_hf_mask2former()
+    model = mask2former_from_hf(hf)
+    x = torch.randn(2, 3, 64, 64)
+    targets = hf_targets(torch.float32)
+    hf.eval(), model.eval()
+    with torch.no_grad():
+        out_hf, out = hf(pixel_values=x), model(x)
+    torch.testing.assert_close(out["pred_logits"], out_hf.class_queries_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["pred_masks"], out_hf.masks_queries_logits, rtol=1e-5, atol=1e-5)
+    hf.train(), model.train()
+    torch.manual_seed(1)
+    loss_hf = hf(pixel_values=x, mask_labels=[t["masks"] for t in targets],
+                 class_labels=[t["labels"] for t in targets]).loss
+    for fused in (False, True):
+        model.set_fused(fused)
+        torch.manual_seed(1)
+        loss = sum(model(x, targets).values())
+        torch.testing.assert_close(loss, loss_hf, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from torch import nn
 
 import fastseg
 from fastseg.models import build_mask2former, build_maskformer
+from hf_models import targets as targets_, tiny_hf_mask2former
 
 HAS_MCA = hasattr(fastseg.nn, "MaskedCrossAttention")
 HAS_MSCA = hasattr(fastseg.nn, "MSCA")
@@ -67,12 +68,6 @@ M2F_TINY = dict(hidden_dim=32, num_queries=6, nheads=4, dim_feedforward=64, dec_
                 enc_layers=1, enc_nheads=4, enc_dim_feedforward=64, train_num_points=64)
 
 
-def _targets(dtype, size=64):
-    g = torch.Generator().manual_seed(3)
-    return [{"labels": torch.tensor([1, 3]), "masks": (torch.rand(2, size, size, generator=g) > 0.5).to(dtype)},
-            {"labels": torch.tensor([0]), "masks": (torch.rand(1, size, size, generator=g) > 0.5).to(dtype)}]
-
-
 def _loss_grads(model, x, targets):
     model.zero_grad()
     torch.manual_seed(1)
@@ -119,7 +114,7 @@ def test_patch_project_mask2former_same_results(triton_launches):
     torch.manual_seed(0)
     model = build_mask2former("tiny", 5, **M2F_TINY).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    targets = _targets(torch.float64)
+    targets = targets_(torch.float64)
     ref = copy.deepcopy(model)
     loss_r, grads_r = _loss_grads(ref, x, targets)
     _, report = fastseg.patch(model)
@@ -129,19 +124,6 @@ def test_patch_project_mask2former_same_results(triton_launches):
     _assert_grads_close(grads_p, grads_r, 1e-9)
     if fastseg.interpreter_enabled():
         assert triton_launches["masked_attention_fwd"] > 0 and triton_launches["masked_attention_bwd_dq"] > 0
-
-
-def _tiny_hf():
-    transformers = pytest.importorskip("transformers")
-    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
-                                   num_heads=[1, 1, 2, 2], window_size=2,
-                                   out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = transformers.Mask2FormerConfig(
-        backbone_config=swin, use_pretrained_backbone=False, hidden_dim=32, mask_feature_size=32, feature_size=32,
-        num_queries=6, encoder_layers=1, decoder_layers=3, num_attention_heads=4, dim_feedforward=64,
-        encoder_feedforward_dim=64, num_labels=5, train_num_points=64)
-    torch.manual_seed(0)
-    return transformers.Mask2FormerForUniversalSegmentation(cfg)
 
 
 def _hf_step(model, x, targets):
@@ -154,9 +136,9 @@ def _hf_step(model, x, targets):
 
 
 def test_patch_hugging_face_mask2former(triton_launches):
-    model = _tiny_hf()
+    model = tiny_hf_mask2former()
     x = torch.randn(2, 3, 64, 64)
-    targets = _targets(torch.float32)
+    targets = targets_(torch.float32)
     ref = copy.deepcopy(model)
     out_r, grads_r = _hf_step(ref, x, targets)
     _, report = fastseg.patch(model)

@@ -3,9 +3,11 @@
 * :func:`build_mask2former` / :class:`Mask2Former` (``set_fused(True)`` for the memory-lean path),
   :class:`Mask2FormerDecoder` (the masked-attention decoder alone) and :func:`build_mask2former_criterion`.
 * :func:`build_maskformer` / :class:`MaskFormer`.
+* :func:`mask2former_from_hf`: the reference model from a Hugging Face Mask2Former (same weights).
 * :class:`TinyResNet`: small backbone for tests.
 """
 from .backbones import TinyResNet, backbone_from_name
+from .convert import mask2former_from_hf
 from .criterion import SetCriterion
 from .mask2former import (Mask2Former, Mask2FormerDecoder, MultiScaleMaskedTransformerDecoder,
                           build_mask2former, build_mask2former_criterion)
@@ -17,5 +19,5 @@ from . import fused, inference
 __all__ = [
     "TinyResNet", "backbone_from_name", "SetCriterion", "HungarianMatcher", "Mask2Former", "Mask2FormerDecoder",
     "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
-    "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer",
+    "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer", "mask2former_from_hf",
 ]
