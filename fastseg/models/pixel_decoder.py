@@ -45,11 +45,6 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], s
     return output.view(N_, M_ * D_, Lq_).transpose(1, 2).contiguous()
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """The original casts to float32 (``.float()``); float64 is kept so tests can run in double."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 class MSDeformAttn(nn.Module):
     """Deformable DETR's multi-scale deformable attention module (same parameters and init)."""
 
@@ -231,18 +226,21 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.output_convs = output_convs[::-1]
 
     def forward(self, features: list[torch.Tensor]):
-        srcs, pos = [], []
-        for idx, f in enumerate(self.transformer_in_features[::-1]):
-            x = _fp32(features[f])  # deformable attention runs in fp32, as in the original
-            srcs.append(self.input_proj[idx](x))
-            pos.append(self.pe_layer(x))
-        with torch.autocast(srcs[0].device.type, enabled=False):
+        # As the original (``@autocast(enabled=False)``, features ``.float()``): no autocast; the features are
+        # cast to the parameters' dtype (float32 under autocast, float64 / bfloat16 for models converted so).
+        dtype = self.mask_features.weight.dtype
+        with torch.autocast(features[0].device.type, enabled=False):
+            srcs, pos = [], []
+            for idx, f in enumerate(self.transformer_in_features[::-1]):
+                x = features[f].to(dtype)
+                srcs.append(self.input_proj[idx](x))
+                pos.append(self.pe_layer(x).to(dtype))
             y, spatial_shapes = self.transformer(srcs, pos)
             bs = y.shape[0]
             y = torch.split(y, [h * w for h, w in spatial_shapes], dim=1)
             out = [z.transpose(1, 2).reshape(bs, -1, h, w) for z, (h, w) in zip(y, spatial_shapes)]
             for idx, f in enumerate(list(range(self.num_fpn_levels))[::-1]):
-                x = _fp32(features[f])
+                x = features[f].to(dtype)
                 cur_fpn = self.lateral_convs[idx](x)
                 y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
                 out.append(self.output_convs[idx](y))
