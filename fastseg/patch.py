@@ -182,6 +182,13 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
             else:
                 done[id(child)] = _new_context_cluster(cls, child)
         setattr(parent, name, done[id(child)])
+    if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
+                                                for m in model.modules()):
+        report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
+                            "(B·heads, Q, HW) mask (empty-row reset by multiplication) before the attention, so "
+                            "the predictor cannot hand over packed masks without rewriting the decoder's forward; "
+                            "MaskedCrossAttention packs that mask once per layer (one pass, heads shared when "
+                            "the mask is expanded)")
     if any(hasattr(m, "set_fused") for m in model.modules()):
         report.notes.append("this model has set_fused(True): its decoder then builds the bit-packed attention "
                             "masks straight from the query embeddings (fastseg.ops.mask_from_embeddings) and "

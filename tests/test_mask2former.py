@@ -286,3 +286,18 @@ def test_reference_matches_hugging_face_port():
         torch.manual_seed(1)
         loss = sum(model(x, targets).values())
         torch.testing.assert_close(loss, loss_hf, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_both_paths():
+    model = _model()
+    x, targets = _batch(torch.float32)
+    for fused in (False, True):
+        model.set_fused(fused).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(model(x, targets).values())
+        loss.backward()
+        assert torch.isfinite(loss)
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            sem = model.semantic_inference(model(x), (64, 64))
+        assert sem[0].shape == (5, 64, 64) and torch.isfinite(sem[0].float()).all()
