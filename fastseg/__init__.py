@@ -10,9 +10,10 @@ Dispatch (see :mod:`fastseg._backend`): CUDA tensors run compiled Triton kernels
 kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before import, else a PyTorch path.
 """
 from ._backend import interpreter_enabled, launches, use_backend
-from . import nn, ops, reference
+from . import models, nn, ops, reference
 from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "reference", "patch", "PatchReport", "use_backend", "launches", "interpreter_enabled", "__version__"]
+__all__ = ["models", "nn", "ops", "reference", "patch", "PatchReport", "use_backend", "launches",
+           "interpreter_enabled", "__version__"]

@@ -1,0 +1,8 @@
+"""Differentiable fused ops (autograd over the Triton kernels, dispatched by :mod:`fastseg._backend`)."""
+from .context_cluster import context_cluster, context_cluster_packed
+from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
+
+__all__ = [
+    "PackedMask", "mask_from_embeddings", "masked_attention", "pack_mask", "unpack_mask",
+    "context_cluster", "context_cluster_packed",
+]

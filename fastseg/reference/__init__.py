@@ -1,4 +1,5 @@
 """Faithful, readable PyTorch implementations that fastseg's kernels are tested against."""
+from .context_cluster import Cluster, cluster_core, pairwise_cos_sim
 from .masked_attention import (
     ReferenceMaskedCrossAttention,
     masked_attention,
@@ -6,4 +7,8 @@ from .masked_attention import (
     multi_head_attention,
 )
 
-__all__ = ["ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention"]
+__all__ = [
+    "Cluster",
+    "cluster_core",
+    "pairwise_cos_sim",
+    "ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention"]

@@ -1,0 +1,149 @@
+"""Context Clusters' clustering step (center proposal, similarity, assignment, aggregation, dispatch) with autograd.
+
+:func:`context_cluster` takes the outputs of the 1x1 convs ``f`` (x) and ``v`` (value), both
+[B, heads*head_dim, W, H], and the scalars ``sim_alpha``/``sim_beta`` (shape [1]); it returns what the original
+``Cluster`` feeds to its ``proj`` conv: [B, heads*head_dim, W, H], or [B, heads*head_dim, fold_w*proposal_w,
+fold_h*proposal_h] with ``return_center``. Gradients flow to x (directly and through the center pooling), value
+(directly and through the value-center pooling), sim_alpha and sim_beta; the argmax is piecewise constant.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._backend import check_same_device, select
+from ..reference.context_cluster import cluster_core
+
+__all__ = ["context_cluster", "context_cluster_packed", "effective_folds"]
+
+_OP = "context_cluster"
+
+
+def effective_folds(fold_w: int, fold_h: int) -> tuple[int, int]:
+    """The original folds into regions only when both fold_w > 1 and fold_h > 1."""
+    return (fold_w, fold_h) if fold_w > 1 and fold_h > 1 else (1, 1)
+
+
+def _check(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h):
+    if x.dim() != 4 or value.shape != x.shape:
+        raise ValueError(f"{_OP}: x and value must both be [B, heads*head_dim, W, H], got {tuple(x.shape)} "
+                         f"and {tuple(value.shape)}")
+    if x.dtype != value.dtype:
+        raise ValueError(f"{_OP}: x and value must have one dtype, got {x.dtype} and {value.dtype}")
+    if x.shape[1] % heads != 0:
+        raise ValueError(f"{_OP}: {x.shape[1]} channels cannot be split into {heads} heads")
+    if sim_alpha.numel() != 1 or sim_beta.numel() != 1:
+        raise ValueError(f"{_OP}: sim_alpha and sim_beta must have one element each")
+    if proposal_w < 1 or proposal_h < 1:
+        raise ValueError(f"{_OP}: proposal sizes must be >= 1, got {proposal_w}x{proposal_h}")
+    f2, f3 = effective_folds(fold_w, fold_h)
+    if x.shape[2] % f2 != 0 or x.shape[3] % f3 != 0:
+        raise ValueError(f"{_OP}: the feature map size ({x.shape[2]}*{x.shape[3]}) cannot be divided by the fold "
+                         f"{fold_w}*{fold_h}; pad or resize the input so that it can")
+    if x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] == 0:
+        raise ValueError(f"{_OP}: empty input {tuple(x.shape)}")
+    return f2, f3
+
+
+class _ContextClusterFn(torch.autograd.Function):
+    """x, value separate, or (value=None) x = the packed [B, 2*E*C, W, H] output of one conv for f and v."""
+
+    @staticmethod
+    def forward(ctx, x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center):
+        from fastseg.kernels import context_cluster as K
+
+        ctx.packed = value is None
+        if ctx.packed:
+            x = x.contiguous()
+            ec = x.shape[1] // 2
+            xs, vs = x[:, :ec], x[:, ec:]
+            to_save = (x,)
+        else:
+            xs, vs = x.contiguous(), value.contiguous()
+            to_save = (xs, vs)
+        alpha = sim_alpha.detach().contiguous()
+        beta = sim_beta.detach().contiguous()
+        out, saved = K.cluster_forward(xs, vs, alpha, beta, heads, folds, proposals, return_center)
+        ctx.save_for_backward(alpha, *saved, *to_save)
+        ctx.cfg = (heads, folds, proposals, return_center)
+        ctx.param_dtypes = (sim_alpha.dtype, sim_beta.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        from fastseg.kernels import context_cluster as K
+
+        alpha, *rest = ctx.saved_tensors
+        saved = rest[:5]
+        heads, folds, proposals, return_center = ctx.cfg
+        if ctx.packed:
+            (xv,) = rest[5:]
+            ec = xv.shape[1] // 2
+            dxv = torch.empty_like(xv)
+            _, _, dalpha, dbeta = K.cluster_backward(g.contiguous(), xv[:, :ec], xv[:, ec:], alpha, saved, heads,
+                                                     folds, proposals, return_center, dx=dxv[:, :ec], dv=dxv[:, ec:])
+            dx, dv = dxv, None
+        else:
+            xs, vs = rest[5:]
+            dx, dv, dalpha, dbeta = K.cluster_backward(g.contiguous(), xs, vs, alpha, saved, heads, folds,
+                                                       proposals, return_center)
+        return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None
+
+
+@torch.compiler.disable
+def _apply(*args):
+    # torch.compile of a model using this op graph-breaks here and runs the kernels as they are
+    return _ContextClusterFn.apply(*args)
+
+
+def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, xs, vs):
+    device = check_same_device(_OP, x=x, sim_alpha=sim_alpha, sim_beta=sim_beta)
+    folds = _check(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
+    if select(_OP, device) == "torch":
+        out = cluster_core(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
+                           return_center)
+        return out.to(x.dtype)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
+    return _apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h), bool(return_center))
+
+
+def context_cluster(
+    x: torch.Tensor,
+    value: torch.Tensor,
+    sim_alpha: torch.Tensor,
+    sim_beta: torch.Tensor,
+    heads: int,
+    fold_w: int = 2,
+    fold_h: int = 2,
+    proposal_w: int = 2,
+    proposal_h: int = 2,
+    return_center: bool = False,
+) -> torch.Tensor:
+    """The fused clustering step of Context Clusters (see the module docstring for shapes).
+
+    Output dtype is x's dtype. On CPU without the Triton interpreter it runs the plain PyTorch math of
+    :func:`fastseg.reference.cluster_core` (cast to x's dtype).
+    """
+    check_same_device(_OP, x=x, value=value)
+    return _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
+                x, value)
+
+
+def context_cluster_packed(
+    xv: torch.Tensor,
+    sim_alpha: torch.Tensor,
+    sim_beta: torch.Tensor,
+    heads: int,
+    fold_w: int = 2,
+    fold_h: int = 2,
+    proposal_w: int = 2,
+    proposal_h: int = 2,
+    return_center: bool = False,
+) -> torch.Tensor:
+    """:func:`context_cluster` on xv = cat([x, value], dim=1) ([B, 2*heads*head_dim, W, H], e.g. one conv
+    computing ``f`` and ``v`` together); its gradient comes back as one packed tensor."""
+    if xv.dim() != 4 or xv.shape[1] % 2:
+        raise ValueError(f"{_OP}: packed input must be [B, 2*heads*head_dim, W, H], got {tuple(xv.shape)}")
+    ec = xv.shape[1] // 2
+    return _run(xv, None, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
+                xv[:, :ec], xv[:, ec:])

@@ -1,0 +1,552 @@
+"""Masked multi-head attention with a bit-packed mask: flash-attention forward and backward in Triton.
+
+Shapes (every tensor may be strided, the head dimension must be contiguous):
+  q: (B, H, M, D)   k, v: (B, H, N, D)   o: (B, H, M, D)   fp32 / fp16 / bf16 (fp64 under the interpreter)
+  bits: (Bm, Hm, M, ceil(N / 32)) int32, Bm in {1, B}, Hm in {1, H}: bit ``n % 32`` of word ``n // 32``
+        is 1 when query m may attend to key n. A mask shared by all heads is stored (and read) once.
+  lse: (B, H, M) fp32 (fp64 for fp64 inputs), the row log-sum-exp in base 2 of the scaled scores; +inf for a row with no
+       allowed key, whose output (and gradient) is defined as 0.
+
+The score matrix never reaches memory. The forward and dq kernels walk, per query block, the list of key
+blocks with at least one allowed bit (built once per call by :func:`tile_lists`, like FlexAttention's
+block mask), so the work falls with mask sparsity and the loop has no branch that would stop Triton from
+pipelining the K/V loads; the dk/dv kernel skips empty tiles with a branch on a per-tile flag (few
+query blocks per key block). Mask2Former has few queries (100-200) and many keys (up to 32768 per image), so the forward and
+dq passes split each query block's tiles over ``num_splits`` programs and combine the partial results
+deterministically (no atomics anywhere).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg._backend import interpreter_enabled, record_launch
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M, BLOCK_N) of the forward and dq kernels: the granularity of the list of non-empty tiles.
+TILE = (16, 32) if interpreter_enabled() else (64, 64)
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0.
+
+    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); only warps and pipeline
+    depth are tuned."""
+    bm, bn = TILE
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))]
+
+
+@triton.jit
+def _mask_tile(mask_ptr, offs_m, n0, stride_mm, n_q, key_end,
+               HAS_MASK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mask tile of queries ``offs_m`` x keys ``n0 .. n0 + BLOCK_N`` (n0 % 32 == 0): (bool tile, any bit set).
+
+    The tile is (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) if TRANSPOSED. It loads the BLOCK_N / 32 words
+    of each query as vectors, broadcasts each over its 32 keys with a select (no reshape, no layout
+    change) and tests the bits; out-of-range queries and keys are False.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < n_q
+    if TRANSPOSED:
+        inside = m_ok[None, :] & (offs_n[:, None] < key_end)
+    else:
+        inside = m_ok[:, None] & (offs_n[None, :] < key_end)
+    if HAS_MASK:
+        word_of_key = (offs_n - n0) >> 5
+        any_set = False
+        if TRANSPOSED:
+            words = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+        else:
+            words = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        for w in tl.static_range(BLOCK_N // 32):
+            word = tl.load(mask_ptr + offs_m * stride_mm + (n0 // 32 + w), mask=m_ok & (n0 + 32 * w < key_end), other=0)
+            any_set = any_set | (tl.max((word != 0).to(tl.int32), axis=0) > 0)
+            if TRANSPOSED:
+                words = tl.where(word_of_key[:, None] == w, word[None, :], words)
+            else:
+                words = tl.where(word_of_key[None, :] == w, word[:, None], words)
+        if TRANSPOSED:
+            allowed = inside & (((words >> (offs_n[:, None] & 31)) & 1) != 0)
+        else:
+            allowed = inside & (((words >> (offs_n[None, :] & 31)) & 1) != 0)
+    else:
+        allowed = inside
+        any_set = True
+    return allowed, any_set
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast": operands go through fp32 first (the
+    interpreter's bf16 dot is broken in Triton 3.6, so bf16 takes this path under TRITON_INTERPRET)."""
+    if PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Mask, Blocks, Counts, Acc, Mx, Lsum,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, batch·head, split): unnormalised partial output and its row max / row sum over
+    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < N_Q) & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    tile_row = b * stride_cb + h * stride_ch + pid_m
+    if HAS_MASK:
+        count = tl.load(Counts + tile_row)
+    else:
+        count = N_KB
+    per_split = tl.cdiv(count, tl.num_programs(2))
+    j_end = tl.minimum((pid_s + 1) * per_split, count)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for j in range(pid_s * per_split, j_end):
+        if HAS_MASK:
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        else:
+            n0 = j * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+    # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
+    row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+    m_ok = offs_m < N_Q
+    tl.store(Acc + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
+    tl.store(Mx + row, m_i, mask=m_ok)
+    tl.store(Lsum + row, l_i, mask=m_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    Acc, Mx, Lsum, O, LSE,
+    stride_ob, stride_oh, stride_om,
+    H, N_Q, HEAD_DIM, NUM_SPLITS, BH,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the key splits: o = Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if l = 0)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_Q
+    m_tot = tl.full([BLOCK_M], float("-inf"), ACC)
+    for s in range(0, NUM_SPLITS):
+        m_s = tl.load(Mx + (s * BH + pid_bh) * N_Q + offs_m, mask=m_ok, other=float("-inf"))
+        m_tot = tl.maximum(m_tot, m_s)
+    m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+    l_tot = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for s in range(0, NUM_SPLITS):
+        row = (s * BH + pid_bh) * N_Q + offs_m
+        w = tl.exp2(tl.load(Mx + row, mask=m_ok, other=float("-inf")) - m_ref)
+        l_tot += w * tl.load(Lsum + row, mask=m_ok, other=0.0)
+        acc += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    empty = l_tot == 0.0
+    out = acc / tl.where(empty, 1.0, l_tot)[:, None]
+    b = pid_bh // H
+    h = pid_bh % H
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = tl.where(empty, float("inf"), m_ref + tl.log2(tl.where(empty, 1.0, l_tot)))
+    tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, Flags, DK, DV,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    flag_row = b * stride_cb + h * stride_ch
+    for m0 in range(0, N_Q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
+        if HAS_MASK:  # skip empty tiles (flag from tile_lists: no in-kernel reduction)
+            tile_ok = tl.load(Flags + (flag_row + m0 // BLOCK_M) * N_KB + pid_n) != 0
+        else:
+            tile_ok = True
+        if tile_ok:
+            qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+            lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+            delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+            s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
+            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += _dot(p_t.to(do.dtype), do, PRECISION)
+            dp_t = _dot(v, tl.trans(do), PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+    dk *= sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, DQ,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    qo_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+    lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    tile_row = b * stride_cb + h * stride_ch + pid_m
+    if HAS_MASK:
+        count = tl.load(Counts + tile_row)
+    else:
+        count = N_KB
+    per_split = tl.cdiv(count, tl.num_programs(2))
+    j_end = tl.minimum((pid_s + 1) * per_split, count)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for j in range(pid_s * per_split, j_end):
+        if HAS_MASK:
+            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+        else:
+            n0 = j * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+    tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
+
+
+@triton.jit
+def _tile_list_kernel(
+    Mask, Blocks, Counts, Flags,
+    N_Q, N_QB, N_WORDS, N_KB,
+    BLOCK_M: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """For one (mask batch·head, query block): which key blocks have an allowed bit (Flags) and their
+    indices compacted by a prefix sum (Blocks, Counts)."""
+    row = tl.program_id(0)  # over G * N_QB
+    g = row // N_QB
+    offs_m = (row % N_QB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = tl.zeros([], tl.int32)
+    for c0 in range(0, N_KB, CHUNK):
+        kb = c0 + tl.arange(0, CHUNK)
+        w = kb[:, None] * WORDS_PER_BLOCK + tl.arange(0, WORDS_PER_BLOCK)[None, :]  # (CHUNK, WPB)
+        words = tl.load(Mask + (g * N_Q + offs_m[:, None, None]) * N_WORDS + w[None, :, :],
+                        mask=(offs_m < N_Q)[:, None, None] & (w < N_WORDS)[None, :, :], other=0)
+        flag = tl.max(tl.max((words != 0).to(tl.int32), axis=2), axis=0)  # (CHUNK,)
+        pos = base + tl.cumsum(flag, 0) - 1
+        tl.store(Blocks + row * N_KB + pos, kb, mask=flag > 0)
+        tl.store(Flags + row * N_KB + kb, flag.to(tl.int8), mask=kb < N_KB)
+        base += tl.sum(flag, 0)
+    tl.store(Counts + row, base)
+
+
+@triton.jit
+def _pack_kernel(
+    AM, KPM, Bits,
+    stride_ab, stride_ah, stride_aq, stride_an,
+    stride_kb, stride_kn,
+    H_OUT, N_Q, N_K, N_WORDS,
+    HAS_AM: tl.constexpr, AM_MASKED: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MASKED: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Pack one (b, h, q) row of uint8 masks into int32 words; bit = 1 means allowed."""
+    row = tl.program_id(0)  # over Bm * Hm * N_Q
+    pid_w = tl.program_id(1)
+    qi = row % N_Q
+    bh = row // N_Q
+    b = bh // H_OUT
+    h = bh % H_OUT
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    bit = tl.arange(0, 32)
+    offs_n = offs_w[:, None] * 32 + bit[None, :]
+    inside = offs_n < N_K
+    allowed = inside
+    if HAS_AM:
+        a = tl.load(AM + b * stride_ab + h * stride_ah + qi * stride_aq + offs_n * stride_an, mask=inside, other=0)
+        if AM_MASKED:
+            allowed = allowed & (a == 0)
+        else:
+            allowed = allowed & (a != 0)
+    if HAS_KPM:
+        kp = tl.load(KPM + b * stride_kb + offs_n * stride_kn, mask=inside, other=0)
+        if KPM_MASKED:
+            allowed = allowed & (kp == 0)
+        else:
+            allowed = allowed & (kp != 0)
+    words = tl.sum(allowed.to(tl.int32) << bit[None, :], axis=1)  # distinct bits: sum == or
+    tl.store(Bits + row * N_WORDS + offs_w, words, mask=offs_w < N_WORDS)
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's TF32 switch (as torch's own matmuls do); other dtypes ignore it."""
+    if interpreter_enabled():
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _acc(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    """Accumulation dtype (torch, triton): fp64 inputs accumulate in fp64, all others in fp32."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _num_splits(bh: int, n_qb: int, n_kb: int, device: torch.device, num_splits: int | None) -> int:
+    """Programs sharing one query block's tiles: enough programs to fill the GPU (~4 per SM)."""
+    if num_splits is None:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        num_splits = triton.cdiv(target, bh * n_qb)
+    return max(1, min(num_splits, n_kb))
+
+
+def tile_lists(bits: torch.Tensor, n_q: int, n_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-empty (query block, key block) tiles of a packed mask at the :data:`TILE` granularity.
+
+    Returns ``blocks`` (Gb, Gh, n_qb, n_kb) int32 — for each query block the ascending indices of the key
+    blocks with at least one allowed bit, in its first ``counts`` entries (the rest is unused) — and
+    ``counts`` (Gb, Gh, n_qb) int32, and ``flags`` (Gb, Gh, n_qb, n_kb) int8 (1 = tile not empty).
+    (Gb, Gh) are the mask's (batch, head) sizes.
+    """
+    bm, bn = TILE
+    n_qb, n_kb = triton.cdiv(n_q, bm), triton.cdiv(n_k, bn)
+    gb, gh, _, n_words = bits.shape
+    bits = bits.contiguous()
+    blocks = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int32)
+    counts = torch.empty((gb, gh, n_qb), device=bits.device, dtype=torch.int32)
+    flags = torch.empty((gb, gh, n_qb, n_kb), device=bits.device, dtype=torch.int8)
+    record_launch("masked_attention_tile_list")
+    _tile_list_kernel[(gb * gh * n_qb,)](
+        bits, blocks, counts, flags, n_q, n_qb, n_words, n_kb,
+        BLOCK_M=bm, WORDS_PER_BLOCK=bn // 32, CHUNK=16 if interpreter_enabled() else 64,
+    )
+    return blocks, counts, flags
+
+
+def _mask_args(bits: torch.Tensor | None, q: torch.Tensor):
+    if bits is None:
+        return q, (0, 0, 0), False  # dummy pointer, never read
+    sb = bits.stride(0) if bits.shape[0] > 1 else 0
+    sh = bits.stride(1) if bits.shape[1] > 1 else 0
+    return bits, (sb, sh, bits.stride(2)), True
+
+
+def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
+    gb, gh, n_qb = counts.shape[:3]
+    return (gh * n_qb if gb > 1 else 0), (n_qb if gh > 1 else 0)
+
+
+def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
+    """Returns (o, lse, blocks, counts, flags): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
+    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass)."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    BD = _block_d(D)
+    acc_t, acc_tl = _acc(q.dtype)
+    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
+    if bits is not None:
+        blocks, counts, flags = tile_lists(bits, M, N)
+    else:  # every tile: the kernels do not read the (empty) lists
+        blocks = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
+        counts = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
+        flags = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int8)
+    splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
+    acc = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
+    mx = torch.empty((splits, B * H, M), device=q.device, dtype=acc_t)
+    lsum = torch.empty_like(mx)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
+    mask, ms, has_mask = _mask_args(bits, q)
+    record_launch("masked_attention_fwd")
+    _fwd_kernel[(n_qb, B * H, splits)](
+        q, k, v, mask, blocks, counts, acc, mx, lsum, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
+        HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
+    )
+    bm = 16 if interpreter_enabled() else 64
+    record_launch("masked_attention_combine")
+    _combine_kernel[(triton.cdiv(M, bm), B * H)](
+        acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
+        ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
+    )
+    return o, lse, blocks, counts, flags
+
+
+def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None):
+    """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    BD = _block_d(D)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    acc_t, acc_tl = _acc(q.dtype)
+    delta = (do.to(acc_t) * o.to(acc_t)).sum(-1).contiguous()  # (B, H, M) rowsum(dO * O)
+    lse = lse.contiguous()
+    mask, ms, has_mask = _mask_args(bits, q)
+    prec = _precision(q.dtype)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
+    record_launch("masked_attention_bwd_dkdv")
+    _bwd_dkdv_kernel[(n_kb, B * H)](
+        q, k, v, do, lse, delta, mask, flags, dk, dv, scale * LOG2E, scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
+        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
+    splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
+    dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
+    record_launch("masked_attention_bwd_dq")
+    _bwd_dq_kernel[(n_qb, B * H, splits)](
+        q, k, v, do, lse, delta, mask, blocks, counts, dq_part, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb,
+        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
+    dq = torch.empty_like(q)
+    dq.copy_((dq_part.sum(0)[..., :D] * scale).view(B, H, M, D))
+    return dq, dk, dv
+
+
+def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,
+         n_q: int, n_k: int) -> torch.Tensor:
+    """Bit-pack masks into (Bm, Hm, n_q, ceil(n_k / 32)) int32 words (bit 1 = allowed).
+
+    attn_mask: bool (Ba, Ha, n_q, n_k) with Ba in {1, batch}, Ha in {1, heads}, any strides, or None.
+    key_padding_mask: bool (batch, n_k) or None. ``*_masked``: True means "True = masked out"
+    (nn.MultiheadAttention's convention); False means "True = allowed" (SDPA's).
+    """
+    ref = attn_mask if attn_mask is not None else key_padding_mask
+    bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
+    hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
+    n_words = triton.cdiv(n_k, 32)
+    bits = torch.empty((bm, hm, n_q, n_words), device=ref.device, dtype=torch.int32)
+    if attn_mask is not None:
+        am = attn_mask.view(torch.uint8)
+        sa = [am.stride(i) if am.shape[i] > 1 else 0 for i in range(4)]
+    else:
+        am, sa = bits, [0, 0, 0, 0]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        sk = [kpm.stride(0), kpm.stride(1)]
+    else:
+        kpm, sk = bits, [0, 0]
+    block_w = 4 if interpreter_enabled() else 64
+    record_launch("masked_attention_pack")
+    _pack_kernel[(bm * hm * n_q, triton.cdiv(n_words, block_w))](
+        am, kpm, bits, *sa, *sk, hm, n_q, n_k, n_words,
+        HAS_AM=attn_mask is not None, AM_MASKED=attn_masked,
+        HAS_KPM=key_padding_mask is not None, KPM_MASKED=kpm_masked, BLOCK_W=block_w,
+    )
+    return bits

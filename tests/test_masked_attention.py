@@ -1,0 +1,335 @@
+"""Masked attention: the Triton kernels (forward and every gradient) against the PyTorch reference and
+against ``torch.nn.MultiheadAttention`` itself. Runs under TRITON_INTERPRET=1 on CPU, compiled on CUDA."""
+import math
+
+import pytest
+import torch
+from helpers import DTYPES_EXACT, EXACT, TOL, assert_close
+
+import fastseg
+from fastseg import ops
+from fastseg.nn import MaskedCrossAttention
+from fastseg.reference import ReferenceMaskedCrossAttention, masked_attention as ref_attention
+
+KERNELS = {"masked_attention_fwd", "masked_attention_combine"}
+BWD_KERNELS = {"masked_attention_bwd_dkdv", "masked_attention_bwd_dq"}
+
+
+def _qkv(B, H, M, N, D, dtype, device):
+    mk = lambda n: torch.randn(B, H, n, D, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
+    return mk(M), mk(N), mk(N)
+
+
+def _check_op(q, k, v, allowed, launches, num_splits=None, tol=None, packed=None):
+    tol = tol or TOL[q.dtype]
+    launches.clear()
+    out = ops.masked_attention(q, k, v, packed if packed is not None else allowed, num_splits=num_splits)
+    ref = ref_attention(q, k, v, allowed, 1.0 / math.sqrt(q.shape[-1]), empty_rows="zero")
+    assert_close(out, ref, tol, "out")
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, tol, f"d{name}")
+    assert KERNELS | BWD_KERNELS <= set(launches), f"Triton kernels did not run: {dict(launches)}"
+    return out, got
+
+
+@pytest.mark.parametrize("dtype", DTYPES_EXACT)
+@pytest.mark.parametrize("D", [16, 24, 64])
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+def test_op_matches_reference(device, triton_launches, dtype, D, density):
+    B, H, M, N = 2, 2, 13, 77  # odd sizes, not multiples of any block
+    q, k, v = _qkv(B, H, M, N, D, dtype, device)
+    allowed = torch.rand(B, H, M, N, device=device) < density
+    _check_op(q, k, v, allowed, triton_launches)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_key_splits(device, triton_launches, num_splits):
+    """The forward and dq passes split the keys; every split count gives the same result."""
+    q, k, v = _qkv(1, 2, 21, 150, 32, EXACT, device)
+    allowed = torch.rand(1, 1, 21, 150, device=device) < 0.3  # shared across heads
+    _check_op(q, k, v, allowed, triton_launches, num_splits=num_splits)
+
+
+def test_no_mask_and_block_sparse(device, triton_launches):
+    q, k, v = _qkv(1, 2, 40, 130, 16, torch.float32, device)
+    _check_op(q, k, v, None, triton_launches)
+    # whole key tiles masked for whole query blocks: exercised by the tile skipping
+    allowed = torch.zeros(1, 2, 40, 130, dtype=torch.bool, device=device)
+    allowed[:, :, :16, 100:] = True
+    allowed[:, :, 16:, :20] = True
+    allowed[:, 1, 30:, 64:70] = True
+    _check_op(q, k, v, allowed, triton_launches)
+
+
+def test_empty_rows_are_zero_not_nan(device, triton_launches):
+    q, k, v = _qkv(2, 2, 9, 45, 16, EXACT, device)
+    allowed = torch.rand(2, 2, 9, 45, device=device) < 0.4
+    allowed[0, 1, 3] = False
+    allowed[1, :, 8] = False
+    allowed[:, :, 5, :3] = True
+    out, (dq, dk, dv) = _check_op(q, k, v, allowed, triton_launches)
+    assert out[0, 1, 3].abs().max() == 0 and out[1, :, 8].abs().max() == 0
+    assert dq[0, 1, 3].abs().max() == 0
+    everything_masked = torch.zeros_like(allowed)
+    out, grads = _check_op(q, k, v, everything_masked, triton_launches)
+    assert out.abs().max() == 0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_half_precision(device, triton_launches):
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _qkv(1, 2, 17, 70, 32, dtype, device)
+        allowed = torch.rand(1, 2, 17, 70, device=device) < 0.5
+        triton_launches.clear()
+        out = ops.masked_attention(q, k, v, allowed)
+        assert out.dtype == dtype
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = ref_attention(qf, kf, vf, allowed, empty_rows="zero")
+        assert_close(out, ref, TOL[dtype], str(dtype))
+        grad = torch.randn_like(ref)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+        want = torch.autograd.grad(ref, (qf, kf, vf), grad)
+        for name, g, w in zip("qkv", got, want):
+            assert g.dtype == dtype
+            assert_close(g, w, 2 * TOL[dtype], f"d{name} {dtype}")
+        assert KERNELS | BWD_KERNELS <= set(triton_launches)
+
+
+def test_strided_inputs(device, triton_launches):
+    """Views from a (B, S, H·D) projection and a non-contiguous head dim are both handled."""
+    B, H, M, N, D = 2, 3, 10, 33, 16
+    x = torch.randn(B, M, H * D, dtype=EXACT, device=device)
+    q = x.unflatten(-1, (H, D)).permute(0, 2, 1, 3).requires_grad_()
+    kv = torch.randn(B, H, D, N, 2, dtype=EXACT, device=device)
+    k = kv[..., 0].transpose(2, 3).requires_grad_()  # head dim not contiguous: copied once
+    v = kv[..., 1].transpose(2, 3).requires_grad_()
+    allowed = torch.rand(B * H, M, N, device=device) < 0.5
+    _check_op(q, k, v, allowed.view(B, H, M, N), triton_launches)
+
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+def test_pack_kernel_matches_torch_pack(device, triton_launches):
+    B, H, M, N = 2, 3, 7, 71
+    am = torch.rand(B * H, M, N, device=device) < 0.5
+    kpm = torch.rand(B, N, device=device) < 0.2
+    for masked in (False, True):
+        packed = ops.pack_mask(am, kpm, batch=B, heads=H, num_queries=M, num_keys=N, masked=masked)
+        assert "masked_attention_pack" in triton_launches
+        allowed = (~am if masked else am).view(B, H, M, N) & (~kpm if masked else kpm).view(B, 1, 1, N)
+        assert torch.equal(ops.unpack_mask(packed), allowed)
+        with fastseg.use_backend("torch"):
+            assert torch.equal(ops.pack_mask(am, kpm, batch=B, heads=H, num_queries=M, num_keys=N,
+                                             masked=masked).bits, packed.bits)
+    shared = ops.pack_mask(am[:1].view(M, N), batch=B, heads=H, num_queries=M, num_keys=N)
+    assert shared.bits.shape == (1, 1, M, 3)  # one copy for every batch and head
+    expanded = am[:B].view(B, 1, M, N).expand(B, H, M, N).reshape(B * H, M, N)
+    assert ops.pack_mask(expanded.view(B, H, M, N).expand(B, H, M, N), batch=B, heads=H, num_queries=M,
+                         num_keys=N).bits.shape[:2] == (B, H)
+
+
+def test_packed_mask_input(device, triton_launches):
+    q, k, v = _qkv(2, 2, 12, 40, 16, EXACT, device)
+    allowed = torch.rand(2, 1, 12, 40, device=device) < 0.5
+    packed = ops.pack_mask(allowed, batch=2, heads=2, num_queries=12, num_keys=40)
+    assert packed.bits.shape == (2, 1, 12, 2)
+    _check_op(q, k, v, allowed, triton_launches, packed=packed)
+
+
+# --------------------------------------------------------------------------------- drop-in module
+
+
+def _module_inputs(batch_first, B, M, L, E, kdim, vdim, device, dtype=EXACT):
+    shp = lambda s, e: (B, s, e) if batch_first else (s, B, e)  # noqa: E731
+    return (torch.randn(shp(M, E), device=device, dtype=dtype, requires_grad=True),
+            torch.randn(shp(L, kdim), device=device, dtype=dtype, requires_grad=True),
+            torch.randn(shp(L, vdim), device=device, dtype=dtype, requires_grad=True))
+
+
+def _compare_with_mha(mha, mod, inputs, launches, **kwargs):
+    launches.clear()
+    out, weights = mod(*inputs, **kwargs)
+    assert weights is None
+    want, _ = mha(*inputs, need_weights=False, **kwargs)
+    assert_close(out, want, TOL[out.dtype], "output")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(inputs) + list(mod.parameters()), grad)
+    ref = torch.autograd.grad(want, list(inputs) + list(mha.parameters()), grad)
+    names = ["query", "key", "value"] + [n for n, _ in mod.named_parameters()]
+    for name, g, w in zip(names, got, ref):
+        assert_close(g, w, TOL[out.dtype], f"grad {name}")
+    assert KERNELS | BWD_KERNELS <= set(launches), f"Triton kernels did not run: {dict(launches)}"
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mask_kind", ["2d", "per_head", "float", "kpm_only"])
+def test_module_matches_nn_multihead_attention(device, triton_launches, batch_first, mask_kind):
+    E, H, B, M, L = 48, 3, 2, 11, 37
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=batch_first, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention(E, H, batch_first=batch_first, device=device, dtype=EXACT)
+    mod.load_state_dict(mha.state_dict())
+    inputs = _module_inputs(batch_first, B, M, L, E, E, E, device)
+    kpm = torch.rand(B, L, device=device) < 0.2
+    kpm[:, 0] = False
+    kwargs = {"key_padding_mask": kpm}
+    if mask_kind == "2d":
+        kwargs["attn_mask"] = torch.rand(M, L, device=device) < 0.5
+    elif mask_kind == "per_head":
+        kwargs["attn_mask"] = torch.rand(B * H, M, L, device=device) < 0.7
+    elif mask_kind == "float":
+        am = torch.zeros(B * H, M, L, device=device, dtype=EXACT)
+        kwargs["attn_mask"] = am.masked_fill(torch.rand(B * H, M, L, device=device) < 0.5, float("-inf"))
+        kwargs["key_padding_mask"] = torch.zeros(B, L, device=device, dtype=EXACT).masked_fill(kpm, float("-inf"))
+    if mask_kind != "kpm_only":  # nn.MultiheadAttention gives NaN on empty rows: keep one key open
+        am = kwargs["attn_mask"]
+        if am.dtype == torch.bool:
+            am[..., 0] = False
+        else:
+            am[..., 0] = 0.0
+    _compare_with_mha(mha, mod, inputs, triton_launches, **kwargs)
+
+
+def test_module_kdim_vdim_no_bias_unbatched(device, triton_launches):
+    E, H, M, L = 32, 2, 9, 26
+    mha = torch.nn.MultiheadAttention(E, H, bias=False, kdim=20, vdim=12, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention.from_mha(mha)
+    assert set(mod.state_dict()) == set(mha.state_dict())
+    inputs = _module_inputs(False, 2, M, L, E, 20, 12, device)
+    mask = torch.rand(M, L, device=device) < 0.5
+    mask[:, 3] = False
+    _compare_with_mha(mha, mod, inputs, triton_launches, attn_mask=mask)
+    unbatched = [t[:, 0].detach().requires_grad_() for t in inputs]  # (S, E)
+    _compare_with_mha(mha, mod, unbatched, triton_launches, attn_mask=mask)
+
+
+def test_module_positional_call_and_reference_module(device, triton_launches):
+    """Positional arguments in nn.MultiheadAttention's order; the reference module agrees too."""
+    E, H, B, M, L = 32, 4, 2, 7, 20
+    ref = ReferenceMaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention.from_mha(ref)
+    q, k, v = _module_inputs(True, B, M, L, E, E, E, device)
+    kpm = torch.zeros(B, L, dtype=torch.bool, device=device)
+    am = torch.rand(B * H, M, L, device=device) < 0.5
+    am[:, :, 0] = False
+    out = mod(q, k, v, kpm, False, am)[0]
+    assert_close(out, ref(q, k, v, kpm, False, am)[0], TOL[EXACT], "reference module")
+
+
+def test_module_empty_rows_give_out_proj_bias(device, triton_launches):
+    E, H = 16, 2
+    mod = MaskedCrossAttention(E, H, device=device, dtype=EXACT)
+    ref = ReferenceMaskedCrossAttention(E, H, empty_rows="zero", device=device, dtype=EXACT)
+    ref.load_state_dict(mod.state_dict())
+    q, k, v = _module_inputs(False, 2, 5, 12, E, E, E, device)
+    mask = torch.rand(5, 12, device=device) < 0.5
+    mask[2] = True  # query 2 masked everywhere
+    out = mod(q, k, v, attn_mask=mask)[0]
+    assert torch.isfinite(out).all()
+    assert_close(out[2], mod.out_proj.bias.expand(2, E), 1e-12, "empty row")
+    assert_close(out, ref(q, k, v, attn_mask=mask)[0], TOL[EXACT], "reference with empty_rows='zero'")
+
+
+def test_torch_backend_matches(device):
+    """The plain-PyTorch path (CPU without the interpreter) computes the same function."""
+    E, H = 32, 4
+    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
+    q, k, v = _module_inputs(True, 2, 6, 19, E, E, E, device)
+    mask = torch.rand(2 * H, 6, 19, device=device) < 0.5
+    mask[:, 1] = True
+    out = mod(q, k, v, attn_mask=mask)[0]
+    with fastseg.use_backend("torch"):
+        fastseg.launches.clear()
+        out_torch = mod(q, k, v, attn_mask=mask)[0]
+        assert not fastseg.launches
+    assert_close(out, out_torch, TOL[EXACT], "torch backend")
+
+
+def test_autocast(device, triton_launches):
+    E, H = 32, 2
+    mod = MaskedCrossAttention(E, H, batch_first=True, device=device)
+    q, k, v = _module_inputs(True, 2, 8, 30, E, E, E, device, dtype=torch.float32)
+    mask = torch.rand(8, 30, device=device) < 0.5
+    mask[:, 0] = False
+    want = mod(q, k, v, attn_mask=mask)[0]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = mod(q, k, v, attn_mask=mask)[0]
+        q16 = q.detach().to(torch.bfloat16)
+        assert ops.masked_attention(q16.view(2, 8, 2, 16).transpose(1, 2), q16.view(2, 8, 2, 16).transpose(1, 2),
+                                    q16.view(2, 8, 2, 16).transpose(1, 2).float()).dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+    assert_close(out, want, 3e-2, "autocast output")
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_torch_compile_no_graph_break(device, triton_launches):
+    E, H = 32, 2
+    mod = MaskedCrossAttention(E, H, batch_first=True, device=device, dtype=EXACT)
+    q, k, v = _module_inputs(True, 2, 8, 30, E, E, E, device)
+    mask = torch.rand(8, 30, device=device) < 0.5
+    mask[:, 0] = False
+    want = mod(q, k, v, attn_mask=mask)[0]
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    triton_launches.clear()
+    out = compiled(q, k, v, attn_mask=mask)[0]
+    assert_close(out, want, TOL[EXACT], "compiled")
+    out.sum().backward()
+    assert KERNELS | BWD_KERNELS <= set(triton_launches)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors(device):
+    E, H = 32, 4
+    mod = MaskedCrossAttention(E, H, device=device)
+    q, k, v = (t.detach() for t in _module_inputs(False, 2, 5, 9, E, E, E, device, dtype=torch.float32))
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        mod(q, k, v, attn_mask=torch.zeros(5, 8, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        mod(q, k, v, attn_mask=torch.zeros(3, 5, 9, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="bool or float"):
+        mod(q, k, v, attn_mask=torch.zeros(5, 9, dtype=torch.int64, device=device))
+    with pytest.raises(NotImplementedError, match="additive float mask"):
+        mod(q, k, v, attn_mask=torch.randn(5, 9, device=device))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        mod(q, k, v, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool, device=device))
+    with pytest.raises(NotImplementedError, match="need_weights=False"):
+        mod(q, k, v, need_weights=True)
+    with pytest.raises(ValueError, match="embed_dim"):
+        mod(q[..., :16], k, v)
+    with pytest.raises(ValueError, match="do not fit"):
+        mod(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="one device"):
+        mod(q, k, v, attn_mask=torch.zeros(5, 9, dtype=torch.bool, device="meta"))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        MaskedCrossAttention(E, H, dropout=0.1, device=device)(q, k, v)
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        MaskedCrossAttention(E, H, add_bias_kv=True)
+    x = torch.randn(1, 2, 5, 16, device=device)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.masked_attention(x, x.double(), x)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ops.masked_attention(x, x[..., :8], x)
+    with pytest.raises(ValueError, match="4-D"):
+        ops.masked_attention(x[0], x, x)
+
+
+def test_tile_lists_skip_exactly_the_empty_tiles(device, triton_launches):
+    from fastseg.kernels import masked_attention as K
+
+    bm, bn = K.TILE
+    M, N = 2 * bm + 3, 5 * bn + 7
+    allowed = torch.zeros(2, 1, M, N, dtype=torch.bool, device=device)
+    allowed[0, 0, 0, 3 * bn + 1] = True  # query block 0 sees key block 3 only
+    allowed[0, 0, 2 * bm + 2, 5 * bn + 6] = True  # the ragged last query block sees the ragged last key block
+    allowed[1, 0, bm:2 * bm, :] = True  # batch 1, query block 1: everything
+    packed = ops.pack_mask(allowed, batch=2, heads=1, num_queries=M, num_keys=N)
+    blocks, counts, flags = K.tile_lists(packed.bits, M, N)
+    assert counts.tolist() == [[[1, 0, 1]], [[0, 6, 0]]]
+    assert blocks[0, 0, 0, 0] == 3 and blocks[0, 0, 2, 0] == 5
+    assert blocks[1, 0, 1].tolist() == list(range(6))
+    assert flags[0, 0, 0].tolist() == [0, 0, 0, 1, 0, 0] and flags[1, 0, 1].tolist() == [1] * 6
