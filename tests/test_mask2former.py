@@ -44,6 +44,8 @@ def test_reference_train_step_and_inference():
     assert out["pred_masks"].shape == (2, 6, 16, 16) and out["pred_logits"].shape == (2, 6, 6)
     sem = model.semantic_inference(out, (64, 64))
     assert sem[0].shape == (5, 64, 64)
+    post = model.semantic_inference(out, (64, 64), image_sizes=[(60, 50), (64, 64)], output_sizes=[(30, 25), (64, 64)])
+    assert post[0].shape == (5, 30, 25) and torch.equal(post[1], sem[1])
     pan, info = model.panoptic_inference(out, (64, 64))[0]
     assert pan.shape == (64, 64) and pan.dtype == torch.int32
     inst = model.instance_inference(out, (64, 64))[0]

@@ -376,10 +376,18 @@ class Mask2Former(nn.Module):
         return results
 
     @torch.no_grad()
-    def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
+    def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None,
+                           image_sizes: list | None = None, output_sizes: list | None = None) -> list:
         """Per image (K, H, W) class scores at ``size`` (the padded input size). Fused outputs are upsampled
-        ``tile_rows`` output rows at a time (default: about 2**24 values per tile)."""
-        return self._per_image(outputs, size, semantic_inference, semantic_inference_streaming, tile_rows)
+        ``tile_rows`` output rows at a time (default: about 2**24 values per tile). With ``image_sizes`` and
+        ``output_sizes`` (per image (h, w)), each result is cropped to its image and resized bilinearly to its
+        output size, as detectron2's ``sem_seg_postprocess``."""
+        results = self._per_image(outputs, size, semantic_inference, semantic_inference_streaming, tile_rows)
+        if image_sizes is not None:
+            output_sizes = output_sizes or image_sizes
+            results = [F.interpolate(r[None, :, : ih, : iw], size=tuple(o), mode="bilinear", align_corners=False)[0]
+                       for r, (ih, iw), o in zip(results, image_sizes, output_sizes)]
+        return results
 
     @torch.no_grad()
     def panoptic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
