@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-import torch
 from torch import nn
 
 __all__ = ["patch", "PatchReport", "OPS"]
