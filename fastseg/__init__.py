@@ -11,7 +11,9 @@ kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before imp
 """
 from ._backend import interpreter_enabled, launches, use_backend
 from . import models, nn, ops, reference
+from .patch import PatchReport, patch
 
 __version__ = "0.1.0"
 
-__all__ = ["models", "nn", "ops", "reference", "use_backend", "launches", "interpreter_enabled", "__version__"]
+__all__ = ["models", "nn", "ops", "reference", "patch", "PatchReport", "use_backend", "launches",
+           "interpreter_enabled", "__version__"]

@@ -1,4 +1,26 @@
-"""Reference models built from fastseg's reference modules (``fused=True`` swaps in the Triton modules)."""
-from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
+"""Reference models (plain PyTorch).
 
-__all__ = ["ContextClusterNet", "coc_tiny", "coc_small", "coc_medium"]
+* :func:`build_mask2former` / :class:`Mask2Former` (``set_fused(True)`` for the memory-lean path),
+  :class:`Mask2FormerDecoder` (the masked-attention decoder alone) and :func:`build_mask2former_criterion`.
+* :func:`build_maskformer` / :class:`MaskFormer`.
+* :func:`mask2former_from_hf`: the reference model from a Hugging Face Mask2Former (same weights).
+* Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
+* :class:`TinyResNet`: small backbone for tests.
+"""
+from .backbones import TinyResNet, backbone_from_name
+from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
+from .convert import mask2former_from_hf
+from .criterion import SetCriterion
+from .mask2former import (Mask2Former, Mask2FormerDecoder, MultiScaleMaskedTransformerDecoder,
+                          build_mask2former, build_mask2former_criterion)
+from .maskformer import MaskFormer, build_maskformer
+from .matcher import HungarianMatcher
+from .pixel_decoder import BasePixelDecoder, MSDeformAttnPixelDecoder
+from . import fused, inference
+
+__all__ = [
+    "TinyResNet", "backbone_from_name", "SetCriterion", "HungarianMatcher", "Mask2Former", "Mask2FormerDecoder",
+    "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
+    "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer", "mask2former_from_hf",
+    "ContextClusterNet", "coc_tiny", "coc_small", "coc_medium",
+]

@@ -1,0 +1,142 @@
+"""The memory-lean ("fused") path of Mask2Former's mask head, in plain PyTorch.
+
+Mask logits are ``x = e · F`` (query embedding e: (Q, C), mask features F: (C, H/4, W/4)). Everything the
+model needs from them is linear in F until the sigmoid, so it never forms (Q, H/4, W/4) logits:
+
+* attention masks: ``resize(e·F) = e·resize(F)``; F is resized once per attention level
+  (:func:`resize_mask_features`) and the mask is the sign of ``e · F_level`` (:func:`level_allowed`);
+* matcher and losses: ``sample(e·F, p) = e·sample(F, p)`` (:func:`shared_point_logits`,
+  :func:`point_logits`, the latter chunked and recomputed in backward so it holds O(chunk) memory);
+* inference: bilinear upsampling is separable and linear, so logits are produced one tile of output rows at
+  a time (:func:`iter_upsampled_logits`).
+
+Floating-point ties (where a bit can differ from the reference path, which rounds differently):
+
+* attention mask: the reference masks where ``sigmoid(x) < 0.5`` with x = resize(e·F); this path masks where
+  ``x < 0`` with x = e·resize(F). The two x differ by rounding (~1 ulp of the dot product), so a bit can flip
+  when |x| is at rounding level; and in float32/bf16 ``sigmoid(x)`` rounds to exactly 0.5 for
+  |x| ≲ 6e-8 / 4e-3, where the reference allows attention but the sign test masks negative x. NaN logits are
+  allowed in both. In float64 with non-degenerate data both agree bit for bit (the tests check it).
+* uncertainty sampling picks the top-k of −|x| over random points; near-equal uncertainties can swap.
+* inference: the argmax over classes/queries and the ``x > 0`` / ``sigmoid ≥ 0.5`` instance/panoptic
+  thresholds see the same rounding-level differences.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .common import point_sample
+
+__all__ = [
+    "resize_mask_features", "level_allowed", "point_logits", "shared_point_logits", "iter_upsampled_logits",
+    "linear_indices",
+]
+
+_CHUNK_ELEMS = 1 << 24  # default working-set bound (elements) of the chunked ops
+
+
+def resize_mask_features(mask_features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, h, w): bilinear, align_corners=False (as the reference resizes logits)."""
+    return F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def level_allowed(embeds: torch.Tensor, level_features: torch.Tensor) -> torch.Tensor:
+    """Attention mask of one level as bool (B, Q, h·w), True = may attend (SDPA convention).
+
+    embeds: (B, Q, C); level_features: (B, C, h, w) from :func:`resize_mask_features`. A key is masked
+    where ``e · F_level < 0`` (the reference's ``sigmoid < 0.5``); a query with every key masked attends
+    everywhere (the official reset).
+    """
+    logits = torch.bmm(embeds.detach(), level_features.flatten(2))
+    allowed = ~(logits < 0)
+    empty = ~allowed.any(-1, keepdim=True)
+    return allowed | empty
+
+
+def _chunk_logits(e: torch.Tensor, feat: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """e: (n, C); feat: (1, C, h, w); coords: (n, P, 2) -> (n, P) = e · point_sample(feat, coords)."""
+    n, p, _ = coords.shape
+    grid = 2.0 * coords.to(feat.dtype) - 1.0
+    s = F.grid_sample(feat, grid.reshape(1, n * p, 1, 2), align_corners=False)  # (1, C, n·P, 1)
+    return torch.einsum("nc,cnp->np", e, s.view(feat.shape[1], n, p))
+
+
+def point_logits(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.Tensor, coords: torch.Tensor,
+                 chunk_elems: int = _CHUNK_ELEMS) -> torch.Tensor:
+    """Mask logits at per-mask points without forming any mask: (N, P).
+
+    embeds: (N, C) (one row per mask); features: (B, C, h, w); batch_idx: (N,) image of each mask;
+    coords: (N, P, 2) in [0, 1] as (x, y). Equal to ``point_sample((e·F)[:, None], coords)[:, 0]``.
+    Chunks of masks are recomputed in backward (activation checkpointing), so the working set is about
+    ``chunk_elems`` elements whatever N, P and the resolution.
+    """
+    N, P, _ = coords.shape
+    if N == 0:
+        return embeds.new_zeros(0, P) + 0 * embeds.sum()
+    C = features.shape[1]
+    per = max(1, chunk_elems // max(1, C * P))
+    order = torch.argsort(batch_idx, stable=True)
+    bidx = batch_idx[order].tolist()
+    grad = torch.is_grad_enabled() and (embeds.requires_grad or features.requires_grad)
+    pieces = []
+    start = 0
+    while start < N:
+        b = bidx[start]
+        stop = start
+        while stop < N and bidx[stop] == b and stop - start < per:
+            stop += 1
+        sel = order[start:stop]
+        args = (embeds[sel], features[b:b + 1], coords[sel])
+        pieces.append(checkpoint(_chunk_logits, *args, use_reentrant=False, preserve_rng_state=False)
+                      if grad else _chunk_logits(*args))
+        start = stop
+    out = torch.cat(pieces, 0)
+    return out[torch.argsort(order)]
+
+
+def shared_point_logits(embeds: torch.Tensor, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Logits of every query at points shared by all queries of one image: (Q, P).
+
+    embeds: (Q, C); features: (C, h, w); coords: (1, P, 2). One sampling of F, then one GEMM.
+    """
+    sampled = point_sample(features[None], coords, align_corners=False)[0]  # (C, P)
+    return embeds @ sampled
+
+
+def linear_indices(out_len: int, in_len: int, device, dtype):
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis:
+    (i0, i1, w0, w1), each (out_len,)."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    scale = torch.tensor(in_len / out_len, dtype=dtype, device=device)
+    dst = torch.arange(out_len, device=device, dtype=dtype)
+    src = (scale * (dst + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(in_len - 1)
+    i1 = torch.where(i0 < in_len - 1, i0 + 1, i0)
+    w1 = (src - i0.to(dtype)).clamp(0, 1)
+    return i0, i1, 1 - w1, w1
+
+
+def iter_upsampled_logits(embeds: torch.Tensor, features: torch.Tensor, size: tuple[int, int],
+                          tile_rows: int | None = None, chunk_elems: int = _CHUNK_ELEMS):
+    """Yield ``(y0, y1, logits)`` with logits (n, y1 − y0, W) = rows y0:y1 of
+    ``F.interpolate((e·F)[None], size, bilinear)[0]``; only one tile of rows is ever held.
+
+    embeds: (n, C); features: (C, h, w); size: (H, W).
+    """
+    H, W = size
+    _, h, w = features.shape
+    n = embeds.shape[0]
+    if tile_rows is None:
+        tile_rows = max(1, chunk_elems // max(1, n * W))
+    ry0, ry1, wy0, wy1 = linear_indices(H, h, features.device, features.dtype)
+    rx0, rx1, wx0, wx1 = linear_indices(W, w, features.device, features.dtype)
+    wy0, wy1, wx0, wx1 = (t.to(features.dtype) for t in (wy0, wy1, wx0, wx1))
+    for y0 in range(0, H, tile_rows):
+        y1 = min(H, y0 + tile_rows)
+        lo, hi = int(ry0[y0]), int(ry1[y1 - 1])
+        rows = torch.einsum("nc,chw->nhw", embeds, features[:, lo:hi + 1])
+        v = rows[:, ry0[y0:y1] - lo] * wy0[y0:y1, None] + rows[:, ry1[y0:y1] - lo] * wy1[y0:y1, None]
+        yield y0, y1, v[:, :, rx0] * wx0 + v[:, :, rx1] * wx1

@@ -1,0 +1,196 @@
+"""``fastseg.patch(model)``: swap every module fastseg has a drop-in for, in place, by structure.
+
+Recognised (each op is skipped, with a note, when its fastseg class is not in this build):
+
+* ``"masked_attention"``: an ``nn.MultiheadAttention`` used as the cross-attention of a transformer decoder
+  layer — attribute named ``multihead_attn`` / ``cross_attn`` / ``encoder_attn`` / ``cross_attention`` in a
+  layer that also holds a ``LayerNorm`` (official Mask2Former ``CrossAttentionLayer``, Hugging Face
+  ``Mask2FormerMaskedAttentionDecoderLayer``, DETR/MaskFormer decoder layers, this project's models) ->
+  :class:`fastseg.nn.MaskedCrossAttention` (``from_mha``). Self-attention is left alone (its callers may use
+  the attention weights). Not replaced: attention dropout > 0, ``add_bias_kv``, ``add_zero_attn``.
+* ``"msca"``: SegNeXt's attention module, official ``AttentionModule`` and mmsegmentation ``MSCAAttention``
+  layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
+* ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
+  ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
+
+Weights (state_dict), device, dtype, ``requires_grad`` and train/eval mode are kept; hooks registered on a
+replaced module are not carried over. Patched and unpatched models compute the same function (to float
+tolerance): the drop-ins implement the originals' math, and a Mask2Former decoder resets fully-masked rows
+before the attention, so the drop-in's empty-row convention (output 0 instead of NaN) never shows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from torch import nn
+
+__all__ = ["patch", "PatchReport", "OPS"]
+
+OPS = ("masked_attention", "msca", "context_cluster")
+_CROSS_NAMES = ("multihead_attn", "cross_attn", "encoder_attn", "cross_attention")
+_MSCA_CONVS = {  # name -> (kernel size, depthwise)
+    "conv0": ((5, 5), True), "conv0_1": ((1, 7), True), "conv0_2": ((7, 1), True),
+    "conv1_1": ((1, 11), True), "conv1_2": ((11, 1), True), "conv2_1": ((1, 21), True),
+    "conv2_2": ((21, 1), True), "conv3": ((1, 1), False),
+}
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What :func:`patch` replaced (``replaced``: (path, op, old class, new class)), what it recognised but
+    left alone (``skipped``: (path, op, reason)) and general ``notes``."""
+
+    replaced: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+    dry_run: bool = False
+
+    def count(self, op: str | None = None) -> int:
+        return sum(1 for r in self.replaced if op is None or r[1] == op)
+
+    def __str__(self) -> str:
+        verb = "would replace" if self.dry_run else "replaced"
+        lines = [f"fastseg.patch: {verb} {len(self.replaced)} module(s)"]
+        lines += [f"  {path}: {old} -> {new} [{op}]" for path, op, old, new in self.replaced]
+        lines += [f"  skipped {path} [{op}]: {why}" for path, op, why in self.skipped]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fastseg_class(name: str):
+    try:
+        return getattr(importlib.import_module("fastseg.nn"), name, None)
+    except ImportError:
+        return None
+
+
+def _parents(model: nn.Module):
+    """Yield (path, parent, attribute name, child) for every submodule (each child once per parent)."""
+    for ppath, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent.named_children():
+            yield (f"{ppath}.{name}" if ppath else name), parent, name, child
+
+
+def _is_cross_attention(parent: nn.Module, name: str, child: nn.Module) -> bool:
+    if not isinstance(child, nn.MultiheadAttention) or name not in _CROSS_NAMES:
+        return False
+    return any(isinstance(m, nn.LayerNorm) for m in parent.children())
+
+
+def _mha_unsupported(m: nn.MultiheadAttention) -> str | None:
+    if m.bias_k is not None or m.add_zero_attn:
+        return "add_bias_kv / add_zero_attn are not supported by the fused kernel"
+    if m.dropout > 0:
+        return f"attention dropout {m.dropout} > 0 is not supported by the fused kernel"
+    return None
+
+
+def _is_msca(m: nn.Module) -> bool:
+    convs = {n: getattr(m, n, None) for n in _MSCA_CONVS}
+    if not all(isinstance(c, nn.Conv2d) for c in convs.values()):
+        return False
+    dim = convs["conv0"].in_channels
+    for n, (k, dw) in _MSCA_CONVS.items():
+        c = convs[n]
+        if c.in_channels != dim or c.out_channels != dim or tuple(c.kernel_size) != k or (dw and c.groups != dim):
+            return False
+    return True
+
+
+def _is_context_cluster(m: nn.Module) -> bool:
+    ok = all(isinstance(getattr(m, n, None), nn.Conv2d) for n in ("f", "v", "proj"))
+    ok = ok and all(isinstance(getattr(m, n, None), nn.Parameter) for n in ("sim_alpha", "sim_beta"))
+    ok = ok and isinstance(getattr(m, "centers_proposal", None), nn.AdaptiveAvgPool2d)
+    return ok and all(hasattr(m, a) for a in ("heads", "head_dim", "fold_w", "fold_h"))
+
+
+def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Copy weights, device, dtype, requires_grad and train/eval mode from ``old``."""
+    ref = next(old.parameters(), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(old.state_dict(), strict=True)
+    flags = dict(old.named_parameters())
+    for n, p in new.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n].requires_grad)
+    return new.train(old.training)
+
+
+def _new_msca(cls, m: nn.Module) -> nn.Module:
+    if hasattr(cls, "from_module"):
+        return cls.from_module(m)
+    return _finish(cls(m.conv0.in_channels), m)
+
+
+def _new_context_cluster(cls, m: nn.Module) -> nn.Module:
+    if hasattr(cls, "from_module"):
+        return cls.from_module(m)
+    pw, ph = m.centers_proposal.output_size if isinstance(m.centers_proposal.output_size, tuple) else \
+        (m.centers_proposal.output_size,) * 2
+    new = cls(m.f.in_channels, m.proj.out_channels, proposal_w=pw, proposal_h=ph, fold_w=m.fold_w,
+              fold_h=m.fold_h, heads=m.heads, head_dim=m.head_dim, return_center=getattr(m, "return_center", False))
+    return _finish(new, m)
+
+
+def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module, PatchReport]:
+    """Replace, in place, every module of ``model`` that fastseg has a drop-in for; returns
+    ``(model, report)``. ``ops``: subset of :data:`OPS` (default: all). ``dry_run``: report only."""
+    ops = OPS if ops is None else tuple([ops] if isinstance(ops, str) else ops)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"unknown ops {sorted(unknown)}; expected a subset of {OPS}")
+    report = PatchReport(dry_run=dry_run)
+    classes = {"masked_attention": _fastseg_class("MaskedCrossAttention"), "msca": _fastseg_class("MSCA"),
+               "context_cluster": _fastseg_class("ContextCluster")}
+    names = {"masked_attention": "MaskedCrossAttention", "msca": "MSCA", "context_cluster": "ContextCluster"}
+    done: dict[int, nn.Module] = {}  # id(old) -> new (a module shared by several parents is replaced once)
+    plan = []
+    for path, parent, name, child in list(_parents(model)):
+        if id(child) in done or any(isinstance(child, c) for c in classes.values() if c is not None):
+            continue
+        if _is_cross_attention(parent, name, child):
+            op = "masked_attention"
+        elif _is_msca(child):
+            op = "msca"
+        elif _is_context_cluster(child):
+            op = "context_cluster"
+        else:
+            continue
+        if op not in ops:
+            continue
+        cls = classes[op]
+        if cls is None:
+            report.skipped.append((path, op, f"fastseg.nn.{names[op]} is not available in this build"))
+            continue
+        why = _mha_unsupported(child) if op == "masked_attention" else None
+        if why:
+            report.skipped.append((path, op, why))
+            continue
+        plan.append((path, parent, name, child, op, cls))
+    for path, parent, name, child, op, cls in plan:
+        report.replaced.append((path, op, type(child).__name__, cls.__name__))
+        if dry_run:
+            continue
+        if id(child) not in done:
+            if op == "masked_attention":
+                done[id(child)] = cls.from_mha(child)
+            elif op == "msca":
+                done[id(child)] = _new_msca(cls, child)
+            else:
+                done[id(child)] = _new_context_cluster(cls, child)
+        setattr(parent, name, done[id(child)])
+    if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
+                                                for m in model.modules()):
+        report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
+                            "(B·heads, Q, HW) mask (empty-row reset by multiplication) before the attention, so "
+                            "the predictor cannot hand over packed masks without rewriting the decoder's forward; "
+                            "MaskedCrossAttention packs that mask once per layer (one pass, heads shared when "
+                            "the mask is expanded)")
+    if any(hasattr(m, "set_fused") for m in model.modules()):
+        report.notes.append("this model has set_fused(True): its decoder then builds the bit-packed attention "
+                            "masks straight from the query embeddings (fastseg.ops.mask_from_embeddings) and "
+                            "computes losses from point-sampled features; not switched on by patch() because "
+                            "it changes the output layout (pred_embeds + mask_features instead of pred_masks)")
+    return model, report

@@ -1,0 +1,22 @@
+"""A tiny Hugging Face Mask2Former (random init from a small config, no download) for the tests."""
+import pytest
+import torch
+
+
+def tiny_hf_mask2former():
+    transformers = pytest.importorskip("transformers")
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=2,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.Mask2FormerConfig(
+        backbone_config=swin, use_pretrained_backbone=False, hidden_dim=32, mask_feature_size=32, feature_size=32,
+        num_queries=6, encoder_layers=1, decoder_layers=3, num_attention_heads=4, dim_feedforward=64,
+        encoder_feedforward_dim=64, num_labels=5, train_num_points=64)
+    torch.manual_seed(0)
+    return transformers.Mask2FormerForUniversalSegmentation(cfg)
+
+
+def targets(dtype, size=64):
+    g = torch.Generator().manual_seed(3)
+    return [{"labels": torch.tensor([1, 3]), "masks": (torch.rand(2, size, size, generator=g) > 0.5).to(dtype)},
+            {"labels": torch.tensor([0]), "masks": (torch.rand(1, size, size, generator=g) > 0.5).to(dtype)}]
