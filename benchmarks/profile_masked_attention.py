@@ -9,7 +9,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from fastseg import ops
 
-from bench_masked_attention import coherent_mask
+from fastseg.bench.ops.masked_attention import blob_mask
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
                    for n in (Q, L, L))
         packed = None
         if dens is not None:
-            allowed = coherent_mask(B, Q, h, w, dens, dev, gen)
+            allowed = blob_mask(B, Q, h, w, dens, gen, torch.device(dev))
             packed = ops.pack_mask(allowed.unsqueeze(1), batch=B, heads=H, num_queries=Q, num_keys=L)
         fwd = lambda: ops.masked_attention(q, k, v, packed)  # noqa: E731
         out = fwd()
