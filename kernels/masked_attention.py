@@ -85,6 +85,27 @@ def _mask_tile(mask_ptr, offs_m, n0, stride_mm, n_q, key_end,
 
 
 @triton.jit
+def _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK: tl.constexpr):
+    """[j_start, j_end): this split's share of the query block's tile list (all N_KB tiles without mask)."""
+    if HAS_MASK:
+        count = tl.load(Counts + tile_row)
+    else:
+        count = N_KB
+    per_split = tl.cdiv(count, tl.num_programs(2))
+    return pid_s * per_split, tl.minimum((pid_s + 1) * per_split, count)
+
+
+@triton.jit
+def _tile_key_start(Blocks, tile_row, j, N_KB, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of the j-th tile of the query block's list (the j-th key block without mask)."""
+    if HAS_MASK:
+        n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
+    else:
+        n0 = j * BLOCK_N
+    return n0
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """tl.dot with fp32 accumulation. PRECISION "upcast": operands go through fp32 first (the
     interpreter's bf16 dot is broken in Triton 3.6, so bf16 takes this path under TRITON_INTERPRET)."""
@@ -125,21 +146,13 @@ def _fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
-    if HAS_MASK:
-        count = tl.load(Counts + tile_row)
-    else:
-        count = N_KB
-    per_split = tl.cdiv(count, tl.num_programs(2))
-    j_end = tl.minimum((pid_s + 1) * per_split, count)
+    j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for j in range(pid_s * per_split, j_end):
-        if HAS_MASK:
-            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
-        else:
-            n0 = j * BLOCK_N
+    for j in range(j_start, j_end):
+        n0 = _tile_key_start(Blocks, tile_row, j, N_KB, HAS_MASK, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
@@ -292,18 +305,10 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
-    if HAS_MASK:
-        count = tl.load(Counts + tile_row)
-    else:
-        count = N_KB
-    per_split = tl.cdiv(count, tl.num_programs(2))
-    j_end = tl.minimum((pid_s + 1) * per_split, count)
+    j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for j in range(pid_s * per_split, j_end):
-        if HAS_MASK:
-            n0 = tl.load(Blocks + tile_row * N_KB + j) * BLOCK_N
-        else:
-            n0 = j * BLOCK_N
+    for j in range(j_start, j_end):
+        n0 = _tile_key_start(Blocks, tile_row, j, N_KB, HAS_MASK, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
         kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
