@@ -1,0 +1,4 @@
+"""Drop-in ``nn.Module`` replacements (same constructors and state_dicts as the originals)."""
+from .msca import MSCA
+
+__all__ = ["MSCA"]

@@ -7,3 +7,6 @@ from .masked_attention import (
 )
 
 __all__ = ["ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention"]
+from .msca import AttentionModule, msca_reference
+
+__all__ += ["AttentionModule", "msca_reference"]
