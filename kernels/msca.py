@@ -41,112 +41,127 @@ NPACK = 110
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+# Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); scratch slots hold one such block per buffer.
 @triton.jit
-def _ld_shift(buf, ii, jj, di: tl.constexpr, dj: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
-    """buf[ii + di, jj + dj] of a (RH, RW) scratch block, 0 outside the block."""
+def _ld_shift(buf, cc, ii, jj, di: tl.constexpr, dj: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
+    """buf[cc, ii + di, jj + dj] of a (BC, RH, RW) scratch block, 0 outside the block."""
     i2 = ii + di
     j2 = jj + dj
     m = (i2 >= 0) & (i2 < RH) & (j2 >= 0) & (j2 < RW)
-    return tl.load(buf + i2 * RW + j2, mask=m, other=0.0)
+    return tl.load(buf + (cc * RH + i2) * RW + j2, mask=m, other=0.0)
 
 
 @triton.jit
-def _conv5x5(xb, sxh, sxw, h, w, H, W, wb, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr):
-    """a0 = b0 + 5x5 depthwise conv of one zero-padded plane at image positions (h, w)."""
-    acc = tl.zeros([RH, RW], ACC) + tl.load(wb + 103)
+def _rsum(v):
+    """(BC, RH, RW) -> (BC,) sum over the block's pixels."""
+    return tl.sum(tl.sum(v, axis=2), axis=1)
+
+
+@triton.jit
+def _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+             ACC: tl.constexpr):
+    """a0 = b0 + 5x5 depthwise conv of zero-padded planes at image positions (h, w)."""
+    acc = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + 103, mask=cm, other=0.0)
     for u in tl.static_range(5):
         hh = h + (u - 2)
-        mh = (hh >= 0) & (hh < H)
+        mh = cm & (hh >= 0) & (hh < H)
         for v in tl.static_range(5):
             ww = w + (v - 2)
             m = mh & (ww >= 0) & (ww < W)
-            acc += tl.load(wb + u * 5 + v) * tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+            xv = tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+            acc += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * xv
     return acc
 
 
 @triton.jit
-def _strip_fwd(bufA, bufT, wb, ii, jj, loc, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr,
-               BH: tl.constexpr, BV: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr):
+def _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, K: tl.constexpr, OH: tl.constexpr,
+               OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
+               RW: tl.constexpr, ACC: tl.constexpr):
     """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 is read from scratch bufA (shifted)."""
-    t = tl.zeros([RH, RW], ACC) + tl.load(wb + BH)
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
     for j in tl.static_range(K):
-        t += tl.load(wb + OH + j) * _ld_shift(bufA, ii, jj, 0, j - K // 2, RH, RW)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
     t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading bufT
     tl.store(bufT + loc, t)
     tl.debug_barrier()
-    v = tl.zeros([RH, RW], ACC) + tl.load(wb + BV)
+    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
     for i in tl.static_range(K):
-        v += tl.load(wb + OV + i) * _ld_shift(bufT, ii, jj, i - K // 2, 0, RH, RW)
+        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld_shift(bufT, cc, ii, jj, i - K // 2, 0, RH, RW)
     return v
 
 
 @triton.jit
-def _strip_bwd(bufA, bufT, bufD, wb, pb, dsb, sdh, sdw, h, w, H, W, ii, jj, loc, in_img, own, ds_c,
+def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc, in_img, own, ds_c,
                K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-               RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr):
+               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr):
     """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0."""
-    P: tl.constexpr = K // 2
-    t = tl.zeros([RH, RW], ACC) + tl.load(wb + BH)
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
     for j in tl.static_range(K):
-        t += tl.load(wb + OH + j) * _ld_shift(bufA, ii, jj, 0, j - P, RH, RW)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
     t = tl.where(in_img, t, 0.0)
     # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]   (ds read from memory, shifted rows)
-    dT = tl.zeros([RH, RW], ACC)
-    mw = (w >= 0) & (w < W)
+    dT = tl.zeros([BC, RH, RW], ACC)
+    mw = cm & (w >= 0) & (w < W)
     for i in tl.static_range(K):
-        hh = h + (P - i)
+        hh = h + (K // 2 - i)
         m = (hh >= 0) & (hh < H) & mw
-        dT += tl.load(wb + OV + i) * tl.load(dsb + hh * sdh + w * sdw, mask=m, other=0.0).to(ACC)
+        dsv = tl.load(dsb + hh * sdh + w * sdw, mask=m, other=0.0).to(ACC)
+        dT += tl.load(wb + OV + i, mask=cm, other=0.0) * dsv
     dT = tl.where(in_img, dT, 0.0)
     tl.debug_barrier()  # previous branch finished reading bufT / bufD
     tl.store(bufT + loc, t)
     tl.store(bufD + loc, dT)
     tl.debug_barrier()
-    tl.store(pb + BV, tl.sum(tl.where(own, ds_c, 0.0)))
+    tl.store(pb + BV, _rsum(tl.where(own, ds_c, 0.0)), mask=pm)
     for i in tl.static_range(K):
-        tl.store(pb + OV + i, tl.sum(tl.where(own, ds_c * _ld_shift(bufT, ii, jj, i - P, 0, RH, RW), 0.0)))
-    tl.store(pb + BH, tl.sum(tl.where(own, dT, 0.0)))
+        tv = _ld_shift(bufT, cc, ii, jj, i - K // 2, 0, RH, RW)
+        tl.store(pb + OV + i, _rsum(tl.where(own, ds_c * tv, 0.0)), mask=pm)
+    tl.store(pb + BH, _rsum(tl.where(own, dT, 0.0)), mask=pm)
     for j in tl.static_range(K):
-        tl.store(pb + OH + j, tl.sum(tl.where(own, dT * _ld_shift(bufA, ii, jj, 0, j - P, RH, RW), 0.0)))
-    r = tl.zeros([RH, RW], ACC)
+        av = _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
+        tl.store(pb + OH + j, _rsum(tl.where(own, dT * av, 0.0)), mask=pm)
+    r = tl.zeros([BC, RH, RW], ACC)
     for j in tl.static_range(K):
-        r += tl.load(wb + OH + j) * _ld_shift(bufD, ii, jj, 0, P - j, RH, RW)
+        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufD, cc, ii, jj, 0, K // 2 - j, RH, RW)
     return r
 
 
 # ------------------------------------------------------------------------------------- depthwise kernels
 @triton.jit
 def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
-                        n_th, n_tw, total, RH: tl.constexpr, RW: tl.constexpr, PH: tl.constexpr,
-                        PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
+                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    ii = tl.arange(0, RH)[:, None]
-    jj = tl.arange(0, RW)[None, :]
-    loc = ii * RW + jj
-    bufA = scr_ptr + pid.to(tl.int64) * (2 * RH * RW)
-    bufT = bufA + RH * RW
+    cc = tl.arange(0, BC)[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    loc = (cc * RH + ii) * RW + jj
+    bufA = scr_ptr + pid.to(tl.int64) * (2 * BC * RH * RW)
+    bufT = bufA + BC * RH * RW
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
         r = item // n_tw
         th = r % n_th
         r = r // n_th
-        c = r % C
-        n = r // C
+        cb = r % n_cb
+        n = r // n_cb
+        c = cb * BC + cc
+        cm = c < C
         h = th * (RH - 2 * PH) - PH + ii
         w = tw * (RW - 2 * PW) - PW + jj
-        in_img = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
         wb = wp_ptr + c * WP
         tl.debug_barrier()  # previous item finished reading bufA
-        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, RH, RW, ACC), 0.0)
+        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(bufA + loc, a0)
         tl.debug_barrier()
-        s = a0 + _strip_fwd(bufA, bufT, wb, ii, jj, loc, in_img, 7, 25, 32, 104, 105, RH, RW, ACC)
-        s += _strip_fwd(bufA, bufT, wb, ii, jj, loc, in_img, 11, 39, 50, 106, 107, RH, RW, ACC)
-        s += _strip_fwd(bufA, bufT, wb, ii, jj, loc, in_img, 21, 61, 82, 108, 109, RH, RW, ACC)
+        s = a0 + _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
@@ -154,52 +169,57 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
 @triton.jit
 def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
                         sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
-                        n_th, n_tw, total, RH: tl.constexpr, RW: tl.constexpr, PH: tl.constexpr,
-                        PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
+                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    ii = tl.arange(0, RH)[:, None]
-    jj = tl.arange(0, RW)[None, :]
-    loc = ii * RW + jj
-    bufA = scr_ptr + pid.to(tl.int64) * (3 * RH * RW)
-    bufT = bufA + RH * RW
-    bufD = bufT + RH * RW
+    c1 = tl.arange(0, BC)
+    cc = c1[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    loc = (cc * RH + ii) * RW + jj
+    bufA = scr_ptr + pid.to(tl.int64) * (3 * BC * RH * RW)
+    bufT = bufA + BC * RH * RW
+    bufD = bufT + BC * RH * RW
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
         r = item // n_tw
         th = r % n_th
         r = r // n_th
-        c = r % C
-        n = r // C
+        cb = r % n_cb
+        n = r // n_cb
+        c = cb * BC + cc
+        cm = c < C
+        pm = cb * BC + c1 < C
         h = th * (RH - 2 * PH) - PH + ii
         w = tw * (RW - 2 * PW) - PW + jj
-        in_img = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         own = in_img & own_t
         xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
         dsb = ds_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
         wb = wp_ptr + c * WP
-        pb = part_ptr + (((n * n_th + th) * n_tw + tw) * C + c).to(tl.int64) * WP
+        pb = part_ptr + (((n * n_th + th) * n_tw + tw) * C + cb * BC + c1).to(tl.int64) * WP
         tl.debug_barrier()
-        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, RH, RW, ACC), 0.0)
+        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(bufA + loc, a0)
         ds_c = tl.load(dsb + h * sdh + w * sdw, mask=in_img, other=0.0).to(ACC)
         tl.debug_barrier()
-        da0 = ds_c + _strip_bwd(bufA, bufT, bufD, wb, pb, dsb, sdh, sdw, h, w, H, W, ii, jj, loc, in_img,
-                                own, ds_c, 7, 25, 32, 104, 105, RH, RW, ACC)
-        da0 += _strip_bwd(bufA, bufT, bufD, wb, pb, dsb, sdh, sdw, h, w, H, W, ii, jj, loc, in_img,
-                          own, ds_c, 11, 39, 50, 106, 107, RH, RW, ACC)
-        da0 += _strip_bwd(bufA, bufT, bufD, wb, pb, dsb, sdh, sdw, h, w, H, W, ii, jj, loc, in_img,
-                          own, ds_c, 21, 61, 82, 108, 109, RH, RW, ACC)
+        da0 = ds_c + _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                                in_img, own, ds_c, 7, 25, 32, 104, 105, BC, RH, RW, ACC)
+        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                          in_img, own, ds_c, 11, 39, 50, 106, 107, BC, RH, RW, ACC)
+        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                          in_img, own, ds_c, 21, 61, 82, 108, 109, BC, RH, RW, ACC)
         da0 = tl.where(in_img, da0, 0.0)
-        tl.store(pb + 103, tl.sum(tl.where(own, da0, 0.0)))
+        tl.store(pb + 103, _rsum(tl.where(own, da0, 0.0)), mask=pm)
         for u in tl.static_range(5):
             hh = h + (u - 2)
-            mh = (hh >= 0) & (hh < H)
+            mh = own & (hh >= 0) & (hh < H)
             for v in tl.static_range(5):
                 ww = w + (v - 2)
-                xv = tl.load(xb + hh * sxh + ww * sxw, mask=own & mh & (ww >= 0) & (ww < W), other=0.0)
-                tl.store(pb + u * 5 + v, tl.sum(da0 * xv.to(ACC)))
+                xv = tl.load(xb + hh * sxh + ww * sxw, mask=mh & (ww >= 0) & (ww < W), other=0.0)
+                tl.store(pb + u * 5 + v, _rsum(da0 * xv.to(ACC)), mask=pm)
         tl.debug_barrier()  # everyone finished reading a0 from bufA
         tl.store(bufA + loc, da0)
         tl.debug_barrier()
@@ -207,7 +227,7 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
                      mask=own, other=0.0).to(ACC)
         for u in tl.static_range(5):
             for v in tl.static_range(5):
-                dx += tl.load(wb + u * 5 + v) * _ld_shift(bufA, ii, jj, 2 - u, 2 - v, RH, RW)
+                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 2 - u, 2 - v, RH, RW)
         ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
         tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
@@ -335,8 +355,20 @@ def _prec(t: torch.Tensor) -> str:
     return "tf32" if (t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and t.is_cuda) else "ieee"
 
 
+#: largest spatial block edge of the depthwise kernels (tests lower it to exercise several tiles).
+BLOCK_CAP = 64
+
+
 def _block(size: int, pad: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(size + 2 * pad)))
+    return min(BLOCK_CAP, max(16, triton.next_power_of_2(size + 2 * pad)))
+
+
+def _channel_block(C: int, RH: int, RW: int) -> int:
+    """Channels per depthwise block: 1 on GPU (one plane per block); under the interpreter as many as fit in
+    16K elements, since interpreted kernels cost per operation, not per element."""
+    if not interpreter_enabled():
+        return 1
+    return max(1, min(triton.next_power_of_2(C), 16384 // (RH * RW)))
 
 
 def _nprog(total: int, device: torch.device) -> int:
@@ -359,14 +391,15 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
     acc_tl, _ = _acc_dtype(x)
     PH = PW = 10
     RH, RW = _block(H, PH), _block(W, PW)
-    n_th, n_tw = triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
-    total = N * C * n_th * n_tw
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
-    scratch = torch.empty(nprog * 2 * RH * RW, dtype=wpack.dtype, device=x.device)
+    scratch = torch.empty(nprog * 2 * BC * RH * RW, dtype=wpack.dtype, device=x.device)
     s = torch.empty_like(x)
     record_launch("msca_dw_fwd")
-    _msca_dw_fwd_kernel[(nprog,)](x, s, wpack, scratch, C, H, W, *x.stride(), *s.stride(), n_th, n_tw, total,
-                                  RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK, ACC=acc_tl,
+    _msca_dw_fwd_kernel[(nprog,)](x, s, wpack, scratch, C, H, W, *x.stride(), *s.stride(), n_cb, n_th, n_tw,
+                                  total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK, ACC=acc_tl,
                                   num_warps=8 if RH * RW >= 4096 else 4)
     return s
 
@@ -422,15 +455,16 @@ def msca_dw_bwd(x, ds, dxd, wpack):
     acc_tl, acc_t = _acc_dtype(x)
     PH, PW = 10, 12
     RH, RW = _block(H, PH), _block(W, PW)
-    n_th, n_tw = triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
-    total = N * C * n_th * n_tw
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
-    scratch = torch.empty(nprog * 3 * RH * RW, dtype=acc_t, device=x.device)
+    scratch = torch.empty(nprog * 3 * BC * RH * RW, dtype=acc_t, device=x.device)
     part = torch.empty(N * n_th * n_tw, C, WPACK, dtype=acc_t, device=x.device)
     dx = torch.empty_like(x)
     assert ds.stride() == dxd.stride()
     record_launch("msca_dw_bwd")
     _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
-                                  *dx.stride(), n_th, n_tw, total, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
+                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
                                   ACC=acc_tl, num_warps=8 if RH * RW >= 4096 else 4)
     return dx, part[:, :, :NPACK].sum(0)
