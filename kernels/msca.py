@@ -20,6 +20,8 @@ Per-channel depthwise parameters travel as one packed row ``wpack[C, 128]`` (see
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -357,10 +359,19 @@ def _prec(t: torch.Tensor) -> str:
 
 #: largest spatial block edge of the depthwise kernels (tests lower it to exercise several tiles).
 BLOCK_CAP = 64
+#: GPU tuning knob: FASTSEG_MSCA_DW_BLOCK="RH_CAP,RW_CAP,NUM_WARPS" (default 64,64,8).
+_ENV_BLOCK = os.environ.get("FASTSEG_MSCA_DW_BLOCK")
 
 
-def _block(size: int, pad: int) -> int:
-    return min(BLOCK_CAP, max(16, triton.next_power_of_2(size + 2 * pad)))
+def _dw_config(H: int, W: int, PH: int, PW: int):
+    """(RH, RW, num_warps) of a depthwise block: power-of-two tile + halo, capped."""
+    cap_h = cap_w = BLOCK_CAP
+    warps = None
+    if _ENV_BLOCK and not interpreter_enabled():
+        cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
+    RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
+    RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
+    return RH, RW, warps or (8 if RH * RW >= 4096 else 4)
 
 
 def _channel_block(C: int, RH: int, RW: int) -> int:
@@ -390,7 +401,7 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
     N, C, H, W = x.shape
     acc_tl, _ = _acc_dtype(x)
     PH = PW = 10
-    RH, RW = _block(H, PH), _block(W, PW)
+    RH, RW, warps = _dw_config(H, W, PH, PW)
     BC = _channel_block(C, RH, RW)
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
@@ -400,7 +411,7 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
     record_launch("msca_dw_fwd")
     _msca_dw_fwd_kernel[(nprog,)](x, s, wpack, scratch, C, H, W, *x.stride(), *s.stride(), n_cb, n_th, n_tw,
                                   total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK, ACC=acc_tl,
-                                  num_warps=8 if RH * RW >= 4096 else 4)
+                                  num_warps=warps)
     return s
 
 
@@ -454,7 +465,7 @@ def msca_dw_bwd(x, ds, dxd, wpack):
     N, C, H, W = x.shape
     acc_tl, acc_t = _acc_dtype(x)
     PH, PW = 10, 12
-    RH, RW = _block(H, PH), _block(W, PW)
+    RH, RW, warps = _dw_config(H, W, PH, PW)
     BC = _channel_block(C, RH, RW)
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
@@ -466,5 +477,5 @@ def msca_dw_bwd(x, ds, dxd, wpack):
     record_launch("msca_dw_bwd")
     _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
                                   *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
-                                  ACC=acc_tl, num_warps=8 if RH * RW >= 4096 else 4)
+                                  ACC=acc_tl, num_warps=warps)
     return dx, part[:, :, :NPACK].sum(0)
