@@ -130,7 +130,12 @@ def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, 
 
 
 # ------------------------------------------------------------------------------------- depthwise kernels
-@triton.jit
+# shape-like ints are not specialised (one compile serves every stage shape); the w-strides are (1 vs C)
+_DW_NOSPEC = ["C", "H", "W", "sxn", "sxc", "sxh", "ssn", "ssc", "ssh", "sdn", "sdc", "sdh", "son", "soc", "soh",
+              "n_cb", "n_th", "n_tw", "total"]
+
+
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("sdn", "sdc", "sdh", "son", "soc", "soh")])
 def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
@@ -168,7 +173,7 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
 def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
                         sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
