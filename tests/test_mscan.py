@@ -2,7 +2,7 @@
 import torch
 
 from fastseg.models import MSCAN, LightHamHead, SegNeXt, mscan_t
-from fastseg.nn import MSCA
+from fastseg.nn import MSCA, MSCANMlp
 from fastseg.reference import AttentionModule
 
 from helpers import assert_close
@@ -20,9 +20,11 @@ def _tiny(fused):
 
 def test_mscan_fused_matches_reference(device, triton_launches):
     ref = _tiny(False).to(device=device, dtype=EXACT).eval()
-    fused = _tiny(True).to(device=device, dtype=EXACT).eval()
+    fused = _tiny("all").to(device=device, dtype=EXACT).eval()  # fused attention and fused MLP
     fused.load_state_dict(ref.state_dict())
     assert sum(isinstance(m, MSCA) for m in fused.modules()) == 4
+    assert sum(isinstance(m, MSCANMlp) for m in fused.modules()) == 4
+    assert not any(isinstance(m, MSCANMlp) for m in _tiny(True).modules())
     assert not any(isinstance(m, MSCA) for m in ref.modules())
     x = torch.randn(1, 3, 29, 35, device=device, dtype=EXACT)
     outs_ref, outs = ref(x), fused(x)
@@ -35,7 +37,7 @@ def test_mscan_fused_matches_reference(device, triton_launches):
     named = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         assert_close(p.grad, named[name].grad, 1e-8 if EXACT == torch.float64 else 1e-3, name)
-    assert triton_launches["msca_dw_bwd"] == 4
+    assert triton_launches["msca_dw_bwd"] == 4 and triton_launches["dwconv3x3_gelu_bwd_dx"] == 4
 
 
 def test_mscan_sizes():

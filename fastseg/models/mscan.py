@@ -2,7 +2,8 @@
 ``mmseg/models/backbones/mscan.py``; SyncBN → BatchNorm2d, mmcv helpers inlined).
 
 ``mscan_t/s/b/l(fused=False)`` build the paper's sizes; ``fused=True`` uses :class:`fastseg.nn.MSCA` (the Triton
-kernels) for every attention module, with an identical state_dict. ``model(x)`` with ``x`` of shape
+kernels) for every attention module, ``fused="all"`` also :class:`fastseg.nn.MSCANMlp` for every MLP (fused
+depthwise 3x3 + bias + GELU); the state_dict is identical either way. ``model(x)`` with ``x`` of shape
 ``(N, 3, H, W)`` returns the 4 stage features ``(N, C_i, H/2^(i+2), W/2^(i+2))`` (ceil-rounded).
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ class MSCAN(nn.Module):
     """Multi-scale convolutional attention network; ``forward`` returns the list of 4 stage features."""
 
     def __init__(self, in_chans=3, embed_dims=(64, 128, 256, 512), mlp_ratios=(4, 4, 4, 4), drop_rate=0.0,
-                 drop_path_rate=0.0, depths=(3, 4, 6, 3), num_stages=4, fused: bool = False):
+                 drop_path_rate=0.0, depths=(3, 4, 6, 3), num_stages=4, fused: bool | str = False):
         super().__init__()
         self.depths = depths
         self.num_stages = num_stages
@@ -169,7 +170,7 @@ class MSCAN(nn.Module):
             setattr(self, f"norm{i + 1}", norm)
         self.init_weights()
         if fused:
-            use_fused_msca(self)
+            use_fused_msca(self, mlp=fused == "all")
 
     def init_weights(self):
         """SegNeXt's init without a checkpoint (normal(0, sqrt(2/fan_out)) convs, unit LayerNorms)."""
@@ -203,17 +204,27 @@ class MSCAN(nn.Module):
         return outs
 
 
-def use_fused_msca(model: nn.Module) -> nn.Module:
-    """Swap every :class:`AttentionModule` in ``model`` for :class:`fastseg.nn.MSCA`, keeping its weights."""
+def use_fused_msca(model: nn.Module, mlp: bool = False) -> nn.Module:
+    """Swap every :class:`AttentionModule` in ``model`` for :class:`fastseg.nn.MSCA` (and with ``mlp=True``
+    every :class:`Mlp` for :class:`fastseg.nn.MSCANMlp`), keeping the weights."""
+    from ..nn.mlp_dwconv import MSCANMlp
     from ..nn.msca import MSCA
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
+            ref = child.conv3.weight if isinstance(child, AttentionModule) else None
             if isinstance(child, AttentionModule) and not isinstance(child, MSCA):
-                new = MSCA(child.conv3.in_channels).to(device=child.conv3.weight.device,
-                                                      dtype=child.conv3.weight.dtype)
-                new.load_state_dict(child.state_dict())
-                setattr(module, name, new)
+                new = MSCA(child.conv3.in_channels)
+            elif mlp and isinstance(child, Mlp) and not isinstance(child, MSCANMlp):
+                ref = child.fc1.weight
+                new = MSCANMlp(child.fc1.in_channels, child.fc1.out_channels, child.fc2.out_channels,
+                               drop=child.drop.p)
+            else:
+                continue
+            new = new.to(device=ref.device, dtype=ref.dtype)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
     return model
 
 
