@@ -45,12 +45,9 @@ NPACK = 110
 # ----------------------------------------------------------------------------------------------- helpers
 # Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); scratch slots hold one such block per buffer.
 @triton.jit
-def _ld_shift(buf, cc, ii, jj, di: tl.constexpr, dj: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
-    """buf[cc, ii + di, jj + dj] of a (BC, RH, RW) scratch block, 0 outside the block."""
-    i2 = ii + di
-    j2 = jj + dj
-    m = (i2 >= 0) & (i2 < RH) & (j2 >= 0) & (j2 < RW)
-    return tl.load(buf + (cc * RH + i2) * RW + j2, mask=m, other=0.0)
+def _ld_shift(buf, loc, di: tl.constexpr, dj: tl.constexpr, RWP: tl.constexpr):
+    """buf at (row + di, col + dj) of each block position; the slot's zero margin (M = 10) makes masks needless."""
+    return tl.load(buf + loc + (di * RWP + dj))
 
 
 @triton.jit
@@ -78,29 +75,29 @@ def _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexp
 @triton.jit
 def _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, K: tl.constexpr, OH: tl.constexpr,
                OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
-               RW: tl.constexpr, ACC: tl.constexpr):
+               RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
     """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 is read from scratch bufA (shifted)."""
     t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
     for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
     t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading bufT
     tl.store(bufT + loc, t)
     tl.debug_barrier()
     v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
     for i in tl.static_range(K):
-        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld_shift(bufT, cc, ii, jj, i - K // 2, 0, RH, RW)
+        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
     return v
 
 
 @triton.jit
 def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc, in_img, own, ds_c,
                K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr):
+               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
     """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0."""
     t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
     for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
     t = tl.where(in_img, t, 0.0)
     # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]   (ds read from memory, shifted rows)
     dT = tl.zeros([BC, RH, RW], ACC)
@@ -117,15 +114,15 @@ def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, 
     tl.debug_barrier()
     tl.store(pb + BV, _rsum(tl.where(own, ds_c, 0.0)), mask=pm)
     for i in tl.static_range(K):
-        tv = _ld_shift(bufT, cc, ii, jj, i - K // 2, 0, RH, RW)
+        tv = _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
         tl.store(pb + OV + i, _rsum(tl.where(own, ds_c * tv, 0.0)), mask=pm)
     tl.store(pb + BH, _rsum(tl.where(own, dT, 0.0)), mask=pm)
     for j in tl.static_range(K):
-        av = _ld_shift(bufA, cc, ii, jj, 0, j - K // 2, RH, RW)
+        av = _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
         tl.store(pb + OH + j, _rsum(tl.where(own, dT * av, 0.0)), mask=pm)
     r = tl.zeros([BC, RH, RW], ACC)
     for j in tl.static_range(K):
-        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufD, cc, ii, jj, 0, K // 2 - j, RH, RW)
+        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufD, loc, 0, K // 2 - j, RW + 2 * M)
     return r
 
 
@@ -138,15 +135,15 @@ _DW_NOSPEC = ["C", "H", "W", "sxn", "sxc", "sxh", "ssn", "ssc", "ssh", "sdn", "s
 @triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("sdn", "sdc", "sdh", "son", "soc", "soh")])
 def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cc = tl.arange(0, BC)[:, None, None]
     ii = tl.arange(0, RH)[None, :, None]
     jj = tl.arange(0, RW)[None, None, :]
-    loc = (cc * RH + ii) * RW + jj
-    bufA = scr_ptr + pid.to(tl.int64) * (2 * BC * RH * RW)
-    bufT = bufA + BC * RH * RW
+    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
+    bufA = scr_ptr + pid.to(tl.int64) * (2 * BC * (RH + 2 * M) * (RW + 2 * M))
+    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
@@ -166,9 +163,9 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(bufA + loc, a0)
         tl.debug_barrier()
-        s = a0 + _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC)
-        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC)
-        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC)
+        s = a0 + _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
@@ -177,17 +174,17 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
 def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
                         sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c1 = tl.arange(0, BC)
     cc = c1[:, None, None]
     ii = tl.arange(0, RH)[None, :, None]
     jj = tl.arange(0, RW)[None, None, :]
-    loc = (cc * RH + ii) * RW + jj
-    bufA = scr_ptr + pid.to(tl.int64) * (3 * BC * RH * RW)
-    bufT = bufA + BC * RH * RW
-    bufD = bufT + BC * RH * RW
+    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
+    bufA = scr_ptr + pid.to(tl.int64) * (3 * BC * (RH + 2 * M) * (RW + 2 * M))
+    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
+    bufD = bufT + BC * (RH + 2 * M) * (RW + 2 * M)
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
@@ -213,11 +210,11 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
         ds_c = tl.load(dsb + h * sdh + w * sdw, mask=in_img, other=0.0).to(ACC)
         tl.debug_barrier()
         da0 = ds_c + _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                                in_img, own, ds_c, 7, 25, 32, 104, 105, BC, RH, RW, ACC)
+                                in_img, own, ds_c, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
         da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                          in_img, own, ds_c, 11, 39, 50, 106, 107, BC, RH, RW, ACC)
+                          in_img, own, ds_c, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
         da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                          in_img, own, ds_c, 21, 61, 82, 108, 109, BC, RH, RW, ACC)
+                          in_img, own, ds_c, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
         da0 = tl.where(in_img, da0, 0.0)
         tl.store(pb + 103, _rsum(tl.where(own, da0, 0.0)), mask=pm)
         for u in tl.static_range(5):
@@ -234,7 +231,7 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
                      mask=own, other=0.0).to(ACC)
         for u in tl.static_range(5):
             for v in tl.static_range(5):
-                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld_shift(bufA, cc, ii, jj, 2 - u, 2 - v, RH, RW)
+                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld_shift(bufA, loc, 2 - u, 2 - v, RW + 2 * M)
         ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
         tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
@@ -364,7 +361,7 @@ def _prec(t: torch.Tensor) -> str:
 
 #: largest spatial block edge of the depthwise kernels (tests lower it to exercise several tiles).
 BLOCK_CAP = 64
-#: GPU tuning knob: FASTSEG_MSCA_DW_BLOCK="RH_CAP,RW_CAP,NUM_WARPS" (default 64,64,8).
+#: GPU tuning knob: FASTSEG_MSCA_DW_BLOCK="RH_CAP,RW_CAP,NUM_WARPS" (default 64,64,16).
 _ENV_BLOCK = os.environ.get("FASTSEG_MSCA_DW_BLOCK")
 
 
@@ -376,7 +373,9 @@ def _dw_config(H: int, W: int, PH: int, PW: int):
         cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
     RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
     RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
-    return RH, RW, warps or (8 if RH * RW >= 4096 else 4)
+    # 16 warps for a 64x64 block keep ~8 pixels per thread: the sm_90 build of the forward then needs 128
+    # registers (80 B spill); 8 warps need 255 registers and spill more (measured with ptxas, not yet timed).
+    return RH, RW, warps or (16 if RH * RW >= 4096 else 8 if RH * RW >= 2048 else 4)
 
 
 def _channel_block(C: int, RH: int, RW: int) -> int:
@@ -392,6 +391,21 @@ def _nprog(total: int, device: torch.device) -> int:
         return max(1, min(total, 4))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(total, sms * 4))
+
+
+MARGIN = 10  # zero margin around each scratch block: covers the largest shift (the 21-tap strips)
+_SCRATCH: dict = {}
+
+
+def _scratch(nprog: int, nbuf: int, BC: int, RH: int, RW: int, dtype, device) -> torch.Tensor:
+    """Per-program scratch slots with zero margins. Kernels only write block interiors, so the margins stay
+    zero and one buffer per geometry is reused across calls (no memset per call)."""
+    n = nprog * nbuf * BC * (RH + 2 * MARGIN) * (RW + 2 * MARGIN)
+    key = (device, dtype, nbuf, BC, RH, RW)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[key] = torch.zeros(n, dtype=dtype, device=device)
+    return buf
 
 
 def _pix_strides(t: torch.Tensor):
@@ -411,12 +425,12 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
-    scratch = torch.empty(nprog * 2 * BC * RH * RW, dtype=wpack.dtype, device=x.device)
+    scratch = _scratch(nprog, 2, BC, RH, RW, wpack.dtype, x.device)
     s = torch.empty_like(x)
     record_launch("msca_dw_fwd")
     _msca_dw_fwd_kernel[(nprog,)](x, s, wpack, scratch, C, H, W, *x.stride(), *s.stride(), n_cb, n_th, n_tw,
                                   total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK, ACC=acc_tl,
-                                  num_warps=warps)
+                                  M=MARGIN, num_warps=warps)
     return s
 
 
@@ -475,12 +489,12 @@ def msca_dw_bwd(x, ds, dxd, wpack):
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
-    scratch = torch.empty(nprog * 3 * BC * RH * RW, dtype=acc_t, device=x.device)
+    scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
     part = torch.empty(N * n_th * n_tw, C, WPACK, dtype=acc_t, device=x.device)
     dx = torch.empty_like(x)
     assert ds.stride() == dxd.stride()
     record_launch("msca_dw_bwd")
     _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
                                   *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
-                                  ACC=acc_tl, num_warps=warps)
+                                  ACC=acc_tl, M=MARGIN, num_warps=warps)
     return dx, part[:, :, :NPACK].sum(0)
