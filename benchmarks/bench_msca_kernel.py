@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--formats", default="nchw,cl", help="comma list of nchw, cl")
+    ap.add_argument("--formats", default="cl,nchw", help="comma list of cl, nchw (MSCAN feeds MSCA channels_last)")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]

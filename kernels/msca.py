@@ -52,8 +52,8 @@ def _ld_shift(buf, loc, di: tl.constexpr, dj: tl.constexpr, RWP: tl.constexpr):
 
 @triton.jit
 def _rsum(v):
-    """(BC, RH, RW) -> (BC,) sum over the block's pixels."""
-    return tl.sum(tl.sum(v, axis=2), axis=1)
+    """(BC, RH, RW) -> (BC,) sum over the block's pixels (one reduction over the flattened pixels)."""
+    return tl.sum(tl.reshape(v, [v.shape[0], v.shape[1] * v.shape[2]], can_reorder=True), axis=1)
 
 
 @triton.jit

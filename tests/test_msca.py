@@ -13,6 +13,15 @@ from fastseg._backend import interpreter_enabled
 # the most exact dtype the kernels run in: fp64 under the interpreter, fp32 on a GPU
 EXACT = torch.float64 if interpreter_enabled() else torch.float32
 
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 references and kernels in true fp32 (cuDNN/cuBLAS TF32 off; the kernels follow cudnn.allow_tf32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
 KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}
 
 
