@@ -26,6 +26,7 @@ from fastseg.reference import AttentionModule
 SHAPES = [
     ("T.s1@512", 32, 128, 128), ("B.s1@512x683", 64, 128, 171), ("B.s2@512", 128, 64, 64),
     ("T.s3@512", 160, 32, 32), ("B.s3@1024", 320, 64, 64), ("B.s4@512", 512, 16, 16),
+    ("tiny", 4, 9, 13),  # smoke test only (--shapes tiny --device cpu)
 ]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TAP_MACS = 25 + 2 * (7 + 11 + 21)
@@ -44,11 +45,25 @@ def _peaks(name: str, dtype: torch.dtype):
     return bw, fp32, tc
 
 
+DEV = "cuda"
+
+
 def _time(fn):
+    if DEV != "cuda":  # smoke test on CPU (TRITON_INTERPRET=1): one timed call
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=40)
 
 
+def _device_name():
+    return torch.cuda.get_device_name() if DEV == "cuda" else DEV
+
+
 def _peak_mem(fn):
+    if DEV != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -58,7 +73,7 @@ def _peak_mem(fn):
 
 
 def bench_one(name, N, C, H, W, dtype, channels_last):
-    dev = "cuda"
+    dev = DEV
     ref = AttentionModule(C).to(dev, dtype)
     fused = MSCA(C).to(dev, dtype)
     fused.load_state_dict(ref.state_dict())
@@ -84,7 +99,7 @@ def bench_one(name, N, C, H, W, dtype, channels_last):
         row[f"{tag}_fwd_ms"] = _time(lambda: fwd(m))
         row[f"{tag}_fwdbwd_ms"] = _time(lambda: fwd_bwd(m))
         row[f"{tag}_fwdbwd_peak_MiB"] = _peak_mem(lambda: fwd_bwd(m))
-    bw, fp32, tc = _peaks(torch.cuda.get_device_name(), dtype)
+    bw, fp32, tc = _peaks(_device_name(), dtype)
     numel = N * C * H * W
     bw_floor = 2 * numel * x.element_size() / bw * 1e3
     compute_floor = (2 * TAP_MACS * numel / fp32 + 2 * C * numel / tc) * 1e3
@@ -102,14 +117,18 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--formats", default="cl,nchw", help="comma list of cl, nchw (MSCAN feeds MSCA channels_last)")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test under TRITON_INTERPRET=1")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
     dtype = DTYPES[args.dtype]
-    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
+    wanted = args.shapes.split(",") if args.shapes else [s[0] for s in SHAPES if s[0] != "tiny"]
+    shapes = [s for s in SHAPES if s[0] in wanted]
     t0 = time.time()
     rows = []
     hdr = (f"{'shape':>14} {'fmt':>5} {'C':>4} {'HxW':>8} | {'fwd ms':>7} {'eager':>7} {'x':>5} | {'f+b ms':>7} "
            f"{'eager':>7} {'x':>5} | {'MiB':>6} {'eager':>6} | {'bw fl':>6} {'cmp fl':>6} {'roof%':>5} | err")
-    print(torch.cuda.get_device_name(), args.dtype, f"batch {args.batch}")
+    print(_device_name(), args.dtype, f"batch {args.batch}")
     print(hdr)
     for fmt in args.formats.split(","):
         for name, C, H, W in shapes:
@@ -121,7 +140,7 @@ def main():
                   f"{r['bw_floor_ms']:6.3f} {r['compute_floor_ms']:6.3f} {100 * r['roofline_fraction']:5.1f} | "
                   f"{r['rel_err_fwd']:.1e}", flush=True)
     with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), dtype=args.dtype, batch=args.batch, rows=rows,
+        json.dump(dict(device=_device_name(), dtype=args.dtype, batch=args.batch, rows=rows,
                        wall_s=time.time() - t0), f, indent=1)
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
 
