@@ -8,7 +8,8 @@ Kernels (x: (N, C, H, W), NCHW or channels_last strides, fp32/fp16/bf16 [fp64 un
 accumulation in fp32, or fp64 for fp64 inputs):
 * ``_msca_dw_fwd_kernel``: s for a tile of one (n, c) plane. a0 over tile + halo (10 each side) is
   computed from x, T_k over tile + row halo from a0; a0 and T_k live in a small per-program scratch slot
-  (persistent grid, so the slots stay in L1/L2), never as full feature maps.
+  (persistent grid, so the slots stay in L1/L2), never as full feature maps. Slots have a zero margin of 10,
+  so shifted scratch reads need no masks; tl.debug_barrier() orders the block's writes and shifted reads.
 * ``_msca_pw_fwd_kernel``: GEMM (pixels x C) @ W3^T with the bias + gate-by-x epilogue.
 * ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass.
 * ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
