@@ -4,6 +4,8 @@
   :class:`Mask2FormerDecoder` (the masked-attention decoder alone) and :func:`build_mask2former_criterion`.
 * :func:`build_maskformer` / :class:`MaskFormer`.
 * :func:`mask2former_from_hf`: the reference model from a Hugging Face Mask2Former (same weights).
+* SegNeXt: the MSCAN encoder (:func:`mscan_t` ...) and the light Hamburger head (:func:`segnext_t` ...);
+  ``fused=True`` swaps in :class:`fastseg.nn.MSCA`, ``fused="all"`` also the fused MLP.
 * Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
 * :class:`TinyResNet`: small backbone for tests.
 """
@@ -11,10 +13,12 @@ from .backbones import TinyResNet, backbone_from_name
 from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
 from .convert import mask2former_from_hf
 from .criterion import SetCriterion
+from .ham_head import LightHamHead, SegNeXt, segnext_b, segnext_l, segnext_s, segnext_t
 from .mask2former import (Mask2Former, Mask2FormerDecoder, MultiScaleMaskedTransformerDecoder,
                           build_mask2former, build_mask2former_criterion)
 from .maskformer import MaskFormer, build_maskformer
 from .matcher import HungarianMatcher
+from .mscan import MSCAN, mscan_b, mscan_l, mscan_s, mscan_t, use_fused_msca
 from .pixel_decoder import BasePixelDecoder, MSDeformAttnPixelDecoder
 from . import fused, inference
 
@@ -23,4 +27,6 @@ __all__ = [
     "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
     "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer", "mask2former_from_hf",
     "ContextClusterNet", "coc_tiny", "coc_small", "coc_medium",
+    "MSCAN", "mscan_t", "mscan_s", "mscan_b", "mscan_l", "use_fused_msca",
+    "LightHamHead", "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",
 ]

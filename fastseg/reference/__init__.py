@@ -6,9 +6,10 @@ from .masked_attention import (
     merge_masks,
     multi_head_attention,
 )
+from .msca import AttentionModule, msca_reference
 
 __all__ = [
-    "Cluster",
-    "cluster_core",
-    "pairwise_cos_sim",
-    "ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention"]
+    "Cluster", "cluster_core", "pairwise_cos_sim",
+    "ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention",
+    "AttentionModule", "msca_reference",
+]

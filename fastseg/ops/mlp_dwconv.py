@@ -1,0 +1,55 @@
+"""Fused depthwise 3x3 conv + bias + GELU (the middle of MSCAN's MLP) with autograd.
+
+``dwconv3x3_gelu(x, weight, bias)``: x (N, C, H, W) fp32/fp16/bf16 (fp64 on CPU), NCHW or channels_last;
+weight (C, 1, 3, 3), bias (C,). Returns GELU(conv(x)) (exact erf GELU) in x's dtype and memory format.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+
+__all__ = ["dwconv3x3_gelu"]
+
+
+class _DWConvGELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        from fastseg.kernels import mlp_dwconv as K
+
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = weight.detach().reshape(-1, 9).to(acc).contiguous()
+        b = bias.detach().to(acc).contiguous()
+        ctx.save_for_backward(x, w, b)
+        ctx.dtypes = (weight.dtype, bias.dtype, weight.shape)
+        return K.dwconv3x3_gelu_fwd(x, w, b)
+
+    @staticmethod
+    def backward(ctx, gy):
+        from fastseg.kernels import mlp_dwconv as K
+
+        x, w, b = ctx.saved_tensors
+        wdt, bdt, wshape = ctx.dtypes
+        dx, dw, db = K.dwconv3x3_gelu_bwd(x, gy.to(x.dtype), w, b)
+        return dx, dw.reshape(wshape).to(wdt), db.to(bdt)
+
+
+def dwconv3x3_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(depthwise 3x3 conv(x, weight, bias, padding=1)); see the module docstring."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"dwconv3x3_gelu: x must be 4-D (N, C, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
+    C = x.shape[1]
+    if tuple(weight.shape) != (C, 1, 3, 3) or tuple(bias.shape) != (C,):
+        raise ValueError(f"dwconv3x3_gelu: channel mismatch: x has C={C} but weight {tuple(weight.shape)}, "
+                         f"bias {tuple(bias.shape)} (expected ({C}, 1, 3, 3) and ({C},))")
+    if not x.is_floating_point():
+        raise TypeError(f"dwconv3x3_gelu: x must be floating point, got {x.dtype}")
+    device = _backend.check_same_device("dwconv3x3_gelu", x=x, weight=weight, bias=bias)
+    if _backend.select("dwconv3x3_gelu", device) == "torch":
+        return F.gelu(F.conv2d(x, weight, bias, padding=1, groups=C))
+    if x.dtype == torch.float64 and x.is_cuda:
+        raise TypeError("dwconv3x3_gelu: float64 runs only under the Triton interpreter; use fp32/fp16/bf16 on CUDA")
+    return _DWConvGELU.apply(x, weight, bias)

@@ -1,0 +1,115 @@
+"""MSCA (SegNeXt's multi-scale convolutional attention) as a differentiable fused op.
+
+``msca(x, dw_weights, dw_biases, w3, b3)``: x (N, C, H, W) fp32/fp16/bf16 (fp64 on CPU), NCHW or
+channels_last; ``dw_weights`` the 7 depthwise kernels in the order conv0 (C,1,5,5), conv0_1 (C,1,1,7),
+conv0_2 (C,1,7,1), conv1_1, conv1_2, conv2_1, conv2_2 and ``dw_biases`` their (C,) biases; w3 (C, C, 1, 1),
+b3 (C,). Returns (N, C, H, W) in x's dtype and memory format. Dispatch by :func:`fastseg._backend.select`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+
+__all__ = ["msca", "pack_dw_params", "DW_NAMES"]
+
+DW_NAMES = ("conv0", "conv0_1", "conv0_2", "conv1_1", "conv1_2", "conv2_1", "conv2_2")
+_SHAPES = ((5, 5), (1, 7), (7, 1), (1, 11), (11, 1), (1, 21), (21, 1))
+
+
+def pack_dw_params(dw_weights: Sequence[torch.Tensor], dw_biases: Sequence[torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """(C, 128) row per channel: the 103 depthwise taps then the 7 biases, zero padded (differentiable)."""
+    from fastseg.kernels.msca import NPACK, WPACK
+
+    C = dw_weights[0].shape[0]
+    cols = [w.reshape(C, -1) for w in dw_weights] + [b.reshape(C, 1) for b in dw_biases]
+    packed = torch.cat([c.to(dtype) for c in cols], dim=1)
+    return F.pad(packed, (0, WPACK - NPACK))
+
+
+def _torch_msca(x, dw_weights, dw_biases, w3, b3):
+    C = x.shape[1]
+    a0 = F.conv2d(x, dw_weights[0], dw_biases[0], padding=2, groups=C)
+    out = a0
+    for i in range(3):
+        k = _SHAPES[2 * i + 1][1]
+        t = F.conv2d(a0, dw_weights[2 * i + 1], dw_biases[2 * i + 1], padding=(0, k // 2), groups=C)
+        out = out + F.conv2d(t, dw_weights[2 * i + 2], dw_biases[2 * i + 2], padding=(k // 2, 0), groups=C)
+    return F.conv2d(out, w3, b3) * x
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x as it is when NCHW- or channels_last-contiguous, else NCHW-contiguous."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+class _MSCAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wpack, w3, b3):
+        from fastseg.kernels import msca as K
+
+        C = x.shape[1]
+        x = _dense(x)
+        acc = wpack.dtype
+        w3m = w3.detach().reshape(C, C).to(x.dtype).contiguous()
+        b3a = b3.detach().to(acc).contiguous()
+        wp = wpack.detach().contiguous()
+        s = K.msca_dw_fwd(x, wp)
+        y = K.msca_pw_fwd(s, x, w3m, b3a)
+        ctx.save_for_backward(x, s, wp, w3m, b3a)
+        ctx.dtypes = (w3.dtype, b3.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        from fastseg.kernels import msca as K
+
+        x, s, wp, w3m, b3a = ctx.saved_tensors
+        C = x.shape[1]
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        g = g.contiguous(memory_format=fmt).to(x.dtype)
+        ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
+        dw3, db3 = K.msca_w3_bwd(g, x, s)
+        dx, gpack = K.msca_dw_bwd(x, ds, dxd, wp)
+        gpack = F.pad(gpack, (0, K.WPACK - K.NPACK)).to(wp.dtype)
+        return dx, gpack, dw3.reshape(C, C, 1, 1).to(ctx.dtypes[0]), db3.to(ctx.dtypes[1])
+
+
+def _check(x, dw_weights, dw_biases, w3, b3):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"msca: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if len(dw_weights) != 7 or len(dw_biases) != 7:
+        raise ValueError("msca: expected 7 depthwise weights and 7 biases")
+    C = x.shape[1]
+    for name, w, b, (kh, kw) in zip(DW_NAMES, dw_weights, dw_biases, _SHAPES):
+        if tuple(w.shape) != (C, 1, kh, kw) or tuple(b.shape) != (C,):
+            raise ValueError(f"msca: channel mismatch: x has C={C} channels but {name} has weight "
+                             f"{tuple(w.shape)} and bias {tuple(b.shape)} (expected ({C}, 1, {kh}, {kw}) and ({C},))")
+    if tuple(w3.shape) not in ((C, C, 1, 1), (C, C)) or tuple(b3.shape) != (C,):
+        raise ValueError(f"msca: channel mismatch: x has C={C} channels but conv3 has weight {tuple(w3.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"msca: x must be floating point, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError("msca: empty input")
+
+
+def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequence[torch.Tensor],
+         w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """Fused MSCA forward (and backward through autograd); see the module docstring for shapes."""
+    _check(x, dw_weights, dw_biases, w3, b3)
+    device = _backend.check_same_device("msca", x=x, w3=w3, b3=b3, **{n: w for n, w in zip(DW_NAMES, dw_weights)})
+    if _backend.select("msca", device) == "torch":
+        return _torch_msca(x, dw_weights, dw_biases, w3.reshape(x.shape[1], x.shape[1], 1, 1), b3)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"msca: unsupported dtype {x.dtype}")
+    if x.dtype == torch.float64 and x.is_cuda:
+        raise TypeError("msca: float64 runs only under the Triton interpreter (CPU); use fp32/fp16/bf16 on CUDA")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wpack = pack_dw_params(dw_weights, dw_biases, acc)
+    return _MSCAFunction.apply(x, wpack, w3.reshape(x.shape[1], x.shape[1], 1, 1), b3)

@@ -1,0 +1,501 @@
+"""Triton kernels for SegNeXt's MSCA (multi-scale convolutional attention), forward and backward.
+
+Math (per channel c, all depthwise convs zero-padded to keep the size):
+    a0 = conv5x5(x) + b0;  T_k = conv1xk(a0) + bh_k;  s = a0 + sum_k (convkx1(T_k) + bv_k),  k = 7, 11, 21
+    y  = (W3 @ s + b3) * x                                   (1x1 conv over channels, then gate)
+
+Kernels (x: (N, C, H, W), NCHW or channels_last strides, fp32/fp16/bf16 [fp64 under the interpreter];
+accumulation in fp32, or fp64 for fp64 inputs):
+* ``_msca_dw_fwd_kernel``: s for a tile of one (n, c) plane. a0 over tile + halo (10 each side) is
+  computed from x, T_k over tile + row halo from a0; a0 and T_k live in a small per-program scratch slot
+  (persistent grid, so the slots stay in L1/L2), never as full feature maps. Slots have a zero margin of 10,
+  so shifted scratch reads need no masks; tl.debug_barrier() orders the block's writes and shifted reads.
+* ``_msca_pw_fwd_kernel``: GEMM (pixels x C) @ W3^T with the bias + gate-by-x epilogue.
+* ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass.
+* ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
+* ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
+  and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients
+  (reduced over tiles afterwards in a fixed order: deterministic, no atomics).
+
+Per-channel depthwise parameters travel as one packed row ``wpack[C, 128]`` (see ``PACK``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg._backend import interpreter_enabled, record_launch
+
+__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"]
+
+WPACK = 128
+#: column ranges in the packed per-channel parameter row.
+PACK = {
+    "conv0.weight": (0, 25), "conv0_1.weight": (25, 32), "conv0_2.weight": (32, 39),
+    "conv1_1.weight": (39, 50), "conv1_2.weight": (50, 61), "conv2_1.weight": (61, 82),
+    "conv2_2.weight": (82, 103), "conv0.bias": (103, 104), "conv0_1.bias": (104, 105),
+    "conv0_2.bias": (105, 106), "conv1_1.bias": (106, 107), "conv1_2.bias": (107, 108),
+    "conv2_1.bias": (108, 109), "conv2_2.bias": (109, 110),
+}
+NPACK = 110
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+# Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); scratch slots hold one such block per buffer.
+@triton.jit
+def _ld_shift(buf, loc, di: tl.constexpr, dj: tl.constexpr, RWP: tl.constexpr):
+    """buf at (row + di, col + dj) of each block position; the slot's zero margin (M = 10) makes masks needless."""
+    return tl.load(buf + loc + (di * RWP + dj))
+
+
+@triton.jit
+def _rsum(v):
+    """(BC, RH, RW) -> (BC,) sum over the block's pixels (one reduction over the flattened pixels)."""
+    return tl.sum(tl.reshape(v, [v.shape[0], v.shape[1] * v.shape[2]], can_reorder=True), axis=1)
+
+
+@triton.jit
+def _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+             ACC: tl.constexpr):
+    """a0 = b0 + 5x5 depthwise conv of zero-padded planes at image positions (h, w)."""
+    acc = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + 103, mask=cm, other=0.0)
+    for u in tl.static_range(5):
+        hh = h + (u - 2)
+        mh = cm & (hh >= 0) & (hh < H)
+        for v in tl.static_range(5):
+            ww = w + (v - 2)
+            m = mh & (ww >= 0) & (ww < W)
+            xv = tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+            acc += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * xv
+    return acc
+
+
+@triton.jit
+def _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, K: tl.constexpr, OH: tl.constexpr,
+               OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
+               RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
+    """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 is read from scratch bufA (shifted)."""
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    for j in tl.static_range(K):
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
+    t = tl.where(in_img, t, 0.0)
+    tl.debug_barrier()  # previous branch finished reading bufT
+    tl.store(bufT + loc, t)
+    tl.debug_barrier()
+    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
+    for i in tl.static_range(K):
+        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
+    return v
+
+
+@triton.jit
+def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc, in_img, own, ds_c,
+               K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
+               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
+    """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0."""
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    for j in tl.static_range(K):
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
+    t = tl.where(in_img, t, 0.0)
+    # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]   (ds read from memory, shifted rows)
+    dT = tl.zeros([BC, RH, RW], ACC)
+    mw = cm & (w >= 0) & (w < W)
+    for i in tl.static_range(K):
+        hh = h + (K // 2 - i)
+        m = (hh >= 0) & (hh < H) & mw
+        dsv = tl.load(dsb + hh * sdh + w * sdw, mask=m, other=0.0).to(ACC)
+        dT += tl.load(wb + OV + i, mask=cm, other=0.0) * dsv
+    dT = tl.where(in_img, dT, 0.0)
+    tl.debug_barrier()  # previous branch finished reading bufT / bufD
+    tl.store(bufT + loc, t)
+    tl.store(bufD + loc, dT)
+    tl.debug_barrier()
+    tl.store(pb + BV, _rsum(tl.where(own, ds_c, 0.0)), mask=pm)
+    for i in tl.static_range(K):
+        tv = _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
+        tl.store(pb + OV + i, _rsum(tl.where(own, ds_c * tv, 0.0)), mask=pm)
+    tl.store(pb + BH, _rsum(tl.where(own, dT, 0.0)), mask=pm)
+    for j in tl.static_range(K):
+        av = _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
+        tl.store(pb + OH + j, _rsum(tl.where(own, dT * av, 0.0)), mask=pm)
+    r = tl.zeros([BC, RH, RW], ACC)
+    for j in tl.static_range(K):
+        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufD, loc, 0, K // 2 - j, RW + 2 * M)
+    return r
+
+
+# ------------------------------------------------------------------------------------- depthwise kernels
+# shape-like ints are not specialised (one compile serves every stage shape); the w-strides are (1 vs C)
+_DW_NOSPEC = ["C", "H", "W", "sxn", "sxc", "sxh", "ssn", "ssc", "ssh", "sdn", "sdc", "sdh", "son", "soc", "soh",
+              "n_cb", "n_th", "n_tw", "total"]
+
+
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("sdn", "sdc", "sdh", "son", "soc", "soh")])
+def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
+                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cc = tl.arange(0, BC)[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
+    bufA = scr_ptr + pid.to(tl.int64) * (2 * BC * (RH + 2 * M) * (RW + 2 * M))
+    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
+    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    for item in range(pid, total, nprog):
+        tw = item % n_tw
+        r = item // n_tw
+        th = r % n_th
+        r = r // n_th
+        cb = r % n_cb
+        n = r // n_cb
+        c = cb * BC + cc
+        cm = c < C
+        h = th * (RH - 2 * PH) - PH + ii
+        w = tw * (RW - 2 * PW) - PW + jj
+        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        wb = wp_ptr + c * WP
+        tl.debug_barrier()  # previous item finished reading bufA
+        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        tl.store(bufA + loc, a0)
+        tl.debug_barrier()
+        s = a0 + _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
+        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
+        sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
+        tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+
+
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
+def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
+                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c1 = tl.arange(0, BC)
+    cc = c1[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
+    bufA = scr_ptr + pid.to(tl.int64) * (3 * BC * (RH + 2 * M) * (RW + 2 * M))
+    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
+    bufD = bufT + BC * (RH + 2 * M) * (RW + 2 * M)
+    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    for item in range(pid, total, nprog):
+        tw = item % n_tw
+        r = item // n_tw
+        th = r % n_th
+        r = r // n_th
+        cb = r % n_cb
+        n = r // n_cb
+        c = cb * BC + cc
+        cm = c < C
+        pm = cb * BC + c1 < C
+        h = th * (RH - 2 * PH) - PH + ii
+        w = tw * (RW - 2 * PW) - PW + jj
+        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        own = in_img & own_t
+        xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        dsb = ds_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
+        wb = wp_ptr + c * WP
+        pb = part_ptr + (((n * n_th + th) * n_tw + tw) * C + cb * BC + c1).to(tl.int64) * WP
+        tl.debug_barrier()
+        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        tl.store(bufA + loc, a0)
+        ds_c = tl.load(dsb + h * sdh + w * sdw, mask=in_img, other=0.0).to(ACC)
+        tl.debug_barrier()
+        da0 = ds_c + _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                                in_img, own, ds_c, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
+        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                          in_img, own, ds_c, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
+        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
+                          in_img, own, ds_c, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
+        da0 = tl.where(in_img, da0, 0.0)
+        tl.store(pb + 103, _rsum(tl.where(own, da0, 0.0)), mask=pm)
+        for u in tl.static_range(5):
+            hh = h + (u - 2)
+            mh = own & (hh >= 0) & (hh < H)
+            for v in tl.static_range(5):
+                ww = w + (v - 2)
+                xv = tl.load(xb + hh * sxh + ww * sxw, mask=mh & (ww >= 0) & (ww < W), other=0.0)
+                tl.store(pb + u * 5 + v, _rsum(da0 * xv.to(ACC)), mask=pm)
+        tl.debug_barrier()  # everyone finished reading a0 from bufA
+        tl.store(bufA + loc, da0)
+        tl.debug_barrier()
+        dx = tl.load(dxd_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc + h * sdh + w * sdw,
+                     mask=own, other=0.0).to(ACC)
+        for u in tl.static_range(5):
+            for v in tl.static_range(5):
+                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld_shift(bufA, loc, 2 - u, 2 - v, RW + 2 * M)
+        ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
+        tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
+
+
+# ------------------------------------------------------------------------------------- pointwise kernels
+def _pw_configs():
+    if interpreter_enabled():
+        return [triton.Config({"BP": 32, "BJ": 32, "BK": 32}, num_warps=4)]
+    return [triton.Config({"BP": bp, "BJ": bj, "BK": bk}, num_warps=w, num_stages=st)
+            for bp, bj, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+                                      (64, 128, 64, 4, 3), (128, 64, 64, 8, 4)]]
+
+
+@triton.autotune(configs=_pw_configs(), key=["C", "HW", "PREC"])
+@triton.jit
+def _msca_pw_fwd_kernel(s_ptr, x_ptr, w_ptr, b_ptr, y_ptr, C, HW, ssn, ssc, ssp, sxn, sxc, sxp,
+                        syn, syc, syp, PREC: tl.constexpr, ACC: tl.constexpr,
+                        BP: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    n_pb = tl.cdiv(HW, BP)
+    n = (pid // n_pb).to(tl.int64)
+    p = (pid % n_pb) * BP + tl.arange(0, BP)
+    o = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    pm = p < HW
+    om = o < C
+    acc = tl.zeros([BP, BJ], ACC)
+    for k0 in range(0, C, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < C
+        a = tl.load(s_ptr + n * ssn + p[:, None] * ssp + k[None, :] * ssc, mask=pm[:, None] & km[None, :], other=0.0)
+        wt = tl.load(w_ptr + o[None, :] * C + k[:, None], mask=km[:, None] & om[None, :], other=0.0)
+        acc += tl.dot(a, wt, input_precision=PREC)
+    m2 = pm[:, None] & om[None, :]
+    bias = tl.load(b_ptr + o, mask=om, other=0.0).to(ACC)
+    xv = tl.load(x_ptr + n * sxn + p[:, None] * sxp + o[None, :] * sxc, mask=m2, other=0.0).to(ACC)
+    y = (acc + bias[None, :]) * xv
+    tl.store(y_ptr + n * syn + p[:, None] * syp + o[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.autotune(configs=_pw_configs(), key=["C", "HW", "PREC"])
+@triton.jit
+def _msca_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, C, HW,
+                        sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, sdn, sdc, sdp,
+                        PREC: tl.constexpr, ACC: tl.constexpr,
+                        BP: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    n_pb = tl.cdiv(HW, BP)
+    n = (pid // n_pb).to(tl.int64)
+    p = (pid % n_pb) * BP + tl.arange(0, BP)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    pm = p < HW
+    jm = j < C
+    acc_ds = tl.zeros([BP, BJ], ACC)
+    acc_at = tl.zeros([BP, BJ], ACC)
+    for k0 in range(0, C, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < C
+        m_pk = pm[:, None] & km[None, :]
+        m_kj = km[:, None] & jm[None, :]
+        gk = tl.load(g_ptr + n * sgn + p[:, None] * sgp + k[None, :] * sgc, mask=m_pk, other=0.0)
+        xk = tl.load(x_ptr + n * sxn + p[:, None] * sxp + k[None, :] * sxc, mask=m_pk, other=0.0)
+        q = (gk.to(ACC) * xk.to(ACC)).to(xk.dtype)
+        w_kj = tl.load(w_ptr + k[:, None] * C + j[None, :], mask=m_kj, other=0.0)  # W3[o=k, c=j]
+        acc_ds += tl.dot(q, w_kj, input_precision=PREC)
+        sk = tl.load(s_ptr + n * ssn + p[:, None] * ssp + k[None, :] * ssc, mask=m_pk, other=0.0)
+        w_jk = tl.load(w_ptr + j[None, :] * C + k[:, None], mask=m_kj, other=0.0)  # W3[o=j, c=k]
+        acc_at += tl.dot(sk, w_jk, input_precision=PREC)
+    m2 = pm[:, None] & jm[None, :]
+    gj = tl.load(g_ptr + n * sgn + p[:, None] * sgp + j[None, :] * sgc, mask=m2, other=0.0).to(ACC)
+    bias = tl.load(b_ptr + j, mask=jm, other=0.0).to(ACC)
+    off = n * sdn + p[:, None] * sdp + j[None, :] * sdc
+    tl.store(ds_ptr + off, acc_ds.to(ds_ptr.dtype.element_ty), mask=m2)
+    tl.store(dxd_ptr + off, (gj * (acc_at + bias[None, :])).to(dxd_ptr.dtype.element_ty), mask=m2)
+
+
+def _w3_configs():
+    if interpreter_enabled():
+        return [triton.Config({"BO": 32, "BC": 32, "BM": 32}, num_warps=4)]
+    return [triton.Config({"BO": bo, "BC": bc, "BM": bm}, num_warps=w, num_stages=st)
+            for bo, bc, bm, w, st in [(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
+                                      (128, 64, 64, 8, 3)]]
+
+
+@triton.autotune(configs=_w3_configs(), key=["C", "M", "CHUNK", "PREC"])
+@triton.jit
+def _msca_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, pw_ptr, pbias_ptr, C, HW, M, CHUNK,
+                        sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, PREC: tl.constexpr, ACC: tl.constexpr,
+                        BO: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr):
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    o = pid_o * BO + tl.arange(0, BO)
+    cc = pid_c * BC + tl.arange(0, BC)
+    om = o < C
+    cm = cc < C
+    acc = tl.zeros([BO, BC], ACC)
+    accb = tl.zeros([BO], ACC)
+    m_lo = pid_k * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    for m0 in range(m_lo, m_hi, BM):
+        m = m0 + tl.arange(0, BM)
+        mm = m < m_hi
+        n = (m // HW).to(tl.int64)
+        p = m % HW
+        mq = om[:, None] & mm[None, :]
+        gq = tl.load(g_ptr + n[None, :] * sgn + p[None, :] * sgp + o[:, None] * sgc, mask=mq, other=0.0)
+        xq = tl.load(x_ptr + n[None, :] * sxn + p[None, :] * sxp + o[:, None] * sxc, mask=mq, other=0.0)
+        q = (gq.to(ACC) * xq.to(ACC)).to(xq.dtype)
+        sv = tl.load(s_ptr + n[:, None] * ssn + p[:, None] * ssp + cc[None, :] * ssc,
+                     mask=mm[:, None] & cm[None, :], other=0.0)
+        acc += tl.dot(q, sv, input_precision=PREC)
+        accb += tl.sum(q.to(ACC), axis=1)
+    tl.store(pw_ptr + (pid_k * C + o[:, None]).to(tl.int64) * C + cc[None, :], acc,
+             mask=om[:, None] & cm[None, :])
+    if pid_c == 0:
+        tl.store(pbias_ptr + pid_k * C + o, accb, mask=om)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def _acc_dtype(t: torch.Tensor):
+    return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _prec(t: torch.Tensor) -> str:
+    return "tf32" if (t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and t.is_cuda) else "ieee"
+
+
+#: largest spatial block edge of the depthwise kernels (tests lower it to exercise several tiles).
+BLOCK_CAP = 64
+#: GPU tuning knob: FASTSEG_MSCA_DW_BLOCK="RH_CAP,RW_CAP,NUM_WARPS" (default 64,64,16).
+_ENV_BLOCK = os.environ.get("FASTSEG_MSCA_DW_BLOCK")
+
+
+def _dw_config(H: int, W: int, PH: int, PW: int):
+    """(RH, RW, num_warps) of a depthwise block: power-of-two tile + halo, capped."""
+    cap_h = cap_w = BLOCK_CAP
+    warps = None
+    if _ENV_BLOCK and not interpreter_enabled():
+        cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
+    RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
+    RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
+    # 16 warps for a 64x64 block keep ~8 pixels per thread: the sm_90 build of the forward then needs 128
+    # registers (80 B spill); 8 warps need 255 registers and spill more (measured with ptxas, not yet timed).
+    return RH, RW, warps or (16 if RH * RW >= 4096 else 8 if RH * RW >= 2048 else 4)
+
+
+def _channel_block(C: int, RH: int, RW: int) -> int:
+    """Channels per depthwise block: 1 on GPU (one plane per block); under the interpreter as many as fit in
+    16K elements, since interpreted kernels cost per operation, not per element."""
+    if not interpreter_enabled():
+        return 1
+    return max(1, min(triton.next_power_of_2(C), 16384 // (RH * RW)))
+
+
+def _nprog(total: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return max(1, min(total, 4))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(total, sms * 4))
+
+
+MARGIN = 10  # zero margin around each scratch block: covers the largest shift (the 21-tap strips)
+_SCRATCH: dict = {}
+
+
+def _scratch(nprog: int, nbuf: int, BC: int, RH: int, RW: int, dtype, device) -> torch.Tensor:
+    """Per-program scratch slots with zero margins. Kernels only write block interiors, so the margins stay
+    zero and one buffer per geometry is reused across calls (no memset per call)."""
+    n = nprog * nbuf * BC * (RH + 2 * MARGIN) * (RW + 2 * MARGIN)
+    key = (device, dtype, nbuf, BC, RH, RW)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[key] = torch.zeros(n, dtype=dtype, device=device)
+    return buf
+
+
+def _pix_strides(t: torch.Tensor):
+    """(n, c, p) strides of a (N, C, H, W) tensor whose (h, w) dims flatten to one index p = h*W + w."""
+    sn, sc, sh, sw = t.stride()
+    assert sh == t.shape[3] * sw or t.shape[2] == 1, "pixel dims must be dense"
+    return sn, sc, sw
+
+
+def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
+    """s = a0 + sum of the strip branches, shape and strides of ``x``, dtype of ``x``."""
+    N, C, H, W = x.shape
+    acc_tl, _ = _acc_dtype(x)
+    PH = PW = 10
+    RH, RW, warps = _dw_config(H, W, PH, PW)
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_cb * n_th * n_tw
+    nprog = _nprog(total, x.device)
+    scratch = _scratch(nprog, 2, BC, RH, RW, wpack.dtype, x.device)
+    s = torch.empty_like(x)
+    record_launch("msca_dw_fwd")
+    _msca_dw_fwd_kernel[(nprog,)](x, s, wpack, scratch, C, H, W, *x.stride(), *s.stride(), n_cb, n_th, n_tw,
+                                  total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK, ACC=acc_tl,
+                                  M=MARGIN, num_warps=warps)
+    return s
+
+
+def msca_pw_fwd(s: torch.Tensor, x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """y = (W3 @ s + b3) * x; w3 (C, C) in x's dtype, b3 (C,) fp32 (fp64 for fp64 x)."""
+    N, C, H, W = x.shape
+    HW = H * W
+    acc_tl, _ = _acc_dtype(x)
+    y = torch.empty_like(x)
+    grid = lambda META: (N * triton.cdiv(HW, META["BP"]), triton.cdiv(C, META["BJ"]))  # noqa: E731
+    record_launch("msca_pw_fwd")
+    _msca_pw_fwd_kernel[grid](s, x, w3, b3, y, C, HW, *_pix_strides(s), *_pix_strides(x), *_pix_strides(y),
+                              PREC=_prec(x), ACC=acc_tl)
+    return y
+
+
+def msca_pw_bwd(g, x, s, w3, b3):
+    """ds = W3^T (g*x) and dx_direct = g * (W3 @ s + b3), both fp32 (fp64) with the strides of ``x``."""
+    N, C, H, W = x.shape
+    HW = H * W
+    acc_tl, acc_t = _acc_dtype(x)
+    ds = torch.empty_like(x, dtype=acc_t)
+    dxd = torch.empty_like(x, dtype=acc_t)
+    grid = lambda META: (N * triton.cdiv(HW, META["BP"]), triton.cdiv(C, META["BJ"]))  # noqa: E731
+    record_launch("msca_pw_bwd")
+    _msca_pw_bwd_kernel[grid](g, x, s, w3, b3, ds, dxd, C, HW, *_pix_strides(g), *_pix_strides(x),
+                              *_pix_strides(s), *_pix_strides(ds), PREC=_prec(x), ACC=acc_tl)
+    return ds, dxd
+
+
+def msca_w3_bwd(g, x, s):
+    """dW3 (C, C) = sum over pixels of (g*x) s^T and db3 (C,) = sum of g*x; fixed-order split reduction."""
+    N, C, H, W = x.shape
+    HW, M = H * W, N * H * W
+    acc_tl, acc_t = _acc_dtype(x)
+    chunk = 256 if interpreter_enabled() else 4096
+    chunk = max(chunk, triton.cdiv(M, 256))
+    chunk = triton.cdiv(chunk, 128) * 128
+    split = triton.cdiv(M, chunk)
+    pw = torch.empty(split, C, C, dtype=acc_t, device=x.device)
+    pb = torch.empty(split, C, dtype=acc_t, device=x.device)
+    grid = lambda META: (triton.cdiv(C, META["BO"]), triton.cdiv(C, META["BC"]), split)  # noqa: E731
+    record_launch("msca_w3_bwd")
+    _msca_w3_bwd_kernel[grid](g, x, s, pw, pb, C, HW, M, chunk, *_pix_strides(g), *_pix_strides(x),
+                              *_pix_strides(s), PREC=_prec(x), ACC=acc_tl)
+    return pw.sum(0), pb.sum(0)
+
+
+def msca_dw_bwd(x, ds, dxd, wpack):
+    """dx = dxd + (depthwise chain)^T ds, in x's dtype and strides; returns (dx, gpack (C, 110))."""
+    N, C, H, W = x.shape
+    acc_tl, acc_t = _acc_dtype(x)
+    PH, PW = 10, 12
+    RH, RW, warps = _dw_config(H, W, PH, PW)
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_cb * n_th * n_tw
+    nprog = _nprog(total, x.device)
+    scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
+    part = torch.empty(N * n_th * n_tw, C, WPACK, dtype=acc_t, device=x.device)
+    dx = torch.empty_like(x)
+    assert ds.stride() == dxd.stride()
+    record_launch("msca_dw_bwd")
+    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
+                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
+                                  ACC=acc_tl, M=MARGIN, num_warps=warps)
+    return dx, part[:, :, :NPACK].sum(0)

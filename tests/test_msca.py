@@ -1,0 +1,130 @@
+"""fastseg.nn.MSCA (fused Triton MSCA) against SegNeXt's AttentionModule: forward and all 17 gradients."""
+import pytest
+import torch
+
+from fastseg import use_backend
+from fastseg.kernels import msca as K
+from fastseg.nn import MSCA
+from fastseg.reference import AttentionModule
+
+from helpers import TOL, assert_close
+from fastseg._backend import interpreter_enabled
+
+# the most exact dtype the kernels run in: fp64 under the interpreter, fp32 on a GPU
+EXACT = torch.float64 if interpreter_enabled() else torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 references and kernels in true fp32 (cuDNN/cuBLAS TF32 off; the kernels follow cudnn.allow_tf32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}
+
+
+def _pair(C, dtype, device):
+    ref = AttentionModule(C).to(device=device, dtype=dtype)
+    with torch.no_grad():  # non-trivial biases and O(1) outputs
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    fused = MSCA(C).to(device=device, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _check(N, C, H, W, channels_last, dtype, device, launches, tol=None):
+    tol = tol or TOL[dtype]
+    ref, fused = _pair(C, EXACT if dtype in (torch.float16, torch.bfloat16) else dtype, device)
+    fused.to(dtype)
+    x = torch.randn(N, C, H, W, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x_ref = x.detach().to(ref.conv3.weight.dtype).requires_grad_()
+    x_fused = x.detach().clone().requires_grad_()
+    y_ref = ref(x_ref)
+    y = fused(x_fused)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, tol, "forward")
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g.to(dtype))
+    assert_close(x_fused.grad, x_ref.grad, tol, "grad x")
+    named = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert_close(p.grad, named[name].grad, tol, f"grad {name}")
+    assert KERNELS <= set(launches), f"Triton kernels not all launched: {dict(launches)}"
+
+
+@pytest.mark.parametrize("N,C,H,W,channels_last", [
+    (2, 5, 9, 13, False),   # odd sizes smaller than the 21-tap strips
+    (1, 3, 5, 4, True),     # tiny plane, channels_last
+    (1, 6, 23, 1, False),   # one column
+])
+def test_msca_exact(N, C, H, W, channels_last, device, triton_launches):
+    _check(N, C, H, W, channels_last, EXACT, device, triton_launches)
+
+
+def test_msca_fp32_many_channels(device, triton_launches):
+    # C = 37 > the GEMM blocks: several channel blocks in all three pointwise kernels
+    _check(1, 37, 6, 7, True, torch.float32, device, triton_launches)
+
+
+def test_msca_several_tiles(device, triton_launches, monkeypatch):
+    # several tiles per plane: the tile + halo logic and the cross-tile weight-grad reduction
+    if device == "cpu":  # smaller blocks keep the interpreter fast
+        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+        _check(1, 3, 17, 19, True, EXACT, device, triton_launches)
+        _check(1, 2, 15, 13, False, EXACT, device, triton_launches)
+    else:  # the real block size (no extra compile on the GPU)
+        _check(1, 3, 70, 90, True, EXACT, device, triton_launches)
+        _check(2, 2, 50, 47, False, EXACT, device, triton_launches)
+
+
+def test_msca_half(device, triton_launches):
+    if device == "cpu":
+        pytest.skip("fp16 needs a GPU (the interpreter's numpy has no bf16 and slow fp16)")
+    # each (dtype, memory format) compiles its own depthwise backward (~1 min): two combinations only
+    _check(2, 64, 50, 70, True, torch.bfloat16, device, triton_launches)
+    _check(2, 64, 50, 70, False, torch.float16, device, triton_launches)
+
+
+def test_msca_deterministic(device, triton_launches):
+    _, fused = _pair(4, torch.float32, device)
+    x = torch.randn(1, 4, 7, 9, device=device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        fused.zero_grad()
+        x.grad = None
+        fused(x).square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in fused.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_msca_torch_backend_matches(device):
+    ref, fused = _pair(3, torch.float32, "cpu")
+    x = torch.randn(2, 3, 6, 5)
+    with use_backend("torch"):
+        torch.testing.assert_close(fused(x), ref(x))
+
+
+def test_msca_state_dict_keys():
+    assert list(MSCA(8).state_dict()) == list(AttentionModule(8).state_dict())
+
+
+def test_msca_bad_input(device):
+    m = MSCA(4).to(device)
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(4, 8, 8, device=device))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.randn(1, 5, 8, 8, device=device))
+    with pytest.raises(TypeError, match="floating"):
+        from fastseg.ops import msca
+        convs = [getattr(m, n) for n in ("conv0", "conv0_1", "conv0_2", "conv1_1", "conv1_2", "conv2_1", "conv2_2")]
+        msca(torch.ones(1, 4, 3, 3, dtype=torch.int32, device=device), [c.weight for c in convs],
+             [c.bias for c in convs], m.conv3.weight, m.conv3.bias)
