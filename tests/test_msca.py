@@ -7,11 +7,10 @@ from fastseg.kernels import msca as K
 from fastseg.nn import MSCA
 from fastseg.reference import AttentionModule
 
-from helpers import TOL, assert_close
-from fastseg._backend import interpreter_enabled
+from helpers import EXACT, TOL, assert_close
 
 # the most exact dtype the kernels run in: fp64 under the interpreter, fp32 on a GPU
-EXACT = torch.float64 if interpreter_enabled() else torch.float32
+
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,10 @@ from fastseg.models import MSCAN, LightHamHead, SegNeXt, mscan_t
 from fastseg.nn import MSCA, MSCANMlp
 from fastseg.reference import AttentionModule
 
-from helpers import assert_close
-from fastseg._backend import interpreter_enabled
+from helpers import EXACT, assert_close
 
 # the most exact dtype the kernels run in: fp64 under the interpreter, fp32 on a GPU
-EXACT = torch.float64 if interpreter_enabled() else torch.float32
+
 
 
 @pytest.fixture(autouse=True)
