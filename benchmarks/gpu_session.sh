@@ -14,9 +14,9 @@ run timeout 110 python3 -m fastseg bench masked-attention --no-progress --dtype 
     --shape B=2,Q=200,H=128,W=256,density=0.3 --shape B=2,Q=200,H=128,W=256,density=0.05 \
     --shape B=2,Q=200,H=128,W=256,density=1.0 --shape B=8,Q=100,H=64,W=64,density=0.3 \
     --out "$OUT/masked_attention.json"
-run timeout 70 python3 benchmarks/bench_context_cluster_kernel.py --stages 0,2 --batch 64 --dtype bf16 \
+run timeout 65 python3 benchmarks/bench_context_cluster_kernel.py --stages 0,2 --batch 64 --dtype bf16 \
     --out "$OUT/context_cluster.json"
 run timeout 70 python3 benchmarks/bench_msca_kernel.py --formats nchw --batch 16 --dtype bf16 \
     --shapes T.s1@512,B.s1@512x683,T.s3@512 --out "$OUT/msca.json"
-run timeout 30 python3 -m fastseg memprof --no-progress --queries 100,200 --resolutions 512x512,1024x2048 \
+run timeout 22 python3 -m fastseg memprof --no-progress --queries 100,200 --resolutions 512x512,1024x2048 \
     --batch 2 --budget 80GB --plot "$OUT/memprof.png" --out "$OUT/memprof.json"
