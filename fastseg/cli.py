@@ -190,8 +190,12 @@ def cmd_bench(args) -> int:
                       "correctness only); unset it for the CPU path timings.[/]")
     out.print(f"fastseg ops run as: {fastseg_backend(device)}; peak memory: {MEMORY_METHOD[device.type]}; "
               "time: " + ("triton.testing.do_bench median" if device.type == "cuda" else "wall-clock median after warm-up"))
+    partial = None
+    if args.out:  # a sweep cut short (time limit, crash) keeps the cases it measured
+        def partial(rows_so_far):
+            write_results(args.out, rows_so_far, env, command=args.argv, notes=notes + ["partial: run in progress"])
     rows, run_notes = run_bench(work, dtypes, modes, device, impls=impls, console=err,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, on_rows=partial)
     notes += run_notes
     suffix = f"  [{'GPU' if device.type == 'cuda' else 'CPU paths, not kernel timings'}]"
     for table in bench_tables(rows, suffix):

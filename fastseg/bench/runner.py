@@ -32,8 +32,10 @@ def progress_bar(console, enabled: bool = True):
 
 def run_bench(work: list[tuple[OpSpec, list[dict]]], dtypes: list[torch.dtype], modes: list[str],
               device: torch.device, *, impls: Iterable[str] | None = None, console=None, progress: bool = True,
-              timing: bool = True, cpu_budget_s: float = 0.5) -> tuple[list[dict], list[str]]:
-    """Measure every case. Returns (rows, notes). Never raises for a failing/unavailable/OOM case."""
+              timing: bool = True, cpu_budget_s: float = 0.5, on_rows=None) -> tuple[list[dict], list[str]]:
+    """Measure every case. Returns (rows, notes). Never raises for a failing/unavailable/OOM case.
+
+    ``on_rows(rows)``, if given, is called with the rows so far after every case (partial results)."""
     device = torch.device(device)
     impls = set(impls) if impls else None
     rows, notes = [], []
@@ -78,6 +80,8 @@ def run_bench(work: list[tuple[OpSpec, list[dict]]], dtypes: list[torch.dtype], 
                 bar.advance(task)
             _add_ratios(group)
             rows.extend(group)
+            if on_rows is not None:
+                on_rows(rows)
     by_note: dict[tuple[str, str], list[str]] = {}
     for (op, impl), note in unavailable.items():
         by_note.setdefault((op, note), []).append(impl)
