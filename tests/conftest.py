@@ -34,3 +34,13 @@ def triton_launches():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 comparisons in true fp32: cuDNN convolutions and cuBLAS matmuls default to (or may use) TF32 on
+    CUDA, and fastseg's fp32 kernels follow those switches."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

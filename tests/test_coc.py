@@ -11,7 +11,7 @@ from fastseg.models import coc_medium, coc_small, coc_tiny
 from fastseg.nn import ContextCluster
 from fastseg.reference import Cluster
 from helpers import assert_close
-from test_context_cluster import MIN_GAP, _argmax_gap, _no_tf32  # noqa: F401 (autouse fixture)
+from test_context_cluster import MIN_GAP, _argmax_gap
 
 # coc_tiny's fold / proposal settings (folds 8, 4, 2, 1; proposals 2x2) with one small block per stage
 TINY = dict(layers=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32], heads=[2, 2, 2, 2], head_dim=[4, 8, 8, 8],

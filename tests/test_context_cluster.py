@@ -20,13 +20,6 @@ from helpers import TOL, assert_close
 MIN_GAP = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """On CUDA, cuDNN convolutions default to TF32; the comparisons here are in true fp32."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _argmax_gap(xf, alpha, beta, heads, fold_w, fold_h, pw, ph):

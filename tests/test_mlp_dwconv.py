@@ -13,13 +13,6 @@ from helpers import TOL, assert_close
 EXACT = torch.float64 if interpreter_enabled() else torch.float32
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 references and kernels in true fp32 (cuDNN/cuBLAS TF32 off; the kernels follow cudnn.allow_tf32)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 KERNELS = {"dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd_dz", "dwconv3x3_gelu_bwd_dx"}
 
 

@@ -13,13 +13,6 @@ from helpers import EXACT, TOL, assert_close
 
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 references and kernels in true fp32 (cuDNN/cuBLAS TF32 off; the kernels follow cudnn.allow_tf32)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}
 
