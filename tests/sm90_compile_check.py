@@ -1,0 +1,84 @@
+"""Compile fastseg's Triton kernels for an H100 (sm_90) without a GPU, with Triton's bundled ptxas.
+
+The interpreter runs the kernels' Python, not Triton's GPU compiler: some errors (a loop-carried value that
+changes shape, a constexpr misuse) only show when compiling for the GPU. Run with TRITON_INTERPRET unset:
+    python tests/sm90_compile_check.py
+(tests/test_sm90_compile.py runs it in a subprocess.) The MSCA depthwise backward kernel is left out: it
+alone takes ~40 s to compile.
+"""
+import time
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, msca
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap @triton.autotune
+        fn = fn.fn
+    sig = {a: "constexpr" if a in constexprs else ("*" + pointers[a] if a in pointers else
+                                                   ("fp32" if "scale" in a else "i32")) for a in fn.arg_names}
+    t = time.time()
+    triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=constexprs), target=TARGET,
+                   options={"num_warps": num_warps, "num_stages": num_stages})
+    print(f"{fn.__name__}: ok ({time.time() - t:.1f} s)", flush=True)
+
+
+def main():
+    dt = "fp16"
+    K = masked_attention
+    for has_mask in (True, False):
+        c = dict(HAS_MASK=has_mask, PRECISION="ieee", ACC=tl.float32, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64)
+        qkv = {"Q": dt, "K": dt, "V": dt, "Mask": "i32"}
+        compile_for_sm90(K._fwd_kernel, {**qkv, "Blocks": "i32", "Counts": "i32", "Acc": "fp32", "Mx": "fp32",
+                                         "Lsum": "fp32"}, c)
+        bwd = {**qkv, "DO": dt, "LSE": "fp32", "Delta": "fp32"}
+        compile_for_sm90(K._bwd_dq_kernel, {**bwd, "Blocks": "i32", "Counts": "i32", "DQ": "fp32"}, c)
+        compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt}, c)
+    compile_for_sm90(K._combine_kernel, {"Acc": "fp32", "Mx": "fp32", "Lsum": "fp32", "O": dt, "LSE": "fp32"},
+                     dict(ACC=tl.float32, BLOCK_D=32, BLOCK_M=64))
+    compile_for_sm90(K._tile_list_kernel, {"Mask": "i32", "Blocks": "i32", "Counts": "i32", "Flags": "i8"},
+                     dict(BLOCK_M=64, WORDS_PER_BLOCK=2, CHUNK=64))
+    compile_for_sm90(K._pack_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32"},
+                     dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_W=64))
+    compile_for_sm90(attention_mask._sign_pack_kernel, {"E": dt, "F": dt, "Bits": "i32", "Counts": "i32"},
+                     dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
+    cc = context_cluster
+    for use_dot, bm in ((False, 4), (True, 16)):
+        c = dict(RETURN_CENTER=False, ACC=tl.float32, EPS=1e-12, BLOCK_N=64, BLOCK_M=bm, BLOCK_C=32, USE_DOT=use_dot)
+        compile_for_sm90(cc._coc_fwd_kernel, {"x_ptr": dt, "v_ptr": dt, "alpha_ptr": "fp32", "beta_ptr": "fp32",
+                                              "out_ptr": dt, "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
+                                              "agg_ptr": "fp32", "cnt_ptr": "fp32"}, c)
+        compile_for_sm90(cc._coc_bwd_kernel, {"x_ptr": dt, "v_ptr": dt, "g_ptr": dt, "alpha_ptr": "fp32",
+                                              "dx_ptr": dt, "dv_ptr": dt, "dalpha_ptr": "fp32", "dbeta_ptr": "fp32",
+                                              "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
+                                              "agg_ptr": "fp32", "cnt_ptr": "fp32", "tmp_ptr": "fp32",
+                                              "dcos_ptr": "fp32", "dmat_ptr": "fp32"}, c)
+    nchw = dict(BC=1, BP=1024, sxw=1, syw=1)
+    D = mlp_dwconv
+    compile_for_sm90(D._dwgelu_fwd_kernel, {"x_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32", "y_ptr": dt},
+                     dict(ACC=tl.float32, **nchw))
+    compile_for_sm90(D._dwgelu_bwd_dz_kernel, {"x_ptr": dt, "gy_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32",
+                                               "dz_ptr": "fp32", "part_ptr": "fp32"}, dict(ACC=tl.float32, **nchw))
+    compile_for_sm90(D._dwgelu_bwd_dx_kernel, {"dz_ptr": "fp32", "w_ptr": "fp32", "dx_ptr": dt},
+                     dict(ACC=tl.float32, **nchw))
+    M = msca
+    compile_for_sm90(M._msca_dw_fwd_kernel, {"x_ptr": dt, "s_ptr": dt, "wp_ptr": "fp32", "scr_ptr": "fp32"},
+                     dict(BC=1, RH=64, RW=64, PH=10, PW=10, WP=128, ACC=tl.float32, M=10, sxw=1, ssw=1), 16)
+    compile_for_sm90(M._msca_pw_fwd_kernel, {"s_ptr": dt, "x_ptr": dt, "w_ptr": dt, "b_ptr": "fp32", "y_ptr": dt},
+                     dict(PREC="ieee", ACC=tl.float32, BP=128, BJ=128, BK=32), 8)
+    compile_for_sm90(M._msca_pw_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "w_ptr": dt, "b_ptr": "fp32",
+                                             "ds_ptr": "fp32", "dxd_ptr": "fp32"},
+                     dict(PREC="ieee", ACC=tl.float32, BP=64, BJ=128, BK=64))
+    compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "pw_ptr": "fp32",
+                                             "pbias_ptr": "fp32"},
+                     dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
+
+
+if __name__ == "__main__":
+    main()
