@@ -120,3 +120,13 @@ def test_msca_bad_input(device):
         convs = [getattr(m, n) for n in ("conv0", "conv0_1", "conv0_2", "conv1_1", "conv1_2", "conv2_1", "conv2_2")]
         msca(torch.ones(1, 4, 3, 3, dtype=torch.int32, device=device), [c.weight for c in convs],
              [c.bias for c in convs], m.conv3.weight, m.conv3.bias)
+
+
+def test_msca_empty_and_double_backward(device):
+    ref, fused = _pair(3, torch.float32, device)
+    x0 = torch.randn(0, 3, 5, 6, device=device)
+    assert fused(x0).shape == ref(x0).shape == x0.shape  # an empty batch is valid, as for the reference
+    x = torch.randn(1, 3, 4, 5, device=device, requires_grad=True)
+    gx, = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()  # second order is not implemented: an error, never silently missing terms

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _backend
 
@@ -28,6 +29,7 @@ class _DWConvGELU(torch.autograd.Function):
         return K.dwconv3x3_gelu_fwd(x, w, b)
 
     @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of silently dropping terms
     def backward(ctx, gy):
         from fastseg.kernels import mlp_dwconv as K
 
@@ -48,7 +50,7 @@ def dwconv3x3_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     if not x.is_floating_point():
         raise TypeError(f"dwconv3x3_gelu: x must be floating point, got {x.dtype}")
     device = _backend.check_same_device("dwconv3x3_gelu", x=x, weight=weight, bias=bias)
-    if _backend.select("dwconv3x3_gelu", device) == "torch":
+    if x.numel() == 0 or _backend.select("dwconv3x3_gelu", device) == "torch":  # empty: nothing to launch
         return F.gelu(F.conv2d(x, weight, bias, padding=1, groups=C))
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError("dwconv3x3_gelu: float64 runs only under the Triton interpreter; use fp32/fp16/bf16 on CUDA")

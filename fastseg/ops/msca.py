@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _backend
 
@@ -67,6 +68,7 @@ class _MSCAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of silently dropping terms
     def backward(ctx, g):
         from fastseg.kernels import msca as K
 
@@ -95,8 +97,6 @@ def _check(x, dw_weights, dw_biases, w3, b3):
         raise ValueError(f"msca: channel mismatch: x has C={C} channels but conv3 has weight {tuple(w3.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"msca: x must be floating point, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError("msca: empty input")
 
 
 def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequence[torch.Tensor],
@@ -104,7 +104,7 @@ def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequenc
     """Fused MSCA forward (and backward through autograd); see the module docstring for shapes."""
     _check(x, dw_weights, dw_biases, w3, b3)
     device = _backend.check_same_device("msca", x=x, w3=w3, b3=b3, **{n: w for n, w in zip(DW_NAMES, dw_weights)})
-    if _backend.select("msca", device) == "torch":
+    if x.numel() == 0 or _backend.select("msca", device) == "torch":  # empty batch: nothing to launch
         return _torch_msca(x, dw_weights, dw_biases, w3.reshape(x.shape[1], x.shape[1], 1, 1), b3)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"msca: unsupported dtype {x.dtype}")
