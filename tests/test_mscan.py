@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fastseg.models import MSCAN, LightHamHead, SegNeXt, mscan_t
-from fastseg.nn import MSCA, MSCANMlp
+from fastseg.models.mscan import Block
+from fastseg.nn import MSCA, MSCANBlock, MSCANMlp
 from fastseg.reference import AttentionModule
 
 from helpers import EXACT, assert_close
@@ -20,12 +21,39 @@ def _tiny(fused):
                  fused=fused)
 
 
+def _randomize_bn_and_scales(model):
+    """Non-trivial BatchNorm running statistics / affine parameters and layer scales (the defaults fold to
+    the identity, which would hide a wrong fold)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t in (m.running_mean, m.weight, m.bias):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def _no_bn_calls(model):
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Block):
+            for bn in (m.norm1, m.norm2):
+                bn.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
 def test_mscan_fused_matches_reference(device, triton_launches):
-    ref = _tiny(False).to(device=device, dtype=EXACT).eval()
-    fused = _tiny("all").to(device=device, dtype=EXACT).eval()  # fused attention and fused MLP
+    ref = _randomize_bn_and_scales(_tiny(False)).to(device=device, dtype=EXACT).eval()
+    fused = _tiny("all").to(device=device, dtype=EXACT).eval()  # fused attention, MLP, BN folded in eval
     fused.load_state_dict(ref.state_dict())
     assert sum(isinstance(m, MSCA) for m in fused.modules()) == 4
     assert sum(isinstance(m, MSCANMlp) for m in fused.modules()) == 4
+    assert sum(isinstance(m, MSCANBlock) for m in fused.modules()) == 4
+    bn_calls = _no_bn_calls(fused)
     assert not any(isinstance(m, MSCANMlp) for m in _tiny(True).modules())
     assert not any(isinstance(m, MSCA) for m in ref.modules())
     x = torch.randn(1, 3, 29, 35, device=device, dtype=EXACT)
@@ -40,6 +68,36 @@ def test_mscan_fused_matches_reference(device, triton_launches):
     for name, p in fused.named_parameters():
         assert_close(p.grad, named[name].grad, 1e-8 if EXACT == torch.float64 else 1e-3, name)
     assert triton_launches["msca_dw_bwd"] == 4 and triton_launches["dwconv3x3_gelu_bwd_dx"] == 4
+    assert not bn_calls, "eval forward of MSCANBlock must fold its BatchNorms, not run them"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mscan_block_bn_fold(train):
+    # MSCANBlock alone (reference attention/MLP inside, plain PyTorch): eval folds norm1/norm2 and the layer
+    # scales and matches Block forward and every gradient; training mode is the reference forward
+    torch.manual_seed(0)
+    ref = _randomize_bn_and_scales(Block(8, mlp_ratio=4.0)).double().train(train)
+    blk = MSCANBlock.from_block(ref.__class__(8, mlp_ratio=4.0)).double().train(train)
+    blk.load_state_dict(ref.state_dict())
+    assert list(blk.state_dict()) == list(ref.state_dict()) and blk.mlp.fc1.out_channels == 32
+    calls = _no_bn_calls(blk)
+    x = torch.randn(2, 7 * 5, 8, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y_ref, y = ref(xs[0], 7, 5), blk(xs[1], 7, 5)
+    assert_close(y, y_ref, 1e-12, "block output")
+    assert bool(calls) == train
+    g = torch.randn_like(y)
+    y_ref.backward(g)
+    y.backward(g)
+    assert_close(xs[1].grad, xs[0].grad, 1e-12, "grad x")
+    named = dict(ref.named_parameters())
+    for name, p in blk.named_parameters():
+        assert_close(p.grad, named[name].grad, 1e-12, name)
+
+
+def test_mscan_bad_fused_flag():
+    with pytest.raises(ValueError, match="fused"):
+        MSCAN(embed_dims=[8, 8, 16, 16], depths=[1, 1, 1, 1], fused="mlp")
 
 
 def test_mscan_sizes():

@@ -3,7 +3,8 @@
 
 ``mscan_t/s/b/l(fused=False)`` build the paper's sizes; ``fused=True`` uses :class:`fastseg.nn.MSCA` (the Triton
 kernels) for every attention module, ``fused="all"`` also :class:`fastseg.nn.MSCANMlp` for every MLP (fused
-depthwise 3x3 + bias + GELU); the state_dict is identical either way. ``model(x)`` with ``x`` of shape
+depthwise 3x3 + bias + GELU) and :class:`fastseg.nn.MSCANBlock` for every block (in eval, BatchNorms and layer
+scales folded into the 1x1 convs); the state_dict is identical either way. ``model(x)`` with ``x`` of shape
 ``(N, 3, H, W)`` returns the 4 stage features ``(N, C_i, H/2^(i+2), W/2^(i+2))`` (ceil-rounded).
 """
 from __future__ import annotations
@@ -169,6 +170,8 @@ class MSCAN(nn.Module):
             setattr(self, f"block{i + 1}", block)
             setattr(self, f"norm{i + 1}", norm)
         self.init_weights()
+        if fused not in (False, True, "all"):
+            raise ValueError(f"MSCAN: fused must be False, True (fused attention) or 'all', got {fused!r}")
         if fused:
             use_fused_msca(self, mlp=fused == "all")
 
@@ -206,10 +209,18 @@ class MSCAN(nn.Module):
 
 def use_fused_msca(model: nn.Module, mlp: bool = False) -> nn.Module:
     """Swap every :class:`AttentionModule` in ``model`` for :class:`fastseg.nn.MSCA` (and with ``mlp=True``
-    every :class:`Mlp` for :class:`fastseg.nn.MSCANMlp`), keeping the weights."""
+    every :class:`Mlp` for :class:`fastseg.nn.MSCANMlp` and every :class:`Block` for
+    :class:`fastseg.nn.MSCANBlock`, which folds the BatchNorms and layer scales into the 1x1 convs in eval),
+    keeping the weights."""
     from ..nn.mlp_dwconv import MSCANMlp
     from ..nn.msca import MSCA
+    from ..nn.mscan_block import MSCANBlock
 
+    if mlp:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, Block) and not isinstance(child, MSCANBlock):
+                    setattr(module, name, MSCANBlock.from_block(child))
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             ref = child.conv3.weight if isinstance(child, AttentionModule) else None

@@ -3,5 +3,6 @@ from .context_cluster import ContextCluster
 from .masked_attention import MaskedCrossAttention
 from .mlp_dwconv import MSCANMlp
 from .msca import MSCA
+from .mscan_block import MSCANBlock
 
-__all__ = ["ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp"]
+__all__ = ["ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock"]
