@@ -110,6 +110,10 @@ def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequenc
         raise TypeError(f"msca: unsupported dtype {x.dtype}")
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError("msca: float64 runs only under the Triton interpreter (CPU); use fp32/fp16/bf16 on CUDA")
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        # the interpreter's tl.dot on bf16 operands returns garbage (numpy has no bf16): refuse, never a wrong answer
+        raise TypeError("msca: bfloat16 needs a GPU (the Triton interpreter's bf16 GEMM is wrong); use fp32/fp64 on "
+                        "CPU or the torch backend (fastseg.use_backend('torch'))")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wpack = pack_dw_params(dw_weights, dw_biases, acc)
     return _MSCAFunction.apply(x, wpack, w3.reshape(x.shape[1], x.shape[1], 1, 1), b3)
