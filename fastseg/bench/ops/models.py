@@ -54,12 +54,15 @@ register(OpSpec(
         "default": [{"model": "t", "B": 16, "H": 512, "W": 512}, {"model": "b", "B": 8, "H": 512, "W": 512}],
         "ade": [{"model": m, "B": 16, "H": 512, "W": 512} for m in ("t", "b")],
         "cityscapes": [{"model": m, "B": 8, "H": 1024, "W": 1024} for m in ("t", "b")],
-        "full": [{"model": m, "B": b, "H": r, "W": r} for m in ("t", "b") for b, r in ((16, 512), (8, 1024))],
+        "full": [{"model": m, "B": b, "H": h, "W": w} for m in ("t", "b")
+                 for b, h, w in ((16, 512, 512), (8, 1024, 1024), (16, 512, 683))],
     },
     label=lambda s: f"MSCAN-{s['model'].upper()} B={s['B']} {s['H']}x{s['W']}",
     impls=[
         Impl("fastseg", _model_prep("mscan_{model}", "MSCAN lands with issue 4", True, size_key="model"), fastseg=True,
-             description="fastseg.models.mscan_*(fused=True)"),
+             description="fastseg.models.mscan_*(fused=True): fused MSCA"),
+        Impl("fastseg-all", _model_prep("mscan_{model}", "MSCAN lands with issue 4", "all", size_key="model"),
+             description="fastseg.models.mscan_*(fused='all'): fused MSCA, fused MLP dw conv + GELU, BN folded in eval"),
         Impl("eager", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, size_key="model"),
              description="fastseg.models.mscan_*(fused=False)"),
         Impl("compile", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, True, size_key="model"),
