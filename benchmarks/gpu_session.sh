@@ -23,6 +23,7 @@ attention)
     ;;
 convs)
     run timeout 200 python3 benchmarks/bench_msca_kernel.py --formats nchw --batch 16 --dtype bf16 \
+        --impls fused,eager \
         --shapes T.s1@512,B.s1@512x683,T.s3@512 --out "$OUT/msca.json"
     run timeout 150 python3 benchmarks/bench_context_cluster_kernel.py --stages 0,2 --batch 64 --dtype bf16 \
         --out "$OUT/context_cluster.json"
