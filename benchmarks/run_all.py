@@ -18,10 +18,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder"]
-MEMPROF_OPS = ["masked-attention", "mask2former-decoder"]
+BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder", "mask2former"]
+MEMPROF_OPS = ["masked-attention", "mask2former-decoder", "mask2former"]
 # whole-model torch.compile baselines compile for minutes: opt in with --model-compile
-MODEL_OPS = {"mscan", "coc", "mask2former-decoder"}
+MODEL_OPS = {"mscan", "coc", "mask2former-decoder", "mask2former"}
 
 
 def main() -> int:
