@@ -5,6 +5,9 @@
 #   python3 -m pip install --no-build-isolation --no-deps -e .
 #   bash benchmarks/gpu_session.sh attention      # masked attention table + memprof
 #   bash benchmarks/gpu_session.sh convs          # MSCA and context cluster tables, their GPU tests
+#   bash benchmarks/gpu_session.sh mask2former    # issue 7: decoder memprof, training step + inference
+#   bash benchmarks/gpu_session.sh mask2former-model   # issue 7: whole Mask2Former + MSCAN-T, bench + memprof
+# (memprof/bench JSON is rewritten after every setting, so a call cut short keeps what it measured)
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -29,5 +32,23 @@ convs)
         --out "$OUT/context_cluster.json"
     FASTSEG_AUTOTUNE=0 run timeout 150 python3 -m pytest -q -p no:warnings tests/test_context_cluster.py tests/test_msca.py
     ;;
-*) echo "usage: $0 attention|convs" >&2; exit 2 ;;
+mask2former)
+    # decoder (9 layers + heads + criterion), reference vs fused, bf16: training step over Q x input x batch
+    # (B=2 first: 1024x2048 Q=200 is the target), then inference incl. semantic inference at the input size
+    run timeout 330 python3 -m fastseg memprof --op mask2former-decoder --no-progress --dtype bf16 --mode fwdbwd \
+        --queries 100,200,400,800 --resolutions 512x512,1024x1024,1024x2048 --batch 2,8,16 --budget 80GB \
+        --out "$OUT/memprof_m2f_decoder_train" --plot "$OUT/memprof_m2f_decoder_train.png"
+    run timeout 200 python3 -m fastseg memprof --op mask2former-decoder --no-progress --dtype bf16 --mode fwd \
+        --queries 100,200,400 --resolutions 512x512,1024x1024,1024x2048 --batch 2 --budget 80GB \
+        --out "$OUT/memprof_m2f_decoder_infer" --plot "$OUT/memprof_m2f_decoder_infer.png"
+    ;;
+mask2former-model)
+    # whole model with an MSCAN-T backbone: bench (time + peak, train step and inference) and memprof
+    run timeout 250 python3 -m fastseg bench mask2former --no-progress --dtype bf16 --preset default \
+        --out "$OUT/bench_mask2former"
+    run timeout 250 python3 -m fastseg memprof --op mask2former --no-progress --dtype bf16 --mode fwdbwd \
+        --queries 100,200 --resolutions 512x512,1024x1024,1024x2048 --batch 2,8 --budget 80GB \
+        --out "$OUT/memprof_m2f_model_train" --plot "$OUT/memprof_m2f_model_train.png"
+    ;;
+*) echo "usage: $0 attention|convs|mask2former|mask2former-model" >&2; exit 2 ;;
 esac

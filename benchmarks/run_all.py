@@ -18,11 +18,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder"]
-MEMPROF_OPS = ["masked-attention", "mask2former-decoder"]
+BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder", "mask2former"]
+MEMPROF_OPS = ["masked-attention", "mask2former-decoder", "mask2former"]
 # whole-model torch.compile baselines compile for minutes: opt in with --model-compile. Without it, only these
 # implementations run (`fastseg bench --impl` rejects names an op does not have).
-MODEL_OPS = {"mscan": "fastseg,fastseg-all,eager", "coc": "fastseg,eager", "mask2former-decoder": "fastseg,reference"}
+MODEL_OPS = {"mscan": "fastseg,fastseg-all,eager", "coc": "fastseg,eager", "mask2former-decoder": "fastseg,reference",
+             "mask2former": "fastseg,reference"}
 
 
 def main() -> int:

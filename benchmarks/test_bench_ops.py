@@ -17,6 +17,7 @@ CASES = {
     "mscan": ({"model": "t", "B": 16, "H": 512, "W": 512}, ["fastseg", "eager"]),
     "coc": ({"model": "tiny", "B": 128, "H": 224, "W": 224}, ["fastseg", "eager"]),
     "mask2former-decoder": ({"B": 2, "Q": 200, "H": 1024, "W": 2048}, ["fastseg", "reference"]),
+    "mask2former": ({"B": 2, "Q": 200, "H": 1024, "W": 2048}, ["fastseg", "reference"]),
 }
 PARAMS = [pytest.param(op, impl, mode, id=f"{op}-{impl}-{mode}")
           for op, (_, impls) in CASES.items() for impl in impls for mode in ("fwd", "fwdbwd")]

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("memprof", help="peak memory (and time) over queries x resolution x batch, eager vs fastseg")
     m.add_argument("--op", default="masked-attention", help="op to sweep (default masked-attention; also "
-                   "mask2former-decoder)")
+                   "mask2former-decoder, mask2former)")
     m.add_argument("--budget", default="24GB", help="memory budget, e.g. 24GB, 80GB, 512MB (default 24GB)")
     m.add_argument("--queries", default=None, help="comma-separated query counts (default 50,100,200,400 on GPU)")
     m.add_argument("--resolutions", default=None, help="comma-separated input sizes HxW "
@@ -259,16 +259,21 @@ def cmd_memprof(args) -> int:
     mp = spec.memprof
     if mp is None:
         raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: masked-attention, "
-                         "mask2former-decoder")
+                         "mask2former-decoder, mask2former")
     out.print(f"memprof {spec.name}: {mp.description}; {DTYPE_NAMES[dtype]}, {args.mode}")
     if cpu:
         out.print(f"[bold yellow]No CUDA device.[/] {mp.eager}: peak MEASURED on the CPU allocator (torch.profiler), "
                   f"plus its saved-for-backward bytes measured with saved_tensors_hooks. {mp.fused}: ANALYTIC — exact "
                   "accounting from the shapes (inputs, weights, what the fused op saves for backward, gradients, "
                   "dq/dk/dv), not measured. Times are CPU times of the eager path.")
+    partial = None
+    if args.out:  # a sweep cut short (time limit, crash) keeps the settings it measured
+        def partial(rows_so_far):
+            write_results(args.out, rows_so_far, env, command=args.argv, notes=["partial: run in progress"],
+                          extra={"budget_bytes": budget})
     rows = run_memprof(spec, queries, resolutions, batches, dtype, device, mode=args.mode,
                        extra={"density": args.density}, timing=not args.no_time, console=err,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, on_rows=partial)
     for table in memprof_tables(rows, budget, cpu):
         out.print(table)
     summary = {}

@@ -13,10 +13,19 @@ Recognised (each op is skipped, with a note, when its fastseg class is not in th
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
 
+Deeper patch (``report.deeper``): where the model's own code allows it — this project's Mask2Former decoder
+(recognised by its ``packed_attn_masks`` switch and ``fused_attention_mask`` method, once all its
+cross-attentions are fastseg's) — the mask predictor is switched to produce the bit-packed attention masks
+straight from the query embeddings (``fastseg.ops.mask_from_embeddings``), with no (B·heads, Q, HW) tensor.
+Hugging Face's decoder post-processes the predictor's bool mask itself, so there the attention packs it
+(said in ``report.notes``).
+
 Weights (state_dict), device, dtype, ``requires_grad`` and train/eval mode are kept; hooks registered on a
 replaced module are not carried over. Patched and unpatched models compute the same function (to float
 tolerance): the drop-ins implement the originals' math, and a Mask2Former decoder resets fully-masked rows
-before the attention, so the drop-in's empty-row convention (output 0 instead of NaN) never shows.
+before the attention, so the drop-in's empty-row convention (output 0 instead of NaN) never shows. The deeper
+patch thresholds ``e · resize(F)`` instead of ``resize(e · F)``: equal up to rounding, so a mask bit can
+differ only where a logit is within rounding of 0 (docs/models.md).
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ class PatchReport:
     skipped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     dry_run: bool = False
+    deeper: list = dataclasses.field(default_factory=list)  # (path, what): patches beyond module swaps
 
     def count(self, op: str | None = None) -> int:
         return sum(1 for r in self.replaced if op is None or r[1] == op)
@@ -53,6 +63,7 @@ class PatchReport:
         verb = "would replace" if self.dry_run else "replaced"
         lines = [f"fastseg.patch: {verb} {len(self.replaced)} module(s)"]
         lines += [f"  {path}: {old} -> {new} [{op}]" for path, op, old, new in self.replaced]
+        lines += [f"  {path}: {what} [deeper patch]" for path, what in self.deeper]
         lines += [f"  skipped {path} [{op}]: {why}" for path, op, why in self.skipped]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -181,6 +192,8 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
             else:
                 done[id(child)] = _new_context_cluster(cls, child)
         setattr(parent, name, done[id(child)])
+    if "masked_attention" in ops:
+        _deeper_mask_predictors(model, plan, report, dry_run)
     if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
                                                 for m in model.modules()):
         report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
@@ -189,8 +202,31 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
                             "MaskedCrossAttention packs that mask once per layer (one pass, heads shared when "
                             "the mask is expanded)")
     if any(hasattr(m, "set_fused") for m in model.modules()):
-        report.notes.append("this model has set_fused(True): its decoder then builds the bit-packed attention "
-                            "masks straight from the query embeddings (fastseg.ops.mask_from_embeddings) and "
-                            "computes losses from point-sampled features; not switched on by patch() because "
-                            "it changes the output layout (pred_embeds + mask_features instead of pred_masks)")
+        report.notes.append("this model also has set_fused(True) (point-sampled losses, tiled inference, no "
+                            "(B, Q, H/4, W/4) logits); not switched on by patch() because it changes the output "
+                            "layout (pred_embeds + mask_features instead of pred_masks)")
     return model, report
+
+
+def _deeper_mask_predictors(model: nn.Module, plan: list, report: PatchReport, dry_run: bool) -> None:
+    """Decoders whose own code can hand packed masks to the attention (this project's Mask2Former decoder:
+    ``packed_attn_masks`` + ``fused_attention_mask``): once every cross-attention layer takes packed masks,
+    switch the mask predictor to build them straight from the query embeddings and the mask features resized
+    once per level (``fastseg.ops.mask_from_embeddings``), instead of resizing (B, Q, H/4, W/4) logits and
+    repeating a bool mask over the heads. Outputs keep their layout; see docs/models.md for the ties."""
+    new_ids = {id(child) for _, _, _, child, op, _ in plan if op == "masked_attention"}
+    mca = _fastseg_class("MaskedCrossAttention")
+    for path, m in model.named_modules():
+        layers = getattr(m, "transformer_cross_attention_layers", None)
+        if not (hasattr(m, "packed_attn_masks") and hasattr(m, "fused_attention_mask") and layers is not None):
+            continue
+        if m.packed_attn_masks or getattr(m, "fused", False) or len(layers) == 0:
+            continue
+        attns = [getattr(layer, "multihead_attn", None) for layer in layers]
+        if not all(a is not None and (getattr(a, "accepts_packed_mask", False) or id(a) in new_ids
+                                      or (mca is not None and isinstance(a, mca))) for a in attns):
+            continue
+        report.deeper.append((path or "<model>", "mask predictor -> bit-packed attention masks straight from the "
+                              "query embeddings (packed_attn_masks=True; no (B·heads, Q, HW) mask tensor)"))
+        if not dry_run:
+            m.packed_attn_masks = True

@@ -303,3 +303,24 @@ def test_bf16_autocast_both_paths():
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
             sem = model.semantic_inference(model(x), (64, 64))
         assert sem[0].shape == (5, 64, 64) and torch.isfinite(sem[0].float()).all()
+
+
+@pytest.mark.parametrize("backbone", ["mscan_t", "coc_tiny"])
+def test_project_backbone_configs(backbone):
+    """The shipped backbone configs plug in: channels known without a dummy forward, one training step."""
+    from fastseg.models.backbones import KNOWN_CHANNELS
+
+    torch.manual_seed(0)
+    model = build_mask2former(backbone, 5, **TINY)
+    x, targets = _batch(torch.float32, size=32)
+    feats = model.backbone(x)
+    assert [f.shape[1] for f in feats] == KNOWN_CHANNELS[backbone]
+    assert [32 // f.shape[-1] for f in feats] == [4, 8, 16, 32]
+    if backbone == "coc_tiny":  # plugs in the same way; one training step (MSCAN) is enough CPU time
+        out = model.eval()(x)
+        assert out["pred_masks"].shape == (2, TINY["num_queries"], 8, 8)
+        return
+    losses = model(x, targets)
+    assert len(losses) == 3 * (TINY["dec_layers"] + 1) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)

@@ -95,6 +95,8 @@ def test_patch_finds_cross_attention_in_project_models():
     assert report.dry_run and all(type(layer.multihead_attn) is nn.MultiheadAttention
                                   for layer in m2f.predictor.transformer_cross_attention_layers)
     assert all(torch.equal(before[k], v) for k, v in m2f.state_dict().items())
+    if HAS_MCA:  # the deeper patch is announced, not applied
+        assert [d[0] for d in report.deeper] == ["predictor"] and not m2f.predictor.packed_attn_masks
     mf = build_maskformer("tiny", 4, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, dec_layers=2,
                           conv_dim=32, mask_dim=32)  # dropout 0.1 (official): the fused kernel has no dropout
     _, report = fastseg.patch(mf)
@@ -119,11 +121,26 @@ def test_patch_project_mask2former_same_results(triton_launches):
     loss_r, grads_r = _loss_grads(ref, x, targets)
     _, report = fastseg.patch(model)
     assert report.count("masked_attention") == 3
+    # deeper patch: the mask predictor hands head-shared packed masks built from the embeddings to the attention
+    assert [d[0] for d in report.deeper] == ["predictor"] and model.predictor.packed_attn_masks
+    assert "deeper patch" in str(report)
+    masks = []
+    hooks = [layer.multihead_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs["attn_mask"]), with_kwargs=True)
+        for layer in model.predictor.transformer_cross_attention_layers]
     loss_p, grads_p = _loss_grads(model, x, targets)
+    for h in hooks:
+        h.remove()
+    assert len(masks) == 3 and all(type(m).__name__ == "PackedMask" and m.bits.shape[1] == 1 for m in masks)
+    out_p = model(x)
+    assert out_p["pred_masks"].shape == (2, 6, 16, 16)  # outputs keep the reference layout
     assert abs(loss_p.item() - loss_r.item()) <= 1e-10 * abs(loss_r.item())
     _assert_grads_close(grads_p, grads_r, 1e-9)
     if fastseg.interpreter_enabled():
         assert triton_launches["masked_attention_fwd"] > 0 and triton_launches["masked_attention_bwd_dq"] > 0
+        assert triton_launches["attention_mask_sign_pack"] > 0
+    _, again = fastseg.patch(model)  # idempotent
+    assert not again.replaced and not again.deeper
 
 
 def _hf_step(model, x, targets):

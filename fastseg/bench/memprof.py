@@ -42,13 +42,15 @@ def _ram_bytes() -> int:
 
 def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, int]], batches: list[int],
                 dtype: torch.dtype, device: torch.device, *, mode: str = "fwdbwd", extra: dict | None = None,
-                timing: bool = True, console=None, progress: bool = True, cpu_limit: int | None = None) -> list[dict]:
-    """One row per (batch, queries, resolution, path) with peak bytes, time and how each was obtained."""
+                timing: bool = True, console=None, progress: bool = True, cpu_limit: int | None = None,
+                on_rows=None) -> list[dict]:
+    """One row per (batch, queries, resolution, path) with peak bytes, time and how each was obtained.
+    ``on_rows(rows_so_far)`` is called after every row (partial results of a sweep cut short)."""
     from .runner import progress_bar
 
     if spec.memprof is None:
         raise BenchError(f"op {spec.name!r} has no memory-profile sweep (queries x resolution); "
-                         "ops with one: masked-attention, mask2former-decoder")
+                         "ops with one: masked-attention, mask2former-decoder, mask2former")
     mp = spec.memprof
     device = torch.device(device)
     cpu = device.type != "cuda"
@@ -84,6 +86,8 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
                     if cpu and m.status == "ok" and mode == "fwdbwd":
                         row["saved_bytes"] = _eager_saved(impl, shape, dtype, device)
                 rows.append(row)
+                if on_rows is not None:
+                    on_rows(rows)
                 bar.advance(task)
     return rows
 

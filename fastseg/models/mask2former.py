@@ -27,6 +27,7 @@ from .pixel_decoder import MSDeformAttnPixelDecoder
 __all__ = [
     "SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MultiScaleMaskedTransformerDecoder",
     "Mask2FormerDecoder", "Mask2Former", "build_mask2former_criterion", "as_feature_list",
+    "semantic_inference_from_outputs",
 ]
 
 
@@ -128,7 +129,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def __init__(self, in_channels: int = 256, mask_classification: bool = True, *, num_classes: int,
                  hidden_dim: int = 256, num_queries: int = 100, nheads: int = 8, dim_feedforward: int = 2048,
                  dec_layers: int = 9, pre_norm: bool = False, mask_dim: int = 256,
-                 enforce_input_project: bool = False, fused: bool = False):
+                 enforce_input_project: bool = False, fused: bool = False, packed_attn_masks: bool = False):
         super().__init__()
         assert mask_classification, "Only support mask classification model"
         self.mask_classification = mask_classification
@@ -161,6 +162,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.fused = fused
+        # reference path only: build the attention masks as the fused path does (from the embeddings and the
+        # mask features resized once per level; bit-packed when the cross-attention is fastseg's kernel)
+        # while still returning full (B, Q, H/4, W/4) mask logits. fastseg.patch() switches it on.
+        self.packed_attn_masks = packed_attn_masks
 
     def forward(self, x: list[torch.Tensor], mask_features: torch.Tensor, mask=None) -> dict:
         assert len(x) == self.num_feature_levels
@@ -173,8 +178,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         bs = src[0].shape[1]
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
-        # fused: mask features resized once per attention level, shared by every layer
-        level_feats = {} if self.fused else None
+        # fused (or packed_attn_masks): mask features resized once per attention level, shared by every layer
+        lean_masks = self.fused or self.packed_attn_masks
+        level_feats = {} if lean_masks else None
 
         predictions_class, predictions_mask = [], []
         outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
@@ -184,7 +190,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             cross = self.transformer_cross_attention_layers[i]
-            if self.fused:
+            if lean_masks:
                 attn_mask = self.fused_attention_mask(*attn_mask, cross.multihead_attn)
             else:
                 attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
@@ -213,7 +219,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                                  need_mask: bool = True):
         """Class logits, then (reference) mask logits + bool (B·heads, Q, h·w) attention mask (True = masked),
         or (fused) mask embeddings + (detached embeddings, mask features resized to the level) from which
-        :meth:`fused_attention_mask` builds the next layer's mask."""
+        :meth:`fused_attention_mask` builds the next layer's mask; with ``packed_attn_masks`` (reference
+        path) mask logits + that same (embeddings, level features) state."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
@@ -225,7 +232,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                     with torch.no_grad():
                         level_feats[size] = resize_mask_features(mask_features.detach(), size)
                 state = (mask_embed.detach(), level_feats[size])
-            return outputs_class, mask_embed, state
+            if self.fused:
+                return outputs_class, mask_embed, state
+            return outputs_class, torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features), state
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
         attn_mask = (attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5)
@@ -290,6 +299,26 @@ def infer_channels(backbone: nn.Module, size: int = 128) -> list[int]:
         feats = as_feature_list(backbone(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)))
     backbone.train(was_training)
     return [f.shape[1] for f in feats]
+
+
+def _per_image(outputs, size, ref_fn, stream_fn, tile_rows=None, **kw):
+    results = []
+    if "pred_masks" in outputs:
+        masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
+        for cls, m in zip(outputs["pred_logits"], masks):
+            results.append(ref_fn(cls, m, **kw))
+    else:
+        for cls, e, feats in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"]):
+            results.append(stream_fn(cls, e, feats, size, tile_rows=tile_rows, **kw))
+    return results
+
+
+@torch.no_grad()
+def semantic_inference_from_outputs(outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
+    """Per image (K, H, W) semantic scores at ``size`` from decoder outputs of either path: reference outputs
+    (``pred_masks``) are upsampled to ``size`` then combined, as the official code; fused outputs
+    (``pred_embeds`` + ``mask_features``) are streamed ``tile_rows`` output rows at a time (no Q × H × W)."""
+    return _per_image(outputs, size, semantic_inference, semantic_inference_streaming, tile_rows)
 
 
 class Mask2Former(nn.Module):
@@ -365,15 +394,7 @@ class Mask2Former(nn.Module):
 
     # ------------------------------------------------------------------------------------------ inference
     def _per_image(self, outputs, size, ref_fn, stream_fn, tile_rows=None, **kw):
-        results = []
-        if "pred_masks" in outputs:
-            masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
-            for cls, m in zip(outputs["pred_logits"], masks):
-                results.append(ref_fn(cls, m, **kw))
-        else:
-            for cls, e, feats in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"]):
-                results.append(stream_fn(cls, e, feats, size, tile_rows=tile_rows, **kw))
-        return results
+        return _per_image(outputs, size, ref_fn, stream_fn, tile_rows, **kw)
 
     @torch.no_grad()
     def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None,
@@ -382,7 +403,7 @@ class Mask2Former(nn.Module):
         ``tile_rows`` output rows at a time (default: about 2**24 values per tile). With ``image_sizes`` and
         ``output_sizes`` (per image (h, w)), each result is cropped to its image and resized bilinearly to its
         output size, as detectron2's ``sem_seg_postprocess``."""
-        results = self._per_image(outputs, size, semantic_inference, semantic_inference_streaming, tile_rows)
+        results = semantic_inference_from_outputs(outputs, size, tile_rows)
         if image_sizes is not None:
             output_sizes = output_sizes or image_sizes
             results = [F.interpolate(r[None, :, : ih, : iw], size=tuple(o), mode="bilinear", align_corners=False)[0]

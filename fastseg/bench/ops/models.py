@@ -96,27 +96,49 @@ register(OpSpec(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HOOK for issue 7 (Mask2Former decoder). The decoder's author provides, in fastseg/models/mask2former.py:
+# Issue 7: the Mask2Former decoder alone ("mask2former-decoder") and the whole model with an MSCAN backbone
+# ("mask2former"), reference vs fused path. A training step is forward + Mask2Former's criterion (Hungarian
+# matcher, point-sampled losses on every prediction) + backward; inference ("fwd") is the eval forward plus
+# semantic inference at the input size (the (B, K, H, W) scores are the output itself, held by both paths).
 #
+# Optional hooks in fastseg/models/mask2former.py override the decoder case:
 #   def decoder_bench_case(*, batch, queries, image_hw, dtype, device, train, fused) -> dict
 #       returns {"forward": callable() -> tensor (the scalar loss when train, else the outputs),
-#                "leaves": [tensors to differentiate, e.g. the decoder's parameters],
-#                "resident": [tensors/modules the case holds]}
-#
-# (if absent, _m2f_default_case below builds the case from the public decoder/criterion API of issue 7)
-# and optionally  decoder_memory_accounting(*, batch, queries, image_hw, dtype) -> {part: bytes}  (what the
-# fused decoder keeps for backward, exactly) for `fastseg memprof` on CPU. Until then the op reports itself
-# unavailable with this message.
+#                "leaves": [tensors to differentiate], "resident": [tensors/modules the case holds]}
+#   def decoder_memory_accounting(*, batch, queries, image_hw, dtype) -> {part: bytes}
+#       (what the fused decoder keeps, exactly) for `fastseg memprof` on CPU; without it the fused column of a
+#       CPU memprof is "unavailable" (on a GPU both paths are measured).
 # ---------------------------------------------------------------------------------------------------------
-M2F_WHAT = ("the Mask2Former decoder hook fastseg.models.mask2former.decoder_bench_case lands with issue 7 "
+M2F_WHAT = ("the Mask2Former decoder (fastseg.models.MultiScaleMaskedTransformerDecoder) lands with issue 7 "
             "(see fastseg/bench/ops/models.py)")
 
 
+def _m2f_targets(batch, image_hw, num_classes, objects, g, device):
+    """Random targets: ``objects`` blob-shaped masks per image (about 10% of the pixels each), at the image size."""
+    from .masked_attention import blob_mask
+
+    H, W = image_hw
+    return [{"labels": torch.randint(0, num_classes, (objects,), generator=g, device=device),
+             "masks": blob_mask(1, objects, H, W, 0.1, g, device)[0].view(objects, H, W)} for _ in range(batch)]
+
+
+def _m2f_loss(criterion, out, targets):
+    losses = criterion(out, targets)
+    weights = criterion.weight_dict
+    return sum(v * weights[k] for k, v in losses.items() if k in weights)
+
+
+def _semantic(out, image_hw):
+    infer = require("fastseg.models.mask2former", "semantic_inference_from_outputs", M2F_WHAT)
+    return infer(out, image_hw)  # per image (K, H, W): the output itself
+
+
 def _m2f_default_case(*, batch, queries, image_hw, dtype, device, train, fused, num_classes=150, objects=10):
-    """Fallback when the hook is absent: the issue-7 decoder (``MultiScaleMaskedTransformerDecoder``, hidden 256,
-    8 heads, 9 layers) on random multi-scale features at strides 32/16/8 and mask features at stride 4, with
-    Mask2Former's criterion (Hungarian matcher, point-sampled losses, deep supervision) on random targets.
-    ``fused``: the decoder's memory-lean path, its cross-attention patched to fastseg's kernel."""
+    """The issue-7 decoder (``MultiScaleMaskedTransformerDecoder``, hidden 256, 8 heads, 9 layers) on random
+    multi-scale features at strides 32/16/8 and mask features at stride 4. Training: Mask2Former's criterion on
+    random targets, gradients of the decoder parameters and of the input features. Inference: eval forward +
+    semantic inference at the image size. ``fused``: the decoder's memory-lean path, its cross-attention
+    patched to fastseg's kernel; reference: ``nn.MultiheadAttention`` as the official code."""
     decoder_cls = require("fastseg.models", "MultiScaleMaskedTransformerDecoder", M2F_WHAT)
     build_criterion = require("fastseg.models", "build_mask2former_criterion", M2F_WHAT)
     torch.manual_seed(0)
@@ -132,30 +154,57 @@ def _m2f_default_case(*, batch, queries, image_hw, dtype, device, train, fused, 
     (H, W), B = image_hw, batch
     feats = [randn((B, 256, -(-H // s), -(-W // s)), param_dtype, device, g, train) for s in (32, 16, 8)]
     mask_features = randn((B, 256, -(-H // 4), -(-W // 4)), param_dtype, device, g, train)
-    from .masked_attention import blob_mask
-
-    targets = [{"labels": torch.randint(0, num_classes, (objects,), generator=g, device=device),
-                "masks": blob_mask(1, objects, H, W, 0.1, g, device)[0].view(objects, H, W)} for _ in range(B)]
+    targets = _m2f_targets(B, image_hw, num_classes, objects, g, device) if train else []
 
     def forward():
         with _autocast(device, dtype):
             out = decoder(feats, mask_features)
             if not train:
-                return out["pred_logits"]
-            losses = criterion(out, targets)
-            weights = criterion.weight_dict
-            return sum(v * weights[k] for k, v in losses.items() if k in weights)
+                return _semantic(out, image_hw)
+            return _m2f_loss(criterion, out, targets)
     leaves = [p for p in decoder.parameters() if p.requires_grad] + (feats + [mask_features] if train else [])
     return {"forward": forward, "leaves": leaves, "resident": [decoder, *feats, mask_features]
             + [t["masks"] for t in targets]}
 
 
-def _m2f_prep(fused: bool):
+def _m2f_model_case(*, batch, queries, image_hw, dtype, device, train, fused, backbone="mscan_t", num_classes=150,
+                    objects=10):
+    """The whole Mask2Former (``build_mask2former(backbone)``, official decoder/encoder sizes) on random images.
+    fused: ``set_fused(True)`` + ``fastseg.patch`` (masked cross-attention and the backbone's MSCA modules)."""
+    build = require("fastseg.models", "build_mask2former", M2F_WHAT)
+    torch.manual_seed(0)
+    try:
+        model = build(backbone, num_classes, num_queries=queries, fused=fused)
+    except ImportError as exc:
+        raise Unavailable(str(exc)) from None
+    if fused:
+        patch = require("fastseg", "patch", "fastseg.patch lands with issue 7")
+        patch(model)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    model = model.to(device=device, dtype=param_dtype).train(train)
+    g = generator(device)
+    H, W = image_hw
+    x = randn((batch, 3, H, W), param_dtype, device, g)
+    targets = _m2f_targets(batch, image_hw, num_classes, objects, g, device) if train else []
+
+    def forward():
+        with _autocast(device, dtype):
+            if train:
+                return sum(model(x, targets).values())
+            return _semantic(model(x), image_hw)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    return {"forward": forward, "leaves": leaves, "resident": [model, x] + [t["masks"] for t in targets]}
+
+
+def _m2f_prep(fused: bool, whole_model: bool = False):
     def prepare(s, dtype, device, mode) -> Prepared:
-        try:
-            hook = require("fastseg.models.mask2former", "decoder_bench_case", M2F_WHAT)
-        except Unavailable:
-            hook = _m2f_default_case
+        if whole_model:
+            hook = _m2f_model_case
+        else:
+            try:
+                hook = require("fastseg.models.mask2former", "decoder_bench_case", M2F_WHAT)
+            except Unavailable:
+                hook = _m2f_default_case
         case = hook(batch=s["B"], queries=s["Q"], image_hw=(s["H"], s["W"]), dtype=dtype, device=device,
                     train=mode == "fwdbwd", fused=fused)
         return Prepared(make_step(case["forward"], list(case["leaves"]), mode), resident=list(case.get("resident", [])),
@@ -185,17 +234,61 @@ register(OpSpec(
         "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
         "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
         "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
-        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8) for q in (100, 200)
+        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8, 16) for q in (100, 200)
                  for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
+        # more queries until one path runs out of memory (rows marked OOM)
+        "limit": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (400, 800, 1600)]
+        + [{"B": 16, "Q": q, "H": 512, "W": 512} for q in (400, 800, 1600)],
     },
     label=lambda s: f"B={s['B']} Q={s['Q']} image {s['H']}x{s['W']}",
     impls=[
-        Impl("fastseg", _m2f_prep(True), fastseg=True, description="decoder, fused path"),
-        Impl("reference", _m2f_prep(False), description="decoder, reference path"),
+        Impl("fastseg", _m2f_prep(True), fastseg=True, description="decoder, fused path + fastseg.patch"),
+        Impl("reference", _m2f_prep(False), description="decoder, reference path (nn.MultiheadAttention)"),
     ],
     memprof=MemprofSpec(
         shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
         analytic=_m2f_analytic, cpu_estimate=_m2f_cpu_estimate,
-        description="the whole Mask2Former decoder, training step",
+        description="the Mask2Former decoder (9 layers + heads, criterion); --mode fwdbwd: training step, "
+                    "--mode fwd: inference incl. semantic inference at the input size",
+    ),
+))
+
+
+def _m2f_model_cpu_estimate(s, dtype):
+    # decoder as above plus MSCAN-T + deformable pixel decoder activations (~2 KB per input pixel per image)
+    return _m2f_cpu_estimate(s, dtype) + 2048 * s["B"] * s["H"] * s["W"]
+
+
+def _m2f_model_analytic(s, dtype):
+    raise Unavailable("no analytic memory model for the whole Mask2Former; run `fastseg memprof --op mask2former` "
+                      "on a GPU (both paths measured)")
+
+
+register(OpSpec(
+    name="mask2former",
+    summary="Mask2Former with an MSCAN-T backbone, whole model: training step / inference, reference vs fused",
+    issue="issue 7",
+    heavy=True,
+    shape_keys={"B": 2, "Q": 100, "H": 512, "W": 512},
+    presets={
+        "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
+        "cpu": [{"B": 1, "Q": 20, "H": 64, "W": 64}],
+        "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
+        "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
+        "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
+        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8, 16) for q in (100, 200)
+                 for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
+    },
+    label=lambda s: f"MSCAN-T B={s['B']} Q={s['Q']} image {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _m2f_prep(True, whole_model=True), fastseg=True,
+             description="build_mask2former('mscan_t', fused=True) + fastseg.patch"),
+        Impl("reference", _m2f_prep(False, whole_model=True),
+             description="build_mask2former('mscan_t'), reference path"),
+    ],
+    memprof=MemprofSpec(
+        shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
+        analytic=_m2f_model_analytic, cpu_estimate=_m2f_model_cpu_estimate,
+        description="Mask2Former + MSCAN-T, whole model; --mode fwdbwd: training step, --mode fwd: inference",
     ),
 ))
