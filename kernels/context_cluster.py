@@ -163,6 +163,11 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
         s = tl.where(mmask[None, :], s, -1.0)
         smax = tl.max(s, axis=1)
         a = tl.min(tl.where(s == smax[:, None], offs_m[None, :], BLOCK_M), axis=1)
+        # torch.max treats NaN as the maximum (first NaN wins); tl.max may not, and a row without a match
+        # must never index past the program's M centers (no out-of-bounds gathers below).
+        a_nan = tl.min(tl.where(s != s, offs_m[None, :], BLOCK_M), axis=1)
+        a = tl.minimum(tl.where(a_nan < BLOCK_M, a_nan, a), M - 1)
+        smax = tl.sum(tl.where(offs_m[None, :] == a[:, None], s, 0.0), axis=1)
         tl.store(assign_ptr + inst * N + offs_n, a, mask=nmask)
         tl.store(sim_ptr + inst * N + offs_n, smax, mask=nmask)
         onehot = (offs_m[:, None] == a[None, :]) & nmask[None, :]  # (BLOCK_M, BLOCK_N)

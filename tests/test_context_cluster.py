@@ -147,6 +147,44 @@ def test_exact_ties_pick_the_first_center(device, triton_launches):
     assert triton_launches["coc_fwd_kernel"] == 1
 
 
+@pytest.mark.parametrize("region,dup", [((2, 2), (1, 3)), ((3, 4), (5, 9))], ids=["M4", "M12-dot"])
+def test_ties_between_later_centers_pick_the_first(region, dup, device, triton_launches):
+    """Proposals = region size, so every center is one point; points dup[0] and dup[1] are equal, so each of
+    the two ties between centers dup[0] and dup[1] (not center 0) and must go to dup[0], as torch.max does.
+    A last-index rule would move both to dup[1] and change the aggregated centers."""
+    (r2, r3), (i, j) = region, dup
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, r2 * r3, generator=gen, dtype=torch.float64)
+    x[:, :, j] = x[:, :, i]
+    x = x.reshape(1, 8, r2, r3).to(device, dtype)
+    v = torch.randn(1, 8, r2, r3, generator=gen, dtype=torch.float64).to(device, dtype)
+    alpha, beta = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+    y_ref = cluster_core(x, v, alpha, beta, 1, 1, 1, r2, r3)
+    y_fus = context_cluster(x, v, alpha, beta, 1, 1, 1, r2, r3)
+    assert_close(y_fus, y_ref, TOL[dtype], "out")
+    assert triton_launches["coc_fwd_kernel"] == 1
+
+
+def test_nan_input_propagates_like_the_reference(device, triton_launches):
+    """A NaN point poisons its region's centers: torch.max then takes the first NaN similarity as the max. The
+    kernel must give NaN exactly where the reference does (and never index a center past M)."""
+    from fastseg.kernels import context_cluster as K
+
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    x[0, 5, 3, 3] = float("nan")  # head 1, region (1, 1)
+    x, v = x.to(device, dtype), torch.randn(1, 8, 4, 4, dtype=torch.float64).to(device, dtype)
+    alpha, beta = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+    y_ref = cluster_core(x, v, alpha, beta, 2, 2, 2, 2, 2)
+    y_fus = context_cluster(x, v, alpha, beta, 2, 2, 2, 2, 2)
+    assert y_ref.isnan().any() and not y_ref.isnan().all()
+    assert torch.equal(y_fus.isnan(), y_ref.isnan())
+    assert_close(y_fus.nan_to_num(), y_ref.nan_to_num(), TOL[dtype], "finite part")
+    _, (assign, *_rest) = K.cluster_forward(x, v, alpha, beta, 2, (2, 2), (2, 2), False)
+    assert int(assign.min()) >= 0 and int(assign.max()) < 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype, device, triton_launches):
     """Half inputs (fp32 accumulation) against the reference in float32 on the same rounded inputs."""
