@@ -17,6 +17,8 @@ fp64 inputs). The small (M, N_chunk) x (N_chunk, C) products are register broadc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,8 @@ _SMALL_M = 8  # centers per region up to which the small products avoid tl.dot
 def _configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":  # one config (quick GPU test runs)
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((32, 2), (64, 2), (64, 4), (128, 4))]
 
 
