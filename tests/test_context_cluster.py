@@ -219,6 +219,10 @@ def test_bad_input_errors(device):
     x = torch.randn(1, 6, 4, 4, device=device)
     with pytest.raises(ValueError, match="cannot be split into 4 heads"):
         context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=4)
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=0)
+    with pytest.raises(ValueError, match="proposal sizes must be >= 1"):
+        context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=2, proposal_w=0)
     with pytest.raises(ValueError, match="must both be"):
         context_cluster(x, x[:, :4], torch.ones(1, device=device), torch.zeros(1, device=device), heads=2)
 
