@@ -330,9 +330,12 @@ def _blocks(C: int, M: int):
 def _check_layout(*ts: torch.Tensor) -> int:
     """All of ts: same shape/strides, dense (channel stride D2*D3, row stride D3, unit stride); -> batch stride."""
     t0 = ts[0]
-    _, _, D2, D3 = t0.shape
+    B, EC, D2, D3 = t0.shape
+    # the kernels index with these strides; a size-1 dim's stride is never used (torch calls such tensors
+    # contiguous whatever that stride is, e.g. a transposed [B, C, 1, W] map), so it is not compared
+    want = (t0.stride(0), D2 * D3, D3, 1)
     for t in ts:
-        if t.shape != t0.shape or t.stride() != t0.stride() or t.stride()[1:] != (D2 * D3, D3, 1):
+        if t.shape != t0.shape or any(n > 1 and s != w for n, s, w in zip(t.shape, t.stride(), want)):
             raise ValueError("context_cluster kernels need dense [B, E*C, D2, D3] tensors with equal strides")
     return t0.stride(0)
 

@@ -166,6 +166,25 @@ def test_ties_between_later_centers_pick_the_first(region, dup, device, triton_l
     assert triton_launches["coc_fwd_kernel"] == 1
 
 
+def test_one_row_map_with_unusual_size1_stride(device, triton_launches):
+    """A [B, C, 1, W] map made by a transpose is 'contiguous' for torch with a non-standard stride on its size-1
+    dim; the op must accept it (it used to raise) and match the reference, gradients included."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    x, v = (torch.randn(2, 8, 7, 1, generator=gen, dtype=torch.float64).to(device, dtype).transpose(2, 3)
+            .requires_grad_() for _ in range(2))
+    assert x.is_contiguous() and x.stride(2) != x.shape[3]
+    alpha, beta = torch.tensor([1.3], dtype=dtype, device=device), torch.tensor([0.1], dtype=dtype, device=device)
+    assert _argmax_gap(x, alpha, beta, 2, 1, 1, 1, 3) >= MIN_GAP
+    y_ref = cluster_core(x, v, alpha, beta, 2, 1, 1, 1, 3)
+    y_fus = context_cluster(x, v, alpha, beta, 2, 1, 1, 1, 3)
+    assert_close(y_fus, y_ref, TOL[dtype], "out")
+    g = torch.randn_like(y_ref)
+    for name, a, b in zip(("x", "value"), torch.autograd.grad(y_fus, (x, v), g), torch.autograd.grad(y_ref, (x, v), g)):
+        assert_close(a, b, TOL[dtype], f"d {name}")
+    assert triton_launches["coc_fwd_kernel"] == 1 and triton_launches["coc_bwd_kernel"] == 1
+
+
 def test_nan_input_propagates_like_the_reference(device, triton_launches):
     """A NaN point poisons its region's centers: torch.max then takes the first NaN similarity as the max. The
     kernel must give NaN exactly where the reference does (and never index a center past M)."""
