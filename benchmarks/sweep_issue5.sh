@@ -9,7 +9,7 @@
 #   module-224  fastseg.nn.ContextCluster vs the eager reference Cluster vs torch.compile(Cluster), forward
 #               (inference) and forward+backward, time and peak memory, at the four stage shapes of coc_tiny
 #               (batch 128) and coc_medium (batch 64) at 224x224 (`fastseg bench context-cluster --preset
-#               imagenet`; add the other batch with PRESET224=full)
+#               imagenet`; PRESET224=full adds batch 64 / 128 of each model and the 512 shapes to this step)
 #   module-512  the same at a 512x512 segmentation input (coc_tiny and coc_medium stages, batch 16; preset ade)
 #   model       a whole coc_tiny training step (forward + backward of all parameters; fp16/bf16 under autocast
 #               with fp32 weights), fused model vs eager vs torch.compile, batch 128 at 224x224
