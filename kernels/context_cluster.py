@@ -17,6 +17,8 @@ fp64 inputs). The small (M, N_chunk) x (N_chunk, C) products are register broadc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,8 @@ _SMALL_M = 8  # centers per region up to which the small products avoid tl.dot
 def _configs():
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":  # one config (quick GPU test runs)
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((32, 2), (64, 2), (64, 4), (128, 4))]
 
 
@@ -163,6 +167,11 @@ def _coc_fwd_kernel(x_ptr, v_ptr, alpha_ptr, beta_ptr, out_ptr,
         s = tl.where(mmask[None, :], s, -1.0)
         smax = tl.max(s, axis=1)
         a = tl.min(tl.where(s == smax[:, None], offs_m[None, :], BLOCK_M), axis=1)
+        # torch.max treats NaN as the maximum (first NaN wins); tl.max may not, and a row without a match
+        # must never index past the program's M centers (no out-of-bounds gathers below).
+        a_nan = tl.min(tl.where(s != s, offs_m[None, :], BLOCK_M), axis=1)
+        a = tl.minimum(tl.where(a_nan < BLOCK_M, a_nan, a), M - 1)
+        smax = tl.sum(tl.where(offs_m[None, :] == a[:, None], s, 0.0), axis=1)
         tl.store(assign_ptr + inst * N + offs_n, a, mask=nmask)
         tl.store(sim_ptr + inst * N + offs_n, smax, mask=nmask)
         onehot = (offs_m[:, None] == a[None, :]) & nmask[None, :]  # (BLOCK_M, BLOCK_N)
@@ -321,9 +330,12 @@ def _blocks(C: int, M: int):
 def _check_layout(*ts: torch.Tensor) -> int:
     """All of ts: same shape/strides, dense (channel stride D2*D3, row stride D3, unit stride); -> batch stride."""
     t0 = ts[0]
-    _, _, D2, D3 = t0.shape
+    B, EC, D2, D3 = t0.shape
+    # the kernels index with these strides; a size-1 dim's stride is never used (torch calls such tensors
+    # contiguous whatever that stride is, e.g. a transposed [B, C, 1, W] map), so it is not compared
+    want = (t0.stride(0), D2 * D3, D3, 1)
     for t in ts:
-        if t.shape != t0.shape or t.stride() != t0.stride() or t.stride()[1:] != (D2 * D3, D3, 1):
+        if t.shape != t0.shape or any(n > 1 and s != w for n, s, w in zip(t.shape, t.stride(), want)):
             raise ValueError("context_cluster kernels need dense [B, E*C, D2, D3] tensors with equal strides")
     return t0.stride(0)
 

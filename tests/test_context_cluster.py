@@ -147,6 +147,63 @@ def test_exact_ties_pick_the_first_center(device, triton_launches):
     assert triton_launches["coc_fwd_kernel"] == 1
 
 
+@pytest.mark.parametrize("region,dup", [((2, 2), (1, 3)), ((3, 4), (5, 9))], ids=["M4", "M12-dot"])
+def test_ties_between_later_centers_pick_the_first(region, dup, device, triton_launches):
+    """Proposals = region size, so every center is one point; points dup[0] and dup[1] are equal, so each of
+    the two ties between centers dup[0] and dup[1] (not center 0) and must go to dup[0], as torch.max does.
+    A last-index rule would move both to dup[1] and change the aggregated centers."""
+    (r2, r3), (i, j) = region, dup
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 8, r2 * r3, generator=gen, dtype=torch.float64)
+    x[:, :, j] = x[:, :, i]
+    x = x.reshape(1, 8, r2, r3).to(device, dtype)
+    v = torch.randn(1, 8, r2, r3, generator=gen, dtype=torch.float64).to(device, dtype)
+    alpha, beta = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+    y_ref = cluster_core(x, v, alpha, beta, 1, 1, 1, r2, r3)
+    y_fus = context_cluster(x, v, alpha, beta, 1, 1, 1, r2, r3)
+    assert_close(y_fus, y_ref, TOL[dtype], "out")
+    assert triton_launches["coc_fwd_kernel"] == 1
+
+
+def test_one_row_map_with_unusual_size1_stride(device, triton_launches):
+    """A [B, C, 1, W] map made by a transpose is 'contiguous' for torch with a non-standard stride on its size-1
+    dim; the op must accept it (it used to raise) and match the reference, gradients included."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    x, v = (torch.randn(2, 8, 7, 1, generator=gen, dtype=torch.float64).to(device, dtype).transpose(2, 3)
+            .requires_grad_() for _ in range(2))
+    assert x.is_contiguous() and x.stride(2) != x.shape[3]
+    alpha, beta = torch.tensor([1.3], dtype=dtype, device=device), torch.tensor([0.1], dtype=dtype, device=device)
+    assert _argmax_gap(x, alpha, beta, 2, 1, 1, 1, 3) >= MIN_GAP
+    y_ref = cluster_core(x, v, alpha, beta, 2, 1, 1, 1, 3)
+    y_fus = context_cluster(x, v, alpha, beta, 2, 1, 1, 1, 3)
+    assert_close(y_fus, y_ref, TOL[dtype], "out")
+    g = torch.randn_like(y_ref)
+    for name, a, b in zip(("x", "value"), torch.autograd.grad(y_fus, (x, v), g), torch.autograd.grad(y_ref, (x, v), g)):
+        assert_close(a, b, TOL[dtype], f"d {name}")
+    assert triton_launches["coc_fwd_kernel"] == 1 and triton_launches["coc_bwd_kernel"] == 1
+
+
+def test_nan_input_propagates_like_the_reference(device, triton_launches):
+    """A NaN point poisons its region's centers: torch.max then takes the first NaN similarity as the max. The
+    kernel must give NaN exactly where the reference does (and never index a center past M)."""
+    from fastseg.kernels import context_cluster as K
+
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
+    x[0, 5, 3, 3] = float("nan")  # head 1, region (1, 1)
+    x, v = x.to(device, dtype), torch.randn(1, 8, 4, 4, dtype=torch.float64).to(device, dtype)
+    alpha, beta = torch.ones(1, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+    y_ref = cluster_core(x, v, alpha, beta, 2, 2, 2, 2, 2)
+    y_fus = context_cluster(x, v, alpha, beta, 2, 2, 2, 2, 2)
+    assert y_ref.isnan().any() and not y_ref.isnan().all()
+    assert torch.equal(y_fus.isnan(), y_ref.isnan())
+    assert_close(y_fus.nan_to_num(), y_ref.nan_to_num(), TOL[dtype], "finite part")
+    _, (assign, *_rest) = K.cluster_forward(x, v, alpha, beta, 2, (2, 2), (2, 2), False)
+    assert int(assign.min()) >= 0 and int(assign.max()) < 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype, device, triton_launches):
     """Half inputs (fp32 accumulation) against the reference in float32 on the same rounded inputs."""
@@ -181,6 +238,10 @@ def test_bad_input_errors(device):
     x = torch.randn(1, 6, 4, 4, device=device)
     with pytest.raises(ValueError, match="cannot be split into 4 heads"):
         context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=4)
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=0)
+    with pytest.raises(ValueError, match="proposal sizes must be >= 1"):
+        context_cluster(x, x, torch.ones(1, device=device), torch.zeros(1, device=device), heads=2, proposal_w=0)
     with pytest.raises(ValueError, match="must both be"):
         context_cluster(x, x[:, :4], torch.ones(1, device=device), torch.zeros(1, device=device), heads=2)
 

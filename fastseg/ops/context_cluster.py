@@ -29,6 +29,8 @@ def _check(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, pro
                          f"and {tuple(value.shape)}")
     if x.dtype != value.dtype:
         raise ValueError(f"{_OP}: x and value must have one dtype, got {x.dtype} and {value.dtype}")
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{_OP}: heads must be a positive int, got {heads!r}")
     if x.shape[1] % heads != 0:
         raise ValueError(f"{_OP}: {x.shape[1]} channels cannot be split into {heads} heads")
     if sim_alpha.numel() != 1 or sim_beta.numel() != 1:
