@@ -12,9 +12,9 @@ import os
 import torch
 
 from .measure import (Measurement, fmt_bytes, measure, saved_for_backward_bytes, tensor_bytes, Unavailable)
-from .registry import DTYPE_NAMES, BenchError, OpSpec
+from .registry import DTYPE_NAMES, BenchError, OpSpec, all_ops
 
-__all__ = ["run_memprof", "largest_within", "memprof_tables", "parse_resolution"]
+__all__ = ["run_memprof", "largest_within", "memprof_tables", "parse_resolution", "setting_label"]
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -47,9 +47,11 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
     from .runner import progress_bar
 
     if spec.memprof is None:
-        raise BenchError(f"op {spec.name!r} has no memory-profile sweep (queries x resolution); "
-                         "ops with one: masked-attention, mask2former-decoder")
+        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
+                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
     mp = spec.memprof
+    if not mp.queries:
+        queries = [None]  # no object queries: the sweep is resolution x batch
     device = torch.device(device)
     cpu = device.type != "cuda"
     cpu_limit = cpu_limit if cpu_limit is not None else min(8 * 2**30, _ram_bytes() // 3)
@@ -64,7 +66,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
             base = {"op": spec.name, "batch": b, "queries": q, "resolution": f"{h}x{w}", "height": h, "width": w,
                     "dtype": DTYPE_NAMES[dtype], "mode": mode, "shape": spec.shape_label(shape), "device": str(device)}
             for impl in (eager, fused):
-                bar.update(task, description=f"memprof {impl.name} B={b} Q={q} {h}x{w}")
+                bar.update(task, description=f"memprof {impl.name} B={b}{'' if q is None else f' Q={q}'} {h}x{w}")
                 row = dict(base, impl=impl.name, fastseg=impl.fastseg, saved_bytes=None)
                 if cpu and impl.fastseg:
                     row.update(_analytic(mp, shape, dtype))
@@ -76,7 +78,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
                                note=f"too large to run on this CPU (rough estimate {fmt_bytes(mp.cpu_estimate(shape, dtype))})")
                 else:
                     m = measure(lambda: impl.prepare(shape, dtype, device, mode), device, timing=timing,
-                                cpu_budget_s=0.3)
+                                cpu_budget_s=0.3, cpu_min_reps=1)
                     if m.status == "unavailable":
                         unavailable[impl.name] = m.note
                     row.update(status=m.status, time_ms=m.time_ms, peak_bytes=m.peak_bytes, note=m.note,
@@ -105,7 +107,7 @@ def _analytic(mp, shape, dtype) -> dict:
         return dict(status="unavailable", time_ms=None, peak_bytes=None, method="-", note=str(exc))
     saved = sum(v for k, v in parts.items() if k.startswith("saved"))
     return dict(status="ok", time_ms=None, peak_bytes=sum(parts.values()), saved_bytes=saved,
-                method="analytic (exact accounting from the shapes; not measured)",
+                method="analytic (accounting from the shapes; not measured)",
                 note="; ".join(f"{k}={v}" for k, v in parts.items()))
 
 
@@ -115,7 +117,15 @@ def largest_within(rows: list[dict], budget: int, impl: str, batch: int | None =
           and r["peak_bytes"] <= budget and (batch is None or r["batch"] == batch)]
     if not ok:
         return None
-    return max(ok, key=lambda r: (r["queries"] * r["height"] * r["width"] * r["batch"], r["queries"]))
+    return max(ok, key=lambda r: ((r["queries"] or 1) * r["height"] * r["width"] * r["batch"], r["queries"] or 0,
+                                  r["batch"]))
+
+
+def setting_label(r: dict) -> str:
+    """``Q=200 at 1024x2048`` (``batch 2 at 512x512`` for ops without queries)."""
+    if r.get("queries") is None:
+        return f"batch {r['batch']} at {r['resolution']}"
+    return f"Q={r['queries']} at {r['resolution']}"
 
 
 def _cell(key: str, r: dict | None, budget: int) -> str:
@@ -142,19 +152,23 @@ def memprof_tables(rows: list[dict], budget: int, cpu: bool, key: str = "peak_by
     budget_text = f" (budget {fmt_bytes(budget)})" if show_budget else ""
     budget = budget if show_budget else 2**62
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    for b in sorted({r["batch"] for r in rows}):
-        sub = [r for r in rows if r["batch"] == b]
-        queries = sorted({r["queries"] for r in sub})
+    no_queries = all(r["queries"] is None for r in rows)
+    # ops with queries: a table per batch, query columns; without: one table, batch columns
+    groups = [(None, rows)] if no_queries else [(b, [r for r in rows if r["batch"] == b])
+                                                  for b in sorted({r["batch"] for r in rows})]
+    col_key, col_name = ("batch", "batch {}") if no_queries else ("queries", "Q={}")
+    for b, sub in groups:
+        cols = sorted({r[col_key] for r in sub})
         res = list(dict.fromkeys(r["resolution"] for r in sub))
-        t = Table(title=f"{what}, batch {b}{budget_text}; cells: " + " | ".join(impls),
-                  title_justify="left")
+        head = what if b is None else f"{what}, batch {b}"
+        t = Table(title=f"{head}{budget_text}; cells: " + " | ".join(impls), title_justify="left")
         t.add_column("input H x W")
-        for q in queries:
-            t.add_column(f"Q={q}", justify="right")
+        for c in cols:
+            t.add_column(col_name.format(c), justify="right")
         for rs in res:
             cells = []
-            for q in queries:
-                parts = [_cell(key, next((r for r in sub if r["resolution"] == rs and r["queries"] == q and r["impl"] == i),
+            for c in cols:
+                parts = [_cell(key, next((r for r in sub if r["resolution"] == rs and r[col_key] == c and r["impl"] == i),
                                     None), budget) for i in impls]
                 cells.append(" | ".join(parts))
             t.add_row(rs, *cells)

@@ -51,6 +51,13 @@ class MemprofSpec:
     analytic: Callable[[dict, torch.dtype], dict]
     cpu_estimate: Callable[[dict, torch.dtype], int]
     description: str = ""
+    #: False for ops without object queries (MSCA, context cluster): the sweep is resolution x batch only
+    queries: bool = True
+    #: what the CPU analytic accounting of the fused path counts (printed as its label)
+    analytic_what: str = "inputs, weights, what the fused op saves for backward, gradients, backward buffers"
+    #: default (queries, resolutions, batches) on CPU and for --quick, as comma-separated strings; None = generic
+    cpu_grid: tuple | None = None
+    quick_grid: tuple | None = None
 
 
 @dataclass

@@ -194,5 +194,7 @@ register(OpSpec(
         shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
         analytic=_m2f_analytic, cpu_estimate=_m2f_cpu_estimate,
         description="the whole Mask2Former decoder, training step",
+        # a CPU training step of the whole decoder takes seconds: a small grid by default there
+        cpu_grid=("50,100", "128x128,256x256", "1"), quick_grid=("50", "128x128,256x256", "1"),
     ),
 ))

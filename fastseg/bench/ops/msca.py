@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..measure import Prepared
-from ..registry import Impl, OpSpec, register, require
+from ..registry import BenchError, Impl, MemprofSpec, OpSpec, register, require
 from .common import compiled, generator, module_step, randn
 
 OP = "msca"
@@ -66,6 +66,48 @@ def _prep(fused: bool, channels_last: bool, compile_: bool = False):
     return prepare
 
 
+def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
+    """fastseg.nn.MSCA's training step (input and parameters in ``dtype``), from the shapes: {part: bytes}.
+
+    ``saved: ...`` parts are what the fused op keeps for backward beyond its input and weights (the summed
+    depthwise branches ``s``, the packed depthwise weights in the accumulation dtype, the bias in the
+    accumulation dtype when the weights are half precision), checked against autograd's saved tensors by
+    ``tests/test_cli.py``. Not counted: the backward's small per-tile partial sums of the weight gradients and
+    the kernels' scratch slots, whose sizes depend on the launch grid.
+    """
+    from fastseg.kernels.msca import WPACK
+
+    el = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    B, C, H, W = s["B"], s["C"], s["H"], s["W"]
+    x = B * C * H * W * el
+    weights = (C * 103 + 7 * C + C * C + C) * el  # 7 depthwise convs (103 taps in all) + 1x1 conv3
+    parts = {
+        "input x": x,
+        "weights": weights,
+        "saved: s (sum of the depthwise branches)": x,
+        "saved: packed depthwise weights (fp32)": C * WPACK * acc,
+        "output": x,
+        "gradients of input and weights": x + weights,
+        "backward: ds, dx_direct (fp32)": 2 * B * C * H * W * acc,
+    }
+    if el != acc:
+        parts["saved: conv3 bias (fp32)"] = C * acc
+    return parts
+
+
+def _cpu_estimate(s: dict, dtype: torch.dtype) -> int:
+    # eager: ~12 activations of x's size saved for backward, plus as many transient (generous)
+    return 24 * s["B"] * s["C"] * s["H"] * s["W"] * max(4, torch.empty((), dtype=dtype).element_size())
+
+
+MEMPROF_C = 64  # MSCAN-B/S/L stage 1 (MSCAN-T: 32)
+
+
+def _memprof_shape(queries, img_h, img_w, batch, extra) -> dict:
+    return {"B": batch, "C": MEMPROF_C, "H": math.ceil(img_h / 4), "W": math.ceil(img_w / 4)}
+
+
 register(OpSpec(
     name=OP,
     summary="SegNeXt MSCA attention module (5x5 dw + 3 strip branches + 1x1 + gate)",
@@ -80,4 +122,12 @@ register(OpSpec(
         Impl("eager-cl", _prep(False, True), description="reference AttentionModule eager, channels_last"),
         Impl("compile", _prep(False, False, True), gpu_only=True, description="torch.compile(reference)"),
     ],
+    memprof=MemprofSpec(
+        shape=_memprof_shape, eager="eager", fused="fastseg", analytic=analytic_fused_bytes,
+        cpu_estimate=_cpu_estimate, queries=False,
+        analytic_what="input, weights, what the fused op saves for backward, output, gradients, the backward's "
+                      "fp32 ds/dx buffers; not the small per-tile partial sums and scratch",
+        description=f"one MSCA module (C={MEMPROF_C}, MSCAN-B stage 1) at stride 4 of the input, forward+backward",
+        cpu_grid=(None, "128x128,256x256", "1,2"), quick_grid=(None, "128x128", "1"),
+    ),
 ))
