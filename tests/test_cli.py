@@ -379,3 +379,16 @@ def test_memprof_unavailable_path_is_not_reported_as_not_fitting(dummy, tmp_path
     text = capsys.readouterr().out
     assert "fastseg batch 1: not known: no setting was measured (unavailable: accounting lands with issue 99" in text
     assert "none of the settings fits" not in text
+
+
+def test_check_covers_every_fused_op():
+    """`fastseg check` has an entry per fused op, and the newer ones pass with their kernels launched."""
+    from fastseg import _backend
+
+    assert set(check_mod.CHECKS) == {"masked-attention", "mask-from-embeddings", "msca", "mlp-dwconv",
+                                     "context-cluster"}
+    if not _backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 to run the kernels on CPU")
+    entries = check_mod.run_checks(["mask-from-embeddings", "mlp-dwconv"], torch.device("cpu"), [torch.float32])
+    for e in entries:
+        assert e["status"] == "ok" and e["backend"] == "triton" and e["launches"] > 0, e
