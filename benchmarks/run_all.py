@@ -18,7 +18,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder"]
+BENCH_OPS = ["masked-attention", "msca", "mlp-dwconv", "context-cluster", "mscan", "coc", "mask2former-decoder"]
 MEMPROF_OPS = ["masked-attention", "mask2former-decoder", "msca", "context-cluster"]
 # whole-model torch.compile baselines compile for minutes: opt in with --model-compile
 MODEL_OPS = {"mscan", "coc", "mask2former-decoder"}
@@ -45,7 +45,8 @@ def main() -> int:
                "--out", os.path.join(args.out_dir, f"bench_{op}"),
                "--plot", os.path.join(args.out_dir, f"bench_{op}.png")]
         if op in MODEL_OPS and not args.model_compile:
-            cmd += ["--impl", "fastseg,eager,reference"]
+            cmd += ["--impl", {"mscan": "fastseg,fastseg-all,eager", "mask2former-decoder": "fastseg,reference"}
+                    .get(op, "fastseg,eager")]
         cmds.append((f"bench {op}", cmd))
         if op in MEMPROF_OPS and not args.no_memprof:
             grid = {"masked-attention": ["--batch", "2,8"],

@@ -392,3 +392,16 @@ def test_check_covers_every_fused_op():
     entries = check_mod.run_checks(["mask-from-embeddings", "mlp-dwconv"], torch.device("cpu"), [torch.float32])
     for e in entries:
         assert e["status"] == "ok" and e["backend"] == "triton" and e["launches"] > 0, e
+
+
+def test_fastseg_variants_are_labelled_with_fastseg_backend():
+    """fastseg-cl / fastseg-all rows run fastseg's ops: their backend is fastseg's, not 'pytorch'."""
+    from fastseg.bench.runner import fastseg_backend, run_bench
+
+    spec = OpSpec(name="variants", summary="", shape_keys={"N": 4}, presets={"quick": [{"N": 4}]},
+                  impls=[Impl("fastseg", _mm(1), fastseg=True), Impl("fastseg-cl", _mm(1)), Impl("eager", _mm(2))])
+    rows, _ = run_bench([(spec, [{"N": 4}])], [torch.float32], ["fwd"], torch.device("cpu"), progress=False,
+                        timing=False)
+    backend = {r["impl"]: r["backend"] for r in rows}
+    assert backend == {"fastseg": fastseg_backend(torch.device("cpu")),
+                       "fastseg-cl": fastseg_backend(torch.device("cpu")), "eager": "pytorch"}

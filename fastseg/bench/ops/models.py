@@ -60,6 +60,8 @@ register(OpSpec(
     impls=[
         Impl("fastseg", _model_prep("mscan_{model}", "MSCAN lands with issue 4", True, size_key="model"), fastseg=True,
              description="fastseg.models.mscan_*(fused=True)"),
+        Impl("fastseg-all", _model_prep("mscan_{model}", "MSCAN lands with issue 4", "all", size_key="model"),
+             description="fastseg.models.mscan_*(fused='all'): MSCA and the MLP depthwise conv fused"),
         Impl("eager", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, size_key="model"),
              description="fastseg.models.mscan_*(fused=False)"),
         Impl("compile", _model_prep("mscan_{model}", "MSCAN lands with issue 4", False, True, size_key="model"),

@@ -131,3 +131,64 @@ register(OpSpec(
         cpu_grid=(None, "128x128,256x256", "1,2"), quick_grid=(None, "128x128", "1"),
     ),
 ))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MSCAN's MLP (fc1 -> 3x3 depthwise + bias -> GELU -> fc2) with the depthwise conv + GELU fused (issue 4)
+# ---------------------------------------------------------------------------------------------------------
+MLP_RATIOS = [8, 8, 4, 4]
+
+
+def mlp_stages(model: str, image_hw, batch):
+    return [{"B": batch, "C": c, "hidden": c * r, "H": math.ceil(image_hw[0] / s), "W": math.ceil(image_hw[1] / s)}
+            for c, r, s in zip(MSCAN[model], MLP_RATIOS, STRIDES)]
+
+
+MLP_PRESETS = {
+    "quick": [{"B": 2, "C": 32, "hidden": 256, "H": 64, "W": 64}],
+    "cpu": [{"B": 2, "C": 32, "hidden": 256, "H": 32, "W": 32}, {"B": 2, "C": 64, "hidden": 512, "H": 16, "W": 16}],
+    "ade": mlp_stages("t", (512, 512), 16) + mlp_stages("b", (512, 512), 16),
+    "cityscapes": mlp_stages("t", (1024, 1024), 8) + mlp_stages("b", (1024, 1024), 8),
+    "default": mlp_stages("t", (512, 512), 16)[:3] + mlp_stages("b", (512, 512), 16)[:2],
+}
+MLP_PRESETS["full"] = MLP_PRESETS["ade"] + MLP_PRESETS["cityscapes"]
+
+
+def _mlp_prep(fused: bool, channels_last: bool = False, compile_: bool = False):
+    def prepare(s, dtype, device, mode) -> Prepared:
+        ref_cls = require("fastseg.models.mscan", "Mlp", "the MSCAN reference lands with issue 4")
+        cls = require("fastseg.nn", "MSCANMlp", "the fused MLP depthwise conv lands with issue 4") if fused else None
+        g = generator(device)
+        x = randn((s["B"], s["C"], s["H"], s["W"]), dtype, device, g, False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(mode == "fwdbwd")
+        torch.manual_seed(0)
+        mod = ref_cls(s["C"], s["hidden"])
+        if cls is not None:
+            fused_mod = cls(s["C"], s["hidden"])
+            fused_mod.load_state_dict(mod.state_dict())
+            mod = fused_mod
+        mod = mod.to(device=device, dtype=dtype)
+        if channels_last:
+            mod = mod.to(memory_format=torch.channels_last)
+        fn = compiled(mod) if compile_ else mod
+        return module_step(lambda: fn(x), [x], [mod], mode)
+    return prepare
+
+
+register(OpSpec(
+    name="mlp-dwconv",
+    summary="SegNeXt MSCAN MLP (fc1, 3x3 depthwise + bias + GELU fused, fc2)",
+    issue="issue 4",
+    shape_keys={"B": 8, "C": 32, "hidden": 256, "H": 64, "W": 64},
+    presets=MLP_PRESETS,
+    label=lambda s: f"B={s['B']} C={s['C']}->{s['hidden']} {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _mlp_prep(True), fastseg=True, description="fastseg.nn.MSCANMlp, NCHW"),
+        Impl("fastseg-cl", _mlp_prep(True, True), description="fastseg.nn.MSCANMlp, channels_last"),
+        Impl("eager", _mlp_prep(False), description="MSCAN Mlp eager, NCHW"),
+        Impl("eager-cl", _mlp_prep(False, True), description="MSCAN Mlp eager, channels_last"),
+        Impl("compile", _mlp_prep(False, False, True), gpu_only=True, description="torch.compile(Mlp)"),
+    ],
+))
