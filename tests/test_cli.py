@@ -405,3 +405,14 @@ def test_fastseg_variants_are_labelled_with_fastseg_backend():
     backend = {r["impl"]: r["backend"] for r in rows}
     assert backend == {"fastseg": fastseg_backend(torch.device("cpu")),
                        "fastseg-cl": fastseg_backend(torch.device("cpu")), "eager": "pytorch"}
+
+
+def test_memprof_fwd_mode_analytic_leaves_out_backward(dummy, tmp_path, monkeypatch):
+    monkeypatch.setattr(dummy.memprof, "analytic", lambda s, dt: {"inputs": 100, "saved: x": 10, "gradients": 1000,
+                                                                  "backward buffers": 5000})
+    out = tmp_path / "m.json"
+    for mode, want in (("fwd", 110), ("fwdbwd", 6110)):
+        assert cli.main(["memprof", "--op", "dummy", "--queries", "4", "--resolutions", "32x32", "--batch", "1",
+                         "--mode", mode, "--no-progress", "--no-time", "--out", str(out)]) == 0
+        fused = [r for r in json.loads(out.read_text())["results"] if r["impl"] == "fastseg"]
+        assert [r["peak_bytes"] for r in fused] == [want]

@@ -69,7 +69,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
                 bar.update(task, description=f"memprof {impl.name} B={b}{'' if q is None else f' Q={q}'} {h}x{w}")
                 row = dict(base, impl=impl.name, fastseg=impl.fastseg, saved_bytes=None)
                 if cpu and impl.fastseg:
-                    row.update(_analytic(mp, shape, dtype))
+                    row.update(_analytic(mp, shape, dtype, mode))
                 elif impl.name in unavailable:
                     row.update(status="unavailable", time_ms=None, peak_bytes=None, note=unavailable[impl.name],
                                method="-")
@@ -100,12 +100,14 @@ def _eager_saved(impl, shape, dtype, device) -> int | None:
         return None
 
 
-def _analytic(mp, shape, dtype) -> dict:
+def _analytic(mp, shape, dtype, mode: str = "fwdbwd") -> dict:
     try:
         parts = mp.analytic(shape, dtype)
     except Unavailable as exc:
         return dict(status="unavailable", time_ms=None, peak_bytes=None, method="-", note=str(exc))
-    saved = sum(v for k, v in parts.items() if k.startswith("saved"))
+    if mode == "fwd":  # inference: no gradients, no backward buffers; what backward would keep is transient
+        parts = {k: v for k, v in parts.items() if not k.startswith(("gradients", "backward"))}
+    saved = sum(v for k, v in parts.items() if k.startswith("saved")) if mode == "fwdbwd" else None
     return dict(status="ok", time_ms=None, peak_bytes=sum(parts.values()), saved_bytes=saved,
                 method="analytic (accounting from the shapes; not measured)",
                 note="; ".join(f"{k}={v}" for k, v in parts.items()))

@@ -202,6 +202,7 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: bit-packed mask": B * nh * Q * math.ceil(L / 32) * 4,
         # key-tile indices (int32), non-empty flags (int8) per (query block, key tile); counts per query block
         "saved: tile lists": B * nh * n_qb * (n_kb * 5 + 4),
+        "output (out_proj)": Q * B * E * el,
         "gradients of inputs and weights": inputs + weights,
         "backward dq, dk, dv": (Q + 2 * L) * B * E * el,
     }
