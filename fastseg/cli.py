@@ -18,6 +18,13 @@ CPU_BANNER = ("No CUDA device: timing the CPU paths (eager PyTorch baselines and
               "FlexAttention) are skipped on CPU.")
 
 
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (notes quote shapes such as ``[B, C, H, W]``)."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
 def _csv_list(text: str, conv=str) -> list:
     from fastseg.bench.registry import BenchError
 
@@ -203,7 +210,7 @@ def cmd_bench(args) -> int:
         out.print(table)
     out.print("fastseg speed-up = baseline time / fastseg time; mem / fastseg = baseline peak / fastseg peak.")
     for n in notes:
-        out.print(f"[dim]note:[/] {n}")
+        out.print(f"[dim]note:[/] {escape(n)}")
     if args.out:
         paths = write_results(args.out, rows, env, command=args.argv, notes=notes)
         out.print("wrote " + ", ".join(paths))
@@ -290,7 +297,7 @@ def cmd_memprof(args) -> int:
                     why = "[red]none of the settings fits[/]"
                 else:  # nothing was measured: say why instead of claiming that nothing fits
                     statuses = ", ".join(sorted({r["status"] for r in sel}))
-                    why = f"[yellow]not known: no setting was measured ({statuses}: {sel[0]['note'][:200]})[/]"
+                    why = f"[yellow]not known: no setting was measured ({statuses}: {escape(sel[0]['note'])})[/]"
                 out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: {why}")
             else:
                 summary[key] = {k: best[k] for k in ("queries", "resolution", "batch", "peak_bytes")}
@@ -346,7 +353,7 @@ def cmd_check(args) -> int:
         if not e["results"]:
             colour = "yellow" if e["status"] == "unavailable" else "bold red"
             t.add_row(e["op"], e["dtype"], e["backend"], str(e["launches"]), "", "", "", "",
-                      f"[{colour}]{e['status']}[/]: {e['note'][:160]}")
+                      f"[{colour}]{e['status']}[/]: {escape(e['note'][:160])}")
             continue
         for i, r in enumerate(e["results"]):
             res = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"
@@ -354,7 +361,7 @@ def cmd_check(args) -> int:
                       str(e["launches"]) if i == 0 else "", r["quantity"], f"{r['max_abs']:.2e}", f"{r['rel']:.2e}",
                       f"{r['tol']:.0e}", res)
         if e["note"]:
-            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {e['note'][:160]}")
+            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {escape(e['note'][:160])}")
         t.add_section()
     out.print(t)
     failed = [e for e in entries if e["status"] in ("FAIL", "error")]

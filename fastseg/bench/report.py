@@ -18,7 +18,9 @@ def _status_cell(r: dict) -> str:
         return ""
     if r["status"] == "OOM":
         return "[bold red]OOM[/]"
-    return f"[yellow]{r['status']}[/]" + (f": {r['note'][:60]}" if r["status"] == "error" else "")
+    from rich.markup import escape
+
+    return f"[yellow]{r['status']}[/]" + (f": {escape(r['note'][:60])}" if r["status"] == "error" else "")
 
 
 def bench_tables(rows: list[dict], title_suffix: str = ""):
