@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--queries", default=None, help="comma-separated query counts (default 50,100,200,400 on GPU; "
                    "ops with queries only)")
     m.add_argument("--resolutions", default=None, help="comma-separated input sizes HxW "
-                   "(default 512x512,1024x1024,1024x2048 on GPU)")
-    m.add_argument("--batch", default=None, help="comma-separated batch sizes (default 2 on GPU, 1 on CPU)")
+                   "(default 512x512,1024x1024,1024x2048 on GPU; on a CPU a small grid per op)")
+    m.add_argument("--batch", default=None, help="comma-separated batch sizes (default 2 on GPU; on a CPU a small "
+                   "grid per op)")
     m.add_argument("--density", type=float, default=0.5, help="attention-mask density (default 0.5)")
     m.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd", help="default fwdbwd (training)")
     m.add_argument("--no-time", action="store_true", help="measure memory only")
