@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The full GPU sweep: `fastseg bench` per op and `fastseg memprof`, results into benchmarks/results/.
 
-    python benchmarks/run_all.py                      # every op, default presets (~6 min on an H100)
+    python benchmarks/run_all.py                      # every op, default presets (each step: --timeout)
     python benchmarks/run_all.py --ops masked-attention,msca   # a subset (split the sweep per op)
     python benchmarks/run_all.py --preset full --dtypes bf16,fp16,fp32 --timeout 1800
 
@@ -18,8 +18,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH_OPS = ["masked-attention", "msca", "context-cluster", "mscan", "coc", "mask2former-decoder", "mask2former"]
-MEMPROF_OPS = ["masked-attention", "mask2former-decoder", "mask2former"]
+BENCH_OPS = ["masked-attention", "msca", "mlp-dwconv", "context-cluster", "mscan", "coc", "mask2former-decoder",
+             "mask2former"]
+MEMPROF_OPS = ["masked-attention", "mask2former-decoder", "mask2former", "msca", "context-cluster"]
 # whole-model torch.compile baselines compile for minutes: opt in with --model-compile. Without it, only these
 # implementations run (`fastseg bench --impl` rejects names an op does not have).
 MODEL_OPS = {"mscan": "fastseg,fastseg-all,eager", "coc": "fastseg,eager", "mask2former-decoder": "fastseg,reference",
@@ -50,7 +51,9 @@ def main() -> int:
             cmd += ["--impl", MODEL_OPS[op]]
         cmds.append((f"bench {op}", cmd))
         if op in MEMPROF_OPS and not args.no_memprof:
-            grid = ["--batch", "2,8"] if op == "masked-attention" else ["--batch", "2", "--queries", "100,200,400"]
+            grid = {"masked-attention": ["--batch", "2,8"],
+                    "mask2former-decoder": ["--batch", "2", "--queries", "100,200,400"],
+                    "mask2former": ["--batch", "2", "--queries", "100,200"]}.get(op, ["--batch", "2,8,16"])
             if args.quick:
                 grid = ["--quick"]
             cmds.append((f"memprof {op}", ["memprof", "--op", op, "--budget", args.budget, *grid,

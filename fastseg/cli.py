@@ -18,6 +18,13 @@ CPU_BANNER = ("No CUDA device: timing the CPU paths (eager PyTorch baselines and
               "FlexAttention) are skipped on CPU.")
 
 
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped (notes quote shapes such as ``[B, C, H, W]``)."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
 def _csv_list(text: str, conv=str) -> list:
     from fastseg.bench.registry import BenchError
 
@@ -55,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("memprof", help="peak memory (and time) over queries x resolution x batch, eager vs fastseg")
     m.add_argument("--op", default="masked-attention", help="op to sweep (default masked-attention; also "
-                   "mask2former-decoder, mask2former)")
+                   "mask2former-decoder, mask2former, msca, context-cluster; see `fastseg list`)")
     m.add_argument("--budget", default="24GB", help="memory budget, e.g. 24GB, 80GB, 512MB (default 24GB)")
-    m.add_argument("--queries", default=None, help="comma-separated query counts (default 50,100,200,400 on GPU)")
+    m.add_argument("--queries", default=None, help="comma-separated query counts (default 50,100,200,400 on GPU; "
+                   "ops with queries only)")
     m.add_argument("--resolutions", default=None, help="comma-separated input sizes HxW "
-                   "(default 512x512,1024x1024,1024x2048 on GPU)")
-    m.add_argument("--batch", default=None, help="comma-separated batch sizes (default 2 on GPU, 1 on CPU)")
+                   "(default 512x512,1024x1024,1024x2048 on GPU; on a CPU a small grid per op)")
+    m.add_argument("--batch", default=None, help="comma-separated batch sizes (default 2 on GPU; on a CPU a small "
+                   "grid per op)")
     m.add_argument("--density", type=float, default=0.5, help="attention-mask density (default 0.5)")
     m.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwdbwd", help="default fwdbwd (training)")
     m.add_argument("--no-time", action="store_true", help="measure memory only")
@@ -202,7 +211,7 @@ def cmd_bench(args) -> int:
         out.print(table)
     out.print("fastseg speed-up = baseline time / fastseg time; mem / fastseg = baseline peak / fastseg peak.")
     for n in notes:
-        out.print(f"[dim]note:[/] {n}")
+        out.print(f"[dim]note:[/] {escape(n)}")
     if args.out:
         paths = write_results(args.out, rows, env, command=args.argv, notes=notes)
         out.print("wrote " + ", ".join(paths))
@@ -224,14 +233,18 @@ def cmd_bench(args) -> int:
 def cmd_memprof(args) -> int:
     from fastseg.bench.env import environment
     from fastseg.bench.measure import fmt_bytes, parse_bytes
-    from fastseg.bench.memprof import largest_within, memprof_tables, parse_resolution, run_memprof
+    from fastseg.bench.memprof import largest_within, memprof_tables, parse_resolution, run_memprof, setting_label
     from fastseg.bench.plot import memprof_heatmaps
-    from fastseg.bench.registry import BenchError, DTYPE_NAMES, get_op
+    from fastseg.bench.registry import BenchError, DTYPE_NAMES, all_ops, get_op
     from fastseg.bench.report import write_results
 
     device = _device(args.device)
     cpu = device.type != "cuda"
     spec = get_op(args.op)
+    mp = spec.memprof
+    if mp is None:
+        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
+                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
     try:
         budget = parse_bytes(args.budget)
     except ValueError as exc:
@@ -240,32 +253,33 @@ def cmd_memprof(args) -> int:
     if len(dtypes) != 1:
         raise BenchError("memprof takes one --dtype")
     dtype = dtypes[0]
+    if args.queries and not mp.queries:
+        raise BenchError(f"op {spec.name!r} has no object queries: its sweep is --resolutions x --batch")
     if args.quick:
-        dq, dr, db = "50,100", "256x256,512x512", "1"
+        dq, dr, db = mp.quick_grid or ("50,100", "256x256,512x512", "1")
     elif cpu:
-        dq, dr, db = "50,100,200", "256x256,512x512", "1"
+        dq, dr, db = mp.cpu_grid or ("50,100,200", "256x256,512x512", "1")
     else:
         dq, dr, db = "50,100,200,400", "512x512,1024x1024,1024x2048", "2"
-    queries = _csv_list(args.queries or dq, int)
+    queries = _csv_list(args.queries or dq, int) if mp.queries else [1]
     resolutions = [parse_resolution(r) for r in _csv_list(args.resolutions or dr)]
     batches = _csv_list(args.batch or db, int)
     if not queries or not resolutions or not batches or min(queries + batches) <= 0:
         raise BenchError("--queries, --resolutions and --batch need positive values")
     if not 0 < args.density <= 1:
         raise BenchError("--density must be in (0, 1]")
+    for h, w in resolutions:  # an op's own constraints (e.g. divisibility), before anything runs
+        mp.shape(queries[0], h, w, batches[0], {"density": args.density})
     out, err = _console()
     env = environment(device)
     out.print(_env_line(env))
-    mp = spec.memprof
-    if mp is None:
-        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: masked-attention, "
-                         "mask2former-decoder, mask2former")
     out.print(f"memprof {spec.name}: {mp.description}; {DTYPE_NAMES[dtype]}, {args.mode}")
     if cpu:
         out.print(f"[bold yellow]No CUDA device.[/] {mp.eager}: peak MEASURED on the CPU allocator (torch.profiler), "
-                  f"plus its saved-for-backward bytes measured with saved_tensors_hooks. {mp.fused}: ANALYTIC — exact "
-                  "accounting from the shapes (inputs, weights, what the fused op saves for backward, gradients, "
-                  "dq/dk/dv), not measured. Times are CPU times of the eager path.")
+                  f"plus its saved-for-backward bytes measured with saved_tensors_hooks. {mp.fused}: ANALYTIC — "
+                  f"accounting from the shapes ({mp.analytic_what}), not measured; where an op has no analytic model "
+                  "and TRITON_INTERPRET=1 is set, its kernels run under the interpreter and are MEASURED like the "
+                  "eager path (method column; no time). Times are CPU times of the eager path.")
     partial = None
     if args.out:  # a sweep cut short (time limit, crash) keeps the settings it measured
         def partial(rows_so_far):
@@ -278,21 +292,31 @@ def cmd_memprof(args) -> int:
         out.print(table)
     summary = {}
     for impl in (mp.eager, mp.fused):
-        for b in batches:
+        impl_rows = [r for r in rows if r["impl"] == impl]
+        for b in (batches if mp.queries else [None]):
             best = largest_within(rows, budget, impl, b)
-            key = f"{impl} batch {b}"
-            method = next((r["method"] for r in rows if r["impl"] == impl and r["status"] == "ok"), "")
+            key = impl if b is None else f"{impl} batch {b}"
+            sel = [r for r in impl_rows if b is None or r["batch"] == b]
+            ok = [r for r in sel if r["status"] == "ok"]
             if best is None:
                 summary[key] = None
-                out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: [red]none of the settings fits[/]")
+                if ok or any(r["status"] == "OOM" for r in sel):
+                    why = "[red]none of the settings fits[/]"
+                else:  # nothing was measured: say why instead of claiming that nothing fits
+                    statuses = ", ".join(sorted({r["status"] for r in sel}))
+                    why = f"[yellow]not known: no setting was measured ({statuses}: {escape(sel[0]['note'])})[/]"
+                out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: {why}")
             else:
                 summary[key] = {k: best[k] for k in ("queries", "resolution", "batch", "peak_bytes")}
-                out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: Q={best['queries']} at "
-                          f"{best['resolution']} ({fmt_bytes(best['peak_bytes'])}, {method})")
+                unknown = [r for r in sel if r["status"] not in ("ok", "OOM")]
+                caveat = (f"; among the measured settings, {len(unknown)} not measured "
+                          f"({', '.join(sorted({r['status'] for r in unknown}))})" if unknown else "")
+                out.print(f"largest within {fmt_bytes(budget)}, [bold]{key}[/]: {setting_label(best)} "
+                          f"({fmt_bytes(best['peak_bytes'])}, {best['method']}{caveat})")
     if cpu and any(r.get("saved_bytes") for r in rows):
         for table in memprof_tables(rows, budget, cpu, key="saved_bytes",
                                     what=f"saved for backward (activations, excl. inputs/weights; {mp.eager} measured, "
-                                         f"{mp.fused} analytic)", show_budget=False):
+                                         f"{mp.fused} analytic, or measured where the method says so)", show_budget=False):
             out.print(table)
     bad = [r for r in rows if r["status"] == "OOM"]
     if bad:
@@ -336,7 +360,7 @@ def cmd_check(args) -> int:
         if not e["results"]:
             colour = "yellow" if e["status"] == "unavailable" else "bold red"
             t.add_row(e["op"], e["dtype"], e["backend"], str(e["launches"]), "", "", "", "",
-                      f"[{colour}]{e['status']}[/]: {e['note'][:160]}")
+                      f"[{colour}]{e['status']}[/]: {escape(e['note'][:160])}")
             continue
         for i, r in enumerate(e["results"]):
             res = "[green]ok[/]" if r["ok"] else "[bold red]FAIL[/]"
@@ -344,7 +368,7 @@ def cmd_check(args) -> int:
                       str(e["launches"]) if i == 0 else "", r["quantity"], f"{r['max_abs']:.2e}", f"{r['rel']:.2e}",
                       f"{r['tol']:.0e}", res)
         if e["note"]:
-            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {e['note'][:160]}")
+            t.add_row("", "", "", "", "", "", "", "", f"[bold red]{e['status']}[/]: {escape(e['note'][:160])}")
         t.add_section()
     out.print(t)
     failed = [e for e in entries if e["status"] in ("FAIL", "error")]

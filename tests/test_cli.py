@@ -14,6 +14,7 @@ import torch
 
 from fastseg import cli
 from fastseg.bench import check as check_mod
+from fastseg.bench import memprof as memprof_mod
 from fastseg.bench.measure import (Prepared, Unavailable, cpu_peak_bytes, measure, parse_bytes,
                                    saved_for_backward_bytes)
 from fastseg.bench.ops.common import module_step
@@ -87,7 +88,9 @@ def test_parser_defaults_and_choices():
     (["bench", "--shape", "B=2"], "needs an explicit op"),
     (["bench", "masked-attention", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["bench", "masked-attention", "--impl", "warp-drive"], "unknown implementation"),
-    (["memprof", "--op", "msca"], "no memory-profile sweep"),
+    (["memprof", "--op", "coc"], "no memory-profile sweep"),
+    (["memprof", "--op", "msca", "--queries", "100"], "has no object queries"),
+    (["memprof", "--op", "context-cluster", "--resolutions", "100x100"], "must be a multiple of 32"),
     (["memprof", "--budget", "lots"], "cannot parse memory size"),
     (["memprof", "--resolutions", "12xx"], "bad resolution"),
     (["check", "no-such-op"], "unknown op(s) for check"),
@@ -317,3 +320,121 @@ def test_cpu_default_bench_skips_whole_models(dummy, monkeypatch, capsys):
     assert cli.main(["bench", "--no-progress", "--impl", "fastseg,eager"]) == 0
     text = capsys.readouterr().out
     assert "whole-model ops (mscan) are not run by default on a CPU" in text
+
+
+@pytest.mark.parametrize("op, shape", [
+    ("masked-attention", {"B": 2, "Q": 5, "H": 6, "W": 7, "E": 32, "heads": 4, "density": 0.5}),
+    ("msca", {"B": 2, "C": 8, "H": 13, "W": 11}),
+    ("context-cluster", {"B": 2, "dim": 16, "H": 8, "W": 12, "fold": 2, "heads": 2, "head_dim": 8, "proposal": 2}),
+    ("context-cluster", {"B": 1, "dim": 16, "H": 8, "W": 12, "fold": 1, "heads": 2, "head_dim": 8, "proposal": 3}),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memprof_analytic_saved_bytes_match_autograd(op, shape, dtype):
+    """memprof's CPU accounting of the fused path: its 'saved' parts are exactly what autograd keeps for
+    backward when the Triton kernels run (here under the interpreter), beyond the inputs and weights."""
+    from fastseg import _backend
+    from fastseg.bench.registry import get_op
+
+    if not _backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (the fused path must run its kernels)")
+    if op == "msca" and dtype == torch.bfloat16:
+        dtype = torch.float16  # the interpreter's bf16 GEMM is wrong, so MSCA refuses bf16 on the CPU; same bytes
+    spec = get_op(op)
+    s = spec.full_shape(shape)
+    prepared = spec.impl("fastseg").prepare(s, dtype, torch.device("cpu"), "fwdbwd")
+    measured = saved_for_backward_bytes(prepared.forward, prepared.resident)
+    parts = spec.memprof.analytic(s, dtype)
+    assert sum(v for k, v in parts.items() if k.startswith("saved")) == measured
+
+
+def test_memprof_op_without_queries(tmp_path, capsys):
+    """MSCA has no object queries: the sweep is resolution x batch, a column per batch, one summary per path."""
+    png, out = tmp_path / "msca.png", tmp_path / "msca.json"
+    rc = cli.main(["memprof", "--op", "msca", "--resolutions", "32x32,64x64", "--batch", "1,2", "--budget", "600KB",
+                   "--no-progress", "--no-time", "--plot", str(png), "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "batch 1" in text and "batch 2" in text and "Q=" not in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert len(rows) == 2 * 2 * 2 and all(r["queries"] is None for r in rows)
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in rows)
+    # fused: 8x8 and 16x16 maps (stride 4) of 64 channels; within 600 KB is the largest setting that fits
+    best = doc["largest_within_budget"]
+    assert set(best) == {"eager", "fastseg"}
+    for impl in ("eager", "fastseg"):
+        fits = [r for r in rows if r["impl"] == impl and r["peak_bytes"] <= 600 * 1024]
+        want = max(fits, key=lambda r: r["height"] * r["width"] * r["batch"]) if fits else None
+        got = best[impl]
+        assert (got is None) == (want is None)
+        if want:
+            assert (got["resolution"], got["batch"]) == (want["resolution"], want["batch"])
+
+
+def test_memprof_unavailable_path_is_not_reported_as_not_fitting(dummy, tmp_path, capsys, monkeypatch):
+    def missing(s, dt):
+        raise Unavailable("accounting lands with issue 99")
+    monkeypatch.setattr(dummy.memprof, "analytic", missing)
+    monkeypatch.setattr(memprof_mod, "interpreter_enabled", lambda: False)
+    rc = cli.main(["memprof", "--op", "dummy", "--queries", "4", "--resolutions", "32x32", "--batch", "1",
+                   "--no-progress", "--no-time"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "fastseg batch 1: not known: no setting was measured (unavailable: accounting lands with issue 99" in text
+    assert "none of the settings fits" not in text
+
+
+def test_memprof_without_analytic_model_measures_through_interpreter(dummy, tmp_path, capsys, monkeypatch):
+    """No analytic model + TRITON_INTERPRET=1 (as for the Mask2Former decoder): the fused path is measured
+    on the CPU allocator like the eager one, labelled, without a time."""
+    def missing(s, dt):
+        raise Unavailable("no analytic model")
+    monkeypatch.setattr(dummy.memprof, "analytic", missing)
+    monkeypatch.setattr(memprof_mod, "interpreter_enabled", lambda: True)
+    out = tmp_path / "mp.json"
+    rc = cli.main(["memprof", "--op", "dummy", "--queries", "4", "--resolutions", "32x32", "--batch", "1",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    fused = rows[dummy.memprof.fused]
+    assert fused["status"] == "ok" and fused["peak_bytes"] > 0 and fused["time_ms"] is None
+    assert fused["method"] == "measured (CPU allocator, Triton interpreter)"
+    assert rows[dummy.memprof.eager]["method"] == "measured (CPU allocator)"
+
+
+def test_check_covers_every_fused_op():
+    """`fastseg check` has an entry per fused op, and the newer ones pass with their kernels launched."""
+    from fastseg import _backend
+
+    assert set(check_mod.CHECKS) == {"masked-attention", "mask-from-embeddings", "msca", "mlp-dwconv",
+                                     "context-cluster"}
+    if not _backend.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 to run the kernels on CPU")
+    entries = check_mod.run_checks(["mask-from-embeddings", "mlp-dwconv"], torch.device("cpu"), [torch.float32])
+    for e in entries:
+        assert e["status"] == "ok" and e["backend"] == "triton" and e["launches"] > 0, e
+
+
+def test_fastseg_variants_are_labelled_with_fastseg_backend():
+    """fastseg-cl / fastseg-all rows run fastseg's ops: their backend is fastseg's, not 'pytorch'."""
+    from fastseg.bench.runner import fastseg_backend, run_bench
+
+    spec = OpSpec(name="variants", summary="", shape_keys={"N": 4}, presets={"quick": [{"N": 4}]},
+                  impls=[Impl("fastseg", _mm(1), fastseg=True), Impl("fastseg-cl", _mm(1)), Impl("eager", _mm(2))])
+    rows, _ = run_bench([(spec, [{"N": 4}])], [torch.float32], ["fwd"], torch.device("cpu"), progress=False,
+                        timing=False)
+    backend = {r["impl"]: r["backend"] for r in rows}
+    assert backend == {"fastseg": fastseg_backend(torch.device("cpu")),
+                       "fastseg-cl": fastseg_backend(torch.device("cpu")), "eager": "pytorch"}
+
+
+def test_memprof_fwd_mode_analytic_leaves_out_backward(dummy, tmp_path, monkeypatch):
+    monkeypatch.setattr(dummy.memprof, "analytic", lambda s, dt: {"inputs": 100, "saved: x": 10, "gradients": 1000,
+                                                                  "backward buffers": 5000})
+    out = tmp_path / "m.json"
+    for mode, want in (("fwd", 110), ("fwdbwd", 6110)):
+        assert cli.main(["memprof", "--op", "dummy", "--queries", "4", "--resolutions", "32x32", "--batch", "1",
+                         "--mode", mode, "--no-progress", "--no-time", "--out", str(out)]) == 0
+        fused = [r for r in json.loads(out.read_text())["results"] if r["impl"] == "fastseg"]
+        assert [r["peak_bytes"] for r in fused] == [want]

@@ -112,9 +112,40 @@ def check_context_cluster(device, dtype):
     return compare(fused, ref, [x], lambda m, x: m(x), dtype, device, input_names=["x"])
 
 
+def check_mlp_dwconv(device, dtype):
+    cls = require("fastseg.nn", "MSCANMlp", "the fused MLP depthwise conv lands with issue 4")
+    ref_cls = require("fastseg.models.mscan", "Mlp", "the MSCAN reference lands with issue 4")
+    torch.manual_seed(0)
+    ref = ref_cls(8, 16)
+    fused = cls(8, 16)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 9, 13, generator=torch.Generator().manual_seed(0))
+    return compare(fused, ref, [x], lambda m, x: m(x), dtype, device, input_names=["x"])
+
+
+def check_mask_from_embeddings(device, dtype):
+    """The fused GEMM + sign-and-pack mask of a level vs the sign of the reference logits (fp64). Logits
+    within rounding of 0 may differ in sign; every other bit must match."""
+    op = require("fastseg.ops", "mask_from_embeddings", "the fused mask builder lands with issue 3")
+    unpack = require("fastseg.ops.masked_attention", "unpack_mask", "the fused mask builder lands with issue 3")
+    g = torch.Generator().manual_seed(0)
+    B, Q, C, h, w = 2, 7, 16, 5, 9
+    emb, feat = torch.randn(B, Q, C, generator=g), torch.randn(B, C, h, w, generator=g)
+    logits = torch.einsum("bqc,bcp->bqp", emb.double(), feat.flatten(2).double())
+    allowed = unpack(op(emb.to(device, dtype), feat.to(device, dtype), reset_empty=False))[:, 0].cpu()
+    eps = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 0.5)  # half precision: inputs rounded
+    decided = logits.abs() > eps
+    wrong = int(((allowed != (logits >= 0)) & decided).sum())
+    frac = wrong / max(1, int(decided.sum()))
+    return [{"quantity": f"mask bits (of {int(decided.sum())} with |logit| > {eps:g})", "max_abs": float(wrong),
+             "rel": frac, "tol": 0.0, "ok": wrong == 0}]
+
+
 CHECKS: dict[str, Callable] = {
     "masked-attention": check_masked_attention,
+    "mask-from-embeddings": check_mask_from_embeddings,
     "msca": check_msca,
+    "mlp-dwconv": check_mlp_dwconv,
     "context-cluster": check_context_cluster,
 }
 

@@ -187,7 +187,7 @@ def _cleanup(device: torch.device) -> None:
 
 
 def measure(prepare: Callable[[], Prepared], device: torch.device | str, *, timing: bool = True,
-            memory: bool = True, cpu_budget_s: float = 1.0) -> Measurement:
+            memory: bool = True, cpu_budget_s: float = 1.0, cpu_min_reps: int = 3) -> Measurement:
     """Build the case with ``prepare()``, warm it up, time it, then measure its peak memory in one fresh run.
 
     ``prepare`` may raise :class:`Unavailable`. An out-of-memory error anywhere gives status ``"OOM"``.
@@ -205,7 +205,10 @@ def measure(prepare: Callable[[], Prepared], device: torch.device | str, *, timi
             torch.cuda.synchronize(device)
         t = None
         if timing:
-            t = _time_cuda(prepared.run) if device.type == "cuda" else _time_cpu(prepared.run, budget_s=cpu_budget_s)
+            if device.type == "cuda":
+                t = _time_cuda(prepared.run)
+            else:
+                t = _time_cpu(prepared.run, min_reps=cpu_min_reps, budget_s=cpu_budget_s)
         peak = None
         if memory:
             if device.type == "cuda":

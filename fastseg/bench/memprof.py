@@ -11,10 +11,11 @@ import os
 
 import torch
 
+from .._backend import interpreter_enabled
 from .measure import (Measurement, fmt_bytes, measure, saved_for_backward_bytes, tensor_bytes, Unavailable)
-from .registry import DTYPE_NAMES, BenchError, OpSpec
+from .registry import DTYPE_NAMES, BenchError, OpSpec, all_ops
 
-__all__ = ["run_memprof", "largest_within", "memprof_tables", "parse_resolution"]
+__all__ = ["run_memprof", "largest_within", "memprof_tables", "parse_resolution", "setting_label"]
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -49,9 +50,11 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
     from .runner import progress_bar
 
     if spec.memprof is None:
-        raise BenchError(f"op {spec.name!r} has no memory-profile sweep (queries x resolution); "
-                         "ops with one: masked-attention, mask2former-decoder, mask2former")
+        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
+                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
     mp = spec.memprof
+    if not mp.queries:
+        queries = [None]  # no object queries: the sweep is resolution x batch
     device = torch.device(device)
     cpu = device.type != "cuda"
     cpu_limit = cpu_limit if cpu_limit is not None else min(8 * 2**30, _ram_bytes() // 3)
@@ -66,10 +69,11 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
             base = {"op": spec.name, "batch": b, "queries": q, "resolution": f"{h}x{w}", "height": h, "width": w,
                     "dtype": DTYPE_NAMES[dtype], "mode": mode, "shape": spec.shape_label(shape), "device": str(device)}
             for impl in (eager, fused):
-                bar.update(task, description=f"memprof {impl.name} B={b} Q={q} {h}x{w}")
+                bar.update(task, description=f"memprof {impl.name} B={b}{'' if q is None else f' Q={q}'} {h}x{w}")
                 row = dict(base, impl=impl.name, fastseg=impl.fastseg, saved_bytes=None)
-                if cpu and impl.fastseg:
-                    row.update(_analytic(mp, shape, dtype))
+                analytic = _analytic(mp, shape, dtype, mode) if cpu and impl.fastseg else None
+                if analytic is not None and (analytic["status"] == "ok" or not interpreter_enabled()):
+                    row.update(analytic)
                 elif impl.name in unavailable:
                     row.update(status="unavailable", time_ms=None, peak_bytes=None, note=unavailable[impl.name],
                                method="-")
@@ -77,12 +81,16 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
                     row.update(status="skipped", time_ms=None, peak_bytes=None, method="-",
                                note=f"too large to run on this CPU (rough estimate {fmt_bytes(mp.cpu_estimate(shape, dtype))})")
                 else:
-                    m = measure(lambda: impl.prepare(shape, dtype, device, mode), device, timing=timing,
-                                cpu_budget_s=0.3)
+                    # no analytic model, CPU, TRITON_INTERPRET=1: the fused path runs its kernels (interpreted), its
+                    # memory is measured like the eager path's; its time (the interpreter's) is meaningless
+                    interp = cpu and impl.fastseg
+                    m = measure(lambda: impl.prepare(shape, dtype, device, mode), device,
+                                timing=timing and not interp, cpu_budget_s=0.3, cpu_min_reps=1)
                     if m.status == "unavailable":
                         unavailable[impl.name] = m.note
                     row.update(status=m.status, time_ms=m.time_ms, peak_bytes=m.peak_bytes, note=m.note,
-                               method="measured (CUDA allocator)" if not cpu else "measured (CPU allocator)")
+                               method="measured (CUDA allocator)" if not cpu else
+                               "measured (CPU allocator, Triton interpreter)" if interp else "measured (CPU allocator)")
                     if cpu and m.status == "ok" and mode == "fwdbwd":
                         row["saved_bytes"] = _eager_saved(impl, shape, dtype, device)
                 rows.append(row)
@@ -102,14 +110,18 @@ def _eager_saved(impl, shape, dtype, device) -> int | None:
         return None
 
 
-def _analytic(mp, shape, dtype) -> dict:
+def _analytic(mp, shape, dtype, mode: str = "fwdbwd") -> dict:
     try:
         parts = mp.analytic(shape, dtype)
     except Unavailable as exc:
-        return dict(status="unavailable", time_ms=None, peak_bytes=None, method="-", note=str(exc))
-    saved = sum(v for k, v in parts.items() if k.startswith("saved"))
+        return dict(status="unavailable", time_ms=None, peak_bytes=None, method="-",
+                    note=f"{exc}; rerun with TRITON_INTERPRET=1 to measure the fused path on this CPU through "
+                         "its kernels (slow: minutes per setting)")
+    if mode == "fwd":  # inference: no gradients, no backward buffers; what backward would keep is transient
+        parts = {k: v for k, v in parts.items() if not k.startswith(("gradients", "backward"))}
+    saved = sum(v for k, v in parts.items() if k.startswith("saved")) if mode == "fwdbwd" else None
     return dict(status="ok", time_ms=None, peak_bytes=sum(parts.values()), saved_bytes=saved,
-                method="analytic (exact accounting from the shapes; not measured)",
+                method="analytic (accounting from the shapes; not measured)",
                 note="; ".join(f"{k}={v}" for k, v in parts.items()))
 
 
@@ -119,7 +131,15 @@ def largest_within(rows: list[dict], budget: int, impl: str, batch: int | None =
           and r["peak_bytes"] <= budget and (batch is None or r["batch"] == batch)]
     if not ok:
         return None
-    return max(ok, key=lambda r: (r["queries"] * r["height"] * r["width"] * r["batch"], r["queries"]))
+    return max(ok, key=lambda r: ((r["queries"] or 1) * r["height"] * r["width"] * r["batch"], r["queries"] or 0,
+                                  r["batch"]))
+
+
+def setting_label(r: dict) -> str:
+    """``Q=200 at 1024x2048`` (``batch 2 at 512x512`` for ops without queries)."""
+    if r.get("queries") is None:
+        return f"batch {r['batch']} at {r['resolution']}"
+    return f"Q={r['queries']} at {r['resolution']}"
 
 
 def _cell(key: str, r: dict | None, budget: int) -> str:
@@ -146,19 +166,23 @@ def memprof_tables(rows: list[dict], budget: int, cpu: bool, key: str = "peak_by
     budget_text = f" (budget {fmt_bytes(budget)})" if show_budget else ""
     budget = budget if show_budget else 2**62
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    for b in sorted({r["batch"] for r in rows}):
-        sub = [r for r in rows if r["batch"] == b]
-        queries = sorted({r["queries"] for r in sub})
+    no_queries = all(r["queries"] is None for r in rows)
+    # ops with queries: a table per batch, query columns; without: one table, batch columns
+    groups = [(None, rows)] if no_queries else [(b, [r for r in rows if r["batch"] == b])
+                                                  for b in sorted({r["batch"] for r in rows})]
+    col_key, col_name = ("batch", "batch {}") if no_queries else ("queries", "Q={}")
+    for b, sub in groups:
+        cols = sorted({r[col_key] for r in sub})
         res = list(dict.fromkeys(r["resolution"] for r in sub))
-        t = Table(title=f"{what}, batch {b}{budget_text}; cells: " + " | ".join(impls),
-                  title_justify="left")
+        head = what if b is None else f"{what}, batch {b}"
+        t = Table(title=f"{head}{budget_text}; cells: " + " | ".join(impls), title_justify="left")
         t.add_column("input H x W")
-        for q in queries:
-            t.add_column(f"Q={q}", justify="right")
+        for c in cols:
+            t.add_column(col_name.format(c), justify="right")
         for rs in res:
             cells = []
-            for q in queries:
-                parts = [_cell(key, next((r for r in sub if r["resolution"] == rs and r["queries"] == q and r["impl"] == i),
+            for c in cols:
+                parts = [_cell(key, next((r for r in sub if r["resolution"] == rs and r[col_key] == c and r["impl"] == i),
                                     None), budget) for i in impls]
                 cells.append(" | ".join(parts))
             t.add_row(rs, *cells)

@@ -16,8 +16,11 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
     import numpy as np
 
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    batches = sorted({r["batch"] for r in rows})
-    queries = sorted({r["queries"] for r in rows})
+    no_queries = all(r["queries"] is None for r in rows)
+    # ops with queries: a row of panels per batch, queries on the x axis; without: one row, batch on x
+    xkey, xlabel = ("batch", "batch") if no_queries else ("queries", "queries")
+    batches = [None] if no_queries else sorted({r["batch"] for r in rows})
+    queries = sorted({r[xkey] for r in rows})
     res = list(dict.fromkeys(r["resolution"] for r in rows))
     panels = [("peak_bytes", i) for i in impls]
     panels += [("time_ms", i) for i in impls if any(r["impl"] == i and r.get("time_ms") for r in rows)]
@@ -29,9 +32,9 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
             grid = np.full((len(res), len(queries)), np.nan)
             labels = [["" for _ in queries] for _ in res]
             for r in rows:
-                if r["batch"] != b or r["impl"] != impl:
+                if (b is not None and r["batch"] != b) or r["impl"] != impl:
                     continue
-                y, x = res.index(r["resolution"]), queries.index(r["queries"])
+                y, x = res.index(r["resolution"]), queries.index(r[xkey])
                 v = r.get(key)
                 if r["status"] == "ok" and v:
                     grid[y, x] = v / 2**20 if key == "peak_bytes" else v
@@ -44,7 +47,7 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
                     labels[y][x] = r["status"] if r["status"] != "ok" else "-"
             finite = grid[np.isfinite(grid)]
             # one colour scale for all panels of a quantity in this row, so the paths compare at a glance
-            same = [r[key] for r in rows if r["batch"] == b and r["status"] == "ok" and r.get(key)]
+            same = [r[key] for r in rows if (b is None or r["batch"] == b) and r["status"] == "ok" and r.get(key)]
             same = np.array([v / 2**20 if key == "peak_bytes" else v for v in same]) if same else finite
             norm = None
             if same.size:
@@ -59,9 +62,9 @@ def memprof_heatmaps(rows: list[dict], path: str, budget: int | None = None, tit
                             color="white" if math.isfinite(grid[y, x]) else "black")
             ax.set_xticks(range(len(queries)), [str(q) for q in queries])
             ax.set_yticks(range(len(res)), res)
-            ax.set_xlabel("queries")
+            ax.set_xlabel(xlabel)
             if pi == 0:
-                ax.set_ylabel(f"batch {b}\ninput H x W")
+                ax.set_ylabel("input H x W" if b is None else f"batch {b}\ninput H x W")
             method = next((r.get("method", "") for r in rows if r["impl"] == impl and r["status"] == "ok"), "")
             what = "peak memory (MiB)" if key == "peak_bytes" else "time (ms)"
             sub = " [analytic]" if key == "peak_bytes" and method.startswith("analytic") else ""

@@ -40,8 +40,9 @@ class Impl:
 class MemprofSpec:
     """How ``fastseg memprof`` maps (queries, image H×W, batch) to a shape of this op.
 
-    ``analytic(shape, dtype)`` returns {part: bytes} of what the fused op keeps for backward (exact, from the
-    shapes), used on CPU where the kernel's own allocations cannot be measured. ``cpu_estimate(shape, dtype)``
+    ``analytic(shape, dtype)`` returns {part: bytes} of the fused op's training step, from the shapes, used on
+    CPU where the kernel's own allocations cannot be measured. Part names: ``saved: ...`` (kept for backward),
+    ``gradients ...`` / ``backward ...`` (left out for ``--mode fwd``), anything else (inputs, weights, outputs). ``cpu_estimate(shape, dtype)``
     is a rough upper bound of the eager peak, to skip settings too large to run on the CPU.
     """
 
@@ -51,6 +52,13 @@ class MemprofSpec:
     analytic: Callable[[dict, torch.dtype], dict]
     cpu_estimate: Callable[[dict, torch.dtype], int]
     description: str = ""
+    #: False for ops without object queries (MSCA, context cluster): the sweep is resolution x batch only
+    queries: bool = True
+    #: what the CPU analytic accounting of the fused path counts (printed as its label)
+    analytic_what: str = "inputs, weights, what the fused op saves for backward, gradients, backward buffers"
+    #: default (queries, resolutions, batches) on CPU and for --quick, as comma-separated strings; None = generic
+    cpu_grid: tuple | None = None
+    quick_grid: tuple | None = None
 
 
 @dataclass

@@ -18,7 +18,9 @@ def _status_cell(r: dict) -> str:
         return ""
     if r["status"] == "OOM":
         return "[bold red]OOM[/]"
-    return f"[yellow]{r['status']}[/]" + (f": {r['note'][:60]}" if r["status"] == "error" else "")
+    from rich.markup import escape
+
+    return f"[yellow]{r['status']}[/]" + (f": {escape(r['note'][:60])}" if r["status"] == "error" else "")
 
 
 def bench_tables(rows: list[dict], title_suffix: str = ""):
@@ -44,10 +46,10 @@ def bench_tables(rows: list[dict], title_suffix: str = ""):
                 t.add_section()
             first = key != prev
             prev = key
-            tag = ""
-            if r["fastseg"] and not r.get("backend", "triton").startswith("triton"):
+            tag, backend = "", r.get("backend", "pytorch")
+            if backend.startswith("torch path"):
                 tag = " (torch path)"
-            elif r["fastseg"] and "interpreter" in r.get("backend", ""):
+            elif "interpreter" in backend:
                 tag = " (interpreter)"
             impl = f"[bold green]{r['impl']}[/]{tag}" if r["fastseg"] else r["impl"]
             time = "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}"

@@ -72,7 +72,9 @@ def run_bench(work: list[tuple[OpSpec, list[dict]]], dtypes: list[torch.dtype], 
                 group.append({
                     "op": spec.name, "shape": label, "params": json.dumps(shape, sort_keys=True),
                     "dtype": DTYPE_NAMES[dtype], "mode": mode, "impl": impl.name, "fastseg": impl.fastseg,
-                    "backend": backend if impl.fastseg else "pytorch", "status": m.status,
+                    # fastseg variants (e.g. fastseg-cl, fastseg-all) run fastseg's kernels too
+                    "backend": backend if impl.fastseg or impl.name.startswith("fastseg") else "pytorch",
+                    "status": m.status,
                     "time_ms": m.time_ms, "peak_bytes": m.peak_bytes,
                     "peak_mib": None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 3),
                     "note": m.note, "device": str(device),

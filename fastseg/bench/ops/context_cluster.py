@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..measure import Prepared
-from ..registry import Impl, OpSpec, register, require
+from ..registry import BenchError, Impl, MemprofSpec, OpSpec, register, require
 from .common import compiled, generator, module_step, randn
 
 OP = "context-cluster"
@@ -62,6 +62,55 @@ def _prep(fused: bool, compile_: bool = False):
     return prepare
 
 
+def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
+    """fastseg.nn.ContextCluster's training step (input and parameters in ``dtype``), from the shapes.
+
+    ``saved: ...`` parts are what autograd keeps beyond the input and parameters: the concatenated f/v 1x1
+    weight, the packed f/v conv output, the fused op's assignment (int32), similarity, centers, aggregates
+    and counts (fp32), and the op's output (the proj conv's input); checked against autograd's saved tensors
+    by ``tests/test_cli.py``.
+    """
+    from fastseg.ops.context_cluster import effective_folds
+
+    el = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    B, dim, H, W, heads, hd = s["B"], s["dim"], s["H"], s["W"], s["heads"], s["head_dim"]
+    E = heads * hd
+    F2, F3 = effective_folds(s["fold"], s["fold"])
+    N = (H // F2) * (W // F3)  # pixels per region
+    M = s["proposal"] ** 2  # centers per region
+    n_inst = B * heads * F2 * F3
+    x = B * dim * H * W * el
+    weights = (2 * (E * dim + E) + dim * E + dim + 2) * el  # f, v, proj convs, sim_alpha, sim_beta
+    return {
+        "input x": x,
+        "weights": weights,
+        "saved: concatenated f/v weight": 2 * E * dim * el,
+        "saved: f/v conv output (B, 2*heads*head_dim, H, W)": 2 * B * E * H * W * el,
+        "saved: assignment (int32), similarity": n_inst * N * (4 + acc),
+        "saved: centers, aggregates, counts": n_inst * M * (2 * hd + 1) * acc,
+        "saved: cluster output (proj input)": B * E * H * W * el,
+        "output": B * dim * H * W * el,
+        "gradients of input and weights": x + weights,
+        "backward: d(cluster output), d(f/v conv output)": 3 * B * E * H * W * el,
+        "backward: per-pixel and per-center scratch": n_inst * (2 * N + M * hd + 2) * acc,
+    }
+
+
+def _cpu_estimate(s: dict, dtype: torch.dtype) -> int:
+    # eager reference: the (B*heads*folds, M, N) similarity and a dozen (B, heads*head_dim, H, W) activations
+    E = s["heads"] * s["head_dim"]
+    return 16 * s["B"] * max(E, s["dim"]) * s["H"] * s["W"] * 4
+
+
+def _memprof_shape(queries, img_h, img_w, batch, extra) -> dict:
+    """coc_tiny stage 1: stride 4, fold 8 (so the input must be a multiple of 32), 4 heads x 24."""
+    if img_h % 32 or img_w % 32:
+        raise BenchError(f"context-cluster memprof: input {img_h}x{img_w} must be a multiple of 32 "
+                         "(stride 4, fold 8 of coc_tiny's first stage)")
+    return stages("tiny", img_h, batch)[0] | {"H": img_h // 4, "W": img_w // 4}
+
+
 register(OpSpec(
     name=OP,
     summary="Context Clusters cluster block (proposal, cosine sim, argmax, aggregate, dispatch)",
@@ -74,4 +123,12 @@ register(OpSpec(
         Impl("eager", _prep(False), description="reference Cluster eager"),
         Impl("compile", _prep(False, True), gpu_only=True, description="torch.compile(reference Cluster)"),
     ],
+    memprof=MemprofSpec(
+        shape=_memprof_shape, eager="eager", fused="fastseg", analytic=analytic_fused_bytes,
+        cpu_estimate=_cpu_estimate, queries=False,
+        analytic_what="input, weights, what the block saves for backward, output, gradients, backward buffers",
+        description="one context-cluster block (coc_tiny stage 1: dim 32, 4x24 heads, fold 8) at stride 4 of "
+                    "the input, forward+backward",
+        cpu_grid=(None, "256x256,512x512", "1,2"), quick_grid=(None, "128x128,256x256", "1"),
+    ),
 ))

@@ -179,11 +179,16 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
     """The fused layer's training-step memory, exactly from the shapes: {part: bytes}.
 
     Parts named ``saved: ...`` are what the fused op keeps for backward (q, k, v projections, the attention
-    output, the fp32 logsumexp, the mask bit-packed at 1 bit per query and pixel, shared by the heads); the
+    output, the fp32 logsumexp, the mask bit-packed at 1 bit per query and pixel — per head, since
+    Mask2Former's mask is repeated over the heads — and the per-query-block lists of non-empty key tiles); the
     others are the inputs and weights, their gradients, and the dq/dk/dv buffers of the backward pass.
+    ``tests/test_cli.py`` checks the saved parts against the bytes autograd really saves (interpreter).
     """
+    from fastseg.kernels.masked_attention import TILE  # the tile of the kernels that run here
+
     el = torch.empty((), dtype=dtype).element_size()
     B, Q, L, E, nh = s["B"], s["Q"], s["H"] * s["W"], s["E"], s["heads"]
+    n_qb, n_kb = math.ceil(Q / TILE[0]), math.ceil(L / TILE[1])
     inputs = (Q + 2 * L) * B * E * el
     weights = (4 * E * E + 4 * E) * el
     return {
@@ -194,7 +199,10 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: k, v projections": 2 * L * B * E * el,
         "saved: attention output": Q * B * E * el,
         "saved: logsumexp (fp32)": B * nh * Q * 4,
-        "saved: bit-packed mask": B * Q * math.ceil(L / 32) * 4,
+        "saved: bit-packed mask": B * nh * Q * math.ceil(L / 32) * 4,
+        # key-tile indices (int32), non-empty flags (int8) per (query block, key tile); counts per query block
+        "saved: tile lists": B * nh * n_qb * (n_kb * 5 + 4),
+        "output (out_proj)": Q * B * E * el,
         "gradients of inputs and weights": inputs + weights,
         "backward dq, dk, dv": (Q + 2 * L) * B * E * el,
     }

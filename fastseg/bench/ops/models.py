@@ -213,8 +213,8 @@ def _m2f_prep(fused: bool, whole_model: bool = False):
 
 
 def _m2f_analytic(s, dtype):
-    hook = require("fastseg.models.mask2former", "decoder_memory_accounting", M2F_WHAT)
-    return hook(batch=s["B"], queries=s["Q"], image_hw=(s["H"], s["W"]), dtype=dtype)
+    raise Unavailable("no analytic memory model of the fused decoder (nine layers, heads, matcher and "
+                      "point-sampled losses)")
 
 
 def _m2f_cpu_estimate(s, dtype):
@@ -250,6 +250,8 @@ register(OpSpec(
         analytic=_m2f_analytic, cpu_estimate=_m2f_cpu_estimate,
         description="the Mask2Former decoder (9 layers + heads, criterion); --mode fwdbwd: training step, "
                     "--mode fwd: inference incl. semantic inference at the input size",
+        # a CPU training step of the whole decoder takes seconds: a small grid by default there
+        cpu_grid=("50,100", "128x128,256x256", "1"), quick_grid=("50", "128x128,256x256", "1"),
     ),
 ))
 
@@ -260,8 +262,7 @@ def _m2f_model_cpu_estimate(s, dtype):
 
 
 def _m2f_model_analytic(s, dtype):
-    raise Unavailable("no analytic memory model for the whole Mask2Former; run `fastseg memprof --op mask2former` "
-                      "on a GPU (both paths measured)")
+    raise Unavailable("no analytic memory model of the whole fused Mask2Former; on a GPU both paths are measured")
 
 
 register(OpSpec(
@@ -290,5 +291,6 @@ register(OpSpec(
         shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
         analytic=_m2f_model_analytic, cpu_estimate=_m2f_model_cpu_estimate,
         description="Mask2Former + MSCAN-T, whole model; --mode fwdbwd: training step, --mode fwd: inference",
+        cpu_grid=("20,50", "64x64,128x128", "1"), quick_grid=("20", "64x64", "1"),
     ),
 ))

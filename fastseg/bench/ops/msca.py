@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..measure import Prepared
-from ..registry import Impl, OpSpec, register, require
+from ..registry import BenchError, Impl, MemprofSpec, OpSpec, register, require
 from .common import compiled, generator, module_step, randn
 
 OP = "msca"
@@ -66,6 +66,48 @@ def _prep(fused: bool, channels_last: bool, compile_: bool = False):
     return prepare
 
 
+def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
+    """fastseg.nn.MSCA's training step (input and parameters in ``dtype``), from the shapes: {part: bytes}.
+
+    ``saved: ...`` parts are what the fused op keeps for backward beyond its input and weights (the summed
+    depthwise branches ``s``, the packed depthwise weights in the accumulation dtype, the bias in the
+    accumulation dtype when the weights are half precision), checked against autograd's saved tensors by
+    ``tests/test_cli.py``. Not counted: the backward's small per-tile partial sums of the weight gradients and
+    the kernels' scratch slots, whose sizes depend on the launch grid.
+    """
+    from fastseg.kernels.msca import WPACK
+
+    el = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    B, C, H, W = s["B"], s["C"], s["H"], s["W"]
+    x = B * C * H * W * el
+    weights = (C * 103 + 7 * C + C * C + C) * el  # 7 depthwise convs (103 taps in all) + 1x1 conv3
+    parts = {
+        "input x": x,
+        "weights": weights,
+        "saved: s (sum of the depthwise branches)": x,
+        "saved: packed depthwise weights (fp32)": C * WPACK * acc,
+        "output": x,
+        "gradients of input and weights": x + weights,
+        "backward: ds, dx_direct (fp32)": 2 * B * C * H * W * acc,
+    }
+    if el != acc:
+        parts["saved: conv3 bias (fp32)"] = C * acc
+    return parts
+
+
+def _cpu_estimate(s: dict, dtype: torch.dtype) -> int:
+    # eager: ~12 activations of x's size saved for backward, plus as many transient (generous)
+    return 24 * s["B"] * s["C"] * s["H"] * s["W"] * max(4, torch.empty((), dtype=dtype).element_size())
+
+
+MEMPROF_C = 64  # MSCAN-B/S/L stage 1 (MSCAN-T: 32)
+
+
+def _memprof_shape(queries, img_h, img_w, batch, extra) -> dict:
+    return {"B": batch, "C": MEMPROF_C, "H": math.ceil(img_h / 4), "W": math.ceil(img_w / 4)}
+
+
 register(OpSpec(
     name=OP,
     summary="SegNeXt MSCA attention module (5x5 dw + 3 strip branches + 1x1 + gate)",
@@ -79,5 +121,74 @@ register(OpSpec(
         Impl("eager", _prep(False, False), description="reference AttentionModule eager (cuDNN), NCHW"),
         Impl("eager-cl", _prep(False, True), description="reference AttentionModule eager, channels_last"),
         Impl("compile", _prep(False, False, True), gpu_only=True, description="torch.compile(reference)"),
+    ],
+    memprof=MemprofSpec(
+        shape=_memprof_shape, eager="eager", fused="fastseg", analytic=analytic_fused_bytes,
+        cpu_estimate=_cpu_estimate, queries=False,
+        analytic_what="input, weights, what the fused op saves for backward, output, gradients, the backward's "
+                      "fp32 ds/dx buffers; not the small per-tile partial sums and scratch",
+        description=f"one MSCA module (C={MEMPROF_C}, MSCAN-B stage 1) at stride 4 of the input, forward+backward",
+        cpu_grid=(None, "128x128,256x256", "1,2"), quick_grid=(None, "128x128", "1"),
+    ),
+))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MSCAN's MLP (fc1 -> 3x3 depthwise + bias -> GELU -> fc2) with the depthwise conv + GELU fused (issue 4)
+# ---------------------------------------------------------------------------------------------------------
+MLP_RATIOS = [8, 8, 4, 4]
+
+
+def mlp_stages(model: str, image_hw, batch):
+    return [{"B": batch, "C": c, "hidden": c * r, "H": math.ceil(image_hw[0] / s), "W": math.ceil(image_hw[1] / s)}
+            for c, r, s in zip(MSCAN[model], MLP_RATIOS, STRIDES)]
+
+
+MLP_PRESETS = {
+    "quick": [{"B": 2, "C": 32, "hidden": 256, "H": 64, "W": 64}],
+    "cpu": [{"B": 2, "C": 32, "hidden": 256, "H": 32, "W": 32}, {"B": 2, "C": 64, "hidden": 512, "H": 16, "W": 16}],
+    "ade": mlp_stages("t", (512, 512), 16) + mlp_stages("b", (512, 512), 16),
+    "cityscapes": mlp_stages("t", (1024, 1024), 8) + mlp_stages("b", (1024, 1024), 8),
+    "default": mlp_stages("t", (512, 512), 16)[:3] + mlp_stages("b", (512, 512), 16)[:2],
+}
+MLP_PRESETS["full"] = MLP_PRESETS["ade"] + MLP_PRESETS["cityscapes"]
+
+
+def _mlp_prep(fused: bool, channels_last: bool = False, compile_: bool = False):
+    def prepare(s, dtype, device, mode) -> Prepared:
+        ref_cls = require("fastseg.models.mscan", "Mlp", "the MSCAN reference lands with issue 4")
+        cls = require("fastseg.nn", "MSCANMlp", "the fused MLP depthwise conv lands with issue 4") if fused else None
+        g = generator(device)
+        x = randn((s["B"], s["C"], s["H"], s["W"]), dtype, device, g, False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(mode == "fwdbwd")
+        torch.manual_seed(0)
+        mod = ref_cls(s["C"], s["hidden"])
+        if cls is not None:
+            fused_mod = cls(s["C"], s["hidden"])
+            fused_mod.load_state_dict(mod.state_dict())
+            mod = fused_mod
+        mod = mod.to(device=device, dtype=dtype)
+        if channels_last:
+            mod = mod.to(memory_format=torch.channels_last)
+        fn = compiled(mod) if compile_ else mod
+        return module_step(lambda: fn(x), [x], [mod], mode)
+    return prepare
+
+
+register(OpSpec(
+    name="mlp-dwconv",
+    summary="SegNeXt MSCAN MLP (fc1, 3x3 depthwise + bias + GELU fused, fc2)",
+    issue="issue 4",
+    shape_keys={"B": 8, "C": 32, "hidden": 256, "H": 64, "W": 64},
+    presets=MLP_PRESETS,
+    label=lambda s: f"B={s['B']} C={s['C']}->{s['hidden']} {s['H']}x{s['W']}",
+    impls=[
+        Impl("fastseg", _mlp_prep(True), fastseg=True, description="fastseg.nn.MSCANMlp, NCHW"),
+        Impl("fastseg-cl", _mlp_prep(True, True), description="fastseg.nn.MSCANMlp, channels_last"),
+        Impl("eager", _mlp_prep(False), description="MSCAN Mlp eager, NCHW"),
+        Impl("eager-cl", _mlp_prep(False, True), description="MSCAN Mlp eager, channels_last"),
+        Impl("compile", _mlp_prep(False, False, True), gpu_only=True, description="torch.compile(Mlp)"),
     ],
 ))
