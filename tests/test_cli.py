@@ -438,3 +438,16 @@ def test_memprof_fwd_mode_analytic_leaves_out_backward(dummy, tmp_path, monkeypa
                          "--mode", mode, "--no-progress", "--no-time", "--out", str(out)]) == 0
         fused = [r for r in json.loads(out.read_text())["results"] if r["impl"] == "fastseg"]
         assert [r["peak_bytes"] for r in fused] == [want]
+
+
+def test_channels_last_baselines_are_compared_with_fastseg_channels_last():
+    from fastseg.bench.runner import _add_ratios
+
+    def row(impl, t, peak, fastseg=False):
+        return {"impl": impl, "fastseg": fastseg, "status": "ok", "time_ms": t, "peak_bytes": peak}
+    group = [row("fastseg", 2.0, 100, True), row("fastseg-cl", 1.0, 50), row("eager", 4.0, 400), row("eager-cl", 3.0, 200)]
+    _add_ratios(group)
+    by = {r["impl"]: r for r in group}
+    assert (by["eager"]["speedup"], by["eager"]["mem_ratio"], by["eager"]["vs"]) == (2.0, 4.0, "fastseg")
+    assert (by["eager-cl"]["speedup"], by["eager-cl"]["mem_ratio"], by["eager-cl"]["vs"]) == (3.0, 4.0, "fastseg-cl")
+    assert (by["fastseg-cl"]["speedup"], by["fastseg-cl"]["vs"]) == (0.5, "fastseg")

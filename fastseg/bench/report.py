@@ -51,9 +51,10 @@ def bench_tables(rows: list[dict], title_suffix: str = ""):
                 tag = " (torch path)"
             elif "interpreter" in backend:
                 tag = " (interpreter)"
-            impl = f"[bold green]{r['impl']}[/]{tag}" if r["fastseg"] else r["impl"]
+            impl = f"[bold green]{r['impl']}[/]{tag}" if r["fastseg"] else f"{r['impl']}{tag}"
             time = "-" if r["time_ms"] is None else f"{r['time_ms']:.3f}"
-            speed = "" if r["speedup"] is None or r["fastseg"] else f"{r['speedup']:.2f}x"
+            vs = "" if r.get("vs") in (None, "fastseg") else f" vs {r['vs']}"
+            speed = "" if r["speedup"] is None or r["fastseg"] else f"{r['speedup']:.2f}x{vs}"
             mem = "OOM" if r["status"] == "OOM" else fmt_bytes(r["peak_bytes"])
             ratio = "" if r["mem_ratio"] is None or r["fastseg"] else f"{r['mem_ratio']:.2f}x"
             t.add_row(r["shape"] if first else "", r["dtype"] if first else "", r["mode"] if first else "", impl,

@@ -93,13 +93,21 @@ def run_bench(work: list[tuple[OpSpec, list[dict]]], dtypes: list[torch.dtype], 
 
 
 def _add_ratios(group: list[dict]) -> None:
-    """speedup = t_impl / t_fastseg (how many times faster fastseg is); mem_ratio = peak_impl / peak_fastseg."""
+    """speedup = t_impl / t_fastseg (how many times faster fastseg is); mem_ratio = peak_impl / peak_fastseg.
+
+    A channels_last baseline (``*-cl``) is compared with fastseg's channels_last row (``fastseg-cl``) when there
+    is one, so each memory format is compared with itself; ``vs`` names the row compared with."""
+    ok = {r["impl"]: r for r in group if r["status"] == "ok"}
     fast = next((r for r in group if r["fastseg"] and r["status"] == "ok"), None)
     for r in group:
-        r["speedup"] = r["mem_ratio"] = None
-        if fast is None or r["status"] != "ok":
+        r["speedup"] = r["mem_ratio"] = r["vs"] = None
+        ref = fast
+        if r["impl"].endswith("-cl") and r["impl"] != "fastseg-cl" and "fastseg-cl" in ok:
+            ref = ok["fastseg-cl"]
+        if ref is None or r["status"] != "ok":
             continue
-        if r["time_ms"] and fast["time_ms"]:
-            r["speedup"] = round(r["time_ms"] / fast["time_ms"], 4)
-        if r["peak_bytes"] and fast["peak_bytes"]:
-            r["mem_ratio"] = round(r["peak_bytes"] / fast["peak_bytes"], 4)
+        r["vs"] = ref["impl"]
+        if r["time_ms"] and ref["time_ms"]:
+            r["speedup"] = round(r["time_ms"] / ref["time_ms"], 4)
+        if r["peak_bytes"] and ref["peak_bytes"]:
+            r["mem_ratio"] = round(r["peak_bytes"] / ref["peak_bytes"], 4)
