@@ -134,7 +134,7 @@ def test_point_sampling_identities():
     ref = point_sample(masks[:, None], coords, align_corners=False)[:, 0]
     g = torch.randn(N, P, dtype=torch.float64)
     ge_r, gf_r = torch.autograd.grad((ref * g).sum(), (e, feats))
-    for chunk in (1, 2 * C * P, 1 << 20):  # one mask per chunk, two per chunk, everything at once
+    for chunk in (1, 2 * (h * w + 3 * P), 1 << 20):  # one mask per chunk, two per chunk, everything at once
         out = fz.point_logits(e, feats, bidx, coords, chunk_elems=chunk)
         assert_close(out, ref, 1e-13, "point_logits")
         ge, gf = torch.autograd.grad((out * g).sum(), (e, feats))

@@ -1,7 +1,8 @@
 """Mask2Former's set criterion: class CE (no-object weight ``eos_coef``) and point-sampled mask BCE + dice
 (PointRend uncertainty sampling), for the reference (``pred_masks``) and fused (``pred_embeds`` +
-``mask_features``) output layouts. The fused path samples F at the points (:func:`fused.point_logits`) and
-never forms (N, h, w) logits, the uncertainty sampling included; it draws the same random numbers in the same
+``mask_features``) output layouts. The fused path never forms the (B, Q, h, w) logits: the point logits of
+the matched masks come from :func:`fused.point_logits` (a bounded chunk of matched masks' logit maps at a time,
+recomputed in backward), the uncertainty sampling included; it draws the same random numbers in the same
 order as the reference, so with one seed both give the same losses up to rounding.
 """
 from __future__ import annotations
