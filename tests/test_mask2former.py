@@ -120,6 +120,20 @@ def test_fused_matches_reference_float64():
     for a, b in zip(model.instance_inference(out_r, (64, 64)), model.instance_inference(out_f, (64, 64))):
         assert torch.equal(a["pred_classes"], b["pred_classes"]) and torch.equal(a["pred_masks"], b["pred_masks"])
         assert_close(b["scores"], a["scores"], 1e-12)
+    # official order: crop each image's masks to its size and resize to its output size *before* panoptic /
+    # instance inference (detectron2's sem_seg_postprocess); the fused path streams both resizes as one map
+    size, sizes, outs = tuple(x.shape[-2:]), [(50, 37), tuple(x.shape[-2:])], [(80, 61), (23, 30)]
+    kw = dict(image_sizes=sizes, output_sizes=outs)
+    for (pr, ir), (pf, if_), o in zip(model.panoptic_inference(out_r, size, **kw),
+                                      model.panoptic_inference(out_f, size, tile_rows=7, **kw), outs):
+        assert pr.shape == o and torch.equal(pr, pf) and ir == if_
+    for a, b, o in zip(model.instance_inference(out_r, size, **kw), model.instance_inference(out_f, size, **kw), outs):
+        assert a["pred_masks"].shape[1:] == o and torch.equal(a["pred_masks"], b["pred_masks"])
+        assert torch.equal(a["pred_classes"], b["pred_classes"]) and a["pred_masks"].any()
+        assert_close(b["scores"], a["scores"], 1e-12)
+    assert any(len(ir) > 0 for _, ir in model.panoptic_inference(out_r, size, **kw))
+    with pytest.raises(ValueError, match="one .* per image"):
+        model.panoptic_inference(out_f, size, image_sizes=sizes[:1])
 
 
 def test_point_sampling_identities():

@@ -33,7 +33,7 @@ from .common import point_sample
 
 __all__ = [
     "resize_mask_features", "level_allowed", "point_logits", "shared_point_logits", "iter_upsampled_logits",
-    "linear_indices",
+    "linear_indices", "resample_matrices", "iter_resampled_logits",
 ]
 
 _CHUNK_ELEMS = 1 << 24  # default working-set bound (elements) of the chunked ops
@@ -145,3 +145,46 @@ def iter_upsampled_logits(embeds: torch.Tensor, features: torch.Tensor, size: tu
         rows = torch.einsum("nc,chw->nhw", embeds, features[:, lo:hi + 1])
         v = rows[:, ry0[y0:y1] - lo] * wy0[y0:y1, None] + rows[:, ry1[y0:y1] - lo] * wy1[y0:y1, None]
         yield y0, y1, v[:, :, rx0] * wx0 + v[:, :, rx1] * wx1
+
+
+def _axis_matrix(out_len: int, in_len: int, device, dtype) -> torch.Tensor:
+    """Dense (out_len, in_len) matrix of PyTorch's bilinear resize (align_corners=False) along one axis."""
+    i0, i1, w0, w1 = linear_indices(out_len, in_len, device, dtype)
+    m = torch.zeros(out_len, in_len, device=device, dtype=w0.dtype)
+    rows = torch.arange(out_len, device=device)
+    m.index_put_((rows, i0), w0, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m
+
+
+def resample_matrices(feature_hw: tuple[int, int], size: tuple[int, int], image_size: tuple[int, int],
+                      output_size: tuple[int, int] | None = None, *, device=None, dtype=torch.float32):
+    """Per-axis matrices (My (Ho, h), Mx (Wo, w)) of: bilinear upsampling from ``feature_hw`` to the padded
+    input ``size``, crop to ``image_size``, bilinear resize to ``output_size`` (detectron2's
+    ``sem_seg_postprocess``, which the official Mask2Former applies before panoptic / instance inference).
+    Both steps are linear and separable, so ``out = My · (e·F) · Mxᵀ`` equals the two resizes (up to rounding)."""
+    (h, w), (H, W), (ih, iw) = feature_hw, size, image_size
+    oh, ow = output_size or image_size
+    if not (0 < ih <= H and 0 < iw <= W):
+        raise ValueError(f"image size {image_size} must fit in the padded input size {size}")
+    my = _axis_matrix(oh, ih, device, dtype) @ _axis_matrix(H, h, device, dtype)[:ih]
+    mx = _axis_matrix(ow, iw, device, dtype) @ _axis_matrix(W, w, device, dtype)[:iw]
+    return my, mx
+
+
+def iter_resampled_logits(embeds: torch.Tensor, features: torch.Tensor, my: torch.Tensor, mx: torch.Tensor,
+                          tile_rows: int | None = None, chunk_elems: int = _CHUNK_ELEMS):
+    """Yield ``(y0, y1, logits)``, logits (n, y1 − y0, Wo) = rows y0:y1 of ``My · (e·F) · Mxᵀ`` per query
+    (see :func:`resample_matrices`); only one tile of rows is ever held. embeds: (n, C); features: (C, h, w)."""
+    n = embeds.shape[0]
+    Ho, Wo = my.shape[0], mx.shape[0]
+    my, mx = my.to(features.dtype), mx.to(features.dtype)
+    if tile_rows is None:
+        tile_rows = max(1, chunk_elems // max(1, n * Wo))
+    for y0 in range(0, Ho, tile_rows):
+        y1 = min(Ho, y0 + tile_rows)
+        used = my[y0:y1].ne(0).any(0).nonzero()
+        lo, hi = int(used.min()), int(used.max())
+        rows = torch.einsum("nc,chw->nhw", embeds, features[:, lo:hi + 1])
+        v = torch.einsum("yr,nrw->nyw", my[y0:y1, lo:hi + 1], rows)
+        yield y0, y1, torch.einsum("nyw,xw->nyx", v, mx)

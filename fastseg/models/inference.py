@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused import iter_upsampled_logits
+from .fused import iter_resampled_logits, iter_upsampled_logits, resample_matrices
 
 __all__ = [
     "semantic_inference", "panoptic_inference", "instance_inference",
@@ -82,13 +82,23 @@ def panoptic_inference(mask_cls, mask_pred, num_classes: int, thing_ids=(), obje
                      panoptic_seg, set(thing_ids), overlap_threshold)
 
 
+def _tiles(embeds, features, size, tile_rows, post):
+    """(output (H, W), iterator of row tiles): upsampled to ``size``, or with ``post = (image_size,
+    output_size)`` also cropped and resized as detectron2's ``sem_seg_postprocess``."""
+    if post is None:
+        return tuple(size), iter_upsampled_logits(embeds, features, size, tile_rows)
+    my, mx = resample_matrices(tuple(features.shape[-2:]), size, *post, device=features.device, dtype=features.dtype)
+    return (my.shape[0], mx.shape[0]), iter_resampled_logits(embeds, features, my, mx, tile_rows)
+
+
 def panoptic_inference_streaming(mask_cls, embeds, features, size, num_classes: int, thing_ids=(),
                                  object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
-                                 tile_rows=None):
+                                 tile_rows=None, post=None):
     """Same as :func:`panoptic_inference` on upsampled ``embeds·features``, holding only (H, W) maps:
-    the per-pixel argmax query and whether that query's mask is ≥ 0.5 there."""
+    the per-pixel argmax query and whether that query's mask is ≥ 0.5 there. ``post``: (image_size,
+    output_size) to crop and resize as the official code does before inference."""
     cur_scores, cur_classes, keep = _keep(mask_cls, num_classes, object_mask_threshold)
-    H, W = size
+    (H, W), tiles = _tiles(embeds[keep], features, size, tile_rows, post)
     panoptic_seg = torch.zeros((H, W), dtype=torch.int32, device=features.device)
     n = cur_classes.shape[0]
     if n == 0:
@@ -96,7 +106,7 @@ def panoptic_inference_streaming(mask_cls, embeds, features, size, num_classes: 
     ids = torch.empty((H, W), dtype=torch.int64, device=features.device)
     ok = torch.empty((H, W), dtype=torch.bool, device=features.device)
     original_areas = torch.zeros(n, dtype=torch.int64, device=features.device)
-    for y0, y1, logits in iter_upsampled_logits(embeds[keep], features, size, tile_rows):
+    for y0, y1, logits in tiles:
         m = logits.sigmoid()
         tile_ids = (cur_scores.view(-1, 1, 1) * m).argmax(0)
         ids[y0:y1] = tile_ids
@@ -132,14 +142,16 @@ def instance_inference(mask_cls, mask_pred, num_classes: int, test_topk_per_imag
 
 
 def instance_inference_streaming(mask_cls, embeds, features, size, num_classes: int, test_topk_per_image: int = 100,
-                                 thing_ids=None, tile_rows=None):
-    """Same as :func:`instance_inference`; only the selected queries' masks (the output) are formed."""
+                                 thing_ids=None, tile_rows=None, post=None):
+    """Same as :func:`instance_inference`; only the selected queries' masks (the output) are formed.
+    ``post``: as in :func:`panoptic_inference_streaming`."""
     scores_per_image, labels_per_image, query_idx = _topk(mask_cls, num_classes, test_topk_per_image, thing_ids)
     k = query_idx.shape[0]
-    pred_masks = features.new_empty((k, size[0], size[1]))
+    (H, W), tiles = _tiles(embeds[query_idx], features, size, tile_rows, post)
+    pred_masks = features.new_empty((k, H, W))
     num = features.new_zeros(k)
     den = features.new_zeros(k)
-    for y0, y1, logits in iter_upsampled_logits(embeds[query_idx], features, size, tile_rows):
+    for y0, y1, logits in tiles:
         m = (logits > 0).to(logits.dtype)
         pred_masks[:, y0:y1] = m
         num += (logits.sigmoid() * m).flatten(1).sum(1)

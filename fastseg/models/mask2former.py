@@ -301,15 +301,35 @@ def infer_channels(backbone: nn.Module, size: int = 128) -> list[int]:
     return [f.shape[1] for f in feats]
 
 
-def _per_image(outputs, size, ref_fn, stream_fn, tile_rows=None, **kw):
+def _post_sizes(n: int, image_sizes, output_sizes) -> list:
+    """Per image None, or (image_size, output_size) for detectron2's ``sem_seg_postprocess``."""
+    if image_sizes is None:
+        if output_sizes is not None:
+            raise ValueError("output_sizes needs image_sizes (the unpadded size of each image)")
+        return [None] * n
+    output_sizes = output_sizes or image_sizes
+    if len(image_sizes) != n or len(output_sizes) != n:
+        raise ValueError(f"image_sizes / output_sizes need one (h, w) per image ({n})")
+    return [(tuple(i), tuple(o)) for i, o in zip(image_sizes, output_sizes)]
+
+
+def _per_image(outputs, size, ref_fn, stream_fn, tile_rows=None, image_sizes=None, output_sizes=None, **kw):
+    """Inference per image. With ``image_sizes`` (and ``output_sizes``, default the image sizes) the masks are
+    cropped to each image and resized to its output size *before* inference, as the official panoptic and
+    instance inference do (``sem_seg_postprocess_before_inference``)."""
     results = []
+    post = _post_sizes(len(outputs["pred_logits"]), image_sizes, output_sizes)
     if "pred_masks" in outputs:
         masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
-        for cls, m in zip(outputs["pred_logits"], masks):
+        for cls, m, pp in zip(outputs["pred_logits"], masks, post):
+            if pp is not None:
+                (ih, iw), o = pp
+                m = F.interpolate(m[None, :, :ih, :iw], size=o, mode="bilinear", align_corners=False)[0]
             results.append(ref_fn(cls, m, **kw))
     else:
-        for cls, e, feats in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"]):
-            results.append(stream_fn(cls, e, feats, size, tile_rows=tile_rows, **kw))
+        for cls, e, feats, pp in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"], post):
+            extra = {} if pp is None else {"post": pp}
+            results.append(stream_fn(cls, e, feats, size, tile_rows=tile_rows, **extra, **kw))
     return results
 
 
@@ -411,18 +431,25 @@ class Mask2Former(nn.Module):
         return results
 
     @torch.no_grad()
-    def panoptic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None) -> list:
-        """Per image (panoptic_seg (H, W) int32, segments_info)."""
+    def panoptic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None,
+                           image_sizes: list | None = None, output_sizes: list | None = None) -> list:
+        """Per image (panoptic_seg (H, W) int32, segments_info), at ``size`` (the padded input size), or, with
+        ``image_sizes`` / ``output_sizes``, on masks cropped to each image and resized to its output size before
+        inference, as the official model (detectron2's ``sem_seg_postprocess``)."""
         return self._per_image(outputs, size, panoptic_inference, panoptic_inference_streaming, tile_rows,
+                               image_sizes=image_sizes, output_sizes=output_sizes,
                                num_classes=self.num_classes, thing_ids=self.thing_ids,
                                object_mask_threshold=self.object_mask_threshold,
                                overlap_threshold=self.overlap_threshold)
 
     @torch.no_grad()
     def instance_inference(self, outputs: dict, size: tuple[int, int], panoptic_on: bool = False,
-                           tile_rows: int | None = None) -> list:
-        """Per image {"pred_masks", "scores", "pred_classes"}."""
+                           tile_rows: int | None = None, image_sizes: list | None = None,
+                           output_sizes: list | None = None) -> list:
+        """Per image {"pred_masks", "scores", "pred_classes"}; ``image_sizes`` / ``output_sizes`` as in
+        :meth:`panoptic_inference`."""
         return self._per_image(outputs, size, instance_inference, instance_inference_streaming, tile_rows,
+                               image_sizes=image_sizes, output_sizes=output_sizes,
                                num_classes=self.num_classes, test_topk_per_image=self.test_topk_per_image,
                                thing_ids=self.thing_ids if panoptic_on else None)
 
