@@ -222,6 +222,21 @@ def _m2f_cpu_estimate(s, dtype):
     return 10 * s["B"] * s["Q"] * s["H"] * s["W"] * 4 // 4
 
 
+# shapes shared by the decoder and the whole model: (B, Q, image H x W)
+M2F_PRESETS = {
+    "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
+    "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
+    "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
+    "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
+    "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8, 16) for q in (100, 200)
+             for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
+}
+
+
+def _m2f_memprof_shape(q, h, w, b, extra):
+    return {"B": b, "Q": q, "H": h, "W": w}
+
+
 register(OpSpec(
     name="mask2former-decoder",
     summary="Mask2Former transformer decoder (9 layers + heads): training step / inference, reference vs fused",
@@ -229,13 +244,8 @@ register(OpSpec(
     heavy=True,
     shape_keys={"B": 2, "Q": 100, "H": 512, "W": 512},
     presets={
-        "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
+        **M2F_PRESETS,
         "cpu": [{"B": 1, "Q": 50, "H": 128, "W": 128}],
-        "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
-        "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
-        "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
-        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8, 16) for q in (100, 200)
-                 for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
         # more queries until one path runs out of memory (rows marked OOM)
         "limit": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (400, 800, 1600)]
         + [{"B": 16, "Q": q, "H": 512, "W": 512} for q in (400, 800, 1600)],
@@ -246,7 +256,7 @@ register(OpSpec(
         Impl("reference", _m2f_prep(False), description="decoder, reference path (nn.MultiheadAttention)"),
     ],
     memprof=MemprofSpec(
-        shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
+        shape=_m2f_memprof_shape, eager="reference", fused="fastseg",
         analytic=_m2f_analytic, cpu_estimate=_m2f_cpu_estimate,
         description="the Mask2Former decoder (9 layers + heads, criterion); --mode fwdbwd: training step, "
                     "--mode fwd: inference incl. semantic inference at the input size",
@@ -271,15 +281,7 @@ register(OpSpec(
     issue="issue 7",
     heavy=True,
     shape_keys={"B": 2, "Q": 100, "H": 512, "W": 512},
-    presets={
-        "quick": [{"B": 2, "Q": 100, "H": 256, "W": 256}],
-        "cpu": [{"B": 1, "Q": 20, "H": 64, "W": 64}],
-        "default": [{"B": 8, "Q": 100, "H": 512, "W": 512}, {"B": 2, "Q": 200, "H": 1024, "W": 2048}],
-        "ade": [{"B": b, "Q": q, "H": 512, "W": 512} for b in (2, 16) for q in (100, 200)],
-        "cityscapes": [{"B": 2, "Q": q, "H": 1024, "W": 2048} for q in (100, 200)],
-        "full": [{"B": b, "Q": q, "H": h, "W": w} for b in (2, 8, 16) for q in (100, 200)
-                 for h, w in ((512, 512), (1024, 1024), (1024, 2048))],
-    },
+    presets={**M2F_PRESETS, "cpu": [{"B": 1, "Q": 20, "H": 64, "W": 64}]},
     label=lambda s: f"MSCAN-T B={s['B']} Q={s['Q']} image {s['H']}x{s['W']}",
     impls=[
         Impl("fastseg", _m2f_prep(True, whole_model=True), fastseg=True,
@@ -288,7 +290,7 @@ register(OpSpec(
              description="build_mask2former('mscan_t'), reference path"),
     ],
     memprof=MemprofSpec(
-        shape=lambda q, h, w, b, extra: {"B": b, "Q": q, "H": h, "W": w}, eager="reference", fused="fastseg",
+        shape=_m2f_memprof_shape, eager="reference", fused="fastseg",
         analytic=_m2f_model_analytic, cpu_estimate=_m2f_model_cpu_estimate,
         description="Mask2Former + MSCAN-T, whole model; --mode fwdbwd: training step, --mode fwd: inference",
         cpu_grid=("20,50", "64x64,128x128", "1"), quick_grid=("20", "64x64", "1"),

@@ -40,15 +40,16 @@ def label(s):
     return f"B={s['B']} C={s['C']} {s['H']}x{s['W']}"
 
 
-def _setup(s, dtype, device, mode, cls, channels_last):
+def _setup(s, dtype, device, mode, ref_cls, cls, channels_last, *args):
+    """Input x (B, C, H, W) and the module ``ref_cls(*args)``, or ``cls(*args)`` holding its state_dict."""
     g = generator(device)
     x = randn((s["B"], s["C"], s["H"], s["W"]), dtype, device, g, False)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(mode == "fwdbwd")
     torch.manual_seed(0)
-    ref = require("fastseg.reference", "AttentionModule", "the MSCA reference lands with issue 4")(s["C"])
-    mod = ref if cls is None else cls(s["C"])
+    ref = ref_cls(*args)
+    mod = ref if cls is None else cls(*args)
     if cls is not None:
         mod.load_state_dict(ref.state_dict())
     mod = mod.to(device=device, dtype=dtype)
@@ -57,12 +58,17 @@ def _setup(s, dtype, device, mode, cls, channels_last):
     return x, mod
 
 
+def _step(x, mod, mode, compile_: bool) -> Prepared:
+    fn = compiled(mod) if compile_ else mod
+    return module_step(lambda: fn(x), [x], [mod], mode)
+
+
 def _prep(fused: bool, channels_last: bool, compile_: bool = False):
     def prepare(s, dtype, device, mode) -> Prepared:
+        ref_cls = require("fastseg.reference", "AttentionModule", "the MSCA reference lands with issue 4")
         cls = require("fastseg.nn", "MSCA", WHAT) if fused else None
-        x, mod = _setup(s, dtype, device, mode, cls, channels_last)
-        fn = compiled(mod) if compile_ else mod
-        return module_step(lambda: fn(x), [x], [mod], mode)
+        x, mod = _setup(s, dtype, device, mode, ref_cls, cls, channels_last, s["C"])
+        return _step(x, mod, mode, compile_)
     return prepare
 
 
@@ -158,22 +164,8 @@ def _mlp_prep(fused: bool, channels_last: bool = False, compile_: bool = False):
     def prepare(s, dtype, device, mode) -> Prepared:
         ref_cls = require("fastseg.models.mscan", "Mlp", "the MSCAN reference lands with issue 4")
         cls = require("fastseg.nn", "MSCANMlp", "the fused MLP depthwise conv lands with issue 4") if fused else None
-        g = generator(device)
-        x = randn((s["B"], s["C"], s["H"], s["W"]), dtype, device, g, False)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_(mode == "fwdbwd")
-        torch.manual_seed(0)
-        mod = ref_cls(s["C"], s["hidden"])
-        if cls is not None:
-            fused_mod = cls(s["C"], s["hidden"])
-            fused_mod.load_state_dict(mod.state_dict())
-            mod = fused_mod
-        mod = mod.to(device=device, dtype=dtype)
-        if channels_last:
-            mod = mod.to(memory_format=torch.channels_last)
-        fn = compiled(mod) if compile_ else mod
-        return module_step(lambda: fn(x), [x], [mod], mode)
+        x, mod = _setup(s, dtype, device, mode, ref_cls, cls, channels_last, s["C"], s["hidden"])
+        return _step(x, mod, mode, compile_)
     return prepare
 
 
