@@ -233,18 +233,16 @@ def cmd_bench(args) -> int:
 def cmd_memprof(args) -> int:
     from fastseg.bench.env import environment
     from fastseg.bench.measure import fmt_bytes, parse_bytes
-    from fastseg.bench.memprof import largest_within, memprof_tables, parse_resolution, run_memprof, setting_label
+    from fastseg.bench.memprof import (largest_within, memprof_spec, memprof_tables, parse_resolution, run_memprof,
+                                       setting_label)
     from fastseg.bench.plot import memprof_heatmaps
-    from fastseg.bench.registry import BenchError, DTYPE_NAMES, all_ops, get_op
+    from fastseg.bench.registry import BenchError, DTYPE_NAMES, get_op
     from fastseg.bench.report import write_results
 
     device = _device(args.device)
     cpu = device.type != "cuda"
     spec = get_op(args.op)
-    mp = spec.memprof
-    if mp is None:
-        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
-                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
+    mp = memprof_spec(spec)
     try:
         budget = parse_bytes(args.budget)
     except ValueError as exc:

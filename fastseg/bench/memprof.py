@@ -15,7 +15,7 @@ from .._backend import interpreter_enabled
 from .measure import (Measurement, fmt_bytes, measure, saved_for_backward_bytes, tensor_bytes, Unavailable)
 from .registry import DTYPE_NAMES, BenchError, OpSpec, all_ops
 
-__all__ = ["run_memprof", "largest_within", "memprof_tables", "parse_resolution", "setting_label"]
+__all__ = ["memprof_spec", "run_memprof", "largest_within", "memprof_tables", "parse_resolution", "setting_label"]
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -41,6 +41,14 @@ def _ram_bytes() -> int:
         return 8 * 2**30
 
 
+def memprof_spec(spec: OpSpec):
+    """The op's :class:`MemprofSpec`; a :class:`BenchError` naming the ops that have one if it has none."""
+    if spec.memprof is None:
+        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
+                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
+    return spec.memprof
+
+
 def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, int]], batches: list[int],
                 dtype: torch.dtype, device: torch.device, *, mode: str = "fwdbwd", extra: dict | None = None,
                 timing: bool = True, console=None, progress: bool = True, cpu_limit: int | None = None,
@@ -49,10 +57,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
     ``on_rows(rows_so_far)`` is called after every row (partial results of a sweep cut short)."""
     from .runner import progress_bar
 
-    if spec.memprof is None:
-        raise BenchError(f"op {spec.name!r} has no memory-profile sweep; ops with one: "
-                         + ", ".join(n for n, s in all_ops().items() if s.memprof is not None))
-    mp = spec.memprof
+    mp = memprof_spec(spec)
     if not mp.queries:
         queries = [None]  # no object queries: the sweep is resolution x batch
     device = torch.device(device)
@@ -92,7 +97,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
                                method="measured (CUDA allocator)" if not cpu else
                                "measured (CPU allocator, Triton interpreter)" if interp else "measured (CPU allocator)")
                     if cpu and m.status == "ok" and mode == "fwdbwd":
-                        row["saved_bytes"] = _eager_saved(impl, shape, dtype, device)
+                        row["saved_bytes"] = _saved_bytes(impl, shape, dtype, device)
                 rows.append(row)
                 if on_rows is not None:
                     on_rows(rows)
@@ -100,7 +105,7 @@ def run_memprof(spec: OpSpec, queries: list[int], resolutions: list[tuple[int, i
     return rows
 
 
-def _eager_saved(impl, shape, dtype, device) -> int | None:
+def _saved_bytes(impl, shape, dtype, device) -> int | None:
     try:
         prepared = impl.prepare(shape, dtype, device, "fwdbwd")
         if prepared.forward is None:
