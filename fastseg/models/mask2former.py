@@ -313,6 +313,13 @@ def _post_sizes(n: int, image_sizes, output_sizes) -> list:
     return [(tuple(i), tuple(o)) for i, o in zip(image_sizes, output_sizes)]
 
 
+def _sem_seg_postprocess(x: torch.Tensor, image_size, output_size) -> torch.Tensor:
+    """detectron2's ``sem_seg_postprocess``: (N, H, W) cropped to ``image_size``, resized (bilinear) to
+    ``output_size``."""
+    (ih, iw), o = image_size, output_size
+    return F.interpolate(x[None, :, :ih, :iw], size=tuple(o), mode="bilinear", align_corners=False)[0]
+
+
 def _per_image(outputs, size, ref_fn, stream_fn, tile_rows=None, image_sizes=None, output_sizes=None, **kw):
     """Inference per image. With ``image_sizes`` (and ``output_sizes``, default the image sizes) the masks are
     cropped to each image and resized to its output size *before* inference, as the official panoptic and
@@ -322,10 +329,7 @@ def _per_image(outputs, size, ref_fn, stream_fn, tile_rows=None, image_sizes=Non
     if "pred_masks" in outputs:
         masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
         for cls, m, pp in zip(outputs["pred_logits"], masks, post):
-            if pp is not None:
-                (ih, iw), o = pp
-                m = F.interpolate(m[None, :, :ih, :iw], size=o, mode="bilinear", align_corners=False)[0]
-            results.append(ref_fn(cls, m, **kw))
+            results.append(ref_fn(cls, m if pp is None else _sem_seg_postprocess(m, *pp), **kw))
     else:
         for cls, e, feats, pp in zip(outputs["pred_logits"], outputs["pred_embeds"], outputs["mask_features"], post):
             extra = {} if pp is None else {"post": pp}
@@ -413,9 +417,6 @@ class Mask2Former(nn.Module):
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
     # ------------------------------------------------------------------------------------------ inference
-    def _per_image(self, outputs, size, ref_fn, stream_fn, tile_rows=None, **kw):
-        return _per_image(outputs, size, ref_fn, stream_fn, tile_rows, **kw)
-
     @torch.no_grad()
     def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None,
                            image_sizes: list | None = None, output_sizes: list | None = None) -> list:
@@ -423,12 +424,9 @@ class Mask2Former(nn.Module):
         ``tile_rows`` output rows at a time (default: about 2**24 values per tile). With ``image_sizes`` and
         ``output_sizes`` (per image (h, w)), each result is cropped to its image and resized bilinearly to its
         output size, as detectron2's ``sem_seg_postprocess``."""
+        post = _post_sizes(len(outputs["pred_logits"]), image_sizes, output_sizes)
         results = semantic_inference_from_outputs(outputs, size, tile_rows)
-        if image_sizes is not None:
-            output_sizes = output_sizes or image_sizes
-            results = [F.interpolate(r[None, :, : ih, : iw], size=tuple(o), mode="bilinear", align_corners=False)[0]
-                       for r, (ih, iw), o in zip(results, image_sizes, output_sizes)]
-        return results
+        return [r if pp is None else _sem_seg_postprocess(r, *pp) for r, pp in zip(results, post)]
 
     @torch.no_grad()
     def panoptic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None,
@@ -436,11 +434,11 @@ class Mask2Former(nn.Module):
         """Per image (panoptic_seg (H, W) int32, segments_info), at ``size`` (the padded input size), or, with
         ``image_sizes`` / ``output_sizes``, on masks cropped to each image and resized to its output size before
         inference, as the official model (detectron2's ``sem_seg_postprocess``)."""
-        return self._per_image(outputs, size, panoptic_inference, panoptic_inference_streaming, tile_rows,
-                               image_sizes=image_sizes, output_sizes=output_sizes,
-                               num_classes=self.num_classes, thing_ids=self.thing_ids,
-                               object_mask_threshold=self.object_mask_threshold,
-                               overlap_threshold=self.overlap_threshold)
+        return _per_image(outputs, size, panoptic_inference, panoptic_inference_streaming, tile_rows,
+                          image_sizes=image_sizes, output_sizes=output_sizes,
+                          num_classes=self.num_classes, thing_ids=self.thing_ids,
+                          object_mask_threshold=self.object_mask_threshold,
+                          overlap_threshold=self.overlap_threshold)
 
     @torch.no_grad()
     def instance_inference(self, outputs: dict, size: tuple[int, int], panoptic_on: bool = False,
@@ -448,10 +446,10 @@ class Mask2Former(nn.Module):
                            output_sizes: list | None = None) -> list:
         """Per image {"pred_masks", "scores", "pred_classes"}; ``image_sizes`` / ``output_sizes`` as in
         :meth:`panoptic_inference`."""
-        return self._per_image(outputs, size, instance_inference, instance_inference_streaming, tile_rows,
-                               image_sizes=image_sizes, output_sizes=output_sizes,
-                               num_classes=self.num_classes, test_topk_per_image=self.test_topk_per_image,
-                               thing_ids=self.thing_ids if panoptic_on else None)
+        return _per_image(outputs, size, instance_inference, instance_inference_streaming, tile_rows,
+                          image_sizes=image_sizes, output_sizes=output_sizes,
+                          num_classes=self.num_classes, test_topk_per_image=self.test_topk_per_image,
+                          thing_ids=self.thing_ids if panoptic_on else None)
 
 
 def build_mask2former(backbone="tiny", num_classes: int = 150, *, backbone_kwargs: dict | None = None,
