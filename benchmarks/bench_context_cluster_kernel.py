@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.testing
 
+from fastseg.bench.measure import is_oom
 from fastseg.nn import ContextCluster
 from fastseg.reference import Cluster
 
@@ -43,7 +44,7 @@ def _peak_mb(fn) -> float:
 
 def _error(e: BaseException) -> str:
     msg = str(e).splitlines()[0][:200] if str(e) else ""
-    kind = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e) else type(e).__name__
+    kind = "OOM" if is_oom(e) else type(e).__name__
     return f"{kind}: {msg}"
 
 

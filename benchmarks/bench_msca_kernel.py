@@ -29,6 +29,7 @@ import traceback
 
 import torch
 
+from fastseg.bench.measure import is_oom
 from fastseg.nn import MSCA
 from fastseg.reference import AttentionModule
 
@@ -107,10 +108,6 @@ def _peak_mem(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _is_oom(exc):
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def _cleanup():
     import gc
 
@@ -163,8 +160,8 @@ def bench_one(name, N, C, H, W, dtype, channels_last, impls):
             row[f"{tag}_fwdbwd_peak_MiB"] = _peak_mem(lambda: fwd_bwd(m))
             clear(m)
         except Exception as exc:  # noqa: BLE001 - a failing case is a row, not the end of the sweep
-            row["errors"][tag] = ("OOM: " if _is_oom(exc) else "") + f"{type(exc).__name__}: {exc}"[:400]
-            if not _is_oom(exc):
+            row["errors"][tag] = ("OOM: " if is_oom(exc) else "") + f"{type(exc).__name__}: {exc}"[:400]
+            if not is_oom(exc):
                 row["errors"][tag] += "\n" + traceback.format_exc(limit=3)[-800:]
             clear(m)
             _cleanup()
