@@ -150,6 +150,8 @@ class MSCAN(nn.Module):
 
     def __init__(self, in_chans=3, embed_dims=(64, 128, 256, 512), mlp_ratios=(4, 4, 4, 4), drop_rate=0.0,
                  drop_path_rate=0.0, depths=(3, 4, 6, 3), num_stages=4, fused: bool | str = False):
+        if fused not in (False, True, "all"):
+            raise ValueError(f"MSCAN: fused must be False, True (fused attention) or 'all', got {fused!r}")
         super().__init__()
         self.depths = depths
         self.num_stages = num_stages
@@ -170,8 +172,6 @@ class MSCAN(nn.Module):
             setattr(self, f"block{i + 1}", block)
             setattr(self, f"norm{i + 1}", norm)
         self.init_weights()
-        if fused not in (False, True, "all"):
-            raise ValueError(f"MSCAN: fused must be False, True (fused attention) or 'all', got {fused!r}")
         if fused:
             use_fused_msca(self, mlp=fused == "all")
 
