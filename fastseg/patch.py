@@ -28,8 +28,10 @@ any other instance attribute (e.g. a ``forward`` assigned on the instance) is pr
 parameters, buffers (BatchNorm statistics), ``.grad`` and the CPU / CUDA random number generator states are
 left as they were. Masked attention: ``nn.MultiheadAttention`` outputs NaN for a fully masked query row, the
 drop-in ``out_proj.bias``; the probe compares the rows that are not fully masked, then resets empty rows as
-Mask2Former does and compares forward and gradients. ``verify=False`` swaps without probing: that the
-drop-in computes the module's function is then the caller's responsibility. ``dry_run=True`` runs nothing:
+Mask2Former does and compares forward and gradients. ``verify="cpu"`` probes float64 CPU copies with
+fastseg's PyTorch path instead (the module's math; no kernel compiled or autotuned for the probe shapes on a
+GPU). ``verify=False`` swaps without probing: that the drop-in computes the module's function is then the
+caller's responsibility. ``dry_run=True`` runs nothing:
 ``report.probes`` lists the probes a real run would do (``ok=None``).
 
 Deeper patch (``report.deeper``): where the model's own code allows it — this project's Mask2Former decoder
@@ -49,13 +51,16 @@ Mask2Former decoder resets fully-masked rows before the attention, so the drop-i
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import time
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ._backend import use_backend
 from .records import RECORDS, tolerance, where
 from .records.masked_attention import _mha_unsupported  # noqa: F401  (kept importable from here)
 
@@ -84,7 +89,8 @@ class ProbeResult:
 
     ``ok``: True = agree, False = disagree or the probe failed (``error``), None = not run (dry run).
     ``difference``: the largest relative L2 difference over ``results`` (inf where an output was not finite
-    or had another shape); ``results``: one dict per compared quantity (probe, quantity, rel, max_abs)."""
+    or had another shape); ``results``: one dict per compared quantity (probe, quantity, rel, max_abs);
+    ``seconds``: its wall time (kernel compilation included on a GPU's first call)."""
 
     op: str
     module: str
@@ -94,6 +100,7 @@ class ProbeResult:
     tol: float | None = None
     results: list = dataclasses.field(default_factory=list)
     error: str = ""
+    seconds: float = 0.0  # wall time of the probe
 
     def worst(self) -> dict | None:
         return max(self.results, key=lambda r: r["rel"], default=None)
@@ -124,7 +131,7 @@ class PatchReport:
     dry_run: bool = False
     deeper: list = dataclasses.field(default_factory=list)  # (path, what): patches beyond module swaps
     probes: list = dataclasses.field(default_factory=list)
-    verify: bool = True
+    verify: bool | str = True
 
     def count(self, op: str | None = None) -> int:
         return sum(1 for r in self.replaced if op is None or r[1] == op)
@@ -243,20 +250,26 @@ def _keep_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def _probe(rec, cls, child: nn.Module, paths: list) -> ProbeResult:
+def _probe(rec, cls, child: nn.Module, paths: list, on_cpu: bool = False) -> ProbeResult:
     """Run ``child`` (a private copy) and its drop-in on ``rec``'s probe inputs; compare. Touches nothing of
-    ``child``: private copies, a private generator, global RNG states restored, ``autograd.grad`` only."""
+    ``child``: private copies, a private generator, global RNG states restored, ``autograd.grad`` only.
+    ``on_cpu``: float64 CPU copies, fastseg's PyTorch path (``verify="cpu"``)."""
     device, dtype = where(child)
+    if on_cpu:
+        device, dtype = torch.device("cpu"), torch.float64
     res = ProbeResult(rec.name, type(child).__name__, paths, tol=tolerance(dtype, device))
     if device.type == "meta":
         res.ok, res.error = False, "its parameters are on the meta device, nothing to compute with (verify=False swaps)"
         return res
+    backend = use_backend("torch") if on_cpu else contextlib.nullcontext()
     try:
-        with _keep_rng(device):
+        with _keep_rng(where(child)[0]), backend:
             g = torch.Generator().manual_seed(0)
             orig = _private_copy(child)
-            new = rec.build(cls, _private_copy(child))
-            for case in rec.probe(child, device, dtype, g):
+            if on_cpu:
+                orig = orig.to(device=device, dtype=dtype)
+            new = rec.build(cls, _private_copy(orig))
+            for case in rec.probe(orig, device, dtype, g):
                 mode = child.training if case.train is None else case.train
                 grads = child.training and case.grad
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
@@ -288,11 +301,17 @@ def _probe(rec, cls, child: nn.Module, paths: list) -> ProbeResult:
 
 # --- patch ------------------------------------------------------------------------------------------------
 
-def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool = True) -> tuple[nn.Module, PatchReport]:
+def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str = True
+          ) -> tuple[nn.Module, PatchReport]:
     """Replace, in place, every module of ``model`` that fastseg has a drop-in for; returns
     ``(model, report)``. ``ops``: subset of :data:`OPS` (default: all). ``dry_run``: report only (no probe
-    runs; ``report.probes`` lists those a real run would do). ``verify``: probe each swap first (see the
-    module docstring); ``verify=False`` makes the drop-ins' faithfulness the caller's responsibility."""
+    runs; ``report.probes`` lists those a real run would do). ``verify``: probe each swap first, on the
+    module's device and dtype (see the module docstring); ``"cpu"``: probe float64 CPU copies with fastseg's
+    PyTorch path instead (checks the module's math without compiling or autotuning kernels for the probe
+    shapes on a GPU; not the kernels on that device); ``False``: no probe, the drop-ins' faithfulness is the
+    caller's responsibility."""
+    if verify not in (True, False, "cpu"):
+        raise ValueError(f"verify must be True, False or 'cpu', got {verify!r}")
     ops = OPS if ops is None else tuple([ops] if isinstance(ops, str) else ops)
     unknown = set(ops) - set(OPS)
     if unknown:
@@ -328,8 +347,10 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool = True
             if key in groups:
                 groups[key].paths.append(path)
             else:
+                start = time.perf_counter()
                 groups[key] = ProbeResult(rec.name, type(child).__name__, [path]) if dry_run else \
-                    _probe(rec, cls, child, [path])
+                    _probe(rec, cls, child, [path], on_cpu=verify == "cpu")
+                groups[key].seconds = 0.0 if dry_run else time.perf_counter() - start
                 report.probes.append(groups[key])
             verdict[id(child)] = groups[key]
     done: dict[int, nn.Module] = {}  # id(old) -> new (a module shared by several parents is replaced once)

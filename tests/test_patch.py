@@ -357,7 +357,7 @@ def test_patch_probe_refuses_msca_fork_and_keeps_state():
 
 
 @pytest.mark.skipif(not HAS_CC, reason="fastseg.nn.ContextCluster is not in this build")
-def test_patch_probe_refuses_context_cluster_fork():
+def test_patch_probe_refuses_context_cluster_fork(triton_launches):
     """A Cluster subclass computing something else (whichever normaliser fastseg's default uses) is refused; a
     faithful Cluster of the same configuration is swapped: probes are keyed by type, not only by config."""
     from fastseg.reference import Cluster
@@ -374,6 +374,15 @@ def test_patch_probe_refuses_context_cluster_fork():
     assert type(model[1]) is ScaledCluster and type(model[0]).__name__ == "ContextCluster"
     assert abs(report.probe_of("1").difference - 0.5 / 1.5) < 1e-3  # |1.5 y - y| / |1.5 y|
     assert report.probe_of("0").paths == ["0", "2"] and len(report.probes) == 2
+    # verify="cpu": float64 CPU copies on fastseg's PyTorch path, no kernel runs; the same decisions
+    model = nn.Sequential(Cluster(16, 16, **args), ScaledCluster(16, 16, **args)).float()
+    triton_launches.clear()
+    _, report = fastseg.patch(model, verify="cpu")
+    assert [r[0] for r in report.replaced] == ["0"] and list(_skipped(report)) == ["1"]
+    assert report.probe_of("0").tol == 1e-8 and report.probe_of("0").difference <= 1e-8
+    assert sum(triton_launches.values()) == 0 and all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="verify must be"):
+        fastseg.patch(model, verify="gpu")
 
 
 @pytest.mark.skipif(not HAS_MCA, reason="fastseg.nn.MaskedCrossAttention is not in this build")
