@@ -7,7 +7,7 @@ Recognised (each op is skipped, with a note, when its fastseg class is not in th
   layer that also holds a ``LayerNorm`` (official Mask2Former ``CrossAttentionLayer``, Hugging Face
   ``Mask2FormerMaskedAttentionDecoderLayer``, DETR/MaskFormer decoder layers, this project's models) ->
   :class:`fastseg.nn.MaskedCrossAttention` (``from_mha``). Self-attention is left alone (its callers may use
-  the attention weights). Not replaced: attention dropout > 0, ``add_bias_kv``, ``add_zero_attn``.
+  the attention weights). Not replaced: ``add_bias_kv``, ``add_zero_attn`` (attention dropout is fused).
 * ``"msca"``: SegNeXt's attention module, official ``AttentionModule`` and mmsegmentation ``MSCAAttention``
   layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
@@ -92,9 +92,9 @@ def _is_cross_attention(parent: nn.Module, name: str, child: nn.Module) -> bool:
 def _mha_unsupported(m: nn.MultiheadAttention) -> str | None:
     if m.bias_k is not None or m.add_zero_attn:
         return "add_bias_kv / add_zero_attn are not supported by the fused kernel"
-    if m.dropout > 0:
-        return f"attention dropout {m.dropout} > 0 is not supported by the fused kernel"
-    return None
+    if m.dropout >= 1.0:
+        return f"attention dropout {m.dropout} (everything dropped) is not supported by the fused kernel"
+    return None  # attention dropout < 1 is fused (keep mask from a Philox stream), eval mode applies none
 
 
 def _is_msca(m: nn.Module) -> bool:
@@ -194,6 +194,7 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
         setattr(parent, name, done[id(child)])
     if "masked_attention" in ops:
         _deeper_mask_predictors(model, plan, report, dry_run)
+        _hf_attention_weight_requests(model, plan, report, dry_run)
     if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
                                                 for m in model.modules()):
         report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
@@ -230,3 +231,63 @@ def _deeper_mask_predictors(model: nn.Module, plan: list, report: PatchReport, d
                               "query embeddings (packed_attn_masks=True; no (B·heads, Q, HW) mask tensor)"))
         if not dry_run:
             m.packed_attn_masks = True
+
+
+# Hugging Face decoder layers that call their nn.MultiheadAttention cross-attention without need_weights (so
+# with PyTorch's default need_weights=True): layer class -> (path of the attention inside the layer, whether
+# the layer returns the weights only when called with ``output_attentions``; False: it never returns them).
+_HF_WEIGHT_USERS = {
+    "Mask2FormerMaskedAttentionDecoderLayer": ("cross_attn", True),
+    "OneFormerTransformerDecoderLayer": ("cross_attn.multihead_attn", True),
+    "OneFormerTransformerDecoderQueryTransformerDecoderLayer": ("multihead_attn", False),
+}
+
+
+def _hf_output_attentions(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """The ``output_attentions`` argument of a call of ``layer`` (default False), positional or keyword."""
+    import inspect
+
+    try:
+        bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return bool(kwargs.get("output_attentions", False))
+    return bool(bound.arguments.get("output_attentions", False))
+
+
+def _hf_request_weights(layer: nn.Module, args: tuple, kwargs: dict, *, attn: str) -> None:
+    """Forward pre-hook: the layer's attention computes weights exactly when the layer returns them."""
+    layer.get_submodule(attn).need_weights_default = _hf_output_attentions(layer, args, kwargs)
+
+
+def _hf_attention_weight_requests(model: nn.Module, plan: list, report: PatchReport, dry_run: bool) -> None:
+    """Hugging Face Mask2Former / OneFormer decoder layers call their cross-attention with PyTorch's default
+    ``need_weights=True`` and use the weights only with ``output_attentions=True`` (OneFormer's query
+    transformer never). For each such layer whose attention was replaced, the replacement computes weights
+    exactly when the layer will return them: a forward pre-hook sets its ``need_weights_default`` from the
+    layer's ``output_attentions`` (False for the query transformer), so the default path builds nothing of
+    size Q·HW and ``output_attentions=True`` returns the original's weights."""
+    import functools
+
+    new = {id(child) for _, _, _, child, op, _ in plan if op == "masked_attention"}
+    mca = _fastseg_class("MaskedCrossAttention")
+    for path, layer in model.named_modules():
+        rule = _HF_WEIGHT_USERS.get(type(layer).__name__)
+        if rule is None:
+            continue
+        attn_path, returned = rule
+        try:
+            attn = layer.get_submodule(attn_path)
+        except AttributeError:
+            continue
+        if not (id(attn) in new or (mca is not None and isinstance(attn, mca))):
+            continue
+        what = ("attention weights computed only with output_attentions=True" if returned
+                else "attention weights never computed (the layer discards them)")
+        report.deeper.append((f"{path}.{attn_path}" if path else attn_path, what))
+        if dry_run:
+            continue
+        attn = layer.get_submodule(attn_path)  # the replacement
+        attn.need_weights_default = False
+        if returned and not getattr(layer, "_fastseg_weight_hook", False):
+            layer.register_forward_pre_hook(functools.partial(_hf_request_weights, attn=attn_path), with_kwargs=True)
+            layer._fastseg_weight_hook = True

@@ -116,22 +116,43 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _dropout_keep(seed, rows, cols, threshold, TRANSPOSED: tl.constexpr):
+    """Attention-dropout keep mask of the tile rows x cols ((cols, rows) if TRANSPOSED).
+
+    ``rows``: global query rows ``bh * N_Q + m``; ``cols``: key indices n. Element (row, n) is kept iff the
+    first 32-bit word of Philox-4x32-10(key = seed, counter = (n, row, 0, 0)), shifted right by one, is
+    ``>= threshold`` (= round(p · 2^31)): P(keep) = 1 − p. Nothing is stored; every pass regenerates it.
+    """
+    if TRANSPOSED:
+        c0 = cols[:, None] + rows[None, :] * 0
+        c1 = rows[None, :] + cols[:, None] * 0
+    else:
+        c0 = cols[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + cols[None, :] * 0
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return (r >> 1).to(tl.int32) >= threshold
+
+
 @triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Mask, Blocks, Counts, Acc, Mx, Lsum,
-    qk_scale,
+    Q, K, V, Mask, Blocks, Counts, Seed, Acc, Mx, Lsum,
+    qk_scale, drop_threshold,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query block, batch·head, split): unnormalised partial output and its row max / row sum over
-    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``)."""
+    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``). With DROPOUT the
+    row sum is of the undropped probabilities and the output sums only the kept ones (the 1 / (1 − p) is
+    applied by the combine kernel)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -147,6 +168,8 @@ def _fwd_kernel(
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
     j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
+    if DROPOUT:
+        seed = tl.load(Seed)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -165,6 +188,8 @@ def _fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
@@ -178,11 +203,13 @@ def _fwd_kernel(
 @triton.jit
 def _combine_kernel(
     Acc, Mx, Lsum, O, LSE,
+    out_scale,
     stride_ob, stride_oh, stride_om,
     H, N_Q, HEAD_DIM, NUM_SPLITS, BH,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the key splits: o = Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if l = 0)."""
+    """Merge the key splits: o = out_scale · Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if
+    l = 0). out_scale is 1 / (1 − p) with dropout, else 1."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,7 +228,7 @@ def _combine_kernel(
         l_tot += w * tl.load(Lsum + row, mask=m_ok, other=0.0)
         acc += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     empty = l_tot == 0.0
-    out = acc / tl.where(empty, 1.0, l_tot)[:, None]
+    out = acc * (out_scale / tl.where(empty, 1.0, l_tot))[:, None]
     b = pid_bh // H
     h = pid_bh % H
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -213,8 +240,8 @@ def _combine_kernel(
 @triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Flags, DK, DV,
-    qk_scale, sm_scale,
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
+    qk_scale, sm_scale, drop_threshold, inv_keep,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -224,10 +251,11 @@ def _bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form."""
+    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form. With
+    DROPOUT (keep mask Z regenerated): dv = (P∘Z)ᵀ dO / (1 − p), dS = P ∘ (Z ∘ dO Vᵀ / (1 − p) − delta)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -244,6 +272,8 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     flag_row = b * stride_cb + h * stride_ch
+    if DROPOUT:
+        seed = tl.load(Seed)
     for m0 in range(0, N_Q, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
@@ -260,11 +290,18 @@ def _bwd_dkdv_kernel(
             delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
             s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
             p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += _dot(p_t.to(do.dtype), do, PRECISION)
             dp_t = _dot(v, tl.trans(do), PRECISION)
+            if DROPOUT:
+                keep_t = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, True)
+                dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, PRECISION)
+                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+            else:
+                dv += _dot(p_t.to(do.dtype), do, PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     dk *= sm_scale
+    if DROPOUT:
+        dv *= inv_keep
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -274,8 +311,8 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, DQ,
-    qk_scale,
+    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, Seed, DQ,
+    qk_scale, drop_threshold, inv_keep,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -283,7 +320,7 @@ def _bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D)."""
@@ -307,6 +344,8 @@ def _bwd_dq_kernel(
     tile_row = b * stride_cb + h * stride_ch + pid_m
     j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for j in range(j_start, j_end):
         n0 = _tile_key_start(Blocks, tile_row, j, N_KB, HAS_MASK, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -317,10 +356,202 @@ def _bwd_dq_kernel(
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
+
+
+@triton.jit
+def _weights_kernel(
+    Q, K, LSE, Mask, Seed, W,
+    qk_scale, drop_threshold, keep_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_wb, stride_wh, stride_wm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, key block, batch [· head]): the attention weights p = 2^(s − lse) recomputed from
+    the forward's row statistics (0 where masked, dropped entries 0 and kept ones · 1 / (1 − p) with
+    DROPOUT), summed over the heads in registers and scaled by 1 / H when AVERAGE."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    if AVERAGE:
+        b = pid_z
+        h_lo = 0
+        h_hi = H
+    else:
+        b = pid_z // H
+        h_lo = pid_z % H
+        h_hi = h_lo + 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    n_ok = offs_n < N_K
+    if DROPOUT:
+        seed = tl.load(Seed)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for h in range(h_lo, h_hi):
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=m_ok, other=float("inf"))
+        allowed, _ = _mask_tile(Mask + b * stride_mb + h * stride_mh, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                HAS_MASK, False, BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, (b * H + h) * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
+        acc += p
+    acc *= keep_scale  # 1 / (1 - p), and 1 / H when averaging
+    tl.store(W + b * stride_wb + h_lo * stride_wh + offs_m[:, None] * stride_wm + offs_n[None, :],
+             acc.to(W.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, cols, qk_scale, drop_threshold, g_scale,
+                       TRANSPOSED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """(P, dP) of one tile for the weights' backward: P = softmax probabilities, dP = g_scale · Z ∘ dW
+    (g_scale = 1 / (1 − p), / H when averaged), both (M, N), or (N, M) if TRANSPOSED (then q, k swap roles)."""
+    if TRANSPOSED:
+        s = _dot(k, tl.trans(q), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[None, :]), 0.0)
+    else:
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    dp = dw * g_scale
+    if DROPOUT:
+        dp = tl.where(_dropout_keep(seed, rows, cols, drop_threshold, TRANSPOSED), dp, 0.0)
+    return p, dp
+
+
+@triton.jit
+def _weights_bwd_dq_kernel(
+    Q, K, LSE, Mask, Seed, DW, R, DQ,
+    qk_scale, sm_scale, drop_threshold, g_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_gb, stride_gh, stride_gm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward of the returned weights, one (query block, batch·head): r = rowsum(P ∘ dP) (stored for the
+    dk kernel), then dq = scale · (P ∘ (dP − r)) k."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    rows = pid_bh * N_Q + offs_m
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + rows, mask=m_ok, other=float("inf"))
+    k_base = K + b * stride_kb + h * stride_kh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dw_base = DW + b * stride_gb + h * stride_gh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    r = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(0, N_K, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_K
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(ACC)
+        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
+                                   False, DROPOUT, PRECISION)
+        r += tl.sum(p * dp, axis=1)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(0, N_K, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_K
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(ACC)
+        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
+                                   False, DROPOUT, PRECISION)
+        ds = p * (dp - r[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    tl.store(R + rows, r, mask=m_ok)
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _weights_bwd_dk_kernel(
+    Q, K, LSE, Mask, Seed, DW, R, DK,
+    qk_scale, sm_scale, drop_threshold, g_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_gb, stride_gh, stride_gm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward of the returned weights, one (key block, batch·head): dk = scale · (P ∘ (dP − r))ᵀ q."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < N_K
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dw_base = DW + b * stride_gb + h * stride_gh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for m0 in range(0, N_Q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_Q
+        rows = pid_bh * N_Q + offs_m
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + rows, mask=m_ok, other=float("inf"))
+        r = tl.load(R + rows, mask=m_ok, other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K, HAS_MASK, True,
+                                BLOCK_M, BLOCK_N)  # (N, M)
+        dw = tl.load(dw_base + offs_m[None, :] * stride_gm + offs_n[:, None], mask=m_ok[None, :] & n_ok[:, None],
+                     other=0.0).to(ACC)
+        p_t, dp_t = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold,
+                                       g_scale, True, DROPOUT, PRECISION)
+        ds_t = p_t * (dp_t - r[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+    tl.store(DK + (pid_bh * N_K + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _keep_mask_kernel(Seed, Keep, drop_threshold, N_ROWS, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep mask of :func:`_dropout_keep` as int8 (rows = B·H·N_Q, N_K), for tests."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), rows, cols, drop_threshold, False)
+    tl.store(Keep + rows[:, None].to(tl.int64) * N_K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < N_ROWS) & (cols[None, :] < N_K))
 
 
 @triton.jit
@@ -450,9 +681,19 @@ def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
     return (gh * n_qb if gb > 1 else 0), (n_qb if gh > 1 else 0)
 
 
-def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
+def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor):
+    """(seed pointer, threshold, 1 / (1 − p), DROPOUT): the kernels' dropout arguments."""
+    if seed is None or dropout_p == 0.0:
+        return like, 0, 1.0, False  # dummy pointer, never read
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return seed, min(round(dropout_p * 2**31), 2**31 - 1), 1.0 / (1.0 - dropout_p), True
+
+
+def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=None, dropout_p: float = 0.0):
     """Returns (o, lse, blocks, counts, flags): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
-    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass)."""
+    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass). ``seed``: int64 (1,) tensor
+    on q's device, the Philox key of the attention dropout (used when dropout_p > 0)."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
@@ -471,24 +712,26 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
     o = torch.empty_like(q)
     lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
     mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
     record_launch("masked_attention_fwd")
     _fwd_kernel[(n_qb, B * H, splits)](
-        q, k, v, mask, blocks, counts, acc, mx, lsum, scale * LOG2E,
+        q, k, v, mask, blocks, counts, seed, acc, mx, lsum, scale * LOG2E, threshold,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *_list_strides(counts),
         H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
     )
     bm = 16 if interpreter_enabled() else 64
     record_launch("masked_attention_combine")
     _combine_kernel[(triton.cdiv(M, bm), B * H)](
-        acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
+        acc, mx, lsum, o, lse, inv_keep, *o.stride()[:3], H, M, D, splits, B * H,
         ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
     )
     return o, lse, blocks, counts, flags
 
 
-def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None):
-    """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
+def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None,
+             seed=None, dropout_p: float = 0.0):
+    """Returns (dq, dk, dv), each like its input (dtype and memory layout); seed / dropout_p as in forward."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
@@ -499,29 +742,87 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num
     lse = lse.contiguous()
     mask, ms, has_mask = _mask_args(bits, q)
     prec = _precision(q.dtype)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     record_launch("masked_attention_bwd_dkdv")
     _bwd_dkdv_kernel[(n_kb, B * H)](
-        q, k, v, do, lse, delta, mask, flags, dk, dv, scale * LOG2E, scale,
+        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, scale * LOG2E, scale, threshold, inv_keep,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
         H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     record_launch("masked_attention_bwd_dq")
     _bwd_dq_kernel[(n_qb, B * H, splits)](
-        q, k, v, do, lse, delta, mask, blocks, counts, dq_part, scale * LOG2E,
+        q, k, v, do, lse, delta, mask, blocks, counts, seed, dq_part, scale * LOG2E, threshold, inv_keep,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
         H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
     dq = torch.empty_like(q)
     dq.copy_((dq_part.sum(0)[..., :D] * scale).view(B, H, M, D))
     return dq, dk, dv
+
+
+def weights(q, k, lse, bits, scale: float, average: bool, seed=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention weights of :func:`forward`'s call, from its ``lse``: (B, M, N) averaged over the heads,
+    else (B, H, M, N), in q's dtype (dropout applied as in the forward pass, kept entries · 1 / (1 − p))."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    acc_t, acc_tl = _acc(q.dtype)
+    w = torch.empty((B, M, N) if average else (B, H, M, N), device=q.device, dtype=q.dtype)
+    sw = (w.stride(0), 0, w.stride(1)) if average else w.stride()[:3]
+    mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    bm, bn = TILE
+    record_launch("masked_attention_weights")
+    _weights_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B if average else B * H)](
+        q, k, lse, mask, seed, w, scale * LOG2E, threshold, inv_keep / H if average else inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *ms, *sw, H, M, N, D,
+        HAS_MASK=has_mask, DROPOUT=dropout, AVERAGE=average, PRECISION=_precision(q.dtype), ACC=acc_tl,
+        BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if interpreter_enabled() else 4,
+    )
+    return w
+
+
+def weights_backward(dw, q, k, lse, bits, scale: float, average: bool, seed=None, dropout_p: float = 0.0):
+    """Gradient of :func:`weights`' output ``dw`` ((B, M, N) or (B, H, M, N)) w.r.t. q and k: (dq, dk) like
+    q and k (contiguous). Two kernels; r = rowsum(P ∘ dP) (B, H, M) passes between them."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    acc_t, acc_tl = _acc(q.dtype)
+    if dw.stride(-1) != 1:
+        dw = dw.contiguous()
+    sg = (dw.stride(0), 0, dw.stride(1)) if average else dw.stride()[:3]
+    mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    r = torch.empty((B, H, M), device=q.device, dtype=acc_t)
+    dq = torch.empty((B, H, M, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, N, D), device=q.device, dtype=k.dtype)
+    args = (scale * LOG2E, scale, threshold, inv_keep / H if average else inv_keep,
+            *q.stride()[:3], *k.stride()[:3], *ms, *sg, H, M, N, D)
+    meta = dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=_block_d(D),
+                BLOCK_M=TILE[0], BLOCK_N=TILE[1], num_warps=1 if interpreter_enabled() else 4)
+    record_launch("masked_attention_weights_bwd_dq")
+    _weights_bwd_dq_kernel[(triton.cdiv(M, TILE[0]), B * H)](q, k, lse, mask, seed, dw, r, dq, *args, **meta)
+    record_launch("masked_attention_weights_bwd_dk")
+    _weights_bwd_dk_kernel[(triton.cdiv(N, TILE[1]), B * H)](q, k, lse, mask, seed, dw, r, dk, *args, **meta)
+    return dq, dk
+
+
+def keep_mask(seed: torch.Tensor, rows: int, n_k: int, dropout_p: float) -> torch.Tensor:
+    """The dropout keep mask the kernels use for ``seed``: bool (rows, n_k), rows = B·H·M (row-major)."""
+    seed, threshold, _, _ = _dropout_args(seed, dropout_p, seed)
+    keep = torch.empty((rows, n_k), device=seed.device, dtype=torch.int8)
+    bm, bn = TILE
+    record_launch("masked_attention_keep_mask")
+    _keep_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(n_k, bn))](seed, keep, threshold, rows, n_k,
+                                                                     BLOCK_M=bm, BLOCK_N=bn)
+    return keep.view(torch.bool)
 
 
 def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,
