@@ -34,13 +34,19 @@ TILE = (16, 32) if interpreter_enabled() else (64, 64)
 def _configs(kind: str) -> list[triton.Config]:
     """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0.
 
-    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); only warps and pipeline
-    depth are tuned."""
+    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); warps and pipeline depth are
+    tuned, and for dk/dv the rows processed at a time (SUB_M; configs that spill are pruned per dtype by
+    :func:`_prune_dkdv`)."""
     bm, bn = TILE
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
+        sub = {"SUB_M": bm // 2} if kind == "dkdv" else {}
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **sub}, num_warps=1, num_stages=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+        sub = {"SUB_M": 32} if kind == "dkdv" else {}
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **sub}, num_warps=4, num_stages=2)]
+    if kind == "dkdv":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SUB_M": sub}, num_warps=w, num_stages=s)
+                for sub in (64, 32, 16) for w, s in ((4, 2), (4, 3), (8, 3))]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))]
 
@@ -240,8 +246,52 @@ def _combine_kernel(
 @triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DQP, DQ,
+    qk_scale, sm_scale, drop_threshold, keep_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB, NUM_SPLITS,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+):
+    """Programs (key block < N_KB, batch·head): dk, dv (:func:`_dkdv_block`). Programs (N_KB + query block,
+    batch·head): dq = scale · Σ_s dq_part[s] cast to q's dtype (the dq kernel ran before: stream order)."""
+    if tl.program_id(0) < N_KB:
+        _dkdv_block(Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
+                    qk_scale, sm_scale, drop_threshold, keep_scale,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                    stride_mb, stride_mh, stride_mm, stride_cb, stride_ch,
+                    H, N_Q, N_K, HEAD_DIM, N_KB,
+                    HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_D, BLOCK_M, BLOCK_N, SUB_M)
+    else:
+        pid_m = tl.program_id(0) - N_KB
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N_Q
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for s in range(0, NUM_SPLITS):
+            row = (s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+            dq += tl.load(DQP + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        b = pid_bh // H
+        h = pid_bh % H
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dkdv_block(
     Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
-    qk_scale, sm_scale, drop_threshold, inv_keep,
+    qk_scale, sm_scale, drop_threshold, keep_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -252,7 +302,7 @@ def _bwd_dkdv_kernel(
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
 ):
     """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form. With
     DROPOUT (keep mask Z regenerated): dv = (P∘Z)ᵀ dO / (1 − p), dS = P ∘ (Z ∘ dO Vᵀ / (1 − p) − delta)."""
@@ -275,33 +325,34 @@ def _bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
     for m0 in range(0, N_Q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
-                                HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
         if HAS_MASK:  # skip empty tiles (flag from tile_lists: no in-kernel reduction)
             tile_ok = tl.load(Flags + (flag_row + m0 // BLOCK_M) * N_KB + pid_n) != 0
         else:
             tile_ok = True
         if tile_ok:
-            qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
-            lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-            delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
-            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dp_t = _dot(v, tl.trans(do), PRECISION)
-            if DROPOUT:
-                keep_t = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, True)
-                dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, PRECISION)
-                dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
-            else:
-                dv += _dot(p_t.to(do.dtype), do, PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+            for sub in tl.static_range(BLOCK_M // SUB_M):  # SUB_M rows at a time: fewer live registers
+                offs_m = m0 + sub * SUB_M + tl.arange(0, SUB_M)
+                allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                        HAS_MASK, True, SUB_M, BLOCK_N)  # (N, SUB_M)
+                qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+                lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+                delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+                s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
+                p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+                dp_t = _dot(v, tl.trans(do), PRECISION)
+                if DROPOUT:
+                    keep_t = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, True)
+                    dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, PRECISION)
+                    dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+                else:
+                    dv += _dot(p_t.to(do.dtype), do, PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     dk *= sm_scale
     if DROPOUT:
-        dv *= inv_keep
+        dv *= keep_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -311,19 +362,21 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, Seed, DQ,
-    qk_scale, drop_threshold, inv_keep,
+    Q, K, V, DO, O, LSE, Delta, Mask, Blocks, Counts, Seed, DQ,
+    qk_scale, drop_threshold, keep_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
+    stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D)."""
+    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D). Computes
+    delta = rowsum(dO ∘ O) itself (split 0 stores it for the dk/dv kernel, launched next)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -337,7 +390,10 @@ def _bwd_dq_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
     lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=qo_ok, other=0.0)
+    delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+    if pid_s == 0:
+        tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=m_ok)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
@@ -358,7 +414,7 @@ def _bwd_dq_kernel(
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
@@ -731,40 +787,39 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=Non
 
 def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None,
              seed=None, dropout_p: float = 0.0):
-    """Returns (dq, dk, dv), each like its input (dtype and memory layout); seed / dropout_p as in forward."""
+    """Returns (dq, dk, dv), each like its input (dtype and memory layout); seed / dropout_p as in forward.
+    Two launches: the dq kernel (partial dq per key split, and delta), then the dk/dv kernel, whose extra
+    programs sum the dq splits."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
     if do.stride(-1) != 1:
         do = do.contiguous()
     acc_t, acc_tl = _acc(q.dtype)
-    delta = (do.to(acc_t) * o.to(acc_t)).sum(-1).contiguous()  # (B, H, M) rowsum(dO * O)
+    delta = torch.empty((B, H, M), device=q.device, dtype=acc_t)  # rowsum(dO * O), written by the dq kernel
     lse = lse.contiguous()
     mask, ms, has_mask = _mask_args(bits, q)
     prec = _precision(q.dtype)
     seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
-    record_launch("masked_attention_bwd_dkdv")
-    _bwd_dkdv_kernel[(n_kb, B * H)](
-        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, scale * LOG2E, scale, threshold, inv_keep,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb,
-        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
-    )
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     record_launch("masked_attention_bwd_dq")
     _bwd_dq_kernel[(n_qb, B * H, splits)](
-        q, k, v, do, lse, delta, mask, blocks, counts, seed, dq_part, scale * LOG2E, threshold, inv_keep,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb,
+        q, k, v, do, o, lse, delta, mask, blocks, counts, seed, dq_part, scale * LOG2E, threshold, inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3], *ms,
+        *_list_strides(counts), H, M, N, D, n_kb,
         HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
-    dq = torch.empty_like(q)
-    dq.copy_((dq_part.sum(0)[..., :D] * scale).view(B, H, M, D))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    record_launch("masked_attention_bwd_dkdv")  # also reduces the dq splits (extra programs)
+    _bwd_dkdv_kernel[(n_kb + n_qb, B * H)](
+        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, dq_part, dq, scale * LOG2E, scale, threshold, inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb, splits,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
     return dq, dk, dv
 
 

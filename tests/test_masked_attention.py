@@ -458,3 +458,79 @@ def test_module_dropout_training_and_eval(device, triton_launches):
         assert_close(g, want, TOL[EXACT], "training gradient")
     mha.eval(), mod.eval()
     _compare_with_mha(mha, mod, (query, key, value), triton_launches, attn_mask=mask)
+
+
+# ------------------------------------------------------------- Hugging Face callers (default need_weights)
+
+
+def _capture_weights(model):
+    """Forward hooks recording the weights every patched attention returns."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
+             for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+    return seen, hooks
+
+
+def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launches):
+    """HF OneFormer calls its cross-attention without need_weights: the patched model returns the original's
+    cross-attention weights with output_attentions=True and computes none without (the weights kernel never
+    runs). Its query transformer (attention dropout 0.1) is patched too and never computes weights."""
+    import copy
+
+    from hf_models import tiny_hf_oneformer
+
+    model = tiny_hf_oneformer().eval()
+    ref = copy.deepcopy(model)
+    x, task = torch.randn(1, 3, 64, 64), torch.randint(0, 50, (1, 8))
+    _, report = fastseg.patch(model)
+    dec = "model.transformer_module.decoder"
+    assert [r[0] for r in report.replaced] == [f"{dec}.query_transformer.decoder.layers.0.multihead_attn",
+                                               f"{dec}.layers.0.cross_attn.multihead_attn",
+                                               f"{dec}.layers.1.cross_attn.multihead_attn"]
+    assert len(report.deeper) == 3
+    with torch.no_grad():
+        want = ref(pixel_values=x, task_inputs=task, output_attentions=True)
+        triton_launches.clear()
+        got = model(pixel_values=x, task_inputs=task, output_attentions=True)
+        assert triton_launches["masked_attention_weights"] == 2  # the two decoder layers, not the query transformer
+        for (_, w), (_, w_ref) in zip(got.attentions, want.attentions, strict=True):
+            assert w.shape == w_ref.shape and w.shape[:2] == (1, 6)  # (B, Q, HW of the level)
+            assert_close(w, w_ref, 1e-4, "cross-attention weights")
+        assert_close(got.masks_queries_logits, want.masks_queries_logits, 1e-4, "mask logits")
+        seen, hooks = _capture_weights(model)
+        triton_launches.clear()
+        model(pixel_values=x, task_inputs=task)
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 3 and all(w is None for w in seen)
+    assert "masked_attention_weights" not in triton_launches and triton_launches["masked_attention_fwd"] == 3
+
+
+def test_patched_hf_mask2former_weights_only_with_output_attentions(triton_launches):
+    import copy
+
+    from hf_models import tiny_hf_mask2former
+
+    model = tiny_hf_mask2former().eval()
+    ref = copy.deepcopy(model)
+    fastseg.patch(model)
+    x = torch.randn(1, 3, 64, 64)
+    layer_out = {}
+    for name, m in (("got", model), ("want", ref)):
+        layer_out[name] = []
+        hooks = [layer.register_forward_hook(lambda mod, args, out, acc=layer_out[name]: acc.append(out[2]))
+                 for layer in m.model.transformer_module.decoder.layers]
+        with torch.no_grad():
+            m(pixel_values=x, output_attentions=True)
+        for h in hooks:
+            h.remove()
+    assert len(layer_out["got"]) == 2
+    for w, w_ref in zip(layer_out["got"], layer_out["want"], strict=True):
+        assert_close(w, w_ref, 1e-4, "cross-attention weights")
+    seen, hooks = _capture_weights(model)
+    triton_launches.clear()
+    with torch.no_grad():
+        model(pixel_values=x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and all(w is None for w in seen) and "masked_attention_weights" not in triton_launches
