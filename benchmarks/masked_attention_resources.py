@@ -79,7 +79,8 @@ def main():
         for dname, dt in DTYPES.items():
             ptrs = {"Q": dt, "K": dt, "V": dt, "DO": dt, "DK": dt, "DV": dt, "Mask": "i32", "Seed": "i64",
                     "Blocks": "i32", "Counts": "i32", "Flags": "i8", "Acc": "fp32", "Mx": "fp32", "Lsum": "fp32",
-                    "LSE": "fp32", "Delta": "fp32", "DQ": "fp32", "O": dt}
+                    "LSE": "fp32", "Delta": "fp32", "O": dt, "DQP": "fp32",
+                    "DQ": dt if name == "_bwd_dkdv_kernel" else "fp32"}
             for kw, w, st in configs(kernel):
                 c = dict(HAS_MASK=True, DROPOUT=False, PRECISION=os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee",
                          ACC=tl.float32, BLOCK_D=32, **kw)

@@ -330,7 +330,7 @@ def _dkdv_block(
         else:
             tile_ok = True
         if tile_ok:
-            for sub in tl.static_range(BLOCK_M // SUB_M):  # SUB_M rows at a time: fewer live registers
+            for sub in range(0, BLOCK_M // SUB_M):  # SUB_M rows at a time: fewer live registers
                 offs_m = m0 + sub * SUB_M + tl.arange(0, SUB_M)
                 allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
                                         HAS_MASK, True, SUB_M, BLOCK_N)  # (N, SUB_M)

@@ -534,3 +534,67 @@ def test_patched_hf_mask2former_weights_only_with_output_attentions(triton_launc
     for h in hooks:
         h.remove()
     assert len(seen) == 2 and all(w is None for w in seen) and "masked_attention_weights" not in triton_launches
+
+
+# ------------------------------------------------------------------------------------ launch counts
+
+_NOT_KERNELS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}  # allocations only
+
+
+class _DeviceWork:
+    """Counts what would run on the device: fastseg's Triton launches, plus every aten op outside them that
+    is not a view / metadata op or a bare allocation (a TorchDispatchMode). The Triton interpreter's own
+    tensor copies inside a launch are not counted."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from triton.runtime import interpreter
+
+        self.aten, self.paused = [], False
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if not (outer.paused or func.is_view or name in _NOT_KERNELS):
+                    outer.aten.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        launch = interpreter.GridExecutor.__call__
+
+        def quiet_launch(executor, *args, **kwargs):
+            outer.paused = True
+            try:
+                return launch(executor, *args, **kwargs)
+            finally:
+                outer.paused = False
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", quiet_launch)
+        self.mode = Mode()
+
+    def count(self, fn):
+        self.aten.clear()
+        fastseg.launches.clear()
+        with self.mode:
+            out = fn()
+        return sum(fastseg.launches.values()) + len(self.aten), dict(fastseg.launches), list(self.aten), out
+
+
+def test_device_launch_counts(device, monkeypatch):
+    """masked_attention: <= 3 device kernels forward (packed or no mask) and <= 3 backward;
+    mask_from_embeddings: <= 3. No host sync (aten._local_scalar_dense / item) anywhere."""
+    if device != "cpu":
+        pytest.skip("counts the interpreter's launches")
+    work = _DeviceWork(monkeypatch)
+    B, H, M, N, D = 1, 2, 20, 70, 16
+    q, k, v = _qkv(B, H, M, N, D, torch.float32, device)
+    packed = ops.pack_mask(torch.rand(B, 1, M, N, device=device) < 0.5, batch=B, heads=H, num_queries=M, num_keys=N)
+    for mask in (packed, None):
+        n, launches, aten, out = work.count(lambda: ops.masked_attention(q, k, v, mask, num_splits=2))
+        assert n <= 3, (launches, aten)
+        grad = torch.randn_like(out)
+        n, launches, aten, _ = work.count(lambda: torch.autograd.grad(out, (q, k, v), grad))
+        assert n <= 3 and set(launches) == BWD_KERNELS, (launches, aten)
+    emb, feat = torch.randn(2, 5, 8, device=device), torch.randn(2, 8, 6, 7, device=device)
+    n, launches, aten, _ = work.count(lambda: ops.mask_from_embeddings(emb, feat))
+    assert n <= 3 and "attention_mask_reset_empty" in launches, (launches, aten)

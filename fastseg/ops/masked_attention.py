@@ -160,6 +160,7 @@ class _MaskedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, o, lse, bits, seed, *lists)
         ctx.scale, ctx.num_splits, ctx.dropout_p = scale, num_splits, dropout_p
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (nor for an unused output)
         return o, lse
 
     @staticmethod
@@ -413,17 +414,17 @@ def _full_words(n_k: int, device) -> torch.Tensor:
     return _pack_torch(torch.ones(n_k, dtype=torch.bool, device=device))
 
 
-def _sign_pack_impl(emb: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sign_pack_impl(emb: torch.Tensor, feat: torch.Tensor, reset_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention_mask
 
-    return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype))
+    return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype), reset_empty)
 
 
 _sign_pack_op = torch.library.custom_op("fastseg::attention_mask_sign_pack", _sign_pack_impl, mutates_args=())
 
 
 @_sign_pack_op.register_fake
-def _sign_pack_fake(emb, feat):
+def _sign_pack_fake(emb, feat, reset_empty):
     B, Q, _ = emb.shape
     return (emb.new_empty((B, 1, Q, (feat.shape[2] + 31) // 32), dtype=torch.int32),
             emb.new_empty((B, Q), dtype=torch.int32))
@@ -453,12 +454,10 @@ def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, re
     if _backend.select("mask_from_embeddings", device) == "triton":
         if mask_embed.dtype == torch.float64 and device.type == "cuda":
             raise TypeError("fp64 runs under the Triton interpreter only")
-        bits, counts = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat)
-        empty = counts == 0
-    else:
-        allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
-        bits = _pack_torch(allowed).unsqueeze(1)
-        empty = ~allowed.any(-1)
+        bits, _ = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat, reset_empty)
+        return PackedMask(bits, n_k)
+    allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
+    bits = _pack_torch(allowed).unsqueeze(1)
     if reset_empty:
-        bits = torch.where(empty[:, None, :, None], _full_words(n_k, device), bits)
+        bits = torch.where(~allowed.any(-1)[:, None, :, None], _full_words(n_k, device), bits)
     return PackedMask(bits, n_k)
