@@ -5,7 +5,8 @@
 Compiles every autotune config (and the FASTSEG_AUTOTUNE=0 default) of the forward, dq and dk/dv kernels
 for head dim 32 (Mask2Former; BLOCK_D = 32) in fp32 / bf16 / fp16 with Triton's bundled ptxas and prints
 registers and spill bytes (ptxas -v) and ``metadata.shared`` per config (fp32 dots: ieee, or
-FP32_PRECISION=tf32). Run with TRITON_INTERPRET unset. The numbers do
+FP32_PRECISION=tf32; DROPOUT=1 compiles the dropout
+variant; DTYPES=fp32,bf16 restricts the dtypes). Run with TRITON_INTERPRET unset. The numbers do
 not depend on Q / L / B·heads (runtime integers), only on the tile shape, warps, stages, dtype and flags.
 An optional first argument loads the kernels from another file (e.g. an older version, for before/after).
 """
@@ -77,12 +78,14 @@ def main():
             continue
         kernel = getattr(K, name)
         for dname, dt in DTYPES.items():
+            if os.environ.get("DTYPES") and dname not in os.environ["DTYPES"].split(","):
+                continue
             ptrs = {"Q": dt, "K": dt, "V": dt, "DO": dt, "DK": dt, "DV": dt, "Mask": "i32", "Seed": "i64",
                     "Blocks": "i32", "Counts": "i32", "Flags": "i8", "Acc": "fp32", "Mx": "fp32", "Lsum": "fp32",
                     "LSE": "fp32", "Delta": "fp32", "O": dt, "DQP": "fp32",
                     "DQ": dt if name == "_bwd_dkdv_kernel" else "fp32"}
             for kw, w, st in configs(kernel):
-                c = dict(HAS_MASK=True, DROPOUT=False, PRECISION=os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee",
+                c = dict(HAS_MASK=True, DROPOUT=os.environ.get("DROPOUT", "0") == "1", PRECISION=os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee",
                          ACC=tl.float32, BLOCK_D=32, **kw)
                 t = time.time()
                 regs, sp_st, sp_ld, shared = resources(compile_sm90(kernel, ptrs, c, w, st))

@@ -243,7 +243,17 @@ def _combine_kernel(
     tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
+def _prune_dkdv(configs, named_args, **kwargs):
+    """fp32 (and fp64) dk/dv: only SUB_M <= 32 (SUB_M = 64 spills 292-1516 B on sm_90 at head dim 32; <= 32:
+    0-40 B, benchmarks/results/notes/masked_attention_resources.md). fp16 / bf16: every config (0 B)."""
+    if named_args["Q"].dtype.itemsize < 4:
+        return configs
+    kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= 32]
+    return kept or configs
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DQP, DQ,
@@ -675,10 +685,16 @@ def _pack_kernel(
 # ----------------------------------------------------------------------------------------------- launch
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's TF32 switch (as torch's own matmuls do); other dtypes ignore it."""
-    if interpreter_enabled():
+def _precision(dtype: torch.dtype, interpreted: bool | None = None) -> str:
+    """tl.dot input precision. fp32 follows PyTorch's own fp32 matmul setting, read when the op is called:
+    TF32 tensor cores when ``torch.get_float32_matmul_precision()`` is "high" / "medium" (equivalently
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), exact fp32 ("ieee") when it is "highest" (PyTorch's
+    default). fp16 / bf16 always run on tensor cores (fp32 accumulation); fp64 is exact. Under the
+    interpreter: exact (bf16 through fp32, the interpreter's bf16 dot being broken in Triton 3.6)."""
+    if interpreter_enabled() if interpreted is None else interpreted:
         return "upcast" if dtype == torch.bfloat16 else "ieee"
+    # allow_tf32 is what cuBLAS consults; it reflects set_float32_matmul_precision too (and, unlike
+    # get_float32_matmul_precision, reading it never raises after mixing the legacy and new APIs).
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"

@@ -598,3 +598,28 @@ def test_device_launch_counts(device, monkeypatch):
     emb, feat = torch.randn(2, 5, 8, device=device), torch.randn(2, 8, 6, 7, device=device)
     n, launches, aten, _ = work.count(lambda: ops.mask_from_embeddings(emb, feat))
     assert n <= 3 and "attention_mask_reset_empty" in launches, (launches, aten)
+    # the module's whole forward + backward (projections included): no host sync either
+    mod = MaskedCrossAttention(32, 2, batch_first=True, dropout=0.1, device=device)
+    x, mem = torch.randn(2, 5, 32, device=device), torch.randn(2, 40, 32, device=device)
+    _, _, aten, out = work.count(lambda: mod(x, mem, mem, attn_mask=torch.rand(5, 40, device=device) < 0.5))
+    _, _, aten_bwd, _ = work.count(lambda: out[0].sum().backward())
+    assert not [op for op in aten + aten_bwd if "_local_scalar_dense" in op or "item" in op], aten + aten_bwd
+
+
+def test_fp32_precision_follows_torch_matmul_setting():
+    """fp32 dots: TF32 exactly when PyTorch's fp32 matmuls may use it; other dtypes unaffected."""
+    from fastseg.kernels.masked_attention import _precision
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _precision(torch.float32, interpreted=False) == "ieee"
+        for mode in ("high", "medium"):
+            torch.set_float32_matmul_precision(mode)
+            assert _precision(torch.float32, interpreted=False) == "tf32"
+            assert _precision(torch.bfloat16, interpreted=False) == _precision(torch.float16, interpreted=False) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = False  # the legacy switch is the same setting
+        assert _precision(torch.float32, interpreted=False) == "ieee"
+        assert _precision(torch.bfloat16, interpreted=True) == "upcast"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -17,11 +17,13 @@ def _as_bool_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
     if not mask.is_floating_point():
         raise TypeError(f"{what} must be bool or float, got {mask.dtype}")
     neg_inf = torch.isneginf(mask)
-    if not bool(((mask == 0) | neg_inf).all()):
-        raise NotImplementedError(
-            f"{what}: the fused kernel takes boolean masks (or float masks of 0 and -inf only); a general "
-            "additive float mask is not supported - use fastseg.reference.ReferenceMaskedCrossAttention"
-        )
+    valid = ((mask == 0) | neg_inf).all()
+    msg = (f"{what}: the fused kernel takes boolean masks (or float masks of 0 and -inf only); a general "
+           "additive float mask is not supported - use fastseg.reference.ReferenceMaskedCrossAttention")
+    if mask.device.type == "cuda":  # checked on the device: no device-to-host sync (fails as a device assert)
+        torch._assert_async(valid, msg)
+    elif not bool(valid):
+        raise NotImplementedError(msg)
     return neg_inf
 
 
