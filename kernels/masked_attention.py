@@ -42,7 +42,7 @@ def _configs(kind: str) -> list[triton.Config]:
         sub = {"SUB_M": bm // 2} if kind == "dkdv" else {}
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **sub}, num_warps=1, num_stages=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
-        sub = {"SUB_M": 32} if kind == "dkdv" else {}
+        sub = {"SUB_M": 16} if kind == "dkdv" else {}  # no spill in any dtype, with or without dropout
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **sub}, num_warps=4, num_stages=2)]
     if kind == "dkdv":
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SUB_M": sub}, num_warps=w, num_stages=s)
@@ -244,11 +244,13 @@ def _combine_kernel(
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    """fp32 (and fp64) dk/dv: only SUB_M <= 32 (SUB_M = 64 spills 292-1516 B on sm_90 at head dim 32; <= 32:
-    0-40 B, benchmarks/results/notes/masked_attention_resources.md). fp16 / bf16: every config (0 B)."""
+    """dk/dv configs that do not spill (sm_90, head dim 32; benchmarks/results/notes/masked_attention_resources.md).
+    fp16 / bf16: every config (0 B). fp32 / fp64: SUB_M <= 32, and <= 16 with dropout (SUB_M = 64 spills
+    264-1516 B; 32 with dropout up to 276 B; 16: 0 B)."""
     if named_args["Q"].dtype.itemsize < 4:
         return configs
-    kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= 32]
+    limit = 16 if kwargs.get("DROPOUT", False) else 32
+    kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= limit]
     return kept or configs
 
 

@@ -623,3 +623,16 @@ def test_fp32_precision_follows_torch_matmul_setting():
         assert _precision(torch.bfloat16, interpreted=True) == "upcast"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_dkdv_config_pruning():
+    """The dk/dv configs measured to spill on sm_90 are never autotuned for fp32 (notes: masked_attention_resources)."""
+    import triton
+
+    from fastseg.kernels.masked_attention import _prune_dkdv
+
+    cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SUB_M": s}) for s in (64, 32, 16)]
+    subs = lambda dtype, dropout: [c.kwargs["SUB_M"] for c in _prune_dkdv(  # noqa: E731
+        cfgs, {"Q": torch.empty(1, dtype=dtype)}, DROPOUT=dropout)]
+    assert subs(torch.float32, False) == [32, 16] and subs(torch.float32, True) == [16]
+    assert subs(torch.bfloat16, True) == subs(torch.float16, False) == [64, 32, 16]
