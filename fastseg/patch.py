@@ -233,13 +233,23 @@ def _deeper_mask_predictors(model: nn.Module, plan: list, report: PatchReport, d
             m.packed_attn_masks = True
 
 
-# Hugging Face decoder layers that call their nn.MultiheadAttention cross-attention without need_weights (so
-# with PyTorch's default need_weights=True): layer class -> (path of the attention inside the layer, whether
-# the layer returns the weights only when called with ``output_attentions``; False: it never returns them).
-_HF_WEIGHT_USERS = {
-    "Mask2FormerMaskedAttentionDecoderLayer": ("cross_attn", True),
-    "OneFormerTransformerDecoderLayer": ("cross_attn.multihead_attn", True),
-    "OneFormerTransformerDecoderQueryTransformerDecoderLayer": ("multihead_attn", False),
+# Decoder layers that call their nn.MultiheadAttention cross-attention without need_weights (so with PyTorch's
+# default need_weights=True): layer class (module.qualname) -> (path of the attention inside the layer, whether
+# the layer returns the weights when called with ``output_attentions``; False: it always discards them, e.g.
+# ``self.multihead_attn(...)[0]``).
+_WEIGHT_USERS = {
+    "transformers.models.mask2former.modeling_mask2former.Mask2FormerMaskedAttentionDecoderLayer": ("cross_attn", True),
+    "transformers.models.oneformer.modeling_oneformer.OneFormerTransformerDecoderLayer":
+        ("cross_attn.multihead_attn", True),
+    "transformers.models.oneformer.modeling_oneformer.OneFormerTransformerDecoderQueryTransformerDecoderLayer":
+        ("multihead_attn", False),
+    "fastseg.models.mask2former.CrossAttentionLayer": ("multihead_attn", False),
+    "fastseg.models.maskformer.TransformerDecoderLayer": ("multihead_attn", False),
+    # official code bases (facebookresearch/Mask2Former, MaskFormer, detr): ``self.multihead_attn(...)[0]``
+    "mask2former.modeling.transformer_decoder.mask2former_transformer_decoder.CrossAttentionLayer":
+        ("multihead_attn", False),
+    "mask_former.modeling.transformer.transformer.TransformerDecoderLayer": ("multihead_attn", False),
+    "models.transformer.TransformerDecoderLayer": ("multihead_attn", False),
 }
 
 
@@ -260,19 +270,21 @@ def _hf_request_weights(layer: nn.Module, args: tuple, kwargs: dict, *, attn: st
 
 
 def _hf_attention_weight_requests(model: nn.Module, plan: list, report: PatchReport, dry_run: bool) -> None:
-    """Hugging Face Mask2Former / OneFormer decoder layers call their cross-attention with PyTorch's default
-    ``need_weights=True`` and use the weights only with ``output_attentions=True`` (OneFormer's query
-    transformer never). For each such layer whose attention was replaced, the replacement computes weights
-    exactly when the layer will return them: a forward pre-hook sets its ``need_weights_default`` from the
-    layer's ``output_attentions`` (False for the query transformer), so the default path builds nothing of
-    size Q·HW and ``output_attentions=True`` returns the original's weights."""
+    """Decoder layers (:data:`_WEIGHT_USERS`) call their cross-attention with PyTorch's default
+    ``need_weights=True``: Hugging Face Mask2Former / OneFormer use the weights only with
+    ``output_attentions=True``, OneFormer's query transformer and the official / this project's Mask2Former,
+    MaskFormer and DETR layers never. For each such layer whose attention was replaced, the replacement
+    computes weights exactly when the layer will return them: ``need_weights_default = False``, and for the
+    Hugging Face layers a forward pre-hook that sets it from the layer's ``output_attentions``. So the default
+    path builds nothing of size Q·HW and ``output_attentions=True`` returns the original's weights."""
     import functools
 
     new = {id(child) for _, _, _, child, op, _ in plan if op == "masked_attention"}
     mca = _fastseg_class("MaskedCrossAttention")
+    silenced = 0
     for path, layer in model.named_modules():
-        rule = _HF_WEIGHT_USERS.get(type(layer).__name__)
-        if rule is None:
+        rule = _WEIGHT_USERS.get(f"{type(layer).__module__}.{type(layer).__qualname__}")
+        if rule is None or getattr(layer, "_fastseg_weights_patched", False):
             continue
         attn_path, returned = rule
         try:
@@ -281,13 +293,17 @@ def _hf_attention_weight_requests(model: nn.Module, plan: list, report: PatchRep
             continue
         if not (id(attn) in new or (mca is not None and isinstance(attn, mca))):
             continue
-        what = ("attention weights computed only with output_attentions=True" if returned
-                else "attention weights never computed (the layer discards them)")
-        report.deeper.append((f"{path}.{attn_path}" if path else attn_path, what))
+        if returned:
+            report.deeper.append((f"{path}.{attn_path}" if path else attn_path,
+                                  "attention weights computed only with output_attentions=True"))
         if dry_run:
             continue
-        attn = layer.get_submodule(attn_path)  # the replacement
-        attn.need_weights_default = False
-        if returned and not getattr(layer, "_fastseg_weight_hook", False):
+        layer.get_submodule(attn_path).need_weights_default = False  # the replacement
+        if returned:
             layer.register_forward_pre_hook(functools.partial(_hf_request_weights, attn=attn_path), with_kwargs=True)
-            layer._fastseg_weight_hook = True
+        else:
+            silenced += 1
+        layer._fastseg_weights_patched = True
+    if silenced:
+        report.notes.append(f"{silenced} cross-attention(s) whose decoder layer discards the attention weights "
+                            "(self.multihead_attn(...)[0]): need_weights_default=False, no weights computed")

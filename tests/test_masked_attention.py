@@ -487,7 +487,7 @@ def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launche
     assert [r[0] for r in report.replaced] == [f"{dec}.query_transformer.decoder.layers.0.multihead_attn",
                                                f"{dec}.layers.0.cross_attn.multihead_attn",
                                                f"{dec}.layers.1.cross_attn.multihead_attn"]
-    assert len(report.deeper) == 3
+    assert len(report.deeper) == 2 and any("discards the attention weights" in n for n in report.notes)
     with torch.no_grad():
         want = ref(pixel_values=x, task_inputs=task, output_attentions=True)
         triton_launches.clear()
@@ -504,6 +504,8 @@ def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launche
             h.remove()
     assert len(seen) == 3 and all(w is None for w in seen)
     assert "masked_attention_weights" not in triton_launches and triton_launches["masked_attention_fwd"] == 3
+    _, again = fastseg.patch(model)  # idempotent: no second hook
+    assert not again.replaced and not again.deeper
 
 
 def test_patched_hf_mask2former_weights_only_with_output_attentions(triton_launches):
@@ -636,3 +638,22 @@ def test_dkdv_config_pruning():
         cfgs, {"Q": torch.empty(1, dtype=dtype)}, DROPOUT=dropout)]
     assert subs(torch.float32, False) == [32, 16] and subs(torch.float32, True) == [16]
     assert subs(torch.bfloat16, True) == subs(torch.float16, False) == [64, 32, 16]
+
+
+def test_patched_project_models_compute_no_weights(triton_launches):
+    """This project's Mask2Former / MaskFormer layers discard the weights (``multihead_attn(...)[0]``, as the
+    official code): after patch their attentions compute none (need_weights_default=False)."""
+    from fastseg.models import build_mask2former, build_maskformer
+
+    m2f = build_mask2former("tiny", 5, hidden_dim=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=2,
+                            mask_dim=32, conv_dim=32, enc_layers=1, enc_nheads=4, enc_dim_feedforward=64).eval()
+    mf = build_maskformer("tiny", 4, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, dec_layers=2,
+                          conv_dim=32, mask_dim=32)
+    for model in (m2f, mf):
+        _, report = fastseg.patch(model)
+        attns = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+        assert len(attns) == 2 and not any(a.need_weights_default for a in attns)
+    triton_launches.clear()
+    with torch.no_grad():
+        m2f(torch.randn(1, 3, 64, 64))
+    assert triton_launches["masked_attention_fwd"] == 2 and "masked_attention_weights" not in triton_launches
