@@ -29,7 +29,7 @@ def _as_bool_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
 
 class MaskedCrossAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with the same constructor, parameters and state_dict, computed by
-    fastseg's fused masked-attention kernel (no (B·heads, Q, L) score or weight matrix in memory).
+    fastseg's fused masked-attention kernel (no (B·heads, Q, L) score matrix in memory; weights only on request).
 
     Forward takes ``nn.MultiheadAttention``'s arguments, positionally or by keyword, and returns
     ``(output, weights)`` like it:
