@@ -85,13 +85,15 @@ def main():
                     "LSE": "fp32", "Delta": "fp32", "O": dt, "DQP": "fp32",
                     "DQ": dt if name == "_bwd_dkdv_kernel" else "fp32"}
             for kw, w, st in configs(kernel):
-                c = dict(HAS_MASK=True, DROPOUT=os.environ.get("DROPOUT", "0") == "1", PRECISION=os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee",
+                prec = os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee"
+                c = dict(HAS_MASK=True, DROPOUT=os.environ.get("DROPOUT", "0") == "1", PRECISION=prec,
                          ACC=tl.float32, BLOCK_D=32, **kw)
                 t = time.time()
                 regs, sp_st, sp_ld, shared = resources(compile_sm90(kernel, ptrs, c, w, st))
                 sub = f" SUB_M={kw['SUB_M']}" if "SUB_M" in kw else ""
                 print(f"{name} {dname} BLOCK_M={kw['BLOCK_M']} BLOCK_N={kw['BLOCK_N']}{sub} warps={w} stages={st}: "
-                      f"regs={regs} spill stores={sp_st}B loads={sp_ld}B shared={shared}B ({time.time() - t:.0f} s)", flush=True)
+                      f"regs={regs} spill stores={sp_st}B loads={sp_ld}B shared={shared}B ({time.time() - t:.0f} s)",
+                      flush=True)
 
 
 if __name__ == "__main__":
