@@ -492,7 +492,8 @@ def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launche
         want = ref(pixel_values=x, task_inputs=task, output_attentions=True)
         triton_launches.clear()
         got = model(pixel_values=x, task_inputs=task, output_attentions=True)
-        assert triton_launches["masked_attention_weights"] == 2  # the two decoder layers, not the query transformer
+        if fastseg.interpreter_enabled():  # (CPU model: Triton only under the interpreter)
+            assert triton_launches["masked_attention_weights"] == 2  # the decoder layers, not the query transformer
         for (_, w), (_, w_ref) in zip(got.attentions, want.attentions, strict=True):
             assert w.shape == w_ref.shape and w.shape[:2] == (1, 6)  # (B, Q, HW of the level)
             assert_close(w, w_ref, 1e-4, "cross-attention weights")
@@ -503,7 +504,8 @@ def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launche
         for h in hooks:
             h.remove()
     assert len(seen) == 3 and all(w is None for w in seen)
-    assert "masked_attention_weights" not in triton_launches and triton_launches["masked_attention_fwd"] == 3
+    if fastseg.interpreter_enabled():
+        assert "masked_attention_weights" not in triton_launches and triton_launches["masked_attention_fwd"] == 3
     _, again = fastseg.patch(model)  # idempotent: no second hook
     assert not again.replaced and not again.deeper
 
@@ -653,7 +655,10 @@ def test_patched_project_models_compute_no_weights(triton_launches):
         _, report = fastseg.patch(model)
         attns = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
         assert len(attns) == 2 and not any(a.need_weights_default for a in attns)
+    seen, hooks = _capture_weights(m2f)
     triton_launches.clear()
     with torch.no_grad():
         m2f(torch.randn(1, 3, 64, 64))
-    assert triton_launches["masked_attention_fwd"] == 2 and "masked_attention_weights" not in triton_launches
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and all(w is None for w in seen) and "masked_attention_weights" not in triton_launches
