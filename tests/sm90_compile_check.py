@@ -32,22 +32,30 @@ def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 
 def main():
     dt = "fp16"
     K = masked_attention
-    for has_mask in (True, False):
-        c = dict(HAS_MASK=has_mask, PRECISION="ieee", ACC=tl.float32, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64)
-        qkv = {"Q": dt, "K": dt, "V": dt, "Mask": "i32"}
+    for has_mask, dropout in ((True, False), (False, True)):
+        c = dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION="ieee", ACC=tl.float32, BLOCK_D=32, BLOCK_M=64,
+                 BLOCK_N=64)
+        qkv = {"Q": dt, "K": dt, "V": dt, "Mask": "i32", "Seed": "i64"}
         compile_for_sm90(K._fwd_kernel, {**qkv, "Blocks": "i32", "Counts": "i32", "Acc": "fp32", "Mx": "fp32",
                                          "Lsum": "fp32"}, c)
-        bwd = {**qkv, "DO": dt, "LSE": "fp32", "Delta": "fp32"}
+        bwd = {**qkv, "DO": dt, "O": dt, "LSE": "fp32", "Delta": "fp32"}
         compile_for_sm90(K._bwd_dq_kernel, {**bwd, "Blocks": "i32", "Counts": "i32", "DQ": "fp32"}, c)
-        compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt}, c)
+        compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt, "DQP": "fp32", "DQ": dt},
+                         dict(c, SUB_M=32))
+        w = {"Q": dt, "K": dt, "LSE": "fp32", "Mask": "i32", "Seed": "i64"}
+        compile_for_sm90(K._weights_kernel, {**w, "W": dt}, dict(c, AVERAGE=has_mask))
+        for kern in (K._weights_bwd_dq_kernel, K._weights_bwd_dk_kernel):
+            compile_for_sm90(kern, {**w, "DW": dt, "R": "fp32", "DQ": dt, "DK": dt}, c)
     compile_for_sm90(K._combine_kernel, {"Acc": "fp32", "Mx": "fp32", "Lsum": "fp32", "O": dt, "LSE": "fp32"},
                      dict(ACC=tl.float32, BLOCK_D=32, BLOCK_M=64))
+    compile_for_sm90(K._keep_mask_kernel, {"Seed": "i64", "Keep": "i8"}, dict(BLOCK_M=64, BLOCK_N=64))
     compile_for_sm90(K._tile_list_kernel, {"Mask": "i32", "Blocks": "i32", "Counts": "i32", "Flags": "i8"},
                      dict(BLOCK_M=64, WORDS_PER_BLOCK=2, CHUNK=64))
     compile_for_sm90(K._pack_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32"},
                      dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_W=64))
     compile_for_sm90(attention_mask._sign_pack_kernel, {"E": dt, "F": dt, "Bits": "i32", "Counts": "i32"},
                      dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
+    compile_for_sm90(attention_mask._reset_empty_kernel, {"Bits": "i32", "Counts": "i32"}, dict(BLOCK_W=256))
     cc = context_cluster
     for use_dot, bm in ((False, 4), (True, 16)):
         c = dict(RETURN_CENTER=False, ACC=tl.float32, EPS=1e-12, BLOCK_N=64, BLOCK_M=bm, BLOCK_C=32, USE_DOT=use_dot)
