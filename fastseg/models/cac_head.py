@@ -1,0 +1,200 @@
+"""CAC decode heads (reference, plain PyTorch): ``FCNHeadCAC`` and SegNeXt's light Hamburger head with CAC.
+
+Faithful to tianzhuotao/CAC ``mmseg/models/decode_heads/fcn_head_cac.py`` (``FCNHeadCAC`` on mmsegmentation's
+``BaseDecodeHead``), without mmcv/mmseg: the same parameter names (``convs.0.conv.weight``, ``convs.0.bn.*``,
+``conv_cat.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*``), so the official state_dicts load strictly. The
+math is in :mod:`fastseg.reference.cac`. The fused Triton path for CAC is not built yet.
+
+* ``head(inputs)`` → the context-aware logits (B, K, h, w) at the feature size (the official ``forward_test``);
+* ``head.forward_train(inputs, gt)`` → the official loss dict: ``loss_ce`` is the total
+  ``CE(refined) · loss_weight + CE(base, "PreSelfLoss") + CE(oracle, "PreLoss") + distill ("KLLoss")``, with
+  ``MainLoss`` / ``PreSelfLoss`` / ``PreLoss`` / ``KLLoss`` (detached, for logging) and ``acc_seg``.
+* ``head.base_forward(inputs)`` → (base logits, features): what the official ``forward`` returns.
+
+``inputs``: a list of backbone features (the head picks ``in_index``) or one (B, C_in, h, w) tensor;
+``gt``: (B, 1, H, W) or (B, H, W) int64 labels at the image size, ``ignore_index`` (255) ignored.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cosine_logits, entropy_distill_loss, oracle_logits,
+                             refine_logits)
+from .ham_head import LightHamHead
+
+__all__ = ["ConvModule", "CACHeadMixin", "FCNHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
+
+
+class ConvModule(nn.Module):
+    """mmcv's ``ConvModule`` (conv → BatchNorm → ReLU; submodules ``conv``, ``bn``, ``activate``).
+
+    As mmcv: the conv has a bias only without norm; kaiming-normal (fan_out, ReLU) conv init, unit BN.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1,
+                 norm: bool = True, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
+                              bias=not norm)
+        self.bn = nn.BatchNorm2d(out_channels) if norm else None
+        self.activate = nn.ReLU(inplace=True) if act else None
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        if self.activate is not None:
+            x = self.activate(x)
+        return x
+
+
+def mmseg_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mmseg's top-1 ``accuracy`` (in %) as the original's mmseg 0.19 computes it: over all pixels, an ignored
+    pixel counting as wrong. ``logits`` (B, K, H, W), ``labels`` (B, H, W)."""
+    correct = logits.argmax(1).eq(labels).float().sum()
+    return correct * (100.0 / labels.numel())
+
+
+class CACHeadMixin:
+    """The context-aware classifier on top of any head that defines ``base_forward(inputs) -> (logits, feat)``
+    and ``conv_seg`` (1x1 conv, K × C). Adds ``proj`` and ``apd_proj`` (official names) via :meth:`_init_cac`."""
+
+    def _init_cac(self, channels: int, num_classes: int, ignore_index: int = 255, align_corners: bool = False,
+                  loss_weight: float = 1.0, tau: float = TAU, smoothness: float = SMOOTHNESS):
+        self.proj = cac_projector(channels)
+        self.apd_proj = cac_projector(channels)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.align_corners = align_corners
+        self.loss_weight = loss_weight
+        self.tau = tau
+        self.smoothness = smoothness
+
+    @property
+    def classifier_weight(self) -> torch.Tensor:
+        """``conv_seg.weight`` as (K, C) (the original's ``conv_seg.weight.squeeze()``)."""
+        return self.conv_seg.weight.flatten(1)
+
+    def forward(self, inputs) -> torch.Tensor:
+        """The context-aware logits (B, K, h, w) at the feature size (official ``forward_test``)."""
+        base, feat = self.base_forward(inputs)
+        return refine_logits(feat, base, self.classifier_weight, self.proj, self.tau)
+
+    forward_test = forward
+
+    def forward_train(self, inputs, gt_semantic_seg: torch.Tensor) -> dict:
+        """The official ``forward_train`` losses (see the module docstring); ``loss_ce`` is the total."""
+        y = gt_semantic_seg
+        if y.dim() == 3:
+            y = y.unsqueeze(1)
+        base, feat = self.base_forward(inputs)
+        weight = self.classifier_weight
+        refined = refine_logits(feat, base, weight, self.proj, self.tau)
+        oracle = oracle_logits(feat, y, weight, self.apd_proj, self.tau, self.ignore_index)
+        kl_loss = entropy_distill_loss(refined, oracle.detach(), y, self.smoothness, self.ignore_index)
+        labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
+        # the original's extra cross-entropies: align_corners=True, mean over the labelled pixels
+        base_up = F.interpolate(base, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        pre_self_loss = F.cross_entropy(base_up, labels, ignore_index=self.ignore_index)
+        oracle_up = F.interpolate(oracle, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        pre_loss = F.cross_entropy(oracle_up, labels, ignore_index=self.ignore_index)
+        # BaseDecodeHead.losses: the head's align_corners, mmseg's CrossEntropyLoss (mean over ALL pixels)
+        refined_up = F.interpolate(refined, size=y.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+        main = F.cross_entropy(refined_up, labels, ignore_index=self.ignore_index, reduction="none").mean()
+        main = main * self.loss_weight
+        return {
+            "loss_ce": main + pre_self_loss + pre_loss + kl_loss,
+            "acc_seg": mmseg_accuracy(refined_up.detach(), labels),
+            "PreSelfLoss": pre_self_loss.detach(),
+            "PreLoss": pre_loss.detach(),
+            "KLLoss": kl_loss.detach(),
+            "MainLoss": main.detach(),
+        }
+
+    # the official method names, for readers comparing with the original
+    def get_pred(self, x, proto):
+        return cosine_logits(x, proto, self.tau)
+
+    def post_refine_proto_v2(self, x, pred, proto):
+        return refine_logits(x, pred, proto, self.proj, self.tau)
+
+    def get_adaptive_perspective(self, x, y, proto):
+        return oracle_logits(x, y, proto, self.apd_proj, self.tau, self.ignore_index)
+
+
+def _select(inputs, in_index: int):
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    return inputs[in_index]
+
+
+class FCNHeadCAC(CACHeadMixin, nn.Module):
+    """FCN head (``num_convs`` ConvModules, optional concat with the input) with the context-aware classifier.
+
+    Defaults are the official ADE20K config (``fcn_m-v2-d8_512x512_160k_ade20k_cac``: in_channels 320,
+    channels 512, 2 convs, concat_input, dropout 0.1, 150 classes, BN, align_corners False, CE weight 1).
+    """
+
+    def __init__(self, in_channels: int = 320, channels: int = 512, num_classes: int = 150, num_convs: int = 2,
+                 kernel_size: int = 3, concat_input: bool = True, dilation: int = 1, dropout_ratio: float = 0.1,
+                 in_index: int = -1, ignore_index: int = 255, align_corners: bool = False, loss_weight: float = 1.0,
+                 tau: float = TAU, smoothness: float = SMOOTHNESS):
+        if num_convs < 0 or dilation <= 0:
+            raise ValueError(f"FCNHeadCAC: num_convs >= 0 and dilation > 0 required, got {num_convs}, {dilation}")
+        if num_convs == 0 and in_channels != channels:
+            raise ValueError("FCNHeadCAC: num_convs=0 needs in_channels == channels")
+        super().__init__()
+        self.in_channels, self.channels, self.in_index = in_channels, channels, in_index
+        self.num_convs, self.concat_input, self.kernel_size = num_convs, concat_input, kernel_size
+        # BaseDecodeHead registers conv_seg first (normal(0, 0.01) weights, zero bias)
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        pad = (kernel_size // 2) * dilation
+        if num_convs == 0:
+            self.convs = nn.Identity()
+        else:
+            self.convs = nn.Sequential(*[
+                ConvModule(in_channels if i == 0 else channels, channels, kernel_size, pad, dilation)
+                for i in range(num_convs)])
+        if concat_input:
+            self.conv_cat = ConvModule(in_channels + channels, channels, kernel_size, kernel_size // 2)
+        self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness)
+
+    def base_forward(self, inputs):
+        """(base logits (B, K, h, w) from ``conv_seg(dropout(feat))``, features (B, C, h, w))."""
+        x = _select(inputs, self.in_index)
+        out = self.convs(x)
+        if self.concat_input:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.conv_seg(self.dropout(out)), out
+
+
+class LightHamHeadCAC(CACHeadMixin, LightHamHead):
+    """SegNeXt's :class:`~fastseg.models.LightHamHead` with the context-aware classifier on its ``align`` output.
+
+    Not an official combination (CAC's repository has FCN / ASPP / OCR / UPer heads): the Ham head's layers and
+    names are unchanged, CAC's ``proj`` / ``apd_proj`` are added, and the losses are CAC's (``forward_train``).
+    """
+
+    def __init__(self, *args, ignore_index: int = 255, loss_weight: float = 1.0, tau: float = TAU,
+                 smoothness: float = SMOOTHNESS, **kw):
+        super().__init__(*args, **kw)
+        if self.dropout is None:
+            self.dropout = nn.Dropout2d(0.0)
+        self._init_cac(self.channels, self.conv_seg.out_channels, ignore_index, self.align_corners, loss_weight,
+                       tau, smoothness)
+
+    def base_forward(self, inputs):
+        inputs = [inputs[i] for i in self.in_index]
+        inputs = [F.interpolate(level, size=inputs[0].shape[2:], mode="bilinear", align_corners=self.align_corners)
+                  for level in inputs]
+        x = self.hamburger(self.squeeze(torch.cat(inputs, dim=1)))
+        feat = self.align(x)
+        return self.conv_seg(self.dropout(feat)), feat
