@@ -473,3 +473,16 @@ def test_segnext_cac_segmentor_tiny():
     with torch.no_grad():
         out = model(img)
     assert out.shape == (2, 4, 64, 64) and torch.isfinite(out).all() and out.abs().max() <= 15.0 * (1 + 1e-5)
+
+
+def test_bench_op_eager_runs_the_head_loss():
+    from fastseg.bench.registry import get_op
+
+    spec = get_op("cac")
+    s = spec.full_shape({"B": 1, "C": 8, "K": 5, "H": 4, "W": 4, "stride": 2})
+    for mode in ("fwd", "fwdbwd"):
+        prepared = spec.impl("eager").prepare(s, torch.float32, torch.device("cpu"), mode)
+        out = prepared.forward()
+        assert out.shape == ((1, 5, 4, 4) if mode == "fwd" else ())
+        assert torch.isfinite(out).all()
+        prepared.run()
