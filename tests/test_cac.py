@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastseg.models import MSCAN, CACSegmentor, FCNHeadCAC, LightHamHeadCAC
+from fastseg.models import MSCAN, CACSegmentor, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC
 from fastseg.reference.cac import (cosine_logits, entropy_distill_loss, oracle_class_prototypes, oracle_logits,
                                    refine_logits, soft_class_prototypes)
 
@@ -112,7 +112,8 @@ def _off_losses(seg_logit, seg_label, align_corners=False, ignore_index=255, los
     seg_logit = F.interpolate(seg_logit, size=seg_label.shape[2:], mode='bilinear', align_corners=align_corners)
     seg_label = seg_label.squeeze(1)
     loss = F.cross_entropy(seg_logit, seg_label, reduction='none', ignore_index=ignore_index).mean() * loss_weight
-    acc = seg_logit.topk(1, dim=1)[1].transpose(0, 1).eq(seg_label.unsqueeze(0)).reshape(-1).float().sum(0, keepdim=True)
+    acc = seg_logit.topk(1, dim=1)[1].transpose(0, 1).eq(seg_label.unsqueeze(0))
+    acc = acc.reshape(-1).float().sum(0, keepdim=True)
     return {'loss_ce': loss, 'acc_seg': acc.mul_(100.0 / seg_label.numel())}
 
 
@@ -486,3 +487,101 @@ def test_bench_op_eager_runs_the_head_loss():
         assert out.shape == ((1, 5, 4, 4) if mode == "fwd" else ())
         assert torch.isfinite(out).all()
         prepared.run()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UPerHeadCAC (uper_head_cac.py)
+# ---------------------------------------------------------------------------------------------------------
+def _off_uper_forward(head, inputs):
+    """The official UPerHeadCAC.forward / psp_forward / PPM.forward, transcribed (mmseg resize = interpolate)."""
+    ac = head.align_corners
+    inputs = [inputs[i] for i in head.in_index]
+    laterals = [lateral_conv(inputs[i]) for i, lateral_conv in enumerate(head.lateral_convs)]
+    x = inputs[-1]
+    psp_outs = [x]
+    psp_outs.extend([F.interpolate(ppm(x), size=x.size()[2:], mode='bilinear', align_corners=ac)
+                     for ppm in head.psp_modules])
+    laterals.append(head.bottleneck(torch.cat(psp_outs, dim=1)))
+    used_backbone_levels = len(laterals)
+    for i in range(used_backbone_levels - 1, 0, -1):
+        prev_shape = laterals[i - 1].shape[2:]
+        laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=prev_shape, mode='bilinear',
+                                                          align_corners=ac)
+    fpn_outs = [head.fpn_convs[i](laterals[i]) for i in range(used_backbone_levels - 1)]
+    fpn_outs.append(laterals[-1])
+    for i in range(used_backbone_levels - 1, 0, -1):
+        fpn_outs[i] = F.interpolate(fpn_outs[i], size=fpn_outs[0].shape[2:], mode='bilinear', align_corners=ac)
+    fpn_outs = torch.cat(fpn_outs, dim=1)
+    feat = head.fpn_bottleneck(fpn_outs)
+    out = head.conv_seg(head.dropout(feat))
+    return out, feat
+
+
+def _official_uper_shapes(cins, ch, k, scales=4):
+    def cm(name, cout, cin, ks):
+        return {f"{name}.conv.weight": (cout, cin, ks, ks), f"{name}.bn.weight": (cout,), f"{name}.bn.bias": (cout,),
+                f"{name}.bn.running_mean": (cout,), f"{name}.bn.running_var": (cout,),
+                f"{name}.bn.num_batches_tracked": ()}
+    shapes = {"conv_seg.weight": (k, ch, 1, 1), "conv_seg.bias": (k,)}
+    for i in range(scales):
+        shapes.update(cm(f"psp_modules.{i}.1", ch, cins[-1], 1))
+    shapes.update(cm("bottleneck", ch, cins[-1] + scales * ch, 3))
+    for i, c in enumerate(cins[:-1]):
+        shapes.update(cm(f"lateral_convs.{i}", ch, c, 1))
+    for i in range(len(cins) - 1):
+        shapes.update(cm(f"fpn_convs.{i}", ch, ch, 3))
+    shapes.update(cm("fpn_bottleneck", ch, len(cins) * ch, 3))
+    for name in ("proj", "apd_proj"):
+        shapes.update({f"{name}.0.weight": (ch // 2, 2 * ch), f"{name}.2.weight": (ch, ch // 2),
+                       f"{name}.2.bias": (ch,)})
+    return shapes
+
+
+def _uper(seed=0):
+    torch.manual_seed(seed)
+    head = UPerHeadCAC(in_channels=[3, 4, 5, 6], channels=8, num_classes=5, pool_scales=(1, 2, 3)).to(D)
+    with torch.no_grad():
+        head.conv_seg.weight.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    feats = [torch.randn(2, c, 12 // 2**i, 10 // 2**i + 1, generator=g, dtype=D) for i, c in enumerate([3, 4, 5, 6])]
+    return head, feats
+
+
+def test_uper_official_keys_and_forward():
+    head, feats = _uper()
+    g = torch.Generator().manual_seed(0)
+    official = {k: (torch.tensor(3) if not s else torch.randn(s, generator=g))
+                for k, s in _official_uper_shapes([3, 4, 5, 6], 8, 5, scales=3).items()}
+    head.load_state_dict({k: v.to(D) for k, v in official.items()}, strict=True)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.abs_().add_(0.5)
+    head.eval()
+    base, feat = head.base_forward(feats)
+    ref_base, ref_feat = _off_uper_forward(head, feats)
+    assert_close(feat, ref_feat, 1e-12, "feat")
+    assert_close(base, ref_base, 1e-12, "base")
+    out = head(feats)
+    assert out.shape == (2, 5, 12, 11)
+    assert_close(out, _off_post_refine_proto_v2(head, feat, base, head.conv_seg.weight.squeeze()), 1e-12)
+    # the released Swin-T UPerNet + CAC head (in [96, 192, 384, 768], channels 512, 150 classes)
+    with torch.device("meta"):
+        swin_t = UPerHeadCAC()
+    assert {k: tuple(v.shape) for k, v in swin_t.state_dict().items()} == _official_uper_shapes(
+        [96, 192, 384, 768], 512, 150)
+
+
+def test_uper_forward_train_matches_official_and_reaches_every_parameter():
+    head, feats = _uper()
+    head.train()
+    y = _labels(2, 48, 44, 5, absent=1)
+    torch.manual_seed(3)
+    ours = head.forward_train(feats, y)
+    torch.manual_seed(3)
+    ref = _off_forward_train(head, feats, y)
+    for k in ref:
+        assert abs(ours[k].item() - ref[k].item()) < 1e-10 * max(1.0, abs(ref[k].item())), (k, ours[k], ref[k])
+    ours["loss_ce"].backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

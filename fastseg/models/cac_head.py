@@ -1,8 +1,10 @@
-"""CAC decode heads (reference, plain PyTorch): ``FCNHeadCAC`` and SegNeXt's light Hamburger head with CAC.
+"""CAC decode heads (reference, plain PyTorch): ``FCNHeadCAC``, ``UPerHeadCAC`` and SegNeXt's Ham head with CAC.
 
 Faithful to tianzhuotao/CAC ``mmseg/models/decode_heads/fcn_head_cac.py`` (``FCNHeadCAC`` on mmsegmentation's
-``BaseDecodeHead``), without mmcv/mmseg: the same parameter names (``convs.0.conv.weight``, ``convs.0.bn.*``,
-``conv_cat.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*``), so the official state_dicts load strictly. The
+``BaseDecodeHead``) and ``uper_head_cac.py`` (``UPerHeadCAC``), without mmcv/mmseg: the same parameter names
+(``convs.0.conv.weight``, ``convs.0.bn.*``, ``conv_cat.*``, ``psp_modules.0.1.conv.weight``, ``lateral_convs.*``,
+``fpn_convs.*``, ``fpn_bottleneck.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*``), so the official state_dicts
+load strictly. The
 math is in :mod:`fastseg.reference.cac`. The fused Triton path for CAC is not built yet.
 
 * ``head(inputs)`` → the context-aware logits (B, K, h, w) at the feature size (the official ``forward_test``);
@@ -24,7 +26,7 @@ from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cosine_logits, entr
                              refine_logits)
 from .ham_head import LightHamHead
 
-__all__ = ["ConvModule", "CACHeadMixin", "FCNHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
+__all__ = ["ConvModule", "CACHeadMixin", "FCNHeadCAC", "UPerHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
 
 
 class ConvModule(nn.Module):
@@ -174,6 +176,56 @@ class FCNHeadCAC(CACHeadMixin, nn.Module):
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))
         return self.conv_seg(self.dropout(out)), out
+
+
+class UPerHeadCAC(CACHeadMixin, nn.Module):
+    """UPerNet head (PPM on the last level, FPN, fused 3x3 bottleneck) with the context-aware classifier.
+
+    Defaults are the official Swin-T ADE20K config (``upernet_swin_tiny_..._cac``: in_channels
+    [96, 192, 384, 768], in_index [0, 1, 2, 3], channels 512, pool scales (1, 2, 3, 6), dropout 0.1, BN,
+    align_corners False). ``inputs``: the list of backbone features (``in_index`` picks them).
+    """
+
+    def __init__(self, in_channels=(96, 192, 384, 768), channels: int = 512, num_classes: int = 150,
+                 pool_scales=(1, 2, 3, 6), in_index=(0, 1, 2, 3), dropout_ratio: float = 0.1, ignore_index: int = 255,
+                 align_corners: bool = False, loss_weight: float = 1.0, tau: float = TAU,
+                 smoothness: float = SMOOTHNESS):
+        if len(in_channels) != len(in_index):
+            raise ValueError(f"UPerHeadCAC: in_channels {in_channels} and in_index {in_index} differ in length")
+        super().__init__()
+        self.in_channels, self.in_index, self.channels = list(in_channels), list(in_index), channels
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+        self.pool_scales = tuple(pool_scales)
+        # mmseg's PPM: a ModuleList of (AdaptiveAvgPool2d, ConvModule 1x1)
+        self.psp_modules = nn.ModuleList([
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels[-1], channels, 1)) for s in self.pool_scales])
+        self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * channels, channels, 3, 1)
+        self.lateral_convs = nn.ModuleList([ConvModule(c, channels, 1) for c in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList([ConvModule(channels, channels, 3, 1) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, 1)
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness)
+
+    def _resize(self, x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def psp_forward(self, x):
+        outs = [x] + [self._resize(ppm(x), x.shape[2:]) for ppm in self.psp_modules]
+        return self.bottleneck(torch.cat(outs, dim=1))
+
+    def base_forward(self, inputs):
+        inputs = [inputs[i] for i in self.in_index]
+        laterals = [conv(inputs[i]) for i, conv in enumerate(self.lateral_convs)]
+        laterals.append(self.psp_forward(inputs[-1]))
+        n = len(laterals)
+        for i in range(n - 1, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + self._resize(laterals[i], laterals[i - 1].shape[2:])
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(n - 1)] + [laterals[-1]]
+        outs = [outs[0]] + [self._resize(o, outs[0].shape[2:]) for o in outs[1:]]
+        feat = self.fpn_bottleneck(torch.cat(outs, dim=1))
+        return self.conv_seg(self.dropout(feat)), feat
 
 
 class LightHamHeadCAC(CACHeadMixin, LightHamHead):
