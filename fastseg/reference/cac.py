@@ -8,7 +8,10 @@ averaged distillation from the oracle). The whole heads live in :mod:`fastseg.mo
 
 Shapes: ``feat`` (B, C, h, w) pixel features; ``logits`` (B, K, h, w); classifier weights (K, C); labels
 (B, H, W) or (B, 1, H, W) int64 with values in [0, K) or ``ignore_index``, nearest-resized to (h, w) as the
-original does. Any float dtype; no fused (Triton) path exists for CAC yet — this is the reference only.
+original does. Any float dtype; fp16 / bf16 inputs have the pooled statistics of the oracle and the
+distillation (class counts and sums over up to B·h·w pixels, entropies, the per-class reductions) computed in
+float32 (in fp16 a class covering 65 505 pixels would count to inf). No fused (Triton) path exists for CAC yet —
+this is the reference only.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ TAU = 15.0
 #: the distillation's label smoothness (``get_distill_loss(smoothness=0.5)``)
 SMOOTHNESS = 0.5
 _EPS = 1e-12
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def cac_projector(channels: int) -> nn.Sequential:
@@ -106,13 +113,14 @@ def oracle_class_prototypes(feat: torch.Tensor, labels: torch.Tensor, weight: to
     """
     b, c, h, w = feat.shape
     k = weight.shape[0]
+    acc = _acc_dtype(feat.dtype)
     y = resize_labels(labels, (h, w), k, ignore_index).reshape(-1)  # B*h*w
     valid = y != ignore_index
-    onehot = F.one_hot(torch.where(valid, y, 0), k).to(feat.dtype) * valid.unsqueeze(1).to(feat.dtype)  # N, K
-    x = feat.permute(0, 2, 3, 1).reshape(-1, c)  # N, C
+    onehot = F.one_hot(torch.where(valid, y, 0), k).to(acc) * valid.unsqueeze(1).to(acc)  # N, K
+    x = feat.permute(0, 2, 3, 1).reshape(-1, c).to(acc)  # N, C
     count = onehot.sum(0)  # K
     mean = (onehot.t() @ x) / (count.unsqueeze(1) + _EPS)  # K, C
-    return torch.where((count > 0).unsqueeze(1), mean, weight.to(mean.dtype))
+    return torch.where((count > 0).unsqueeze(1), mean, weight.to(acc)).to(feat.dtype)
 
 
 def oracle_logits(feat: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, apd_proj: nn.Module,
@@ -138,20 +146,22 @@ def entropy_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, labels: torc
     Per pixel: cross-entropy of ``pred`` against ``smoothness · softmax(teacher) + (1 − smoothness) · onehot``
     (``eps`` > 0: the original's optional extra label smoothing, off by default), weighted by the teacher's
     entropy −Σ p log(p + 1e-12). Per class present (ignored pixels excluded): Σ w·loss / (Σ w + 1e-12); the
-    result is the mean over those classes (sum / (n + 1e-12)), 0 without any labelled pixel.
+    result is the mean over those classes (sum / (n + 1e-12)), 0 without any labelled pixel. Float32 for fp16 /
+    bf16 inputs, else the input dtype.
     """
     if pred.shape != teacher.shape or pred.dim() != 4:
         raise ValueError(f"entropy_distill_loss: pred {tuple(pred.shape)} and teacher {tuple(teacher.shape)} "
                          "must be the same (B, K, h, w)")
     b, k, h, w = pred.shape
+    acc = _acc_dtype(pred.dtype)
     y = resize_labels(labels, (h, w), k, ignore_index)  # B, h, w
     valid = y != ignore_index
-    soft = teacher.detach().softmax(1)
-    onehot = F.one_hot(torch.where(valid, y, 0), k).permute(0, 3, 1, 2).to(soft.dtype)  # ignored -> class 0
+    soft = teacher.detach().to(acc).softmax(1)
+    onehot = F.one_hot(torch.where(valid, y, 0), k).permute(0, 3, 1, 2).to(acc)  # ignored -> class 0
     target = smoothness * soft + (1 - smoothness) * onehot
     if eps > 0:
         target = target * (1 - eps) + (1 - target) * eps / (k - 1)
-    loss = -(F.log_softmax(pred, dim=1) * target).sum(1)  # B, h, w
+    loss = -(F.log_softmax(pred.to(acc), dim=1) * target).sum(1)  # B, h, w
     entropy = -(soft * torch.log(soft + 1e-12)).sum(1) * valid.to(soft.dtype)  # B, h, w
     member = F.one_hot(torch.where(valid, y, 0), k).reshape(-1, k).to(soft.dtype)
     member = member * valid.reshape(-1, 1).to(soft.dtype)  # N, K
@@ -159,6 +169,6 @@ def entropy_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, labels: torc
     den = entropy.reshape(1, -1) @ member
     present = member.sum(0) > 0
     if not present.any():
-        return pred.new_zeros(())
+        return pred.new_zeros((), dtype=acc)
     per_class = (num / (den + 1e-12)).reshape(k)[present]
-    return per_class.sum() / (present.sum().to(per_class.dtype) + 1e-12)
+    return per_class.sum() / (present.sum().to(per_class.dtype) + 1e-12)  # float32 for fp16 / bf16 inputs
