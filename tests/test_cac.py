@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastseg.models import MSCAN, CACSegmentor, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC
+from fastseg.models import (MSCAN, CACSegmentor, DepthwiseSeparableASPPHeadCAC, FCNHeadCAC, LightHamHeadCAC,
+                            UPerHeadCAC)
 from fastseg.reference.cac import (cosine_logits, entropy_distill_loss, oracle_class_prototypes, oracle_logits,
                                    refine_logits, soft_class_prototypes)
 
@@ -60,6 +61,18 @@ def _off_get_adaptive_perspective(head, x, y, new_proto, proto):
     return F.conv2d(raw_x, weight=new_proto) * 15
 
 
+def _off_get_pred_aspp(x, proto):
+    """sep_aspp_head_cac.py / ocr_head_cac.py's get_pred (3-D case): the bare norms, no + 1e-12."""
+    b, c, h, w = x.size()[:]
+    cls_num = proto.size(1)
+    x = x / torch.norm(x, 2, 1, True)
+    proto = proto / torch.norm(proto, 2, -1, True)
+    x = x.contiguous().view(b, c, h * w)
+    pred = proto @ x
+    pred = pred.contiguous().view(b, cls_num, h, w)
+    return pred * 15
+
+
 def _off_post_refine_proto_v2(head, x, pred, proto):
     raw_x = x.clone()
     b, c, h, w = raw_x.shape[:]
@@ -68,7 +81,8 @@ def _off_post_refine_proto_v2(head, x, pred, proto):
     pred_proto = (pred @ raw_x.view(b, c, h * w).permute(0, 2, 1)) / (pred.sum(-1).unsqueeze(-1) + 1e-12)
     pred_proto = torch.cat([pred_proto, proto.unsqueeze(0).repeat(pred_proto.shape[0], 1, 1)], -1)
     pred_proto = head.proj(pred_proto)
-    return _off_get_pred(raw_x, pred_proto)
+    get_pred = _off_get_pred_aspp if isinstance(head, DepthwiseSeparableASPPHeadCAC) else _off_get_pred
+    return get_pred(raw_x, pred_proto)
 
 
 def _off_get_distill_loss(pred, soft, target, smoothness=0.5, eps=0):
@@ -604,3 +618,115 @@ def test_half_precision_statistics_in_float32(dtype):
     ref = entropy_distill_loss(pred, teacher, y)
     got = entropy_distill_loss(pred.to(dtype), teacher.to(dtype), y)
     assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 2e-2 * ref.item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DepthwiseSeparableASPPHeadCAC (sep_aspp_head_cac.py, DeepLabV3+)
+# ---------------------------------------------------------------------------------------------------------
+def _off_aspp_forward(head, inputs):
+    """The official DepthwiseSeparableASPPHeadCAC.forward (with ASPPModule.forward), transcribed."""
+    ac = head.align_corners
+    x = inputs[head.in_index]
+    aspp_outs = [F.interpolate(head.image_pool(x), size=x.size()[2:], mode='bilinear', align_corners=ac)]
+    aspp_outs.extend([m(x) for m in head.aspp_modules])
+    output = head.bottleneck(torch.cat(aspp_outs, dim=1))
+    if head.c1_bottleneck is not None:
+        c1_output = head.c1_bottleneck(inputs[0])
+        output = F.interpolate(output, size=c1_output.shape[2:], mode='bilinear', align_corners=ac)
+        output = torch.cat([output, c1_output], dim=1)
+    feat = head.sep_bottleneck(output)
+    return head.conv_seg(head.dropout(feat)), feat
+
+
+def _official_aspp_shapes(cin, ch, k, dilations, c1_in, c1):
+    def cm(name, cout, cin_, ks, groups=1):
+        return {f"{name}.conv.weight": (cout, cin_ // groups, ks, ks), f"{name}.bn.weight": (cout,),
+                f"{name}.bn.bias": (cout,), f"{name}.bn.running_mean": (cout,), f"{name}.bn.running_var": (cout,),
+                f"{name}.bn.num_batches_tracked": ()}
+
+    def sep(name, cout, cin_):
+        return {**cm(f"{name}.depthwise_conv", cin_, cin_, 3, groups=cin_),
+                **cm(f"{name}.pointwise_conv", cout, cin_, 1)}
+
+    shapes = {"conv_seg.weight": (k, ch, 1, 1), "conv_seg.bias": (k,), **cm("image_pool.1", ch, cin, 1)}
+    for i, d in enumerate(dilations):
+        shapes.update(cm(f"aspp_modules.{i}", ch, cin, 1) if d == 1 else sep(f"aspp_modules.{i}", ch, cin))
+    shapes.update(cm("bottleneck", ch, (len(dilations) + 1) * ch, 3))
+    shapes.update(cm("c1_bottleneck", c1, c1_in, 1))
+    shapes.update(sep("sep_bottleneck.0", ch, ch + c1))
+    shapes.update(sep("sep_bottleneck.1", ch, ch))
+    for name in ("proj", "apd_proj"):
+        shapes.update({f"{name}.0.weight": (ch // 2, 2 * ch), f"{name}.2.weight": (ch, ch // 2),
+                       f"{name}.2.bias": (ch,)})
+    return shapes
+
+
+def _aspp(seed=0):
+    torch.manual_seed(seed)
+    head = DepthwiseSeparableASPPHeadCAC(in_channels=6, channels=8, num_classes=5, dilations=(1, 2, 3),
+                                         c1_in_channels=3, c1_channels=4, in_index=1).to(D)
+    with torch.no_grad():
+        head.conv_seg.weight.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    feats = [torch.randn(2, 3, 12, 11, generator=g, dtype=D), torch.randn(2, 6, 6, 5, generator=g, dtype=D)]
+    return head, feats
+
+
+def test_aspp_official_keys_and_forward():
+    head, feats = _aspp()
+    g = torch.Generator().manual_seed(0)
+    official = {k: (torch.tensor(3) if not s else torch.randn(s, generator=g, dtype=D))
+                for k, s in _official_aspp_shapes(6, 8, 5, (1, 2, 3), 3, 4).items()}
+    head.load_state_dict(official, strict=True)
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.abs_().add_(0.5)
+    head.eval()
+    base, feat = head.base_forward(feats)
+    ref_base, ref_feat = _off_aspp_forward(head, feats)
+    assert feat.shape == (2, 8, 12, 11)  # at the stride of inputs[0]
+    assert_close(feat, ref_feat, 1e-12, "feat")
+    assert_close(base, ref_base, 1e-12, "base")
+    assert_close(head(feats), _off_post_refine_proto_v2(head, feat, base, head.conv_seg.weight.squeeze()), 1e-12)
+    # the released DeepLabV3+ R-50 + CAC head (2048 -> 512, dilations 1, 12, 24, 36, c1 256 -> 48, 150 classes)
+    with torch.device("meta"):
+        r50 = DepthwiseSeparableASPPHeadCAC()
+    assert {k: tuple(v.shape) for k, v in r50.state_dict().items()} == _official_aspp_shapes(
+        2048, 512, 150, (1, 12, 24, 36), 256, 48)
+
+
+def test_aspp_forward_train_matches_official_and_reaches_every_parameter():
+    head, feats = _aspp()
+    head.train()
+    y = _labels(2, 24, 22, 5, absent=4)
+    torch.manual_seed(3)
+    ours = head.forward_train(feats, y)
+    torch.manual_seed(3)
+    ref = _off_forward_train(head, feats, y)
+    for k in ref:
+        assert abs(ours[k].item() - ref[k].item()) < 1e-10 * max(1.0, abs(ref[k].item())), (k, ours[k], ref[k])
+    ours["loss_ce"].backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_depthwise_separable_conv_module_by_functional_ops():
+    """mmcv's DepthwiseSeparableConvModule: depthwise k x k + BN + ReLU, then 1x1 + BN + ReLU (mmcv's defaults)."""
+    from fastseg.models.cac_head import DepthwiseSeparableConvModule
+
+    torch.manual_seed(0)
+    m = DepthwiseSeparableConvModule(3, 4, 3, padding=2, dilation=2).to(D).eval()
+    with torch.no_grad():
+        for bn in (m.depthwise_conv.bn, m.pointwise_conv.bn):
+            bn.running_mean.normal_()
+            bn.bias.normal_()
+    x = torch.randn(2, 3, 6, 7, dtype=D)
+
+    def bn(t, b):
+        return F.batch_norm(t, b.running_mean, b.running_var, b.weight, b.bias, eps=1e-5)
+
+    t = bn(F.conv2d(x, m.depthwise_conv.conv.weight, padding=2, dilation=2, groups=3), m.depthwise_conv.bn).relu()
+    t = bn(F.conv2d(t, m.pointwise_conv.conv.weight), m.pointwise_conv.bn).relu()
+    assert m.depthwise_conv.conv.bias is None and m.pointwise_conv.conv.bias is None
+    assert_close(m(x), t, 1e-12)

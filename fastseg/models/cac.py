@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .cac_head import FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC
+from .cac_head import DepthwiseSeparableASPPHeadCAC, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC
 from .mscan import mscan_b, mscan_l, mscan_s, mscan_t
 
 __all__ = ["CACSegmentor", "segnext_t_cac", "segnext_s_cac", "segnext_b_cac", "segnext_l_cac", "FCNHeadCAC",
-           "UPerHeadCAC", "LightHamHeadCAC"]
+           "UPerHeadCAC", "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC"]
 
 
 class CACSegmentor(nn.Module):

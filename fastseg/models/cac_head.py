@@ -26,7 +26,8 @@ from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cosine_logits, entr
                              refine_logits)
 from .ham_head import LightHamHead
 
-__all__ = ["ConvModule", "CACHeadMixin", "FCNHeadCAC", "UPerHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
+__all__ = ["ConvModule", "DepthwiseSeparableConvModule", "CACHeadMixin", "FCNHeadCAC", "UPerHeadCAC",
+           "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
 
 
 class ConvModule(nn.Module):
@@ -36,10 +37,10 @@ class ConvModule(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1,
-                 norm: bool = True, act: bool = True):
+                 groups: int = 1, norm: bool = True, act: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
-                              bias=not norm)
+                              groups=groups, bias=not norm)
         self.bn = nn.BatchNorm2d(out_channels) if norm else None
         self.activate = nn.ReLU(inplace=True) if act else None
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -55,6 +56,19 @@ class ConvModule(nn.Module):
         return x
 
 
+class DepthwiseSeparableConvModule(nn.Module):
+    """mmcv's ``DepthwiseSeparableConvModule``: ``depthwise_conv`` (k×k, groups = C_in) and ``pointwise_conv``
+    (1×1), each a :class:`ConvModule` with BN and ReLU (mmcv's defaults)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1):
+        super().__init__()
+        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, padding, dilation, groups=in_channels)
+        self.pointwise_conv = ConvModule(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
 def mmseg_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """mmseg's top-1 ``accuracy`` (in %) as the original's mmseg 0.19 computes it: over all pixels, an ignored
     pixel counting as wrong. ``logits`` (B, K, H, W), ``labels`` (B, H, W)."""
@@ -67,7 +81,8 @@ class CACHeadMixin:
     and ``conv_seg`` (1x1 conv, K × C). Adds ``proj`` and ``apd_proj`` (official names) via :meth:`_init_cac`."""
 
     def _init_cac(self, channels: int, num_classes: int, ignore_index: int = 255, align_corners: bool = False,
-                  loss_weight: float = 1.0, tau: float = TAU, smoothness: float = SMOOTHNESS):
+                  loss_weight: float = 1.0, tau: float = TAU, smoothness: float = SMOOTHNESS,
+                  norm_eps: float = 1e-12):
         self.proj = cac_projector(channels)
         self.apd_proj = cac_projector(channels)
         self.num_classes = num_classes
@@ -76,6 +91,7 @@ class CACHeadMixin:
         self.loss_weight = loss_weight
         self.tau = tau
         self.smoothness = smoothness
+        self.norm_eps = norm_eps  # get_pred's eps: 1e-12 (FCN, UPer heads) or 0 (ASPP, OCR heads)
 
     @property
     def classifier_weight(self) -> torch.Tensor:
@@ -85,7 +101,7 @@ class CACHeadMixin:
     def forward(self, inputs) -> torch.Tensor:
         """The context-aware logits (B, K, h, w) at the feature size (official ``forward_test``)."""
         base, feat = self.base_forward(inputs)
-        return refine_logits(feat, base, self.classifier_weight, self.proj, self.tau)
+        return refine_logits(feat, base, self.classifier_weight, self.proj, self.tau, self.norm_eps)
 
     forward_test = forward
 
@@ -96,7 +112,7 @@ class CACHeadMixin:
             y = y.unsqueeze(1)
         base, feat = self.base_forward(inputs)
         weight = self.classifier_weight
-        refined = refine_logits(feat, base, weight, self.proj, self.tau)
+        refined = refine_logits(feat, base, weight, self.proj, self.tau, self.norm_eps)
         oracle = oracle_logits(feat, y, weight, self.apd_proj, self.tau, self.ignore_index)
         kl_loss = entropy_distill_loss(refined, oracle.detach(), y, self.smoothness, self.ignore_index)
         labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
@@ -120,10 +136,10 @@ class CACHeadMixin:
 
     # the official method names, for readers comparing with the original
     def get_pred(self, x, proto):
-        return cosine_logits(x, proto, self.tau)
+        return cosine_logits(x, proto, self.tau, self.norm_eps)
 
     def post_refine_proto_v2(self, x, pred, proto):
-        return refine_logits(x, pred, proto, self.proj, self.tau)
+        return refine_logits(x, pred, proto, self.proj, self.tau, self.norm_eps)
 
     def get_adaptive_perspective(self, x, y, proto):
         return oracle_logits(x, y, proto, self.apd_proj, self.tau, self.ignore_index)
@@ -225,6 +241,53 @@ class UPerHeadCAC(CACHeadMixin, nn.Module):
         outs = [self.fpn_convs[i](laterals[i]) for i in range(n - 1)] + [laterals[-1]]
         outs = [outs[0]] + [self._resize(o, outs[0].shape[2:]) for o in outs[1:]]
         feat = self.fpn_bottleneck(torch.cat(outs, dim=1))
+        return self.conv_seg(self.dropout(feat)), feat
+
+
+class DepthwiseSeparableASPPHeadCAC(CACHeadMixin, nn.Module):
+    """DeepLabV3+ head (image pool + ASPP with depthwise-separable atrous branches, stride-4 skip from
+    ``inputs[0]``, two separable 3x3 convs) with the context-aware classifier (``sep_aspp_head_cac.py``).
+
+    Defaults are the official ADE20K config (``deeplabv3plus_r50-d8_512x512_160k_ade20k_cac``: in_channels 2048,
+    in_index 3, channels 512, dilations (1, 12, 24, 36), c1 256 → 48, dropout 0.1, BN, align_corners False).
+    As the original, its cosine classifier divides by the bare norms (``norm_eps=0``).
+    """
+
+    def __init__(self, in_channels: int = 2048, channels: int = 512, num_classes: int = 150,
+                 dilations=(1, 12, 24, 36), c1_in_channels: int = 256, c1_channels: int = 48, in_index: int = 3,
+                 dropout_ratio: float = 0.1, ignore_index: int = 255, align_corners: bool = False,
+                 loss_weight: float = 1.0, tau: float = TAU, smoothness: float = SMOOTHNESS):
+        if c1_in_channels < 0:
+            raise ValueError(f"DepthwiseSeparableASPPHeadCAC: c1_in_channels must be >= 0, got {c1_in_channels}")
+        super().__init__()
+        self.in_channels, self.channels, self.in_index = in_channels, channels, in_index
+        self.dilations = tuple(dilations)
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvModule(in_channels, channels, 1))
+        self.aspp_modules = nn.ModuleList([
+            ConvModule(in_channels, channels, 1) if d == 1 else DepthwiseSeparableConvModule(
+                in_channels, channels, 3, padding=d, dilation=d) for d in self.dilations])
+        self.bottleneck = ConvModule((len(self.dilations) + 1) * channels, channels, 3, 1)
+        self.c1_bottleneck = ConvModule(c1_in_channels, c1_channels, 1) if c1_in_channels > 0 else None
+        c1 = c1_channels if c1_in_channels > 0 else 0
+        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1, channels, 3, 1),
+                                            DepthwiseSeparableConvModule(channels, channels, 3, 1))
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness, norm_eps=0.0)
+
+    def _resize(self, x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def base_forward(self, inputs):
+        x = _select(inputs, self.in_index)
+        outs = [self._resize(self.image_pool(x), x.shape[2:])] + [m(x) for m in self.aspp_modules]
+        out = self.bottleneck(torch.cat(outs, dim=1))
+        if self.c1_bottleneck is not None:
+            c1 = self.c1_bottleneck(inputs[0])
+            out = torch.cat([self._resize(out, c1.shape[2:]), c1], dim=1)
+        feat = self.sep_bottleneck(out)
         return self.conv_seg(self.dropout(feat)), feat
 
 

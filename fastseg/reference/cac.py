@@ -53,16 +53,17 @@ def soft_class_prototypes(feat: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     return pooled / (prob.sum(-1, keepdim=True) + _EPS)
 
 
-def cosine_logits(feat: torch.Tensor, proto: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """``get_pred``: τ · cos(f_p, proto_k), each side divided by (its L2 norm + 1e-12).
+def cosine_logits(feat: torch.Tensor, proto: torch.Tensor, tau: float = TAU, norm_eps: float = _EPS) -> torch.Tensor:
+    """``get_pred``: τ · cos(f_p, proto_k), each side divided by (its L2 norm + ``norm_eps``).
 
     ``feat`` (B, C, h, w), ``proto`` (K, C) shared or (B, K, C) per image → (B, K, h, w), values in [-τ, τ].
+    ``norm_eps``: 1e-12 in the FCN and UPer heads, 0 in the ASPP and OCR heads (the bare norm).
     """
     b, c, h, w = feat.shape
     if proto.dim() not in (2, 3) or proto.shape[-1] != c:
         raise ValueError(f"cosine_logits: proto {tuple(proto.shape)} must be (K, {c}) or (B, K, {c})")
-    x = feat / (torch.norm(feat, 2, 1, True) + _EPS)
-    p = proto / (torch.norm(proto, 2, -1, True) + _EPS)
+    x = feat / (torch.norm(feat, 2, 1, True) + norm_eps)
+    p = proto / (torch.norm(proto, 2, -1, True) + norm_eps)
     if p.dim() == 2:
         p = p.unsqueeze(0)
     pred = p @ x.reshape(b, c, h * w)  # B, K, hw
@@ -70,7 +71,7 @@ def cosine_logits(feat: torch.Tensor, proto: torch.Tensor, tau: float = TAU) -> 
 
 
 def refine_logits(feat: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, proj: nn.Module,
-                  tau: float = TAU) -> torch.Tensor:
+                  tau: float = TAU, norm_eps: float = _EPS) -> torch.Tensor:
     """``post_refine_proto_v2``: the context-aware classifier's logits (B, K, h, w).
 
     Soft prototypes of ``logits`` (the shared classifier's prediction), concatenated with the classifier
@@ -78,7 +79,7 @@ def refine_logits(feat: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor
     """
     proto = soft_class_prototypes(feat, logits)
     proto = torch.cat([proto, weight.unsqueeze(0).expand(proto.shape[0], -1, -1)], -1)  # B, K, 2C
-    return cosine_logits(feat, proj(proto), tau)
+    return cosine_logits(feat, proj(proto), tau, norm_eps)
 
 
 def resize_labels(labels: torch.Tensor, size, num_classes: int | None = None,
