@@ -730,3 +730,35 @@ def test_depthwise_separable_conv_module_by_functional_ops():
     t = bn(F.conv2d(t, m.pointwise_conv.conv.weight), m.pointwise_conv.bn).relu()
     assert m.depthwise_conv.conv.bias is None and m.pointwise_conv.conv.bias is None
     assert_close(m(x), t, 1e-12)
+
+
+def test_fused_cross_entropies_match_eager(device, triton_launches):
+    """set_fused(True): the three upsampled CEs run as the Triton upsample + CE op; same losses and gradients."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    head = _head(dropout=0.0).to(device=device, dtype=dtype)
+    x = torch.randn(2, 6, 5, 6, device=device, dtype=dtype)
+    y = _labels(2, 20, 24, 5, absent=2).to(device)
+    eager = head.forward_train([x], y)
+    g_eager = torch.autograd.grad(eager["loss_ce"], list(head.parameters()))
+    head.set_fused(True)
+    fused = head.forward_train([x], y)
+    assert triton_launches["upsample_ce_fwd"] == 3
+    g_fused = torch.autograd.grad(fused["loss_ce"], list(head.parameters()))
+    assert triton_launches["upsample_ce_bwd"] == 3
+    for k in eager:
+        assert abs(fused[k].item() - eager[k].item()) < tol * max(1.0, abs(eager[k].item())), k
+    for (name, _), a, b in zip(head.named_parameters(), g_fused, g_eager):
+        assert_close(a, b, tol, name)
+
+
+def test_bench_op_fastseg_impl(device):
+    from fastseg.bench.measure import Unavailable
+    from fastseg.bench.registry import get_op
+
+    spec = get_op("cac")
+    s = spec.full_shape({"B": 1, "C": 8, "K": 5, "H": 4, "W": 4, "stride": 2})
+    prepared = spec.impl("fastseg").prepare(s, torch.float32, torch.device(device), "fwdbwd")
+    assert prepared.forward().shape == () and torch.isfinite(prepared.forward())
+    with pytest.raises(Unavailable, match="training cross-entropies only"):
+        spec.impl("fastseg").prepare(s, torch.float32, torch.device(device), "fwd")

@@ -5,7 +5,9 @@ Faithful to tianzhuotao/CAC ``mmseg/models/decode_heads/fcn_head_cac.py`` (``FCN
 (``convs.0.conv.weight``, ``convs.0.bn.*``, ``conv_cat.*``, ``psp_modules.0.1.conv.weight``, ``lateral_convs.*``,
 ``fpn_convs.*``, ``fpn_bottleneck.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*``), so the official state_dicts
 load strictly. The
-math is in :mod:`fastseg.reference.cac`. The fused Triton path for CAC is not built yet.
+math is in :mod:`fastseg.reference.cac`. A fused Triton path for CAC's prototype / cosine-classifier /
+distillation math is not built; ``head.set_fused(True)`` only runs the three full-resolution cross-entropies as
+the fused upsample + cross-entropy op (:func:`fastseg.ops.upsampled_cross_entropy`).
 
 * ``head(inputs)`` → the context-aware logits (B, K, h, w) at the feature size (the official ``forward_test``);
 * ``head.forward_train(inputs, gt)`` → the official loss dict: ``loss_ce`` is the total
@@ -92,6 +94,14 @@ class CACHeadMixin:
         self.tau = tau
         self.smoothness = smoothness
         self.norm_eps = norm_eps  # get_pred's eps: 1e-12 (FCN, UPer heads) or 0 (ASPP, OCR heads)
+        self.fused = False
+
+    def set_fused(self, fused: bool = True):
+        """``True``: the three full-resolution cross-entropies of ``forward_train`` run as
+        :func:`fastseg.ops.upsampled_cross_entropy` (Triton; the (B, K, H, W) upsampled logits are never stored).
+        Same losses and gradients; the prototypes, cosine classifier and distillation stay plain PyTorch."""
+        self.fused = bool(fused)
+        return self
 
     @property
     def classifier_weight(self) -> torch.Tensor:
@@ -116,23 +126,41 @@ class CACHeadMixin:
         oracle = oracle_logits(feat, y, weight, self.apd_proj, self.tau, self.ignore_index)
         kl_loss = entropy_distill_loss(refined, oracle.detach(), y, self.smoothness, self.ignore_index)
         labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
-        # the original's extra cross-entropies: align_corners=True, mean over the labelled pixels
-        base_up = F.interpolate(base, size=y.shape[-2:], mode="bilinear", align_corners=True)
-        pre_self_loss = F.cross_entropy(base_up, labels, ignore_index=self.ignore_index)
-        oracle_up = F.interpolate(oracle, size=y.shape[-2:], mode="bilinear", align_corners=True)
-        pre_loss = F.cross_entropy(oracle_up, labels, ignore_index=self.ignore_index)
-        # BaseDecodeHead.losses: the head's align_corners, mmseg's CrossEntropyLoss (mean over ALL pixels)
-        refined_up = F.interpolate(refined, size=y.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-        main = F.cross_entropy(refined_up, labels, ignore_index=self.ignore_index, reduction="none").mean()
+        if self.fused:
+            pre_self_loss, pre_loss, main, acc = self._fused_ce(base, oracle, refined, labels)
+        else:
+            # the original's extra cross-entropies: align_corners=True, mean over the labelled pixels
+            base_up = F.interpolate(base, size=y.shape[-2:], mode="bilinear", align_corners=True)
+            pre_self_loss = F.cross_entropy(base_up, labels, ignore_index=self.ignore_index)
+            oracle_up = F.interpolate(oracle, size=y.shape[-2:], mode="bilinear", align_corners=True)
+            pre_loss = F.cross_entropy(oracle_up, labels, ignore_index=self.ignore_index)
+            # BaseDecodeHead.losses: the head's align_corners, mmseg's CrossEntropyLoss (mean over ALL pixels)
+            refined_up = F.interpolate(refined, size=y.shape[-2:], mode="bilinear", align_corners=self.align_corners)
+            main = F.cross_entropy(refined_up, labels, ignore_index=self.ignore_index, reduction="none").mean()
+            acc = mmseg_accuracy(refined_up.detach(), labels)
         main = main * self.loss_weight
         return {
             "loss_ce": main + pre_self_loss + pre_loss + kl_loss,
-            "acc_seg": mmseg_accuracy(refined_up.detach(), labels),
+            "acc_seg": acc,
             "PreSelfLoss": pre_self_loss.detach(),
             "PreLoss": pre_loss.detach(),
             "KLLoss": kl_loss.detach(),
             "MainLoss": main.detach(),
         }
+
+    def _fused_ce(self, base, oracle, refined, labels):
+        from ..ops.upsample_ce import upsampled_cross_entropy
+
+        n_valid = (labels != self.ignore_index).sum()  # 0 gives NaN, as nn.CrossEntropyLoss
+        pre_self = upsampled_cross_entropy(base, labels, True, self.ignore_index).sum() / n_valid
+        pre = upsampled_cross_entropy(oracle, labels, True, self.ignore_index).sum() / n_valid
+        main = upsampled_cross_entropy(refined, labels, self.align_corners, self.ignore_index).mean()
+        with torch.no_grad():  # the logged accuracy, one image at a time
+            correct = sum(F.interpolate(refined[i:i + 1], size=labels.shape[-2:], mode="bilinear",
+                                        align_corners=self.align_corners).argmax(1).eq(labels[i:i + 1]).sum()
+                          for i in range(labels.shape[0]))
+            acc = correct.float() * (100.0 / labels.numel())
+        return pre_self, pre, main, acc
 
     # the official method names, for readers comparing with the original
     def get_pred(self, x, proto):

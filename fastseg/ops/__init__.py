@@ -3,8 +3,10 @@ from .context_cluster import context_cluster, context_cluster_packed
 from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
 from .mlp_dwconv import dwconv3x3_gelu
 from .msca import msca
+from .upsample_ce import upsampled_cross_entropy
 
 __all__ = [
     "PackedMask", "mask_from_embeddings", "masked_attention", "pack_mask", "unpack_mask",
     "context_cluster", "context_cluster_packed", "msca", "dwconv3x3_gelu",
+    "upsampled_cross_entropy",
 ]

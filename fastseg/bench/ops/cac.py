@@ -1,4 +1,6 @@
-"""CAC's context-aware classifier (issue 17): the reference only so far (the fused Triton path is not built yet).
+"""CAC's context-aware classifier (issue 17): the eager reference, and ``fastseg`` = the same head with its three
+full-resolution cross-entropies fused (``set_fused(True)``: Triton upsample + cross-entropy). A fused path for the
+prototype / cosine-classifier / distillation math is not built yet, so ``fwd`` (inference) has no fastseg row.
 
 The case is the classifier part of a CAC head on (B, C, H, W) decoder features (``FCNHeadCAC`` with no convs:
 ``conv_seg``, ``proj``, ``apd_proj``; dropout 0.1 as the official configs). ``fwd``: inference (base logits,
@@ -10,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from ..measure import Prepared
+from ..measure import Prepared, Unavailable
 from ..registry import Impl, OpSpec, register, require
 from .common import compiled, generator, module_step, randn
 
 OP = "cac"
 SHAPE_KEYS = {"B": 16, "C": 512, "K": 150, "H": 64, "W": 64, "stride": 8}
-WHAT = "the fused CAC classifier is not built yet (issue 17)"
+WHAT = "the fused upsample + cross-entropy op is not in this build"
 
 
 def _ade(batch, channels, stride, image=512):
@@ -42,7 +44,10 @@ def _prep(fused: bool, compile_: bool = False):
     def prepare(s, dtype, device, mode) -> Prepared:
         head_cls = require("fastseg.models.cac_head", "FCNHeadCAC", "the CAC reference lands with issue 17")
         if fused:
-            require("fastseg.nn", "ContextAwareClassifier", WHAT)
+            require("fastseg.ops", "upsampled_cross_entropy", WHAT)
+            if mode != "fwdbwd":
+                raise Unavailable("the fused path covers the training cross-entropies only (inference is the "
+                                  "eager reference; a fused prototype / cosine classifier is not built yet)")
         g = generator(device)
         x = randn((s["B"], s["C"], s["H"], s["W"]), dtype, device, g, mode == "fwdbwd")
         size = (s["B"], 1, s["H"] * s["stride"], s["W"] * s["stride"])
@@ -50,7 +55,7 @@ def _prep(fused: bool, compile_: bool = False):
         y[torch.rand(size, generator=g, device=device) < 0.1] = 255
         torch.manual_seed(0)
         head = head_cls(in_channels=s["C"], channels=s["C"], num_classes=s["K"], num_convs=0, concat_input=False)
-        head = head.to(device=device, dtype=dtype).train(mode == "fwdbwd")
+        head = head.to(device=device, dtype=dtype).train(mode == "fwdbwd").set_fused(fused)
         if mode == "fwdbwd":
             def fn(inp):
                 return head.forward_train(inp, y)["loss_ce"]
@@ -69,9 +74,11 @@ register(OpSpec(
     presets=PRESETS,
     label=label,
     impls=[
-        Impl("fastseg", _prep(True), fastseg=True, description="fused CAC classifier (not built yet)"),
+        Impl("fastseg", _prep(True), fastseg=True,
+             description="FCNHeadCAC classifier part, set_fused(True): Triton upsample + cross-entropy"),
         Impl("eager", _prep(False), description="fastseg.models.FCNHeadCAC classifier part, eager"),
         Impl("compile", _prep(False, True), gpu_only=True, description="torch.compile of the eager classifier"),
     ],
-    notes=["CAC has only the plain-PyTorch reference so far; the fused Triton path is not built yet."],
+    notes=["CAC fastseg rows fuse only the three upsampled cross-entropies; the prototype / cosine-classifier / "
+           "distillation math is the plain-PyTorch reference (a fused path for it is not built yet)."],
 ))
