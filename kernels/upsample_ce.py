@@ -68,7 +68,8 @@ def _interp(xb, kk, sxk, sxh, sxw, y0, y1, ly, x0, x1, lx, m, ACC: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _upce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, K, h, w, H, W, sxb, sxk, sxh, sxw, n_pb, ignore_index, ALIGN: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
+def _upce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, K, h, w, H, W, sxb, sxk, sxh, sxw, n_pb, ignore_index,
+                     ALIGN: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     b, p, inside, y0, y1, ly, x0, x1, lx = _pixels(pid, n_pb, h, w, H, W, ALIGN, ACC, BP)
     t = tl.load(t_ptr + b.to(tl.int64) * H * W + p, mask=inside, other=0).to(tl.int32)
@@ -94,7 +95,8 @@ def _upce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, K, h, w, H, W, sxb, sxk, s
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _upce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, K, h, w, H, W, sxb, sxk, sxh, sxw, n_pb, ignore_index, ALIGN: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
+def _upce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, K, h, w, H, W, sxb, sxk, sxh, sxw, n_pb, ignore_index,
+                     ALIGN: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     b, p, inside, y0, y1, ly, x0, x1, lx = _pixels(pid, n_pb, h, w, H, W, ALIGN, ACC, BP)
     out = b.to(tl.int64) * H * W + p

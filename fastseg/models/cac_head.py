@@ -1,11 +1,12 @@
-"""CAC decode heads (reference, plain PyTorch): ``FCNHeadCAC``, ``UPerHeadCAC`` and SegNeXt's Ham head with CAC.
+"""CAC decode heads (reference, plain PyTorch): FCN, UPerNet and DeepLabV3+ heads with CAC, and SegNeXt's Ham head.
 
 Faithful to tianzhuotao/CAC ``mmseg/models/decode_heads/fcn_head_cac.py`` (``FCNHeadCAC`` on mmsegmentation's
-``BaseDecodeHead``) and ``uper_head_cac.py`` (``UPerHeadCAC``), without mmcv/mmseg: the same parameter names
-(``convs.0.conv.weight``, ``convs.0.bn.*``, ``conv_cat.*``, ``psp_modules.0.1.conv.weight``, ``lateral_convs.*``,
-``fpn_convs.*``, ``fpn_bottleneck.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*``), so the official state_dicts
-load strictly. The
-math is in :mod:`fastseg.reference.cac`. A fused Triton path for CAC's prototype / cosine-classifier /
+``BaseDecodeHead``), ``uper_head_cac.py`` (``UPerHeadCAC``) and ``sep_aspp_head_cac.py``
+(``DepthwiseSeparableASPPHeadCAC``), without mmcv/mmseg: the same parameter names (``convs.0.conv.weight``,
+``convs.0.bn.*``, ``conv_cat.*``, ``psp_modules.0.1.conv.weight``, ``lateral_convs.*``,
+``aspp_modules.1.depthwise_conv.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*`` ...), so the official state_dicts
+load strictly.
+The math is in :mod:`fastseg.reference.cac`. A fused Triton path for CAC's prototype / cosine-classifier /
 distillation math is not built; ``head.set_fused(True)`` only runs the three full-resolution cross-entropies as
 the fused upsample + cross-entropy op (:func:`fastseg.ops.upsampled_cross_entropy`).
 

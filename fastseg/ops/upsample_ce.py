@@ -41,7 +41,8 @@ class _UpsampledCE(torch.autograd.Function):
 
 def _check(logits, target, ignore_index):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
-        raise ValueError(f"upsampled_cross_entropy: logits must be (B, K, h, w), got {tuple(getattr(logits, 'shape', ()))}")
+        shape = tuple(getattr(logits, "shape", ()))
+        raise ValueError(f"upsampled_cross_entropy: logits must be (B, K, h, w), got {shape}")
     if not logits.is_floating_point():
         raise TypeError(f"upsampled_cross_entropy: logits must be floating point, got {logits.dtype}")
     if target.dim() == 4 and target.shape[1] == 1:

@@ -43,7 +43,8 @@ def cac_projector(channels: int) -> nn.Sequential:
 def soft_class_prototypes(feat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Per-image class prototypes: pixel features averaged with the per-pixel softmax over classes as weights.
 
-    ``feat`` (B, C, h, w), ``logits`` (B, K, h, w) → (B, K, C) = Σ_p softmax(logits)_kp f_p / (Σ_p softmax_kp + 1e-12).
+    ``feat`` (B, C, h, w), ``logits`` (B, K, h, w) → (B, K, C):
+    Σ_p softmax(logits)_kp f_p / (Σ_p softmax_kp + 1e-12).
     """
     b, c, h, w = feat.shape
     if logits.dim() != 4 or logits.shape[0] != b or logits.shape[2:] != feat.shape[2:]:
