@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, msca
+from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, msca, upsample_ce
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -86,6 +86,11 @@ def main():
     compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "pw_ptr": "fp32",
                                              "pbias_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
+    U = upsample_ce
+    compile_for_sm90(U._upce_fwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"},
+                     dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
+    compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
+                                          "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from .masked_attention import PackedMask, mask_from_embeddings, masked_attention
 from .masked_attention import dropout_keep_mask, dropout_seed
 from .mlp_dwconv import dwconv3x3_gelu
 from .msca import msca
+from .upsample_ce import upsampled_cross_entropy
 
 __all__ = [
     "PackedMask", "mask_from_embeddings", "masked_attention", "pack_mask", "unpack_mask",
     "dropout_keep_mask", "dropout_seed",
     "context_cluster", "context_cluster_packed", "msca", "dwconv3x3_gelu",
+    "upsampled_cross_entropy",
 ]
