@@ -40,21 +40,29 @@ _EPS = 1e-12  # F.normalize's eps
 _SMALL_M = 8  # centers per region up to which the products are loops over the centers (no tl.dot)
 
 
+_MAXNREG = 128  # register cap (4 CTAs of 4 warps per SM); without one ptxas picks 128-168 and spills
+
+
 def _configs():
+    """BLOCK_N x num_warps keep <= 8 point-tile values per thread (BLOCK_C = 32); measured register, spill and
+    shared-memory numbers: benchmarks/results/notes/context_cluster_resources.md."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":  # one config (quick GPU test runs)
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in ((16, 2), (32, 4), (64, 8))]
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4, maxnreg=_MAXNREG)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, maxnreg=_MAXNREG) for bn, w in ((16, 2), (32, 4), (64, 8))]
 
 
 def _prune(configs, named_args, **kw):
-    """Drop configs whose (BLOCK_N, BLOCK_C) point tiles hold more than 8 values per thread: the backward's
-    second pass keeps about a dozen such tiles (and their offsets) live and spills beyond that. Keep at least
-    the smallest config."""
+    """Drop configs whose (BLOCK_N, BLOCK_C) point tiles hold more than 8 values per thread: the backward keeps
+    about a dozen such tiles (and their offsets) live and spills beyond that. Keep at least the smallest
+    config. The tl.dot path (> 8 centers) runs without the register cap."""
     bc = kw.get("BLOCK_C", named_args.get("BLOCK_C", 32))
     ok = [c for c in configs if c.kwargs["BLOCK_N"] * bc <= 8 * 32 * c.num_warps]
-    return ok or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    ok = ok or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    if kw.get("USE_DOT", False):
+        ok = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages) for c in ok]
+    return ok
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -344,10 +352,8 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
     # sim normaliser: dL/dS_m = -<dL/dagg_m, agg_m> / (S_m + 1) = -<D_m, agg_m>, added to ds_n for n in m
     rnorm = tl.sum(dmat * agg, axis=1)
     tl.debug_barrier()
-    # pass 2: dv, ds -> dz = ds * s(1-s) -> dalpha, dbeta, dcos; dchat accumulated over the region.
-    dchat = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
-    dal = tl.zeros((BLOCK_N,), dtype=ACC)
-    dbe = tl.zeros((BLOCK_N,), dtype=ACC)
+    # pass 2a: dv, ds -> dz = ds * s(1-s) (kept in the dcos scratch). Two passes instead of one keep fewer
+    # (BLOCK_N, BLOCK_C) tiles live at once (registers; see benchmarks/results/notes/context_cluster_resources.md).
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -365,16 +371,24 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         dvt = _add_pooled(s[:, None] * d_n, dmat_blk, dmat, i, j, nmask, offs_c, cmask, M, C, R2, R3, P2, P3,
                           rs, re, cs, ce, inv_area, ACC, USE_DOT, PRECISION)
         tl.store((dv_ptr + base) + off, dvt.to(dv_ptr.dtype.element_ty), mask=nmask[:, None] & cmask[None, :])
-        dz = tl.where(nmask, ds * s * (1.0 - s), 0.0)
-        xt, _o2, _i2, _j2 = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
+        tl.store(dcos_ptr + inst * N + offs_n, tl.where(nmask, ds * s * (1.0 - s), 0.0), mask=nmask)
+    tl.debug_barrier()
+    # pass 2b: dz -> dalpha, dbeta, dcos = alpha * dz; dchat accumulated over the region.
+    dchat = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    dal = tl.zeros((BLOCK_N,), dtype=ACC)
+    dbe = tl.zeros((BLOCK_N,), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=0)
+        dz = tl.load(dcos_ptr + inst * N + offs_n, mask=nmask, other=0.0)
+        xt, _o2, i, j = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         xhat, _n1, _d1 = _normalize_rows(xt, EPS)
         cos = tl.sum(xhat * _gather_rows(chat_blk, M, C, a, nmask, offs_c, cmask), axis=1)
         dal += dz * cos
         dbe += dz
-        dcos = alpha * dz
-        tl.store(dcos_ptr + inst * N + offs_n, dcos, mask=nmask)
-        dchat = _add_rows(dchat, xhat, a, dcos, i, j, nmask, offs_m, M, R2, R3, P2, P3, rs, re, cs, ce, inv_area,
-                          True, False, ACC, USE_DOT, PRECISION)
+        dchat = _add_rows(dchat, xhat, a, alpha * dz, i, j, nmask, offs_m, M, R2, R3, P2, P3, rs, re, cs, ce,
+                          inv_area, True, False, ACC, USE_DOT, PRECISION)
     tl.store(dalpha_ptr + pid, tl.sum(dal, axis=0))
     tl.store(dbeta_ptr + pid, tl.sum(dbe, axis=0))
     # F.normalize backward for the centers, then through the pooling in pass 3 (dcen replaces dmat in scratch).
@@ -390,7 +404,7 @@ def _coc_bwd_kernel(x_ptr, v_ptr, g_ptr, alpha_ptr, dx_ptr, dv_ptr, dalpha_ptr, 
         nmask = offs_n < N
         xt, off, i, j = _load_points(x_ptr, base, offs_n, nmask, offs_c, cmask, R3, D3, hw, ACC)
         a = tl.load(assign_ptr + inst * N + offs_n, mask=nmask, other=0)
-        dcos = tl.load(dcos_ptr + inst * N + offs_n, mask=nmask, other=0.0)
+        dcos = alpha * tl.load(dcos_ptr + inst * N + offs_n, mask=nmask, other=0.0)
         dxhat = dcos[:, None] * _gather_rows(chat_blk, M, C, a, nmask, offs_c, cmask)
         xn = tl.sqrt(tl.sum(xt * xt, axis=1))
         xden = tl.maximum(xn, EPS)

@@ -6,6 +6,7 @@ packed f/v conv output as input), specialised as a launch would be (16-aligned p
 ==1 integer arguments). Spills and registers come from the bundled ptxas (``-v``) on the PTX, shared memory
 from the compiled kernel's metadata. Run with TRITON_INTERPRET unset; prints one JSON line per kernel build:
     python tests/context_cluster_resources.py [stage ...]     # stages 1-4 (default 1)
+    python tests/context_cluster_resources.py tf32            # tl.dot path (M = 16), TF32 off / on
 (tests/test_context_cluster_resources.py runs it in a subprocess and checks the limits.)
 """
 import json
@@ -53,7 +54,7 @@ def ptxas_resources(ptx: str) -> tuple[int, int, int]:
     return regs, st, ld
 
 
-def compile_kernel(kernel, ints: dict, dtype: str, meta: dict, num_warps: int, num_stages: int):
+def compile_kernel(kernel, ints: dict, dtype: str, meta: dict, num_warps: int, num_stages: int, maxnreg=None):
     fn = kernel.fn
     sig, attrs, consts = {}, {}, dict(meta)
     for i, a in enumerate(fn.arg_names):
@@ -68,28 +69,39 @@ def compile_kernel(kernel, ints: dict, dtype: str, meta: dict, num_warps: int, n
             sig[a] = "i32"
             if ints[a] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     return triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options=options)
 
 
-def measure(stage: int = 1, dtypes=("fp32", "fp16", "bf16"), allow_tf32: bool = False):
+def measure(stage: int = 1, dtypes=("fp32", "fp16", "bf16"), allow_tf32: bool = False, proposals: int = 2,
+            kernels=("fwd", "bwd")):
+    """Yield one dict per (dtype, kernel, autotune config). ``proposals`` > 2 (M = proposals**2 > 8 centers)
+    measures the tl.dot path instead of the loops over the centers; ``allow_tf32`` is torch's switch during
+    the launch-parameter choice."""
     ints = stage_ints(stage)
+    ints.update(P2=proposals, P3=proposals, M=proposals * proposals)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
         for dt in dtypes:
             meta = K.launch_meta(DTYPES[dt], ints["C"], ints["M"], return_center=False)
             for name, kernel in (("fwd", K._coc_fwd_kernel), ("bwd", K._coc_bwd_kernel)):
+                if name not in kernels:
+                    continue
                 configs = kernel.configs
                 if kernel.early_config_prune is not None:
                     configs = kernel.early_config_prune(configs, {}, **meta)
                 for cfg in configs:
                     t = time.time()
-                    ck = compile_kernel(kernel, ints, dt, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+                    ck = compile_kernel(kernel, ints, dt, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
+                                        cfg.maxnreg)
                     ptx = ck.asm["ptx"]
                     regs, st, ld = ptxas_resources(ptx)
                     yield dict(kernel=name, stage=stage, dtype=dt, **cfg.kwargs, num_warps=cfg.num_warps,
-                               regs=regs, spill_store=st, spill_load=ld, smem=ck.metadata.shared,
+                               maxnreg=cfg.maxnreg, regs=regs, spill_store=st, spill_load=ld, smem=ck.metadata.shared,
                                mma=ptx.count("mma.sync") + ptx.count("wgmma"), tf32=".tf32" in ptx,
                                precision=meta["PRECISION"], seconds=round(time.time() - t, 1))
     finally:
@@ -97,6 +109,12 @@ def measure(stage: int = 1, dtypes=("fp32", "fp16", "bf16"), allow_tf32: bool = 
 
 
 if __name__ == "__main__":
-    for st in [int(a) for a in sys.argv[1:]] or [1]:
-        for row in measure(st):
-            print(json.dumps(row), flush=True)
+    args = sys.argv[1:]
+    if args and args[0] == "tf32":  # the tl.dot path (4x4 proposals, M = 16) with TF32 off and on, fp32 backward
+        for allow in (False, True):
+            for row in measure(1, ("fp32",), allow_tf32=allow, proposals=4, kernels=("bwd",)):
+                print(json.dumps(dict(row, allow_tf32=allow)), flush=True)
+    else:
+        for st in [int(a) for a in args] or [1]:
+            for row in measure(st):
+                print(json.dumps(row), flush=True)
