@@ -8,6 +8,7 @@ alone takes ~40 s to compile.
 """
 import time
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -57,16 +58,16 @@ def main():
                      dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
     compile_for_sm90(attention_mask._reset_empty_kernel, {"Bits": "i32", "Counts": "i32"}, dict(BLOCK_W=256))
     cc = context_cluster
-    for use_dot, bm in ((False, 4), (True, 16)):
-        c = dict(RETURN_CENTER=False, ACC=tl.float32, EPS=1e-12, BLOCK_N=64, BLOCK_M=bm, BLOCK_C=32, USE_DOT=use_dot)
+    for m in (4, 16):  # loops over the centers; tl.dot path
+        c = dict(cc.launch_meta(torch.float16, 24, m, return_center=False), BLOCK_N=64)
         compile_for_sm90(cc._coc_fwd_kernel, {"x_ptr": dt, "v_ptr": dt, "alpha_ptr": "fp32", "beta_ptr": "fp32",
                                               "out_ptr": dt, "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
-                                              "agg_ptr": "fp32", "cnt_ptr": "fp32"}, c)
+                                              "agg_ptr": "fp32", "den_ptr": "fp32"}, c)
         compile_for_sm90(cc._coc_bwd_kernel, {"x_ptr": dt, "v_ptr": dt, "g_ptr": dt, "alpha_ptr": "fp32",
                                               "dx_ptr": dt, "dv_ptr": dt, "dalpha_ptr": "fp32", "dbeta_ptr": "fp32",
                                               "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
-                                              "agg_ptr": "fp32", "cnt_ptr": "fp32", "tmp_ptr": "fp32",
-                                              "dcos_ptr": "fp32", "dmat_ptr": "fp32"}, c)
+                                              "agg_ptr": "fp32", "den_ptr": "fp32", "tmp_ptr": "fp32",
+                                              "dcos_ptr": "fp32", "dmat_ptr": "fp32", "chat_ptr": "fp32"}, c)
     nchw = dict(BC=1, BP=1024, sxw=1, syw=1)
     D = mlp_dwconv
     compile_for_sm90(D._dwgelu_fwd_kernel, {"x_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32", "y_ptr": dt},
