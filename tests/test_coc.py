@@ -97,6 +97,7 @@ def test_coc_patched_matches_reference(normalizer, device, triton_launches):
     mixers = [m for m in patched.modules() if isinstance(m, Cluster)]
     assert report.count("context_cluster") == 4 == len(mixers)
     assert all(type(m) is ContextCluster and m.normalizer == normalizer for m in mixers)
+    triton_launches.clear()  # the probe of patch's verification ran the kernels too
     _compare_models(ref, patched, device, dtype)
     assert triton_launches["coc_fwd_kernel"] == 4 and triton_launches["coc_bwd_kernel"] == 4
 
