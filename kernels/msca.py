@@ -85,55 +85,78 @@ def _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexp
 
 
 @triton.jit
-def _strip_fwd(pS, wb, cm, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr,
+def _opaque_zero(zp):
+    """0, read from a scratch slot's zero margin. Offsetting a phase's addresses by it (after a barrier) keeps
+    the compiler from computing each shifted address once and holding it across phases (it did, and the
+    hundreds of live 64-bit addresses were what spilled); within a phase each address is used once."""
+    return tl.load(zp).to(tl.int32)
+
+
+@triton.jit
+def _strip_fwd(pS, zp, wb, cm, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr,
                BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr,
                SB: tl.constexpr, RWP: tl.constexpr):
     """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 in scratch buffer 0, T through buffer 1."""
-    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    z = _opaque_zero(zp)
+    pA = pS + z
+    wz = wb + z
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BH, mask=cm, other=0.0)
     for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 0, 0, j - K // 2, SB, RWP)
+        t += tl.load(wz + OH + j, mask=cm, other=0.0) * _ld(pA, 0, 0, j - K // 2, SB, RWP)
     t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading buffer 1
     tl.store(pS + SB, t)
     tl.debug_barrier()
-    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
+    z = _opaque_zero(zp)
+    pB = pS + z
+    wz = wb + z
+    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BV, mask=cm, other=0.0)
     for i in tl.static_range(K):
-        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld(pS, 1, i - K // 2, 0, SB, RWP)
+        v += tl.load(wz + OV + i, mask=cm, other=0.0) * _ld(pB, 1, i - K // 2, 0, SB, RWP)
     return v
 
 
 @triton.jit
-def _strip_bwd(pS, wb, cm, pt, C, c1, pm, pds, sdh, h, W_ok, H, in_img, own, dso,
+def _strip_bwd(pS, zp, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
                BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, SB: tl.constexpr,
                RWP: tl.constexpr):
     """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0.
-    Scratch: a0 in buffer 0, T_k in buffer 1, dT_k in buffer 2. dso = ds on the pixels this tile owns."""
-    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
-    for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 0, 0, j - K // 2, SB, RWP)
-    t = tl.where(in_img, t, 0.0)
-    # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]   (ds read from memory, shifted rows)
+
+    Scratch: a0 in buffer 0 (read only here), T_k in buffer 1, dT_k in buffer 2. ds at dsb + do (do: the
+    block's in-plane offsets); dso = ds on the pixels this tile owns. Two phases, each reading every shifted
+    address once: (1) dT_k from ds, then one pass over the horizontal taps giving both T_k and dW_h;
+    (2) after T_k / dT_k are in scratch, dW_v from shifted T_k and the da0 part from shifted dT_k."""
+    z = _opaque_zero(zp)
+    wz = wb + z
     dT = tl.zeros([BC, RH, RW], ACC)
-    for i in tl.static_range(K):
+    for i in tl.static_range(K):  # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]
         m = W_ok & (h >= i - K // 2) & (h < H + i - K // 2)
-        dsv = tl.load(pds + (K // 2 - i) * sdh, mask=m, other=0.0).to(ACC)
-        dT += tl.load(wb + OV + i, mask=cm, other=0.0) * dsv
+        dsv = tl.load(dsb + ((do + z) + (K // 2 - i) * sdh), mask=m, other=0.0).to(ACC)
+        dT += tl.load(wz + OV + i, mask=cm, other=0.0) * dsv
     dT = tl.where(in_img, dT, 0.0)
+    dTo = tl.where(own, dT, 0.0)
+    _pstore(pt, C, c1, pm, BH, 1, 0, _psum(dTo))
+    pA = pS + z
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BH, mask=cm, other=0.0)
+    for j in tl.static_range(K):
+        av = _ld(pA, 0, 0, j - K // 2, SB, RWP)
+        t += tl.load(wz + OH + j, mask=cm, other=0.0) * av
+        _pstore(pt, C, c1, pm, OH, K, j, _psum(dTo * av))
+    t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading buffers 1 and 2
     tl.store(pS + SB, t)
     tl.store(pS + 2 * SB, dT)
     tl.debug_barrier()
+    z = _opaque_zero(zp)
+    pB = pS + z
+    wz = wb + z
     _pstore(pt, C, c1, pm, BV, 1, 0, _psum(dso))
     for i in tl.static_range(K):
-        _pstore(pt, C, c1, pm, OV, K, i, _psum(dso * _ld(pS, 1, i - K // 2, 0, SB, RWP)))
-    dTo = tl.where(own, dT, 0.0)
-    _pstore(pt, C, c1, pm, BH, 1, 0, _psum(dTo))
-    for j in tl.static_range(K):
-        _pstore(pt, C, c1, pm, OH, K, j, _psum(dTo * _ld(pS, 0, 0, j - K // 2, SB, RWP)))
+        _pstore(pt, C, c1, pm, OV, K, i, _psum(dso * _ld(pB, 1, i - K // 2, 0, SB, RWP)))
     r = tl.zeros([BC, RH, RW], ACC)
     for j in tl.static_range(K):
-        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 2, 0, K // 2 - j, SB, RWP)
+        r += tl.load(wz + OH + j, mask=cm, other=0.0) * _ld(pB, 2, 0, K // 2 - j, SB, RWP)
     return r
 
 
@@ -155,6 +178,7 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
     pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
+    zp = scr_ptr + pid.to(tl.int64) * (2 * SB)  # the slot's first element: in its zero margin
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
@@ -174,20 +198,40 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         a0 = tl.where(in_img, _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(pS, a0)
         tl.debug_barrier()
-        s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+        s = a0 + _strip_fwd(pS, zp, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, zp, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, zp, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
 
+# The backward is two passes over the same tiles (so both write rows of one partial-sum buffer):
+# 1. ``_msca_dw_bwd_strips_kernel``: recomputes a0 and T_k, back-propagates ds through the strip branches to
+#    da0 (stored for the pixels the tile owns) and writes the strips' 84 weight and 6 bias partials;
+# 2. ``_msca_dw_bwd_conv0_kernel``: dx = dxd + conv5x5^T(da0) and the 5x5's 25 weight + 1 bias partials.
+# Splitting keeps each pass's live state small (the single-pass kernel spilled ~7 KB per thread).
+@triton.jit
+def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, RH: tl.constexpr,
+                 RW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    tw = item % n_tw
+    r = item // n_tw
+    th = r % n_th
+    r = r // n_th
+    cb = r % n_cb
+    n = r // n_cb
+    c = cb * BC + cc
+    h = th * (RH - 2 * PH) - PH + ii
+    w = tw * (RW - 2 * PW) - PW + jj
+    return n, cb, th, tw, c, h, w
+
+
 @triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
-def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
-                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
-                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                        PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
-                        ACC: tl.constexpr, M: tl.constexpr):
-    """ds / dxd share strides (sd*); dx strides (so*); partials: (N * n_th * n_tw, NP * C) parameter-major."""
+def _msca_dw_bwd_strips_kernel(x_ptr, ds_ptr, da0_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
+                               sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                               n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                               PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
+                               ACC: tl.constexpr, M: tl.constexpr):
+    """ds and da0 share strides (sd*); partials: (N * n_th * n_tw, NP * C) parameter-major."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c1 = tl.arange(0, BC)
@@ -197,58 +241,73 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
     pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
+    zp = scr_ptr + pid.to(tl.int64) * (3 * SB)  # the slot's first element: in its zero margin
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
-        tw = item % n_tw
-        r = item // n_tw
-        th = r % n_th
-        r = r // n_th
-        cb = r % n_cb
-        n = r // n_cb
-        c = cb * BC + cc
+        n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
         cm = c < C
         c1b = cb * BC + c1
         pm = c1b < C
-        h = th * (RH - 2 * PH) - PH + ii
-        w = tw * (RW - 2 * PW) - PW + jj
         W_ok = cm & (w >= 0) & (w < W)
         in_img = W_ok & (h >= 0) & (h < H)
         own = in_img & own_t
         px = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
-        doff = n.to(tl.int64) * sdn + c.to(tl.int64) * sdc + h * sdh + w * sdw
-        pds = ds_ptr + doff
+        dsb = ds_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
+        do = h * sdh + w * sdw
         wb = wp_ptr + c * WP
         pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
         tl.debug_barrier()  # previous item finished reading the scratch
         a0 = tl.where(in_img, _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(pS, a0)
-        ds_c = tl.load(pds, mask=in_img, other=0.0).to(ACC)
+        ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
         dso = tl.where(own, ds_c, 0.0)
         tl.debug_barrier()
-        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, pds, sdh, h, W_ok, H, in_img, own, dso,
-                                7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, pds, sdh, h, W_ok, H, in_img, own, dso,
+        da0 = dso + _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+                               7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        da0 += _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, pds, sdh, h, W_ok, H, in_img, own, dso,
+        da0 += _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-        da0 = tl.where(in_img, da0, 0.0)
-        da0o = tl.where(own, da0, 0.0)
-        _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
-        for u in tl.static_range(5):
-            mh = own & (h >= 2 - u) & (h < H + 2 - u)
-            for v in tl.static_range(5):
-                m = mh & (w >= 2 - v) & (w < W + 2 - v)
-                xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=m, other=0.0)
-                _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
-        tl.debug_barrier()  # everyone finished reading a0 from buffer 0
-        tl.store(pS, da0)
-        tl.debug_barrier()
-        dx = tl.load(dxd_ptr + doff, mask=own, other=0.0).to(ACC)
-        for u in tl.static_range(5):
-            for v in tl.static_range(5):
-                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
-        ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
-        tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
+        tl.store(da0_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, da0.to(da0_ptr.dtype.element_ty),
+                 mask=own)
+
+
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
+def _msca_dw_bwd_conv0_kernel(x_ptr, da0_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, C, H, W,
+                              sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+                              n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                              PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
+                              ACC: tl.constexpr):
+    """One program per tile of the strips pass (same partial rows). da0 / dxd share strides (sd*)."""
+    item = tl.program_id(0)
+    c1 = tl.arange(0, BC)
+    cc = c1[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
+    cm = c < C
+    c1b = cb * BC + c1
+    pm = c1b < C
+    own = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W) & (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    px = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+    dab = da0_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
+    do = h * sdh + w * sdw
+    wb = wp_ptr + c * WP
+    pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
+    da0 = tl.load(dab + do, mask=own, other=0.0).to(ACC)
+    _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0))
+    dx = tl.load(dxd_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, mask=own, other=0.0).to(ACC)
+    for u in tl.static_range(5):
+        mh = own & (h >= 2 - u) & (h < H + 2 - u)
+        mt = own & (h >= u - 2) & (h < H + u - 2)
+        for v in tl.static_range(5):
+            xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=mh & (w >= 2 - v) & (w < W + 2 - v), other=0.0)
+            _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0 * xv.to(ACC)))
+            dav = tl.load(dab + (do + ((2 - u) * sdh + (2 - v) * sdw)), mask=mt & (w >= v - 2) & (w < W + v - 2),
+                          other=0.0).to(ACC)
+            dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * dav
+    ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
+    tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
 
 # ------------------------------------------------------------------------------------- pointwise kernels
@@ -522,10 +581,15 @@ def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):
     nprog = _nprog(total, x.device)
     scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
     part = torch.empty(N * n_th * n_tw, NPACK * C, dtype=acc_t, device=x.device)
-    dx = torch.empty_like(x)
     assert ds.stride() == dxd.stride()
+    da0 = torch.empty_like(ds)
     record_launch("msca_dw_bwd")
-    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
-                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
-                                  NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
+    _msca_dw_bwd_strips_kernel[(nprog,)](x, ds, da0, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
+                                         n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, NP=NPACK,
+                                         WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
+    dx = torch.empty_like(x)
+    record_launch("msca_dw_bwd_conv0")
+    _msca_dw_bwd_conv0_kernel[(total,)](x, da0, dxd, dx, wpack, part, C, H, W, *x.stride(), *ds.stride(),
+                                        *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+                                        NP=NPACK, WP=WPACK, ACC=acc_tl, num_warps=warps)
     return dx, sum_rows(part, dtype or acc_t, "msca_dw_reduce")
