@@ -6,8 +6,8 @@ bias (C,) in the accumulation dtype (fp32, fp64 for fp64 x). Blocks are (BC chan
 * ``_dwgelu_bwd_dz_kernel``: recomputes z, dz = gy * GELU'(z) (stored fp32), and per-block partial sums of
   dW (9 taps) and db, reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no
   atomics) straight into the parameters' dtype and layout.
-All shifted accesses are ``p + scalar offset`` from one pointer tensor per operand (no per-tap address
-tensors: those were what the channels_last backward spilled).
+All shifted accesses are ``p + scalar offset`` from one pointer tensor per operand, in runtime tap loops:
+fully unrolled, every tap's addresses were computed up front and held (the channels_last backward spilled).
 * ``_dwgelu_bwd_dx_kernel``: dx = transposed 3x3 depthwise conv of dz.
 """
 from __future__ import annotations
@@ -40,9 +40,9 @@ def _tile(pid_p, n_pb, pid_c, C, H, W, BC: tl.constexpr, BP: tl.constexpr):
 def _conv3x3(px, sxh, sxw, h, w, H, W, wb, cm, inside, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     """3x3 depthwise conv (no bias) of zero-padded planes; px points at (h, w) of each block position."""
     z = tl.zeros([BC, BP], ACC)
-    for u in tl.static_range(3):
+    for u in range(3):
         mh = inside & (h >= 1 - u) & (h < H + 1 - u)
-        for v in tl.static_range(3):
+        for v in range(3):
             m = mh & (w >= 1 - v) & (w < W + 1 - v)
             z += tl.load(wb + u * 3 + v, mask=cm, other=0.0) * tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m,
                                                                        other=0.0).to(ACC)
@@ -80,9 +80,9 @@ def _dwgelu_bwd_dz_kernel(x_ptr, gy_ptr, w_ptr, b_ptr, dz_ptr, part_ptr, C, H, W
     c1 = tl.program_id(1) * BC + tl.arange(0, BC)
     pb = part_ptr + pid_p.to(tl.int64) * (10 * C)
     pm = c1 < C
-    for u in tl.static_range(3):
+    for u in range(3):
         mh = inside & (h >= 1 - u) & (h < H + 1 - u)
-        for v in tl.static_range(3):
+        for v in range(3):
             m = mh & (w >= 1 - v) & (w < W + 1 - v)
             xv = tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m, other=0.0).to(ACC)
             tl.store(pb + c1 * 9 + (u * 3 + v), tl.sum(dz * xv, axis=1), mask=pm)
@@ -97,9 +97,9 @@ def _dwgelu_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, sxn, sxc, sxh, sxw, sy
     cm = c < C
     pz = dz_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
     dx = tl.zeros([BC, BP], ACC)
-    for u in tl.static_range(3):
+    for u in range(3):
         mh = inside & (h >= u - 1) & (h < H + u - 1)
-        for v in tl.static_range(3):
+        for v in range(3):
             m = mh & (w >= v - 1) & (w < W + v - 1)
             dx += tl.load(w_ptr + c * 9 + u * 3 + v, mask=cm, other=0.0) * tl.load(
                 pz + ((1 - u) * sxh + (1 - v) * sxw), mask=m, other=0.0).to(ACC)

@@ -47,12 +47,14 @@ NPACK = 110
 
 # ----------------------------------------------------------------------------------------------- helpers
 # Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); a program's scratch slot holds NBUF such blocks,
-# each with a zero margin of M, at a fixed stride SB = BC * (RH + 2M) * (RW + 2M). All scratch accesses are
-# ``pS + constant`` with one pointer tensor pS (slot + block position): the constant folds into the load's
-# immediate offset, so no per-shift address tensors are kept in registers (they were hoisted out of the
-# persistent loop and spilled).
+# each with a zero margin of M, at a fixed stride SB = BC * (RH + 2M) * (RW + 2M); scratch accesses are
+# ``pS + offset`` from one pointer tensor pS (slot + block position).
+# The tap loops are *runtime* loops (``range``, not ``tl.static_range``): Triton emits every load with its
+# address in registers (no immediate offsets), and fully unrolled tap loops let the compiler compute all
+# shifted / weight addresses up front and keep them live (hundreds of 64-bit registers: the kilobytes of
+# spills per thread). A runtime loop computes one tap's addresses at a time.
 @triton.jit
-def _ld(pS, buf: tl.constexpr, di: tl.constexpr, dj: tl.constexpr, SB: tl.constexpr, RWP: tl.constexpr):
+def _ld(pS, buf: tl.constexpr, di, dj, SB: tl.constexpr, RWP: tl.constexpr):
     """Scratch buffer ``buf`` at (row + di, col + dj) of each block position."""
     return tl.load(pS + (buf * SB + di * RWP + dj))
 
@@ -64,7 +66,7 @@ def _psum(v):
 
 
 @triton.jit
-def _pstore(pt, C, c1, pm, O: tl.constexpr, KW: tl.constexpr, j: tl.constexpr, val):
+def _pstore(pt, C, c1, pm, O: tl.constexpr, KW: tl.constexpr, j, val):
     """Partial sum of tap j of the parameter whose packed columns start at O (KW taps per channel); the
     partial rows are parameter-major: (C, KW) taps of each parameter after the previous one's."""
     tl.store(pt + (O * C + j) + c1 * KW, val, mask=pm)
@@ -75,9 +77,9 @@ def _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexp
              ACC: tl.constexpr):
     """a0 = b0 + 5x5 depthwise conv of zero-padded planes; px points at (h, w) of each block position."""
     acc = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + 103, mask=cm, other=0.0)
-    for u in tl.static_range(5):
+    for u in range(5):
         mh = cm & (h >= 2 - u) & (h < H + 2 - u)
-        for v in tl.static_range(5):
+        for v in range(5):
             m = mh & (w >= 2 - v) & (w < W + 2 - v)
             xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=m, other=0.0).to(ACC)
             acc += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * xv
@@ -85,39 +87,25 @@ def _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexp
 
 
 @triton.jit
-def _opaque_zero(zp):
-    """0, read from a scratch slot's zero margin. Offsetting a phase's addresses by it (after a barrier) keeps
-    the compiler from computing each shifted address once and holding it across phases (it did, and the
-    hundreds of live 64-bit addresses were what spilled); within a phase each address is used once."""
-    return tl.load(zp).to(tl.int32)
-
-
-@triton.jit
-def _strip_fwd(pS, zp, wb, cm, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr,
+def _strip_fwd(pS, wb, cm, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr,
                BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr,
                SB: tl.constexpr, RWP: tl.constexpr):
     """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 in scratch buffer 0, T through buffer 1."""
-    z = _opaque_zero(zp)
-    pA = pS + z
-    wz = wb + z
-    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BH, mask=cm, other=0.0)
-    for j in tl.static_range(K):
-        t += tl.load(wz + OH + j, mask=cm, other=0.0) * _ld(pA, 0, 0, j - K // 2, SB, RWP)
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    for j in range(K):
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 0, 0, j - K // 2, SB, RWP)
     t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading buffer 1
     tl.store(pS + SB, t)
     tl.debug_barrier()
-    z = _opaque_zero(zp)
-    pB = pS + z
-    wz = wb + z
-    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BV, mask=cm, other=0.0)
-    for i in tl.static_range(K):
-        v += tl.load(wz + OV + i, mask=cm, other=0.0) * _ld(pB, 1, i - K // 2, 0, SB, RWP)
+    v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
+    for i in range(K):
+        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld(pS, 1, i - K // 2, 0, SB, RWP)
     return v
 
 
 @triton.jit
-def _strip_bwd(pS, zp, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+def _strip_bwd(pS, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
                BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, SB: tl.constexpr,
                RWP: tl.constexpr):
@@ -125,38 +113,32 @@ def _strip_bwd(pS, zp, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, 
 
     Scratch: a0 in buffer 0 (read only here), T_k in buffer 1, dT_k in buffer 2. ds at dsb + do (do: the
     block's in-plane offsets); dso = ds on the pixels this tile owns. Two phases, each reading every shifted
-    address once: (1) dT_k from ds, then one pass over the horizontal taps giving both T_k and dW_h;
+    value once: (1) dT_k from ds, then one pass over the horizontal taps giving both T_k and dW_h;
     (2) after T_k / dT_k are in scratch, dW_v from shifted T_k and the da0 part from shifted dT_k."""
-    z = _opaque_zero(zp)
-    wz = wb + z
     dT = tl.zeros([BC, RH, RW], ACC)
-    for i in tl.static_range(K):  # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]
+    for i in range(K):  # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]
         m = W_ok & (h >= i - K // 2) & (h < H + i - K // 2)
-        dsv = tl.load(dsb + ((do + z) + (K // 2 - i) * sdh), mask=m, other=0.0).to(ACC)
-        dT += tl.load(wz + OV + i, mask=cm, other=0.0) * dsv
+        dsv = tl.load(dsb + (do + (K // 2 - i) * sdh), mask=m, other=0.0).to(ACC)
+        dT += tl.load(wb + OV + i, mask=cm, other=0.0) * dsv
     dT = tl.where(in_img, dT, 0.0)
     dTo = tl.where(own, dT, 0.0)
     _pstore(pt, C, c1, pm, BH, 1, 0, _psum(dTo))
-    pA = pS + z
-    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wz + BH, mask=cm, other=0.0)
-    for j in tl.static_range(K):
-        av = _ld(pA, 0, 0, j - K // 2, SB, RWP)
-        t += tl.load(wz + OH + j, mask=cm, other=0.0) * av
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    for j in range(K):
+        av = _ld(pS, 0, 0, j - K // 2, SB, RWP)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * av
         _pstore(pt, C, c1, pm, OH, K, j, _psum(dTo * av))
     t = tl.where(in_img, t, 0.0)
     tl.debug_barrier()  # previous branch finished reading buffers 1 and 2
     tl.store(pS + SB, t)
     tl.store(pS + 2 * SB, dT)
     tl.debug_barrier()
-    z = _opaque_zero(zp)
-    pB = pS + z
-    wz = wb + z
     _pstore(pt, C, c1, pm, BV, 1, 0, _psum(dso))
-    for i in tl.static_range(K):
-        _pstore(pt, C, c1, pm, OV, K, i, _psum(dso * _ld(pB, 1, i - K // 2, 0, SB, RWP)))
+    for i in range(K):
+        _pstore(pt, C, c1, pm, OV, K, i, _psum(dso * _ld(pS, 1, i - K // 2, 0, SB, RWP)))
     r = tl.zeros([BC, RH, RW], ACC)
-    for j in tl.static_range(K):
-        r += tl.load(wz + OH + j, mask=cm, other=0.0) * _ld(pB, 2, 0, K // 2 - j, SB, RWP)
+    for j in range(K):
+        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 2, 0, K // 2 - j, SB, RWP)
     return r
 
 
@@ -178,7 +160,6 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
     pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
-    zp = scr_ptr + pid.to(tl.int64) * (2 * SB)  # the slot's first element: in its zero margin
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
@@ -198,9 +179,9 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         a0 = tl.where(in_img, _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(pS, a0)
         tl.debug_barrier()
-        s = a0 + _strip_fwd(pS, zp, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, zp, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, zp, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+        s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
@@ -241,7 +222,6 @@ def _msca_dw_bwd_strips_kernel(x_ptr, ds_ptr, da0_ptr, wp_ptr, part_ptr, scr_ptr
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
     pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
-    zp = scr_ptr + pid.to(tl.int64) * (3 * SB)  # the slot's first element: in its zero margin
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
@@ -262,11 +242,11 @@ def _msca_dw_bwd_strips_kernel(x_ptr, ds_ptr, da0_ptr, wp_ptr, part_ptr, scr_ptr
         ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
         dso = tl.where(own, ds_c, 0.0)
         tl.debug_barrier()
-        da0 = dso + _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 = dso + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                                7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, zp, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
         tl.store(da0_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, da0.to(da0_ptr.dtype.element_ty),
                  mask=own)
@@ -297,10 +277,10 @@ def _msca_dw_bwd_conv0_kernel(x_ptr, da0_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr,
     da0 = tl.load(dab + do, mask=own, other=0.0).to(ACC)
     _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0))
     dx = tl.load(dxd_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, mask=own, other=0.0).to(ACC)
-    for u in tl.static_range(5):
+    for u in range(5):
         mh = own & (h >= 2 - u) & (h < H + 2 - u)
         mt = own & (h >= u - 2) & (h < H + u - 2)
-        for v in tl.static_range(5):
+        for v in range(5):
             xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=mh & (w >= 2 - v) & (w < W + 2 - v), other=0.0)
             _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0 * xv.to(ACC)))
             dav = tl.load(dab + (do + ((2 - u) * sdh + (2 - v) * sdw)), mask=mt & (w >= v - 2) & (w < W + v - 2),
