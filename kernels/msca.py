@@ -186,11 +186,6 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
 
-# The backward is two passes over the same tiles (so both write rows of one partial-sum buffer):
-# 1. ``_msca_dw_bwd_strips_kernel``: recomputes a0 and T_k, back-propagates ds through the strip branches to
-#    da0 (stored for the pixels the tile owns) and writes the strips' 84 weight and 6 bias partials;
-# 2. ``_msca_dw_bwd_conv0_kernel``: dx = dxd + conv5x5^T(da0) and the 5x5's 25 weight + 1 bias partials.
-# Splitting keeps each pass's live state small (the single-pass kernel spilled ~7 KB per thread).
 @triton.jit
 def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, RH: tl.constexpr,
                  RW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
@@ -207,12 +202,14 @@ def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
-def _msca_dw_bwd_strips_kernel(x_ptr, ds_ptr, da0_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
-                               sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-                               n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                               PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
-                               ACC: tl.constexpr, M: tl.constexpr):
-    """ds and da0 share strides (sd*); partials: (N * n_th * n_tw, NP * C) parameter-major."""
+def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
+                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+                        n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                        PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
+                        ACC: tl.constexpr, M: tl.constexpr):
+    """ds / dxd share strides (sd*); dx strides (so*); partials: (N * n_th * n_tw, NP * C) parameter-major.
+    Per tile: recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight /
+    bias partials), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c1 = tl.arange(0, BC)
@@ -242,52 +239,30 @@ def _msca_dw_bwd_strips_kernel(x_ptr, ds_ptr, da0_ptr, wp_ptr, part_ptr, scr_ptr
         ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
         dso = tl.where(own, ds_c, 0.0)
         tl.debug_barrier()
-        da0 = dso + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
-                               7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+                                7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
         da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
         da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                           21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-        tl.store(da0_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, da0.to(da0_ptr.dtype.element_ty),
-                 mask=own)
-
-
-@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
-def _msca_dw_bwd_conv0_kernel(x_ptr, da0_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, C, H, W,
-                              sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
-                              n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                              PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
-                              ACC: tl.constexpr):
-    """One program per tile of the strips pass (same partial rows). da0 / dxd share strides (sd*)."""
-    item = tl.program_id(0)
-    c1 = tl.arange(0, BC)
-    cc = c1[:, None, None]
-    ii = tl.arange(0, RH)[None, :, None]
-    jj = tl.arange(0, RW)[None, None, :]
-    n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
-    cm = c < C
-    c1b = cb * BC + c1
-    pm = c1b < C
-    own = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W) & (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
-    px = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
-    dab = da0_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
-    do = h * sdh + w * sdw
-    wb = wp_ptr + c * WP
-    pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
-    da0 = tl.load(dab + do, mask=own, other=0.0).to(ACC)
-    _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0))
-    dx = tl.load(dxd_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, mask=own, other=0.0).to(ACC)
-    for u in range(5):
-        mh = own & (h >= 2 - u) & (h < H + 2 - u)
-        mt = own & (h >= u - 2) & (h < H + u - 2)
-        for v in range(5):
-            xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=mh & (w >= 2 - v) & (w < W + 2 - v), other=0.0)
-            _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0 * xv.to(ACC)))
-            dav = tl.load(dab + (do + ((2 - u) * sdh + (2 - v) * sdw)), mask=mt & (w >= v - 2) & (w < W + v - 2),
-                          other=0.0).to(ACC)
-            dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * dav
-    ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
-    tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
+        da0 = tl.where(in_img, da0, 0.0)
+        da0o = tl.where(own, da0, 0.0)
+        _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
+        for u in range(5):
+            mh = own & (h >= 2 - u) & (h < H + 2 - u)
+            for v in range(5):
+                m = mh & (w >= 2 - v) & (w < W + 2 - v)
+                xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=m, other=0.0)
+                _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
+        tl.debug_barrier()  # everyone finished reading a0 from buffer 0
+        tl.store(pS, da0)
+        tl.debug_barrier()
+        dx = tl.load(dxd_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, mask=own, other=0.0).to(ACC)
+        for u in range(5):
+            for v in range(5):
+                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
+        ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
+        tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
 
 # ------------------------------------------------------------------------------------- pointwise kernels
@@ -562,14 +537,9 @@ def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):
     scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
     part = torch.empty(N * n_th * n_tw, NPACK * C, dtype=acc_t, device=x.device)
     assert ds.stride() == dxd.stride()
-    da0 = torch.empty_like(ds)
-    record_launch("msca_dw_bwd")
-    _msca_dw_bwd_strips_kernel[(nprog,)](x, ds, da0, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
-                                         n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, NP=NPACK,
-                                         WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
     dx = torch.empty_like(x)
-    record_launch("msca_dw_bwd_conv0")
-    _msca_dw_bwd_conv0_kernel[(total,)](x, da0, dxd, dx, wpack, part, C, H, W, *x.stride(), *ds.stride(),
-                                        *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
-                                        NP=NPACK, WP=WPACK, ACC=acc_tl, num_warps=warps)
+    record_launch("msca_dw_bwd")
+    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
+                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+                                  NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
     return dx, sum_rows(part, dtype or acc_t, "msca_dw_reduce")
