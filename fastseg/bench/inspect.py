@@ -323,12 +323,13 @@ def _attention_cases(preset: str):
     call the kernel modules' public launchers; a launcher whose signature changed shows up as an error row."""
     import math
 
-    from fastseg.bench.ops.masked_attention import PRESETS
+    from fastseg.bench.ops.masked_attention import PRESETS, SHAPE_KEYS
     from fastseg.kernels import attention_mask as AM
     from fastseg.kernels import masked_attention as K
 
     seen = set()
     for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
         key = (s["Q"], s["H"], s["W"], s["E"], s["heads"])
         if key in seen:
             continue
@@ -353,12 +354,13 @@ def _attention_cases(preset: str):
 
 
 def _cc_cases(preset: str):
-    from fastseg.bench.ops.context_cluster import PRESETS
+    from fastseg.bench.ops.context_cluster import PRESETS, SHAPE_KEYS
     from fastseg.kernels import context_cluster as K
     from fastseg.ops.context_cluster import effective_folds
 
     seen = set()
     for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
         key = (s["heads"], s["head_dim"], s["H"], s["W"], s["fold"], s["proposal"])
         if key in seen:
             continue
