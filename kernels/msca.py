@@ -11,11 +11,14 @@ accumulation in fp32, or fp64 for fp64 inputs):
   (persistent grid, so the slots stay in L1/L2), never as full feature maps. Slots have a zero margin of 10,
   so shifted scratch reads need no masks; tl.debug_barrier() orders the block's writes and shifted reads.
 * ``_msca_pw_fwd_kernel``: GEMM (pixels x C) @ W3^T with the bias + gate-by-x epilogue.
-* ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass.
+* ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass (stored in
+  x's dtype for fp16 / bf16, fp32 otherwise).
 * ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
 * ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
-  and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients
-  (reduced over tiles afterwards in a fixed order: deterministic, no atomics).
+  and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients.
+Partial sums are reduced by one :func:`sum_rows` launch per gradient set, in a fixed order (deterministic, no
+atomics), straight into the parameters' dtype: the depthwise ones as a flat buffer, parameter after parameter.
+Tap loops are runtime loops (see the helpers' comment): the unrolled versions spilled kilobytes per thread.
 
 Per-channel depthwise parameters travel as one packed row ``wpack[C, 128]`` (see ``PACK``).
 """

@@ -61,7 +61,10 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return self.jit_fn.__name__
+        fn = self.kernel
+        while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):  # autotune / heuristics wrappers
+            fn = fn.fn
+        return fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__
 
 
 @contextlib.contextmanager
@@ -70,8 +73,13 @@ def capture():
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
+    try:  # kernels decorated under TRITON_INTERPRET=1 are InterpretedFunctions
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover
+        InterpretedFunction = None
     launches: list[Launch] = []
     old_jit, old_at = JITFunction.run, Autotuner.run
+    old_int = InterpretedFunction.run if InterpretedFunction is not None else None
 
     def jit_run(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs, grid))
@@ -83,10 +91,14 @@ def capture():
         launches.append(Launch(self, args, kwargs, grid))
 
     JITFunction.run, Autotuner.run = jit_run, at_run
+    if InterpretedFunction is not None:
+        InterpretedFunction.run = jit_run
     try:
         yield launches
     finally:
         JITFunction.run, Autotuner.run = old_jit, old_at
+        if InterpretedFunction is not None:
+            InterpretedFunction.run = old_int
 
 
 # ------------------------------------------------------------------------------------------------ configs
