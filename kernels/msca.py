@@ -76,15 +76,16 @@ def _pstore(pt, C, c1, pm, O: tl.constexpr, KW: tl.constexpr, j, val):
 
 
 @triton.jit
-def _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+def _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
              ACC: tl.constexpr):
-    """a0 = b0 + 5x5 depthwise conv of zero-padded planes; px points at (h, w) of each block position."""
+    """a0 = b0 + 5x5 depthwise conv of zero-padded planes; xb + xo points at (h, w) of each block position
+    (xo: 32-bit in-plane offsets, half the registers of a pointer tensor)."""
     acc = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + 103, mask=cm, other=0.0)
     for u in range(5):
         mh = cm & (h >= 2 - u) & (h < H + 2 - u)
         for v in range(5):
             m = mh & (w >= 2 - v) & (w < W + 2 - v)
-            xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=m, other=0.0).to(ACC)
+            xv = tl.load(xb + (xo + ((u - 2) * sxh + (v - 2) * sxw)), mask=m, other=0.0).to(ACC)
             acc += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * xv
     return acc
 
@@ -176,10 +177,11 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         h = th * (RH - 2 * PH) - PH + ii
         w = tw * (RW - 2 * PW) - PW + jj
         in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        px = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+        xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        xo = h * sxh + w * sxw
         wb = wp_ptr + c * WP
         tl.debug_barrier()  # previous item finished reading buffer 0
-        a0 = tl.where(in_img, _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(pS, a0)
         tl.debug_barrier()
         s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
@@ -204,13 +206,12 @@ def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, 
     return n, cb, th, tw, c, h, w
 
 
-@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
-def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
-                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+@triton.jit(do_not_specialize=["C", "H", "W", "sn", "sc", "sh", "n_cb", "n_th", "n_tw", "total"])
+def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W, sn, sc, sh, sw,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
                         ACC: tl.constexpr, M: tl.constexpr):
-    """ds / dxd share strides (sd*); dx strides (so*); partials: (N * n_th * n_tw, NP * C) parameter-major.
+    """x, ds, dxd and dx share one set of strides (s*: one in-plane offset tensor serves all); partials: (N * n_th * n_tw, NP * C) parameter-major.
     Per tile: recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight /
     bias partials), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)."""
     pid = tl.program_id(0)
@@ -231,41 +232,40 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
         W_ok = cm & (w >= 0) & (w < W)
         in_img = W_ok & (h >= 0) & (h < H)
         own = in_img & own_t
-        px = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
-        dsb = ds_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
-        do = h * sdh + w * sdw
+        base = n.to(tl.int64) * sn + c.to(tl.int64) * sc
+        xb = x_ptr + base
+        dsb = ds_ptr + base
+        do = h * sh + w * sw
         wb = wp_ptr + c * WP
         pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
         tl.debug_barrier()  # previous item finished reading the scratch
-        a0 = tl.where(in_img, _conv5x5(px, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        a0 = tl.where(in_img, _conv5x5(xb, do, sh, sw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
         tl.store(pS, a0)
         ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
         dso = tl.where(own, ds_c, 0.0)
         tl.debug_barrier()
-        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
                                 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
                           11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
                           21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-        da0 = tl.where(in_img, da0, 0.0)
+        tl.debug_barrier()  # everyone finished reading a0 from buffer 0 (the 5x5 weight grads read x)
+        tl.store(pS, tl.where(in_img, da0, 0.0))
         da0o = tl.where(own, da0, 0.0)
         _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
         for u in range(5):
             mh = own & (h >= 2 - u) & (h < H + 2 - u)
             for v in range(5):
                 m = mh & (w >= 2 - v) & (w < W + 2 - v)
-                xv = tl.load(px + ((u - 2) * sxh + (v - 2) * sxw), mask=m, other=0.0)
+                xv = tl.load(xb + (do + ((u - 2) * sh + (v - 2) * sw)), mask=m, other=0.0)
                 _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
-        tl.debug_barrier()  # everyone finished reading a0 from buffer 0
-        tl.store(pS, da0)
-        tl.debug_barrier()
-        dx = tl.load(dxd_ptr + (n.to(tl.int64) * sdn + c.to(tl.int64) * sdc) + do, mask=own, other=0.0).to(ACC)
+        tl.debug_barrier()  # da0 of the whole block in buffer 0
+        dx = tl.load(dxd_ptr + base + do, mask=own, other=0.0).to(ACC)
         for u in range(5):
             for v in range(5):
                 dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
-        ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
-        tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
+        tl.store(dx_ptr + base + do, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
 
 # ------------------------------------------------------------------------------------- pointwise kernels
@@ -417,8 +417,8 @@ def _dw_config(H: int, W: int, PH: int, PW: int):
         cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
     RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
     RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
-    # 16 warps for a 64x64 block keep ~8 pixels per thread: the sm_90 build of the forward then needs 128
-    # registers (80 B spill); 8 warps need 255 registers and spill more (measured with ptxas, not yet timed).
+    # 16 warps for a 64x64 block keep 8 pixels per thread: the sm_90 forward then uses 128 registers and
+    # spills 0 B (fastseg inspect; the backward uses half the warps, see msca_dw_bwd). Not yet timed.
     return RH, RW, warps or (16 if RH * RW >= 4096 else 8 if RH * RW >= 2048 else 4)
 
 
@@ -533,16 +533,19 @@ def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):
     acc_tl, acc_t = _acc_dtype(x)
     PH, PW = 10, 12
     RH, RW, warps = _dw_config(H, W, PH, PW)
+    if not (_ENV_BLOCK and not interpreter_enabled()):
+        # half the forward's warps: 16 pixels and up to 255 registers per thread. At 16 warps (128 registers)
+        # the fp16 / bf16 channels_last build spilled 4-24 B; at 8 warps every build spills 0 B (sm_90 ptxas).
+        warps = max(4, warps // 2)
     BC = _channel_block(C, RH, RW)
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
     scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
     part = torch.empty(N * n_th * n_tw, NPACK * C, dtype=acc_t, device=x.device)
-    assert ds.stride() == dxd.stride()
     dx = torch.empty_like(x)
+    assert x.stride() == ds.stride() == dxd.stride() == dx.stride(), "x, ds, dxd, dx must share strides"
     record_launch("msca_dw_bwd")
-    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
-                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
                                   NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
     return dx, sum_rows(part, dtype or acc_t, "msca_dw_reduce")
