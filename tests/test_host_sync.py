@@ -32,7 +32,7 @@ def test_no_host_sync(name, device, triton_launches):
         pytest.xfail(KNOWN_SYNC[name])
     build, grad = CASES[name]
     fn, leaves = build(torch.float32)
-    res = count(fn, leaves, grad=grad)
+    res = count(fn, leaves, grad=grad, warmup=False)  # the first call: includes building the weight caches
     assert res["forward"]["launches"] > 0, f"{name}: the Triton path did not run"
     for phase in ("forward", "backward"):
         assert res[phase]["sync"] == [], f"{name} {phase}: host-device syncs {res[phase]['sync']}"
