@@ -537,6 +537,9 @@ def main(argv=None) -> int:
 def counts_markdown(counts: dict) -> str:
     lines = ["| what | dtype | pass | launches | torch ops | ops |", "|---|---|---|---|---|---|"]
     for c in counts:
+        if "error" in c:
+            lines.append(f"| {c['what']} | {c['dtype']} | | | | ERROR {c['error'][:200]} |")
+            continue
         for ph in ("forward", "backward"):
             d = c[ph]
             ops = ", ".join(f"{k}×{v}" for k, v in sorted(d["aten"].items()))

@@ -248,10 +248,7 @@ def main(argv=None) -> int:
     else:
         from .inspect import counts_markdown
 
-        print(counts_markdown([r for r in rows if "error" not in r]))
-        for r in rows:
-            if "error" in r:
-                print(f"{r['what']} {r['dtype']}: ERROR {r['error']}")
+        print(counts_markdown(rows))
     return 0
 
 
