@@ -211,7 +211,8 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
                         ACC: tl.constexpr, M: tl.constexpr):
-    """x, ds, dxd and dx share one set of strides (s*: one in-plane offset tensor serves all); partials: (N * n_th * n_tw, NP * C) parameter-major.
+    """x, ds, dxd and dx share one set of strides (s*: one in-plane offset tensor serves all); partials:
+    (N * n_th * n_tw, NP * C) parameter-major.
     Per tile: recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight /
     bias partials), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)."""
     pid = tl.program_id(0)
@@ -546,6 +547,7 @@ def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):
     dx = torch.empty_like(x)
     assert x.stride() == ds.stride() == dxd.stride() == dx.stride(), "x, ds, dxd, dx must share strides"
     record_launch("msca_dw_bwd")
-    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), n_cb, n_th, n_tw,
+                                  total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
                                   NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
     return dx, sum_rows(part, dtype or acc_t, "msca_dw_reduce")

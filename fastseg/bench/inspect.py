@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -129,7 +129,8 @@ def _default_configs() -> dict:
             "        if isinstance(v, Autotuner):\n"
             "            f = v.fn\n"
             "            while hasattr(f, 'fn') and not hasattr(f, 'arg_names'): f = f.fn\n"
-            "            out[f.__name__] = [{k: x for k, x in c.all_kwargs().items() if x is not None} for c in v.configs]\n"
+            "            out[f.__name__] = [{k: x for k, x in c.all_kwargs().items() if x is not None}\n"
+            "                               for c in v.configs]\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTSEG_AUTOTUNE"] = "0"
