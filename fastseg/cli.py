@@ -37,7 +37,7 @@ def _csv_list(text: str, conv=str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastseg", description="fastseg: benchmark, memory-profile and check the fused "
                                 "Triton ops against their PyTorch baselines.")
-    sub = p.add_subparsers(dest="command", metavar="{bench,memprof,check,list}")
+    sub = p.add_subparsers(dest="command", metavar="{bench,memprof,check,list,inspect}")
     sub.required = True
 
     def common(sp):
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
 
     sub.add_parser("list", help="list ops, their implementations and presets")
+    i = sub.add_parser("inspect", add_help=False, help="sm_90 registers / spills / shared memory / tensor cores of "
+                       "every kernel and config, built on the CPU (fastseg inspect --help)")
+    i.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -402,6 +405,10 @@ def _needs_interpreter(args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:  # its own argument parser (fastseg.bench.inspect)
+        from fastseg.bench.inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = ["fastseg", *argv]

@@ -4,7 +4,10 @@ x: (N, C, H, W) NCHW or channels_last strides, fp32/fp16/bf16 (fp64 under the in
 bias (C,) in the accumulation dtype (fp32, fp64 for fp64 x). Blocks are (BC channels, BP pixels of one image).
 * ``_dwgelu_fwd_kernel``: 9 shifted loads, bias, GELU, store (the pre-activation is not kept).
 * ``_dwgelu_bwd_dz_kernel``: recomputes z, dz = gy * GELU'(z) (stored fp32), and per-block partial sums of
-  dW (9 taps) and db, reduced afterwards in a fixed order (deterministic, no atomics).
+  dW (9 taps) and db, reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no
+  atomics) straight into the parameters' dtype and layout.
+All shifted accesses are ``p + scalar offset`` from one pointer tensor per operand, in runtime tap loops:
+fully unrolled, every tap's addresses were computed up front and held (the channels_last backward spilled).
 * ``_dwgelu_bwd_dx_kernel``: dx = transposed 3x3 depthwise conv of dz.
 """
 from __future__ import annotations
@@ -14,6 +17,8 @@ import triton
 import triton.language as tl
 
 from fastseg._backend import interpreter_enabled, record_launch
+
+from .partial_sums import sum_rows
 
 __all__ = ["dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd"]
 
@@ -32,14 +37,15 @@ def _tile(pid_p, n_pb, pid_c, C, H, W, BC: tl.constexpr, BP: tl.constexpr):
 
 
 @triton.jit
-def _conv3x3(xb, sxh, sxw, h, w, H, W, wb, cm, inside, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+def _conv3x3(px, sxh, sxw, h, w, H, W, wb, cm, inside, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """3x3 depthwise conv (no bias) of zero-padded planes; px points at (h, w) of each block position."""
     z = tl.zeros([BC, BP], ACC)
-    for u in tl.static_range(3):
-        hh = h + (u - 1)
-        for v in tl.static_range(3):
-            ww = w + (v - 1)
-            m = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            z += tl.load(wb + u * 3 + v, mask=cm, other=0.0) * tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+    for u in range(3):
+        mh = inside & (h >= 1 - u) & (h < H + 1 - u)
+        for v in range(3):
+            m = mh & (w >= 1 - v) & (w < W + 1 - v)
+            z += tl.load(wb + u * 3 + v, mask=cm, other=0.0) * tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m,
+                                                                       other=0.0).to(ACC)
     return z
 
 
@@ -48,7 +54,8 @@ def _dwgelu_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, sxn, sxc, sxh, sxw, 
                        ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
     n, c, h, w, inside = _tile(tl.program_id(0), n_pb, tl.program_id(1), C, H, W, BC, BP)
     cm = c < C
-    z = _conv3x3(x_ptr + n * sxn + c.to(tl.int64) * sxc, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
+    px = x_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+    z = _conv3x3(px, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
     z += tl.load(b_ptr + c, mask=cm, other=0.0)
     y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     tl.store(y_ptr + n * syn + c.to(tl.int64) * syc + h * syh + w * syw, y.to(y_ptr.dtype.element_ty), mask=inside)
@@ -57,12 +64,12 @@ def _dwgelu_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, sxn, sxc, sxh, sxw, 
 @triton.jit(do_not_specialize=_NOSPEC)
 def _dwgelu_bwd_dz_kernel(x_ptr, gy_ptr, w_ptr, b_ptr, dz_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw,
                           syn, syc, syh, syw, n_pb, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-    """gy and dz share the strides (syn, syc, syh, syw); partials: (N * n_pb, C, 10)."""
+    """gy and dz share the strides (syn, syc, syh, syw); partials: (N * n_pb, 10 * C), dW (C, 9) then db (C,)."""
     pid_p = tl.program_id(0)
     n, c, h, w, inside = _tile(pid_p, n_pb, tl.program_id(1), C, H, W, BC, BP)
     cm = c < C
-    xb = x_ptr + n * sxn + c.to(tl.int64) * sxc
-    z = _conv3x3(xb, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
+    px = x_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+    z = _conv3x3(px, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
     z += tl.load(b_ptr + c, mask=cm, other=0.0)
     off = n * syn + c.to(tl.int64) * syc + h * syh + w * syw
     gy = tl.load(gy_ptr + off, mask=inside, other=0.0).to(ACC)
@@ -71,16 +78,15 @@ def _dwgelu_bwd_dz_kernel(x_ptr, gy_ptr, w_ptr, b_ptr, dz_ptr, part_ptr, C, H, W
     dz = tl.where(inside, gy * (cdf + z * pdf), 0.0)
     tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=inside)
     c1 = tl.program_id(1) * BC + tl.arange(0, BC)
-    pb = part_ptr + (pid_p.to(tl.int64) * C + c1) * 10
+    pb = part_ptr + pid_p.to(tl.int64) * (10 * C)
     pm = c1 < C
-    for u in tl.static_range(3):
-        hh = h + (u - 1)
-        for v in tl.static_range(3):
-            ww = w + (v - 1)
-            m = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            xv = tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
-            tl.store(pb + u * 3 + v, tl.sum(dz * xv, axis=1), mask=pm)
-    tl.store(pb + 9, tl.sum(dz, axis=1), mask=pm)
+    for u in range(3):
+        mh = inside & (h >= 1 - u) & (h < H + 1 - u)
+        for v in range(3):
+            m = mh & (w >= 1 - v) & (w < W + 1 - v)
+            xv = tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m, other=0.0).to(ACC)
+            tl.store(pb + c1 * 9 + (u * 3 + v), tl.sum(dz * xv, axis=1), mask=pm)
+    tl.store(pb + 9 * C + c1, tl.sum(dz, axis=1), mask=pm)
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
@@ -89,14 +95,14 @@ def _dwgelu_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, sxn, sxc, sxh, sxw, sy
     """dz strides (sxn..), dx strides (syn..)."""
     n, c, h, w, inside = _tile(tl.program_id(0), n_pb, tl.program_id(1), C, H, W, BC, BP)
     cm = c < C
-    db = dz_ptr + n * sxn + c.to(tl.int64) * sxc
+    pz = dz_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
     dx = tl.zeros([BC, BP], ACC)
-    for u in tl.static_range(3):
-        hh = h + (1 - u)
-        for v in tl.static_range(3):
-            ww = w + (1 - v)
-            m = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            dx += tl.load(w_ptr + c * 9 + u * 3 + v, mask=cm, other=0.0) * tl.load(db + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+    for u in range(3):
+        mh = inside & (h >= u - 1) & (h < H + u - 1)
+        for v in range(3):
+            m = mh & (w >= v - 1) & (w < W + v - 1)
+            dx += tl.load(w_ptr + c * 9 + u * 3 + v, mask=cm, other=0.0) * tl.load(
+                pz + ((1 - u) * sxh + (1 - v) * sxw), mask=m, other=0.0).to(ACC)
     tl.store(dx_ptr + n * syn + c.to(tl.int64) * syc + h * syh + w * syw, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
@@ -127,15 +133,16 @@ def dwconv3x3_gelu_fwd(x, weight, bias):
     return y
 
 
-def dwconv3x3_gelu_bwd(x, gy, weight, bias):
-    """Returns (dx like x, dweight (C, 9), dbias (C,)) in the accumulation dtype (dx in x's dtype)."""
+def dwconv3x3_gelu_bwd(x, gy, weight, bias, dtype=None):
+    """Returns dx (like x) and the flat (10 * C,) gradient in ``dtype`` (default: the accumulation dtype):
+    ``flat[:9 * C]`` is dweight (C, 9) row-major, ``flat[9 * C:]`` dbias (C,)."""
     N, C, H, W = x.shape
     BC, BP, n_pb = _blocks(x)
     acc_tl, acc_t = _acc(x)
     dz = torch.empty_like(x, dtype=acc_t)
     if gy.stride() != dz.stride():  # gy and dz share one set of strides in the kernel
         gy = torch.empty_like(dz, dtype=gy.dtype).copy_(gy)
-    part = torch.empty(N * n_pb, C, 10, dtype=acc_t, device=x.device)
+    part = torch.empty(N * n_pb, 10 * C, dtype=acc_t, device=x.device)
     grid = (N * n_pb, triton.cdiv(C, BC))
     record_launch("dwconv3x3_gelu_bwd_dz")
     _dwgelu_bwd_dz_kernel[grid](x, gy, weight, bias, dz, part, C, H, W, *x.stride(), *dz.stride(), n_pb,
@@ -144,5 +151,4 @@ def dwconv3x3_gelu_bwd(x, gy, weight, bias):
     record_launch("dwconv3x3_gelu_bwd_dx")
     _dwgelu_bwd_dx_kernel[grid](dz, weight, dx, C, H, W, *dz.stride(), *dx.stride(), n_pb,
                                 ACC=acc_tl, BC=BC, BP=BP, num_warps=4)
-    g = part.sum(0)
-    return dx, g[:, :9], g[:, 9]
+    return dx, sum_rows(part, dtype or acc_t, "dwconv3x3_gelu_reduce")

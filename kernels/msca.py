@@ -11,11 +11,14 @@ accumulation in fp32, or fp64 for fp64 inputs):
   (persistent grid, so the slots stay in L1/L2), never as full feature maps. Slots have a zero margin of 10,
   so shifted scratch reads need no masks; tl.debug_barrier() orders the block's writes and shifted reads.
 * ``_msca_pw_fwd_kernel``: GEMM (pixels x C) @ W3^T with the bias + gate-by-x epilogue.
-* ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass.
+* ``_msca_pw_bwd_kernel``: q = g*x; ds = q @ W3 and dx_direct = g * (s @ W3^T + b3) in one pass (stored in
+  x's dtype for fp16 / bf16, fp32 otherwise).
 * ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
 * ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
-  and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients
-  (reduced over tiles afterwards in a fixed order: deterministic, no atomics).
+  and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients.
+Partial sums are reduced by one :func:`sum_rows` launch per gradient set, in a fixed order (deterministic, no
+atomics), straight into the parameters' dtype: the depthwise ones as a flat buffer, parameter after parameter.
+Tap loops are runtime loops (see the helpers' comment): the unrolled versions spilled kilobytes per thread.
 
 Per-channel depthwise parameters travel as one packed row ``wpack[C, 128]`` (see ``PACK``).
 """
@@ -28,6 +31,8 @@ import triton
 import triton.language as tl
 
 from fastseg._backend import interpreter_enabled, record_launch
+
+from .partial_sums import sum_rows
 
 __all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"]
 
@@ -44,86 +49,100 @@ NPACK = 110
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-# Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); scratch slots hold one such block per buffer.
+# Depthwise blocks are 3-D: (BC channels, RH rows, RW cols); a program's scratch slot holds NBUF such blocks,
+# each with a zero margin of M, at a fixed stride SB = BC * (RH + 2M) * (RW + 2M); scratch accesses are
+# ``pS + offset`` from one pointer tensor pS (slot + block position).
+# The tap loops are *runtime* loops (``range``, not ``tl.static_range``): Triton emits every load with its
+# address in registers (no immediate offsets), and fully unrolled tap loops let the compiler compute all
+# shifted / weight addresses up front and keep them live (hundreds of 64-bit registers: the kilobytes of
+# spills per thread). A runtime loop computes one tap's addresses at a time.
 @triton.jit
-def _ld_shift(buf, loc, di: tl.constexpr, dj: tl.constexpr, RWP: tl.constexpr):
-    """buf at (row + di, col + dj) of each block position; the slot's zero margin (M = 10) makes masks needless."""
-    return tl.load(buf + loc + (di * RWP + dj))
+def _ld(pS, buf: tl.constexpr, di, dj, SB: tl.constexpr, RWP: tl.constexpr):
+    """Scratch buffer ``buf`` at (row + di, col + dj) of each block position."""
+    return tl.load(pS + (buf * SB + di * RWP + dj))
 
 
 @triton.jit
-def _rsum(v):
-    """(BC, RH, RW) -> (BC,) sum over the block's pixels (one reduction over the flattened pixels)."""
-    return tl.sum(tl.reshape(v, [v.shape[0], v.shape[1] * v.shape[2]], can_reorder=True), axis=1)
+def _psum(v):
+    """(BC, RH, RW) -> (BC,) sum over the block's pixels."""
+    return tl.sum(tl.sum(v, axis=2), axis=1)
 
 
 @triton.jit
-def _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+def _pstore(pt, C, c1, pm, O: tl.constexpr, KW: tl.constexpr, j, val):
+    """Partial sum of tap j of the parameter whose packed columns start at O (KW taps per channel); the
+    partial rows are parameter-major: (C, KW) taps of each parameter after the previous one's."""
+    tl.store(pt + (O * C + j) + c1 * KW, val, mask=pm)
+
+
+@triton.jit
+def _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
              ACC: tl.constexpr):
-    """a0 = b0 + 5x5 depthwise conv of zero-padded planes at image positions (h, w)."""
+    """a0 = b0 + 5x5 depthwise conv of zero-padded planes; xb + xo points at (h, w) of each block position
+    (xo: 32-bit in-plane offsets, half the registers of a pointer tensor)."""
     acc = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + 103, mask=cm, other=0.0)
-    for u in tl.static_range(5):
-        hh = h + (u - 2)
-        mh = cm & (hh >= 0) & (hh < H)
-        for v in tl.static_range(5):
-            ww = w + (v - 2)
-            m = mh & (ww >= 0) & (ww < W)
-            xv = tl.load(xb + hh * sxh + ww * sxw, mask=m, other=0.0).to(ACC)
+    for u in range(5):
+        mh = cm & (h >= 2 - u) & (h < H + 2 - u)
+        for v in range(5):
+            m = mh & (w >= 2 - v) & (w < W + 2 - v)
+            xv = tl.load(xb + (xo + ((u - 2) * sxh + (v - 2) * sxw)), mask=m, other=0.0).to(ACC)
             acc += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * xv
     return acc
 
 
 @triton.jit
-def _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, K: tl.constexpr, OH: tl.constexpr,
-               OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
-               RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
-    """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 is read from scratch bufA (shifted)."""
+def _strip_fwd(pS, wb, cm, in_img, K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr,
+               BV: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr,
+               SB: tl.constexpr, RWP: tl.constexpr):
+    """conv_kx1(conv_1xk(a0) + bh) + bv on the block; a0 in scratch buffer 0, T through buffer 1."""
     t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
-    for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
+    for j in range(K):
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 0, 0, j - K // 2, SB, RWP)
     t = tl.where(in_img, t, 0.0)
-    tl.debug_barrier()  # previous branch finished reading bufT
-    tl.store(bufT + loc, t)
+    tl.debug_barrier()  # previous branch finished reading buffer 1
+    tl.store(pS + SB, t)
     tl.debug_barrier()
     v = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BV, mask=cm, other=0.0)
-    for i in tl.static_range(K):
-        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
+    for i in range(K):
+        v += tl.load(wb + OV + i, mask=cm, other=0.0) * _ld(pS, 1, i - K // 2, 0, SB, RWP)
     return v
 
 
 @triton.jit
-def _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc, in_img, own, ds_c,
+def _strip_bwd(pS, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
                K: tl.constexpr, OH: tl.constexpr, OV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
-    """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0."""
-    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
-    for j in tl.static_range(K):
-        t += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
-    t = tl.where(in_img, t, 0.0)
-    # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]   (ds read from memory, shifted rows)
+               BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, SB: tl.constexpr,
+               RWP: tl.constexpr):
+    """One strip branch backward: writes its 2K + 2 gradient partials, returns its part of da0.
+
+    Scratch: a0 in buffer 0 (read only here), T_k in buffer 1, dT_k in buffer 2. ds at dsb + do (do: the
+    block's in-plane offsets); dso = ds on the pixels this tile owns. Two phases, each reading every shifted
+    value once: (1) dT_k from ds, then one pass over the horizontal taps giving both T_k and dW_h;
+    (2) after T_k / dT_k are in scratch, dW_v from shifted T_k and the da0 part from shifted dT_k."""
     dT = tl.zeros([BC, RH, RW], ACC)
-    mw = cm & (w >= 0) & (w < W)
-    for i in tl.static_range(K):
-        hh = h + (K // 2 - i)
-        m = (hh >= 0) & (hh < H) & mw
-        dsv = tl.load(dsb + hh * sdh + w * sdw, mask=m, other=0.0).to(ACC)
+    for i in range(K):  # dT[r, c] = sum_i wv[i] * ds[r - i + P, c]
+        m = W_ok & (h >= i - K // 2) & (h < H + i - K // 2)
+        dsv = tl.load(dsb + (do + (K // 2 - i) * sdh), mask=m, other=0.0).to(ACC)
         dT += tl.load(wb + OV + i, mask=cm, other=0.0) * dsv
     dT = tl.where(in_img, dT, 0.0)
-    tl.debug_barrier()  # previous branch finished reading bufT / bufD
-    tl.store(bufT + loc, t)
-    tl.store(bufD + loc, dT)
+    dTo = tl.where(own, dT, 0.0)
+    _pstore(pt, C, c1, pm, BH, 1, 0, _psum(dTo))
+    t = tl.zeros([BC, RH, RW], ACC) + tl.load(wb + BH, mask=cm, other=0.0)
+    for j in range(K):
+        av = _ld(pS, 0, 0, j - K // 2, SB, RWP)
+        t += tl.load(wb + OH + j, mask=cm, other=0.0) * av
+        _pstore(pt, C, c1, pm, OH, K, j, _psum(dTo * av))
+    t = tl.where(in_img, t, 0.0)
+    tl.debug_barrier()  # previous branch finished reading buffers 1 and 2
+    tl.store(pS + SB, t)
+    tl.store(pS + 2 * SB, dT)
     tl.debug_barrier()
-    tl.store(pb + BV, _rsum(tl.where(own, ds_c, 0.0)), mask=pm)
-    for i in tl.static_range(K):
-        tv = _ld_shift(bufT, loc, i - K // 2, 0, RW + 2 * M)
-        tl.store(pb + OV + i, _rsum(tl.where(own, ds_c * tv, 0.0)), mask=pm)
-    tl.store(pb + BH, _rsum(tl.where(own, dT, 0.0)), mask=pm)
-    for j in tl.static_range(K):
-        av = _ld_shift(bufA, loc, 0, j - K // 2, RW + 2 * M)
-        tl.store(pb + OH + j, _rsum(tl.where(own, dT * av, 0.0)), mask=pm)
+    _pstore(pt, C, c1, pm, BV, 1, 0, _psum(dso))
+    for i in range(K):
+        _pstore(pt, C, c1, pm, OV, K, i, _psum(dso * _ld(pS, 1, i - K // 2, 0, SB, RWP)))
     r = tl.zeros([BC, RH, RW], ACC)
-    for j in tl.static_range(K):
-        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld_shift(bufD, loc, 0, K // 2 - j, RW + 2 * M)
+    for j in range(K):
+        r += tl.load(wb + OH + j, mask=cm, other=0.0) * _ld(pS, 2, 0, K // 2 - j, SB, RWP)
     return r
 
 
@@ -142,9 +161,9 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
     cc = tl.arange(0, BC)[:, None, None]
     ii = tl.arange(0, RH)[None, :, None]
     jj = tl.arange(0, RW)[None, None, :]
-    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
-    bufA = scr_ptr + pid.to(tl.int64) * (2 * BC * (RH + 2 * M) * (RW + 2 * M))
-    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
+    RWP: tl.constexpr = RW + 2 * M
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
+    pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
@@ -159,94 +178,114 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         w = tw * (RW - 2 * PW) - PW + jj
         in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        xo = h * sxh + w * sxw
         wb = wp_ptr + c * WP
-        tl.debug_barrier()  # previous item finished reading bufA
-        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
-        tl.store(bufA + loc, a0)
+        tl.debug_barrier()  # previous item finished reading buffer 0
+        a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        tl.store(pS, a0)
         tl.debug_barrier()
-        s = a0 + _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
-        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
-        s += _strip_fwd(bufA, bufT, wb, cm, cc, ii, jj, loc, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
+        s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+        s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
 
 
-@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("ssn", "ssc", "ssh")])
-def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W,
-                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
+@triton.jit
+def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, RH: tl.constexpr,
+                 RW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    tw = item % n_tw
+    r = item // n_tw
+    th = r % n_th
+    r = r // n_th
+    cb = r % n_cb
+    n = r // n_cb
+    c = cb * BC + cc
+    h = th * (RH - 2 * PH) - PH + ii
+    w = tw * (RW - 2 * PW) - PW + jj
+    return n, cb, th, tw, c, h, w
+
+
+@triton.jit(do_not_specialize=["C", "H", "W", "sn", "sc", "sh", "n_cb", "n_th", "n_tw", "total"])
+def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W, sn, sc, sh, sw,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                        PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
+                        PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
+                        ACC: tl.constexpr, M: tl.constexpr):
+    """x, ds, dxd and dx share one set of strides (s*: one in-plane offset tensor serves all); partials:
+    (N * n_th * n_tw, NP * C) parameter-major.
+    Per tile: recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight /
+    bias partials), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c1 = tl.arange(0, BC)
     cc = c1[:, None, None]
     ii = tl.arange(0, RH)[None, :, None]
     jj = tl.arange(0, RW)[None, None, :]
-    loc = (cc * (RH + 2 * M) + ii + M) * (RW + 2 * M) + jj + M
-    bufA = scr_ptr + pid.to(tl.int64) * (3 * BC * (RH + 2 * M) * (RW + 2 * M))
-    bufT = bufA + BC * (RH + 2 * M) * (RW + 2 * M)
-    bufD = bufT + BC * (RH + 2 * M) * (RW + 2 * M)
+    RWP: tl.constexpr = RW + 2 * M
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
+    pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
-        tw = item % n_tw
-        r = item // n_tw
-        th = r % n_th
-        r = r // n_th
-        cb = r % n_cb
-        n = r // n_cb
-        c = cb * BC + cc
+        n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
         cm = c < C
-        pm = cb * BC + c1 < C
-        h = th * (RH - 2 * PH) - PH + ii
-        w = tw * (RW - 2 * PW) - PW + jj
-        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c1b = cb * BC + c1
+        pm = c1b < C
+        W_ok = cm & (w >= 0) & (w < W)
+        in_img = W_ok & (h >= 0) & (h < H)
         own = in_img & own_t
-        xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-        dsb = ds_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc
+        base = n.to(tl.int64) * sn + c.to(tl.int64) * sc
+        xb = x_ptr + base
+        dsb = ds_ptr + base
+        do = h * sh + w * sw
         wb = wp_ptr + c * WP
-        pb = part_ptr + (((n * n_th + th) * n_tw + tw) * C + cb * BC + c1).to(tl.int64) * WP
+        pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
+        tl.debug_barrier()  # previous item finished reading the scratch
+        a0 = tl.where(in_img, _conv5x5(xb, do, sh, sw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+        tl.store(pS, a0)
+        ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
+        dso = tl.where(own, ds_c, 0.0)
         tl.debug_barrier()
-        a0 = tl.where(in_img, _conv5x5(xb, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
-        tl.store(bufA + loc, a0)
-        ds_c = tl.load(dsb + h * sdh + w * sdw, mask=in_img, other=0.0).to(ACC)
-        tl.debug_barrier()
-        da0 = ds_c + _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                                in_img, own, ds_c, 7, 25, 32, 104, 105, BC, RH, RW, ACC, M)
-        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                          in_img, own, ds_c, 11, 39, 50, 106, 107, BC, RH, RW, ACC, M)
-        da0 += _strip_bwd(bufA, bufT, bufD, wb, cm, pb, pm, dsb, sdh, sdw, h, w, H, W, cc, ii, jj, loc,
-                          in_img, own, ds_c, 21, 61, 82, 108, 109, BC, RH, RW, ACC, M)
-        da0 = tl.where(in_img, da0, 0.0)
-        tl.store(pb + 103, _rsum(tl.where(own, da0, 0.0)), mask=pm)
-        for u in tl.static_range(5):
-            hh = h + (u - 2)
-            mh = own & (hh >= 0) & (hh < H)
-            for v in tl.static_range(5):
-                ww = w + (v - 2)
-                xv = tl.load(xb + hh * sxh + ww * sxw, mask=mh & (ww >= 0) & (ww < W), other=0.0)
-                tl.store(pb + u * 5 + v, _rsum(da0 * xv.to(ACC)), mask=pm)
-        tl.debug_barrier()  # everyone finished reading a0 from bufA
-        tl.store(bufA + loc, da0)
-        tl.debug_barrier()
-        dx = tl.load(dxd_ptr + n.to(tl.int64) * sdn + c.to(tl.int64) * sdc + h * sdh + w * sdw,
-                     mask=own, other=0.0).to(ACC)
-        for u in tl.static_range(5):
-            for v in tl.static_range(5):
-                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld_shift(bufA, loc, 2 - u, 2 - v, RW + 2 * M)
-        ob = dx_ptr + n.to(tl.int64) * son + c.to(tl.int64) * soc
-        tl.store(ob + h * soh + w * sow, dx.to(dx_ptr.dtype.element_ty), mask=own)
+        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
+                                7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
+                          11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
+                          21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+        tl.debug_barrier()  # everyone finished reading a0 from buffer 0 (the 5x5 weight grads read x)
+        tl.store(pS, tl.where(in_img, da0, 0.0))
+        da0o = tl.where(own, da0, 0.0)
+        _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
+        for u in range(5):
+            mh = own & (h >= 2 - u) & (h < H + 2 - u)
+            for v in range(5):
+                m = mh & (w >= 2 - v) & (w < W + 2 - v)
+                xv = tl.load(xb + (do + ((u - 2) * sh + (v - 2) * sw)), mask=m, other=0.0)
+                _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
+        tl.debug_barrier()  # da0 of the whole block in buffer 0
+        dx = tl.load(dxd_ptr + base + do, mask=own, other=0.0).to(ACC)
+        for u in range(5):
+            for v in range(5):
+                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
+        tl.store(dx_ptr + base + do, dx.to(dx_ptr.dtype.element_ty), mask=own)
 
 
 # ------------------------------------------------------------------------------------- pointwise kernels
-def _pw_configs():
+def _pw_configs(kind: str):
+    """GEMM tiles of the pointwise kernels; one small config under the interpreter, one default with
+    FASTSEG_AUTOTUNE=0. Every config compiles spill-free (fp32 <= 256 B) within 227 KB of shared memory at
+    the benchmark shapes (``fastseg inspect --family msca``)."""
     if interpreter_enabled():
         return [triton.Config({"BP": 32, "BJ": 32, "BK": 32}, num_warps=4)]
-    return [triton.Config({"BP": bp, "BJ": bj, "BK": bk}, num_warps=w, num_stages=st)
-            for bp, bj, bk, w, st in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                                      (64, 128, 64, 4, 3), (128, 64, 64, 8, 4)]]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BP": 64, "BJ": 64, "BK": 32}, num_warps=4, num_stages=3)]
+    tiles = {"fwd": [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
+                     (128, 64, 64, 8, 4)],
+             # two accumulators and three loaded operands per step: smaller K steps / pipelines
+             "bwd": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 2)]}[kind]
+    return [triton.Config({"BP": bp, "BJ": bj, "BK": bk}, num_warps=w, num_stages=st) for bp, bj, bk, w, st in tiles]
 
 
-@triton.autotune(configs=_pw_configs(), key=["C", "HW", "PREC"])
+@triton.autotune(configs=_pw_configs("fwd"), key=["C", "HW", "PREC"])
 @triton.jit
 def _msca_pw_fwd_kernel(s_ptr, x_ptr, w_ptr, b_ptr, y_ptr, C, HW, ssn, ssc, ssp, sxn, sxc, sxp,
                         syn, syc, syp, PREC: tl.constexpr, ACC: tl.constexpr,
@@ -272,7 +311,7 @@ def _msca_pw_fwd_kernel(s_ptr, x_ptr, w_ptr, b_ptr, y_ptr, C, HW, ssn, ssc, ssp,
     tl.store(y_ptr + n * syn + p[:, None] * syp + o[None, :] * syc, y.to(y_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(configs=_pw_configs(), key=["C", "HW", "PREC"])
+@triton.autotune(configs=_pw_configs("bwd"), key=["C", "HW", "PREC"])
 @triton.jit
 def _msca_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, C, HW,
                         sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, sdn, sdc, sdp,
@@ -311,14 +350,16 @@ def _msca_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, C, H
 def _w3_configs():
     if interpreter_enabled():
         return [triton.Config({"BO": 32, "BC": 32, "BM": 32}, num_warps=4)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BO": 64, "BC": 64, "BM": 64}, num_warps=4, num_stages=3)]
     return [triton.Config({"BO": bo, "BC": bc, "BM": bm}, num_warps=w, num_stages=st)
-            for bo, bc, bm, w, st in [(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
+            for bo, bc, bm, w, st in [(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 8, 3),
                                       (128, 64, 64, 8, 3)]]
 
 
 @triton.autotune(configs=_w3_configs(), key=["C", "M", "CHUNK", "PREC"])
 @triton.jit
-def _msca_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, pw_ptr, pbias_ptr, C, HW, M, CHUNK,
+def _msca_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, part_ptr, C, HW, M, CHUNK,
                         sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, PREC: tl.constexpr, ACC: tl.constexpr,
                         BO: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr):
     pid_o = tl.program_id(0)
@@ -345,10 +386,10 @@ def _msca_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, pw_ptr, pbias_ptr, C, HW, M, CHUNK,
                      mask=mm[:, None] & cm[None, :], other=0.0)
         acc += tl.dot(q, sv, input_precision=PREC)
         accb += tl.sum(q.to(ACC), axis=1)
-    tl.store(pw_ptr + (pid_k * C + o[:, None]).to(tl.int64) * C + cc[None, :], acc,
-             mask=om[:, None] & cm[None, :])
+    pk = part_ptr + pid_k.to(tl.int64) * (C + 1) * C  # this split's (C + 1, C) block: dW3 rows, then db3
+    tl.store(pk + o[:, None] * C + cc[None, :], acc, mask=om[:, None] & cm[None, :])
     if pid_c == 0:
-        tl.store(pbias_ptr + pid_k * C + o, accb, mask=om)
+        tl.store(pk + C * C + o, accb, mask=om)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -357,7 +398,10 @@ def _acc_dtype(t: torch.Tensor):
 
 
 def _prec(t: torch.Tensor) -> str:
-    return "tf32" if (t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and t.is_cuda) else "ieee"
+    """fp32 GEMMs follow cuDNN's TF32 switch (the reference's 1x1 conv is a cuDNN conv); meta tensors (``fastseg
+    inspect``) stand for CUDA ones."""
+    on_gpu = t.is_cuda or t.device.type == "meta"
+    return "tf32" if (t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and on_gpu) else "ieee"
 
 
 #: largest spatial block edge of the depthwise kernels (tests lower it to exercise several tiles).
@@ -374,8 +418,8 @@ def _dw_config(H: int, W: int, PH: int, PW: int):
         cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
     RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
     RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
-    # 16 warps for a 64x64 block keep ~8 pixels per thread: the sm_90 build of the forward then needs 128
-    # registers (80 B spill); 8 warps need 255 registers and spill more (measured with ptxas, not yet timed).
+    # 16 warps for a 64x64 block keep 8 pixels per thread: the sm_90 forward then uses 128 registers and
+    # spills 0 B (fastseg inspect; the backward uses half the warps, see msca_dw_bwd). Not yet timed.
     return RH, RW, warps or (16 if RH * RW >= 4096 else 8 if RH * RW >= 2048 else 4)
 
 
@@ -449,12 +493,14 @@ def msca_pw_fwd(s: torch.Tensor, x: torch.Tensor, w3: torch.Tensor, b3: torch.Te
 
 
 def msca_pw_bwd(g, x, s, w3, b3):
-    """ds = W3^T (g*x) and dx_direct = g * (W3 @ s + b3), both fp32 (fp64) with the strides of ``x``."""
+    """ds = W3^T (g*x) and dx_direct = g * (W3 @ s + b3) with the strides of ``x``; fp32 (fp64) for fp32 (fp64)
+    x, x's dtype for fp16 / bf16 (as the reference's own half-precision gradients; halves the bytes moved)."""
     N, C, H, W = x.shape
     HW = H * W
     acc_tl, acc_t = _acc_dtype(x)
-    ds = torch.empty_like(x, dtype=acc_t)
-    dxd = torch.empty_like(x, dtype=acc_t)
+    gdt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t
+    ds = torch.empty_like(x, dtype=gdt)
+    dxd = torch.empty_like(x, dtype=gdt)
     grid = lambda META: (N * triton.cdiv(HW, META["BP"]), triton.cdiv(C, META["BJ"]))  # noqa: E731
     record_launch("msca_pw_bwd")
     _msca_pw_bwd_kernel[grid](g, x, s, w3, b3, ds, dxd, C, HW, *_pix_strides(g), *_pix_strides(x),
@@ -462,8 +508,9 @@ def msca_pw_bwd(g, x, s, w3, b3):
     return ds, dxd
 
 
-def msca_w3_bwd(g, x, s):
-    """dW3 (C, C) = sum over pixels of (g*x) s^T and db3 (C,) = sum of g*x; fixed-order split reduction."""
+def msca_w3_bwd(g, x, s, dtype=None):
+    """(C + 1, C) in ``dtype`` (default fp32 / fp64): rows 0..C-1 dW3 = sum over pixels of (g*x) s^T, row C
+    db3 = sum of g*x; fixed-order split reduction (partials, then one :func:`sum_rows` launch)."""
     N, C, H, W = x.shape
     HW, M = H * W, N * H * W
     acc_tl, acc_t = _acc_dtype(x)
@@ -471,31 +518,36 @@ def msca_w3_bwd(g, x, s):
     chunk = max(chunk, triton.cdiv(M, 256))
     chunk = triton.cdiv(chunk, 128) * 128
     split = triton.cdiv(M, chunk)
-    pw = torch.empty(split, C, C, dtype=acc_t, device=x.device)
-    pb = torch.empty(split, C, dtype=acc_t, device=x.device)
+    part = torch.empty(split, C + 1, C, dtype=acc_t, device=x.device)
     grid = lambda META: (triton.cdiv(C, META["BO"]), triton.cdiv(C, META["BC"]), split)  # noqa: E731
     record_launch("msca_w3_bwd")
-    _msca_w3_bwd_kernel[grid](g, x, s, pw, pb, C, HW, M, chunk, *_pix_strides(g), *_pix_strides(x),
+    _msca_w3_bwd_kernel[grid](g, x, s, part, C, HW, M, chunk, *_pix_strides(g), *_pix_strides(x),
                               *_pix_strides(s), PREC=_prec(x), ACC=acc_tl)
-    return pw.sum(0), pb.sum(0)
+    return sum_rows(part.view(split, (C + 1) * C), dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
 
 
-def msca_dw_bwd(x, ds, dxd, wpack):
-    """dx = dxd + (depthwise chain)^T ds, in x's dtype and strides; returns (dx, gpack (C, 110))."""
+def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):
+    """dx = dxd + (depthwise chain)^T ds, in x's dtype and strides, and the depthwise parameters' gradients as
+    one flat (110 * C,) tensor in ``dtype`` (default fp32 / fp64): parameter after parameter in ``PACK``
+    order, each (C, taps) row-major, i.e. ``flat[PACK[name][0] * C : PACK[name][1] * C]`` is that gradient."""
     N, C, H, W = x.shape
     acc_tl, acc_t = _acc_dtype(x)
     PH, PW = 10, 12
     RH, RW, warps = _dw_config(H, W, PH, PW)
+    if not (_ENV_BLOCK and not interpreter_enabled()):
+        # half the forward's warps: 16 pixels and up to 255 registers per thread. At 16 warps (128 registers)
+        # the fp16 / bf16 channels_last build spilled 4-24 B; at 8 warps every build spills 0 B (sm_90 ptxas).
+        warps = max(4, warps // 2)
     BC = _channel_block(C, RH, RW)
     n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
     total = N * n_cb * n_th * n_tw
     nprog = _nprog(total, x.device)
     scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
-    part = torch.empty(N * n_th * n_tw, C, WPACK, dtype=acc_t, device=x.device)
+    part = torch.empty(N * n_th * n_tw, NPACK * C, dtype=acc_t, device=x.device)
     dx = torch.empty_like(x)
-    assert ds.stride() == dxd.stride()
+    assert x.stride() == ds.stride() == dxd.stride() == dx.stride(), "x, ds, dxd, dx must share strides"
     record_launch("msca_dw_bwd")
-    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), *ds.stride(),
-                                  *dx.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW, WP=WPACK,
-                                  ACC=acc_tl, M=MARGIN, num_warps=warps)
-    return dx, part[:, :, :NPACK].sum(0)
+    _msca_dw_bwd_kernel[(nprog,)](x, ds, dxd, dx, wpack, part, scratch, C, H, W, *x.stride(), n_cb, n_th, n_tw,
+                                  total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+                                  NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, num_warps=warps)
+    return dx, sum_rows(part, dtype or acc_t, "msca_dw_reduce")

@@ -3,8 +3,8 @@
 The interpreter runs the kernels' Python, not Triton's GPU compiler: some errors (a loop-carried value that
 changes shape, a constexpr misuse) only show when compiling for the GPU. Run with TRITON_INTERPRET unset:
     python tests/sm90_compile_check.py
-(tests/test_sm90_compile.py runs it in a subprocess.) The MSCA depthwise backward kernel is left out: it
-alone takes ~40 s to compile.
+(tests/test_sm90_compile.py runs it in a subprocess.) The MSCA depthwise backward kernels are left out here
+(minutes to compile); tests/test_inspect.py builds them at a benchmark shape and checks their resources.
 """
 import time
 
@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, msca, upsample_ce
+from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, msca, partial_sums,
+                             upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -84,14 +85,15 @@ def main():
     compile_for_sm90(M._msca_pw_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "w_ptr": dt, "b_ptr": "fp32",
                                              "ds_ptr": "fp32", "dxd_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BP=64, BJ=128, BK=64))
-    compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "pw_ptr": "fp32",
-                                             "pbias_ptr": "fp32"},
+    compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "part_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
     U = upsample_ce
     compile_for_sm90(U._upce_fwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"},
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
     compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
+
+    compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 
 
 if __name__ == "__main__":

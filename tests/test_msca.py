@@ -14,7 +14,7 @@ from helpers import EXACT, TOL, assert_close
 
 
 
-KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}
+KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd", "msca_w3_reduce", "msca_dw_reduce"}
 
 
 def _pair(C, dtype, device):
@@ -133,3 +133,39 @@ def test_msca_empty_and_double_backward(device):
     gx, = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         gx.sum().backward()  # second order is not implemented: an error, never silently missing terms
+
+
+def test_msca_weights_changed_in_place(device, triton_launches):
+    # the packed / cast weights are cached per weight version: an optimizer step (in-place) must be seen
+    ref, fused = _pair(5, torch.float32, device)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.05)
+    x = torch.randn(1, 5, 6, 7, device=device)
+    for step in range(2):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        opt.zero_grad()
+        fused(x).square().mean().backward()
+        before = fused.conv0.weight.detach().clone()
+        opt.step()
+        assert not torch.equal(before, fused.conv0.weight)
+        ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():  # copy_ into one strip weight only
+        fused.conv2_2.weight.copy_(torch.randn_like(fused.conv2_2.weight))
+        ref.conv2_2.weight.copy_(fused.conv2_2.weight)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+    fused.load_state_dict(AttentionModule(5).to(device).state_dict())  # fresh weights via load_state_dict
+    ref.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_msca_launches_per_step(device, triton_launches):
+    # one forward + backward: 2 + 5 Triton launches and no other torch op (weights packed once per version)
+    from fastseg.bench.opcount import count
+
+    _, fused = _pair(4, torch.float32, device)
+    x = torch.randn(1, 4, 5, 6, device=device, requires_grad=True)
+    res = count(lambda: fused(x), [x, *fused.parameters()])
+    fwd, bwd = res["forward"], res["backward"]
+    assert fwd["kernels"] == {"msca_dw_fwd": 1, "msca_pw_fwd": 1}, fwd
+    assert set(bwd["kernels"]) == {"msca_pw_bwd", "msca_w3_bwd", "msca_w3_reduce", "msca_dw_bwd", "msca_dw_reduce"}
+    assert fwd["aten"] == {} and bwd["aten"] == {}, (fwd["aten"], bwd["aten"])
+    assert fwd["launches"] + bwd["launches"] <= 8

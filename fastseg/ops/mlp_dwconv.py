@@ -10,8 +10,21 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _backend
+from .weight_cache import WeightCache
 
 __all__ = ["dwconv3x3_gelu"]
+
+
+_CACHE = WeightCache()
+
+
+def _kernel_weights(weight, bias, acc):
+    """(weight (C, 9), bias (C,)) in the accumulation dtype, cached per weight version."""
+    def build():
+        with torch.no_grad():
+            return weight.detach().reshape(-1, 9).to(acc).contiguous(), bias.detach().to(acc).contiguous()
+
+    return _CACHE.get((id(weight), id(bias), acc), (weight, bias), build)
 
 
 class _DWConvGELU(torch.autograd.Function):
@@ -22,8 +35,7 @@ class _DWConvGELU(torch.autograd.Function):
         if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             x = x.contiguous()
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = weight.detach().reshape(-1, 9).to(acc).contiguous()
-        b = bias.detach().to(acc).contiguous()
+        w, b = _kernel_weights(weight, bias, acc)
         ctx.save_for_backward(x, w, b)
         ctx.dtypes = (weight.dtype, bias.dtype, weight.shape)
         return K.dwconv3x3_gelu_fwd(x, w, b)
@@ -35,8 +47,10 @@ class _DWConvGELU(torch.autograd.Function):
 
         x, w, b = ctx.saved_tensors
         wdt, bdt, wshape = ctx.dtypes
-        dx, dw, db = K.dwconv3x3_gelu_bwd(x, gy.to(x.dtype), w, b)
-        return dx, dw.reshape(wshape).to(wdt), db.to(bdt)
+        C = x.shape[1]
+        dx, flat = K.dwconv3x3_gelu_bwd(x, gy.to(x.dtype), w, b, wdt)  # dW (C, 9) then db, in weight's dtype
+        db = flat[9 * C:]
+        return dx, flat[:9 * C].view(wshape), db if bdt == wdt else db.to(bdt)
 
 
 def dwconv3x3_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _backend
+from .weight_cache import WeightCache
 
 __all__ = ["msca", "pack_dw_params", "DW_NAMES"]
 
@@ -23,13 +24,30 @@ _SHAPES = ((5, 5), (1, 7), (7, 1), (1, 11), (11, 1), (1, 21), (21, 1))
 
 def pack_dw_params(dw_weights: Sequence[torch.Tensor], dw_biases: Sequence[torch.Tensor],
                    dtype: torch.dtype) -> torch.Tensor:
-    """(C, 128) row per channel: the 103 depthwise taps then the 7 biases, zero padded (differentiable)."""
+    """(C, 128) row per channel: the 103 depthwise taps then the 7 biases, zero padded."""
     from fastseg.kernels.msca import NPACK, WPACK
 
     C = dw_weights[0].shape[0]
-    cols = [w.reshape(C, -1) for w in dw_weights] + [b.reshape(C, 1) for b in dw_biases]
+    cols = [w.detach().reshape(C, -1) for w in dw_weights] + [b.detach().reshape(C, 1) for b in dw_biases]
     packed = torch.cat([c.to(dtype) for c in cols], dim=1)
-    return F.pad(packed, (0, WPACK - NPACK))
+    return F.pad(packed, (0, WPACK - NPACK)).contiguous()
+
+
+_CACHE = WeightCache()
+
+
+def _kernel_weights(dw_weights, dw_biases, w3, b3, x_dtype, acc):
+    """(wpack (C, 128) acc dtype, w3 (C, C) x dtype, b3 (C,) acc dtype), cached per weight version."""
+    C = w3.shape[0]
+    tensors = (*dw_weights, *dw_biases, w3, b3)
+    key = (tuple(id(t) for t in tensors), x_dtype, acc)
+
+    def build():
+        with torch.no_grad():
+            return (pack_dw_params(dw_weights, dw_biases, acc),
+                    w3.detach().reshape(C, C).to(x_dtype).contiguous(), b3.detach().to(acc).contiguous())
+
+    return _CACHE.get(key, tensors, build)
 
 
 def _torch_msca(x, dw_weights, dw_biases, w3, b3):
@@ -51,20 +69,20 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 class _MSCAFunction(torch.autograd.Function):
+    """Inputs: x, w3 (C, C, 1, 1) or (C, C), b3, then the 7 depthwise weights and the 7 biases (their grads are
+    slices of one flat buffer, written by a single reduction launch in the parameters' dtype)."""
+
     @staticmethod
-    def forward(ctx, x, wpack, w3, b3):
+    def forward(ctx, x, w3, b3, *dw):
         from fastseg.kernels import msca as K
 
-        C = x.shape[1]
         x = _dense(x)
-        acc = wpack.dtype
-        w3m = w3.detach().reshape(C, C).to(x.dtype).contiguous()
-        b3a = b3.detach().to(acc).contiguous()
-        wp = wpack.detach().contiguous()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
         s = K.msca_dw_fwd(x, wp)
         y = K.msca_pw_fwd(s, x, w3m, b3a)
         ctx.save_for_backward(x, s, wp, w3m, b3a)
-        ctx.dtypes = (w3.dtype, b3.dtype)
+        ctx.meta = (w3.shape, w3.dtype, b3.dtype, [(t.shape, t.dtype) for t in dw])
         return y
 
     @staticmethod
@@ -73,14 +91,22 @@ class _MSCAFunction(torch.autograd.Function):
         from fastseg.kernels import msca as K
 
         x, s, wp, w3m, b3a = ctx.saved_tensors
+        w3_shape, w3_dtype, b3_dtype, dw_meta = ctx.meta
         C = x.shape[1]
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         g = g.contiguous(memory_format=fmt).to(x.dtype)
         ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
-        dw3, db3 = K.msca_w3_bwd(g, x, s)
-        dx, gpack = K.msca_dw_bwd(x, ds, dxd, wp)
-        gpack = F.pad(gpack, (0, K.WPACK - K.NPACK)).to(wp.dtype)
-        return dx, gpack, dw3.reshape(C, C, 1, 1).to(ctx.dtypes[0]), db3.to(ctx.dtypes[1])
+        g3 = K.msca_w3_bwd(g, x, s, w3_dtype)  # (C + 1, C): dW3 rows, then db3
+        dw_dtype = dw_meta[0][1]
+        dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw_dtype)  # flat, parameter after parameter (PACK order)
+        grads, off = [], 0
+        for shape, dt in dw_meta:
+            n = shape.numel()
+            gi = gflat[off:off + n].view(shape)
+            grads.append(gi if dt == dw_dtype else gi.to(dt))
+            off += n
+        db3 = g3[C]
+        return dx, g3[:C].view(w3_shape), db3 if b3_dtype == w3_dtype else db3.to(b3_dtype), *grads
 
 
 def _check(x, dw_weights, dw_biases, w3, b3):
@@ -110,10 +136,8 @@ def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequenc
         raise TypeError(f"msca: unsupported dtype {x.dtype}")
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError("msca: float64 runs only under the Triton interpreter (CPU); use fp32/fp16/bf16 on CUDA")
-    if x.dtype == torch.bfloat16 and not x.is_cuda:
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         # the interpreter's tl.dot on bf16 operands returns garbage (numpy has no bf16): refuse, never a wrong answer
         raise TypeError("msca: bfloat16 needs a GPU (the Triton interpreter's bf16 GEMM is wrong); use fp32/fp64 on "
                         "CPU or the torch backend (fastseg.use_backend('torch'))")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    wpack = pack_dw_params(dw_weights, dw_biases, acc)
-    return _MSCAFunction.apply(x, wpack, w3.reshape(x.shape[1], x.shape[1], 1, 1), b3)
+    return _MSCAFunction.apply(x, w3, b3, *dw_weights, *dw_biases)

@@ -95,7 +95,8 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: packed depthwise weights (fp32)": C * WPACK * acc,
         "output": x,
         "gradients of input and weights": x + weights,
-        "backward: ds, dx_direct (fp32)": 2 * B * C * H * W * acc,
+        # fp32 for fp32 / fp64 inputs, the input's dtype for fp16 / bf16 (kernels/msca.py: msca_pw_bwd)
+        "backward: ds, dx_direct": 2 * B * C * H * W * (el if el < 4 else acc),
     }
     if el != acc:
         parts["saved: conv3 bias (fp32)"] = C * acc
