@@ -359,6 +359,10 @@ def _attention_cases(preset: str):
                 K.pack(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
                 o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5)
                 K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5)
+                K.weights(q, kv, lse, bits, D ** -0.5, True)  # need_weights (averaged over heads)
+                seed = torch.empty(1, dtype=torch.int64, device="meta")  # attention dropout variants
+                o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5, seed=seed, dropout_p=0.1)
+                K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5, seed=seed, dropout_p=0.1)
                 emb = _meta((B, Q, E), dt)
                 feat = _meta((B, E, P), dt)
                 AM.sign_pack(emb, feat, "ieee" if dt != torch.float32 else "tf32")
