@@ -245,6 +245,7 @@ def main():
     p.add_argument("--target-python", help="a Python 3.12 whose Triton 3.6.0 is the GPU machine's (its key is used)")
     p.add_argument("--target-path", help="extra sys.path entry for --target-python (e.g. an unpacked cp312 wheel)")
     p.add_argument("--model-batch", type=int, default=2)
+    p.add_argument("--keep-ir", action="store_true", help="keep the IR files (ttir, ttgir, llir, ptx) in the cache")
     p.add_argument("--workloads", default="tests,bench")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
@@ -295,6 +296,12 @@ def main():
                                     "compiled": len(miss), "compile_s": round(sum(c["s"] for c in miss), 1),
                                     "slowest": sorted(miss, key=lambda c: -c["s"])[:8]}
         print(f"prebuild: {w}: {manifest['workloads'][w]}", flush=True)
+    from fastseg.bench.triton_cache import relocate
+
+    full = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.cache_dir) for f in fs)
+    stripped = relocate(args.cache_dir, strip=not args.keep_ir)  # the check needs cubin + metadata only
+    manifest["bytes_with_ir"] = full
+    print(f"prebuild: {full / 2**20:.1f} MiB with the IR files; {stripped}", flush=True)
     entries = [d for d in os.listdir(args.cache_dir) if os.path.isdir(os.path.join(args.cache_dir, d))]
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.cache_dir) for f in fs)
     manifest.update(entries=len(entries), bytes=size, wall_s=round(time.time() - t0, 1))

@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,12 +336,17 @@ def _run_child(step: Step, dry: bool, limit: float, out_dir: str, rows_path: str
         if log:
             log.write(f"===== {step.name}: {status} (rc {rc}) after {time.time() - t0:.1f} s\n")
             log.close()
-    import re
 
     summary = next((t for t in reversed(tail) if re.search(r"\d+ (passed|failed|errors?|skipped|tests? collected)", t)),
                    "")
-    return {"status": status, "rc": rc, "wall_s": round(time.time() - t0, 1), "limit_s": round(limit, 1),
-            "summary": summary.strip("= ")}
+    res = {"status": status, "rc": rc, "wall_s": round(time.time() - t0, 1), "limit_s": round(limit, 1),
+           "summary": summary.strip("= ")}
+    for line in tail:  # the compile listener's line (fastseg.bench.triton_cache): hits and misses of this step
+        m = re.search(r"\[triton\] \S+: (\d+) compile calls: (\d+) cache hits, (\d+) misses \(([\d.]+) s", line)
+        if m:
+            res["triton"] = {"compile_calls": int(m[1]), "cache_hits": int(m[2]), "misses": int(m[3]),
+                             "compile_s": float(m[4])}
+    return res
 
 
 def _load_rows(rows_path: str) -> list[dict]:
@@ -470,10 +476,12 @@ def _print_summary(rows, step_results, verdicts, env, cache, dry, console):
     from .measure import fmt_bytes
 
     t = Table(title="steps", title_justify="left")
-    for c in ("step", "status", "wall s", "limit s", "result"):
+    for c in ("step", "status", "wall s", "limit s", "Triton compiles: hits / misses (s)", "result"):
         t.add_column(c)
     for name, res in step_results.items():
-        t.add_row(name, res["status"], str(res.get("wall_s", "-")), str(res.get("limit_s", "-")),
+        tr = res.get("triton")
+        tr = f"{tr['cache_hits']} / {tr['misses']} ({tr['compile_s']:.0f} s)" if tr else "-"
+        t.add_row(name, res["status"], str(res.get("wall_s", "-")), str(res.get("limit_s", "-")), tr,
                   res.get("summary", "") or res.get("note", ""))
     console.print(t)
     bt = Table(title="headline table (" + ("DRY RUN: CPU, tiny shapes, not measurements" if dry else
@@ -549,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s for s in STEPS if not args.only or s.name in args.only.split(",")]
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
     cache_before = _cache_entries(cache_dir)
+    if cache_before:
+        from .triton_cache import relocate
+
+        moved = relocate(cache_dir)
+        console.print(f"Triton cache {cache_dir}: {len(cache_before)} entries, {moved['bytes'] / 2**20:.1f} MiB; "
+                      f"{moved['groups']} group files pointed at this folder", highlight=False)
     console.print(f"gpu_check: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | commit "
                   f"{env['commit']} | sources {env['source_sha256']} | budget {args.budget:.0f} s | out {out}")
     step_results: dict = {}
@@ -598,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
                  "triton_key_here": key, "triton_key_of_cache": built.get("triton_key"),
                  "built": {k: v for k, v in built.items() if k != "entries"}}
         match = "same" if key == built.get("triton_key") else "DIFFERENT (no hits possible)"
-        cache["summary"] = (f"{len(cache_before)} entries shipped, {new} compiled in this run (misses or not "
-                            f"prebuilt); triton key of this install vs the cache's: {match}; per-compile hit/miss "
-                            f"lines '[triton]' are in the test log and the step output")
+        hits = sum(r.get("triton", {}).get("cache_hits", 0) for r in step_results.values())
+        miss = sum(r.get("triton", {}).get("misses", 0) for r in step_results.values())
+        cache.update(hits=hits, misses=miss)
+        cache["summary"] = (f"{len(cache_before)} entries shipped, {new} new entries after the run; fastseg "
+                            f"kernel compiles: {hits} cache hits, {miss} misses (steps table); triton key of "
+                            f"this install vs the cache's: {match}")
     env["wall_s"] = round(time.time() - started, 1)
     from .report import write_results
 

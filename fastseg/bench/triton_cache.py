@@ -57,3 +57,42 @@ def install_listener(tag: str = "", verbose_misses: bool = True) -> bool:
 
     atexit.register(summary)
     return True
+
+
+def relocate(cache_dir: str, strip: bool = False) -> dict:
+    """Make a copied Triton file cache usable at ``cache_dir``: each entry's group file (``__grp__*.json``) lists
+    its files by absolute path, and Triton 3.6 treats a group whose paths do not exist as a miss, so a cache
+    built in another folder (or machine) never hits until its paths are rewritten. ``strip``: keep only the
+    binary and metadata (``cubin``, ``json``, as ``TRITON_STORE_BINARY_ONLY=1`` does) and delete the IR files.
+    Returns counts of the groups rewritten and the bytes left."""
+    import json
+    import os
+
+    cache_dir = os.path.abspath(cache_dir)
+    groups = removed = 0
+    for entry in sorted(os.listdir(cache_dir)):
+        d = os.path.join(cache_dir, entry)
+        if not os.path.isdir(d):
+            continue
+        for f in os.listdir(d):
+            if not (f.startswith("__grp__") and f.endswith(".json")):
+                continue
+            path = os.path.join(d, f)
+            with open(path) as fh:
+                children = json.load(fh).get("child_paths") or {}
+            new = {}
+            for name in children:
+                local = os.path.join(d, name)
+                if strip and os.path.splitext(name)[1] not in (".cubin", ".json"):
+                    if os.path.exists(local):
+                        os.remove(local)
+                        removed += 1
+                    continue
+                new[name] = local
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"child_paths": new}, fh)
+            os.replace(tmp, path)
+            groups += 1
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cache_dir) for f in fs)
+    return {"groups": groups, "files_removed": removed, "bytes": size}
