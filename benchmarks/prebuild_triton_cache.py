@@ -157,6 +157,21 @@ def install_fake_cuda():
             return torch.device("cpu")
 
     driver.set_active(StandInDriver())
+    # the skipped launches leave garbage (NaN) in the outputs: keep the matcher of the criterion going
+    import numpy as np
+    import scipy.optimize
+
+    real_lsa = scipy.optimize.linear_sum_assignment
+
+    def linear_sum_assignment(cost, *a, **k):
+        return real_lsa(np.nan_to_num(np.asarray(cost, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0), *a, **k)
+    scipy.optimize.linear_sum_assignment = linear_sum_assignment
+    for mod in ("fastseg.models.matcher", "fastseg.models.maskformer"):
+        try:
+            __import__(mod)
+            sys.modules[mod].linear_sum_assignment = linear_sum_assignment
+        except Exception:  # noqa: BLE001
+            pass
     real_run = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -172,6 +187,12 @@ def workload_tests():
     from fastseg.bench.headline import STEPS
 
     sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import helpers  # the launches' outputs are garbage: a failed comparison must not stop a test before its
+    import torch.testing  # backward (whose kernels would then never compile)
+
+    helpers.assert_close = lambda *a, **k: None
+    torch.testing.assert_close = lambda *a, **k: None
     for step in STEPS:
         if step.kind == "pytest":
             args = [a for a in step.args if a not in ("-p", "poison")]
@@ -181,7 +202,7 @@ def workload_tests():
                          "-o", "addopts=", *[os.path.join(ROOT, a) if a.startswith("tests") else a for a in args]])
 
 
-def workload_bench(model_batch: int):
+def workload_bench(model_batch: int, only: set | None = None):
     """Every fastseg row of the headline bench steps, once (models at a smaller batch: CPU time)."""
     import torch
 
@@ -190,7 +211,7 @@ def workload_bench(model_batch: int):
 
     ops = all_ops()
     for step in STEPS:
-        if step.kind != "bench" or step.op not in ops:
+        if step.kind != "bench" or step.op not in ops or (only and step.name not in only):
             continue
         spec = ops[step.op]
         for shape in step.shapes:
@@ -232,7 +253,7 @@ def child(args):
     if args.workload == "tests":
         workload_tests()
     else:
-        workload_bench(args.model_batch)
+        workload_bench(args.model_batch, set(args.steps.split(",")) if args.steps else None)
     log = [{"kernel": n, "hit": h, "s": round(s, 2)} for n, h, s in triton_cache.compile_log]
     with open(args.log, "w") as f:
         json.dump({"workload": args.workload, "wall_s": round(time.time() - t0, 1), "compiles": log}, f)
@@ -247,6 +268,7 @@ def main():
     p.add_argument("--model-batch", type=int, default=2)
     p.add_argument("--keep-ir", action="store_true", help="keep the IR files (ttir, ttgir, llir, ptx) in the cache")
     p.add_argument("--workloads", default="tests,bench")
+    p.add_argument("--steps", help="only these bench steps of the check (comma-separated)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", help=argparse.SUPPRESS)
     p.add_argument("--key-file", help=argparse.SUPPRESS)
@@ -280,6 +302,9 @@ def main():
 
     manifest["source_sha256"] = _source_hash()
     t0 = time.time()
+    old = os.path.join(args.cache_dir, "manifest.json")
+    if os.path.exists(old):  # an update of an existing cache (e.g. --steps): keep what it recorded
+        manifest["workloads"] = json.load(open(old)).get("workloads", {})
     for w in args.workloads.split(","):
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSEG_AUTOTUNE")}
         env["TRITON_CACHE_DIR"] = os.path.abspath(args.cache_dir)
@@ -287,15 +312,16 @@ def main():
             env["FASTSEG_AUTOTUNE"] = "0"  # as the check's pytest steps
         log = os.path.join(args.cache_dir, f".log_{w}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", w, "--log", log,
-               "--model-batch", str(args.model_batch)] + (["--key-file", key_file] if key_file else [])
+               "--model-batch", str(args.model_batch)] + (["--key-file", key_file] if key_file else []) \
+            + (["--steps", args.steps] if args.steps else [])
         t = time.time()
         subprocess.run(cmd, env=env, cwd=ROOT)
         doc = json.load(open(log)) if os.path.exists(log) else {"compiles": []}
         miss = [c for c in doc["compiles"] if not c["hit"]]
-        manifest["workloads"][w] = {"wall_s": round(time.time() - t, 1), "compile_calls": len(doc["compiles"]),
+        manifest["workloads"][w + (f" ({args.steps})" if args.steps else "")] = {"wall_s": round(time.time() - t, 1), "compile_calls": len(doc["compiles"]),
                                     "compiled": len(miss), "compile_s": round(sum(c["s"] for c in miss), 1),
                                     "slowest": sorted(miss, key=lambda c: -c["s"])[:8]}
-        print(f"prebuild: {w}: {manifest['workloads'][w]}", flush=True)
+        print(f"prebuild: {w}: {doc.get('wall_s')} s, {len(miss)} kernels compiled", flush=True)
     from fastseg.bench.triton_cache import relocate
 
     full = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.cache_dir) for f in fs)
