@@ -2,20 +2,24 @@
 # The whole headline check in one GPU call (<= 8 minutes on one H100/H200, compiles included):
 # install, GPU correctness tests of every kernel family, the headline benchmark table (bf16, fwd and
 # fwd+bwd, peak memory, every baseline), results + summary table with the targets (printed last).
-#   bash benchmarks/gpu_check.sh              # on the GPU machine (device tool: run, carry benchmarks/triton_cache)
+#   bash benchmarks/gpu_check.sh              # on the GPU machine (device tool: run, carry benchmarks/triton_cache.tgz)
 #   bash benchmarks/gpu_check.sh --dry-run    # CPU: every step at tiny shapes (tests/test_gpu_check_dryrun.py)
 # Output: $OUT (else benchmarks/results/<gpu>-<date>/): headline.csv, headline.json, headline.png, tests.log,
 # rows.jsonl, gpu_check.log. Each step has its own time limit inside a global budget (GPU_CHECK_BUDGET_S,
 # default 470 s); failures, OOM and timeouts are rows. The commit is `git rev-parse HEAD`, or $FASTSEG_COMMIT
 # where the copy has no .git; the sources' hash is always recorded.
-# A Triton cache prebuilt on a CPU (python3.12 benchmarks/prebuild_triton_cache.py) in benchmarks/triton_cache is
-# used when present (TRITON_CACHE_DIR); the log says how many compiles hit it.
+# A Triton cache prebuilt on a CPU (benchmarks/prebuild_triton_cache.py) in benchmarks/triton_cache (shipped packed as
+# benchmarks/triton_cache.tgz, unpacked here) is used when present (TRITON_CACHE_DIR); the log says how many compiles hit it.
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
 for a in "$@"; do [ "$a" = "--dry-run" ] && DRY=1; done
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+if [ -f benchmarks/triton_cache.tgz ] && [ ! -d benchmarks/triton_cache ] && [ "$DRY" = 0 ]; then
+    mkdir -p benchmarks/triton_cache && tar -C benchmarks/triton_cache -xzf benchmarks/triton_cache.tgz \
+        && echo "unpacked benchmarks/triton_cache.tgz ($(du -sh benchmarks/triton_cache | cut -f1))"
+fi
 if [ -d benchmarks/triton_cache ] && [ -z "${TRITON_CACHE_DIR:-}" ] && [ "$DRY" = 0 ]; then
     export TRITON_CACHE_DIR="$PWD/benchmarks/triton_cache"
 fi
