@@ -1,0 +1,203 @@
+"""Triton kernels for multi-scale deformable attention (Deformable DETR / Mask2Former), forward and backward.
+
+Layout (all contiguous): value (N, S, M, D) with S = Σ_l H_l·W_l; spatial_shapes (L, 2) integer (H_l, W_l);
+level_start_index (L,) integer; sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1];
+attention_weights (N, Lq, M, L, P); output (N, Lq, M·D). fp32/fp16/bf16 (fp64 under the interpreter);
+locations, weights and sums in fp32 (fp64 for fp64 inputs).
+
+Sampling follows the official CUDA op (``ms_deform_im2col_cuda.cuh``): ``h = y·H − 0.5``, ``w = x·W − 0.5``
+(``align_corners=False``); a point contributes only if ``−1 < h < H`` and ``−1 < w < W``; inside that, each of
+the 4 bilinear corners counts only when it lies in the image (zero padding), in the value, the value gradient
+and the location gradient alike (the location gradient is the bilinear derivative over the valid corners).
+
+* ``_msda_fwd_kernel``: one program per (block of queries, head, image); loops over levels and points and
+  gathers the D-vectors of the 4 corners: one pass, nothing of size (N, Lq, M, L, P, D) is formed.
+* ``_msda_bwd_kernel``: same grid; recomputes the samples, writes grad_attention = ⟨g, sample⟩ and
+  grad_location (each program owns its queries' points: plain stores) and scatters
+  ``a·corner_weight·g`` into an fp32 (fp64) grad_value with ``tl.atomic_add``. The order of the atomic adds
+  is not fixed, so grad_value is not bit-for-bit deterministic (fp32 rounding-level differences between
+  runs on a GPU); the other two gradients are deterministic.
+
+``spatial_shapes`` / ``level_start_index`` stay on the device: the kernels load H_l, W_l and the level start
+per level (no host sync). Corners are also masked to ``start + index < S``, so inconsistent shapes cannot read
+or write outside ``value``. Offsets are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg._backend import record_launch
+
+__all__ = ["ms_deform_attn_fwd", "ms_deform_attn_bwd", "block_sizes"]
+
+_NOSPEC = ["Lq", "S", "M", "L"]
+
+
+@triton.jit
+def _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC: tl.constexpr):
+    """Location (x, y) and weight of point ``lp`` (BLOCK_Q,) -> bilinear setup of the official op."""
+    x = tl.load(Loc + 2 * lp, mask=q_mask, other=0.0).to(ACC)
+    y = tl.load(Loc + 2 * lp + 1, mask=q_mask, other=0.0).to(ACC)
+    a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
+    h_im = y * Hf - 0.5
+    w_im = x * Wf - 0.5
+    inside = q_mask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hf) & (w_im < Wf)
+    h_im = tl.where(inside, h_im, 0.0)  # keeps the int conversion below finite for far / NaN points
+    w_im = tl.where(inside, w_im, 0.0)
+    h0f = tl.floor(h_im)
+    w0f = tl.floor(w_im)
+    lh = h_im - h0f
+    lw = w_im - w0f
+    return a, inside, h0f.to(tl.int32), w0f.to(tl.int32), lh, lw
+
+
+@triton.jit
+def _corner_ptr(vbase, start, hh, ww, H, W, S, inside, stride_s, d):
+    """Pointers (BLOCK_Q, BLOCK_D) and validity (BLOCK_Q,) of the corner (hh, ww)."""
+    idx = hh * W + ww
+    ok = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & (start + idx < S)
+    off = vbase + idx.to(tl.int64) * stride_s
+    return off[:, None] + d[None, :], ok
+
+
+@triton.jit(do_not_specialize=_NOSPEC)
+def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, Lq, S, M, L, D: tl.constexpr, P: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(2).to(tl.int64)
+    m = tl.program_id(1)
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dm = (d < D)[None, :]
+    row = (n * Lq + q) * M + m  # (BLOCK_Q,) index into (N, Lq, M)
+    stride_s = M * D
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
+    for lvl in range(L):
+        H = tl.load(Shapes + 2 * lvl).to(tl.int32)
+        W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
+        start = tl.load(Starts + lvl).to(tl.int32)
+        vbase = ((n * S + start) * M + m) * D
+        Hf = H.to(ACC)
+        Wf = W.to(ACC)
+        for p in tl.static_range(P):
+            lp = (row * L + lvl) * P + p
+            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC)
+            hl = 1.0 - lh
+            wl = 1.0 - lw
+            o1, k1 = _corner_ptr(vbase, start, h0, w0, H, W, S, inside, stride_s, d)
+            o2, k2 = _corner_ptr(vbase, start, h0, w0 + 1, H, W, S, inside, stride_s, d)
+            o3, k3 = _corner_ptr(vbase, start, h0 + 1, w0, H, W, S, inside, stride_s, d)
+            o4, k4 = _corner_ptr(vbase, start, h0 + 1, w0 + 1, H, W, S, inside, stride_s, d)
+            v1 = tl.load(V + o1, mask=k1[:, None] & dm, other=0.0).to(ACC)
+            v2 = tl.load(V + o2, mask=k2[:, None] & dm, other=0.0).to(ACC)
+            v3 = tl.load(V + o3, mask=k3[:, None] & dm, other=0.0).to(ACC)
+            v4 = tl.load(V + o4, mask=k4[:, None] & dm, other=0.0).to(ACC)
+            acc += ((a * hl * wl)[:, None] * v1 + (a * hl * lw)[:, None] * v2
+                    + (a * lh * wl)[:, None] * v3 + (a * lh * lw)[:, None] * v4)
+    out = row[:, None] * D + d[None, :]
+    tl.store(Out + out, acc.to(Out.dtype.element_ty), mask=q_mask[:, None] & dm)
+
+
+@triton.jit(do_not_specialize=_NOSPEC)
+def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, Lq, S, M, L, D: tl.constexpr,
+                     P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    n = tl.program_id(2).to(tl.int64)
+    m = tl.program_id(1)
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < Lq
+    d = tl.arange(0, BLOCK_D)
+    dm = (d < D)[None, :]
+    row = (n * Lq + q) * M + m
+    stride_s = M * D
+    go = tl.load(GO + row[:, None] * D + d[None, :], mask=q_mask[:, None] & dm, other=0.0).to(ACC)
+    for lvl in range(L):
+        H = tl.load(Shapes + 2 * lvl).to(tl.int32)
+        W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
+        start = tl.load(Starts + lvl).to(tl.int32)
+        vbase = ((n * S + start) * M + m) * D
+        Hf = H.to(ACC)
+        Wf = W.to(ACC)
+        for p in tl.static_range(P):
+            lp = (row * L + lvl) * P + p
+            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC)
+            hl = 1.0 - lh
+            wl = 1.0 - lw
+            o1, k1 = _corner_ptr(vbase, start, h0, w0, H, W, S, inside, stride_s, d)
+            o2, k2 = _corner_ptr(vbase, start, h0, w0 + 1, H, W, S, inside, stride_s, d)
+            o3, k3 = _corner_ptr(vbase, start, h0 + 1, w0, H, W, S, inside, stride_s, d)
+            o4, k4 = _corner_ptr(vbase, start, h0 + 1, w0 + 1, H, W, S, inside, stride_s, d)
+            k1 = k1[:, None] & dm
+            k2 = k2[:, None] & dm
+            k3 = k3[:, None] & dm
+            k4 = k4[:, None] & dm
+            v1 = tl.load(V + o1, mask=k1, other=0.0).to(ACC)
+            v2 = tl.load(V + o2, mask=k2, other=0.0).to(ACC)
+            v3 = tl.load(V + o3, mask=k3, other=0.0).to(ACC)
+            v4 = tl.load(V + o4, mask=k4, other=0.0).to(ACC)
+            # gradient of the attention weight: <g, bilinear sample>
+            g1 = tl.sum(go * v1, axis=1)
+            g2 = tl.sum(go * v2, axis=1)
+            g3 = tl.sum(go * v3, axis=1)
+            g4 = tl.sum(go * v4, axis=1)
+            g_attn = hl * wl * g1 + hl * lw * g2 + lh * wl * g3 + lh * lw * g4
+            # location gradient: bilinear derivative over the valid corners, times W (x) and H (y)
+            g_w = a * Wf * (hl * (g2 - g1) + lh * (g4 - g3))
+            g_h = a * Hf * (wl * (g3 - g1) + lw * (g4 - g2))
+            g_attn = tl.where(inside, g_attn, 0.0)
+            g_w = tl.where(inside, g_w, 0.0)
+            g_h = tl.where(inside, g_h, 0.0)
+            tl.store(GAttn + lp, g_attn.to(GAttn.dtype.element_ty), mask=q_mask)
+            tl.store(GLoc + 2 * lp, g_w.to(GLoc.dtype.element_ty), mask=q_mask)
+            tl.store(GLoc + 2 * lp + 1, g_h.to(GLoc.dtype.element_ty), mask=q_mask)
+            # value gradient: scatter a * corner weight * g into the 4 corners
+            tl.atomic_add(GV + o1, (a * hl * wl)[:, None] * go, mask=k1, sem="relaxed")
+            tl.atomic_add(GV + o2, (a * hl * lw)[:, None] * go, mask=k2, sem="relaxed")
+            tl.atomic_add(GV + o3, (a * lh * wl)[:, None] * go, mask=k3, sem="relaxed")
+            tl.atomic_add(GV + o4, (a * lh * lw)[:, None] * go, mask=k4, sem="relaxed")
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def block_sizes(D: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_D, num_warps): BLOCK_D = next power of 2 of the head dim (masked); the query block keeps
+    a (BLOCK_Q, BLOCK_D) tile at ~2k elements (forward) / ~1k (backward, which holds g and 4 corners)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    budget = 1024 if backward else 2048
+    BLOCK_Q = max(16, min(128, budget // BLOCK_D))
+    return BLOCK_Q, BLOCK_D, 4
+
+
+def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Contiguous inputs (see the module docstring) -> output (N, Lq, M·D) in value's dtype."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    out = torch.empty((N, Lq, M * D), device=value.device, dtype=value.dtype)
+    BLOCK_Q, BLOCK_D, warps = block_sizes(D, False)
+    grid = (triton.cdiv(Lq, BLOCK_Q), M, N)
+    record_launch("ms_deform_attn_fwd")
+    _msda_fwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+                           Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, ACC=_acc(value.dtype),
+                           num_warps=warps)
+    return out
+
+
+def ms_deform_attn_bwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out):
+    """-> (grad_value in fp32 (fp64 for fp64 value), grad_sampling_locations, grad_attention_weights) in the
+    inputs' dtypes. grad_out: (N, Lq, M·D) contiguous."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, device=value.device, dtype=acc_dtype)
+    grad_loc = torch.empty_like(sampling_locations)
+    grad_attn = torch.empty_like(attention_weights)
+    BLOCK_Q, BLOCK_D, warps = block_sizes(D, True)
+    grid = (triton.cdiv(Lq, BLOCK_Q), M, N)
+    record_launch("ms_deform_attn_bwd")
+    _msda_bwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
+                           grad_value, grad_loc, grad_attn, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q,
+                           BLOCK_D=BLOCK_D, ACC=_acc(value.dtype), num_warps=warps)
+    return grad_value, grad_loc, grad_attn
