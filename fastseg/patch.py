@@ -12,6 +12,13 @@ Recognised (each op is skipped, with a note, when its fastseg class is not in th
   layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
+* ``"ms_deform_attn"``: multi-scale deformable attention with Linear ``sampling_offsets``,
+  ``attention_weights``, ``value_proj``, ``output_proj`` — the official Deformable DETR / Mask2Former
+  ``MSDeformAttn`` (forward ``(query, reference_points, input_flatten, input_spatial_shapes,
+  input_level_start_index, input_padding_mask)``) -> :class:`fastseg.nn.MSDeformAttn`, and Hugging Face's
+  ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` (keyword call with ``spatial_shapes_list``)
+  -> :class:`fastseg.nn.MSDeformAttnHF`. This project's own pixel-decoder module (list of shapes, no level start
+  index) is not swapped: it has its own ``fused`` switch (``MSDeformAttnPixelDecoder.set_fused``).
 
 Deeper patch (``report.deeper``): where the model's own code allows it — this project's Mask2Former decoder
 (recognised by its ``packed_attn_masks`` switch and ``fused_attention_mask`` method, once all its
@@ -31,12 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+
+import torch
 
 from torch import nn
 
 __all__ = ["patch", "PatchReport", "OPS"]
 
-OPS = ("masked_attention", "msca", "context_cluster")
+OPS = ("masked_attention", "msca", "context_cluster", "ms_deform_attn")
 _CROSS_NAMES = ("multihead_attn", "cross_attn", "encoder_attn", "cross_attention")
 _MSCA_CONVS = {  # name -> (kernel size, depthwise)
     "conv0": ((5, 5), True), "conv0_1": ((1, 7), True), "conv0_2": ((7, 1), True),
@@ -116,6 +126,69 @@ def _is_context_cluster(m: nn.Module) -> bool:
     return ok and all(hasattr(m, a) for a in ("heads", "head_dim", "fold_w", "fold_h"))
 
 
+def _msda_convention(m: nn.Module) -> str | None:
+    """"official" / "hf" from the forward signature of a module with MSDeformAttn's parameters, else None."""
+    if not all(isinstance(getattr(m, n, None), nn.Linear) for n in
+               ("sampling_offsets", "attention_weights", "value_proj", "output_proj")):
+        return None
+    if not all(isinstance(getattr(m, a, None), int) for a in ("d_model", "n_levels", "n_heads", "n_points")):
+        return None
+    C, L, M, P = m.d_model, m.n_levels, m.n_heads, m.n_points
+    if M <= 0 or C % M or m.sampling_offsets.out_features != M * L * P * 2 \
+            or m.attention_weights.out_features != M * L * P:
+        return None
+    if any(lin.in_features != C for lin in (m.sampling_offsets, m.attention_weights, m.value_proj, m.output_proj)) \
+            or m.value_proj.out_features != C or m.output_proj.out_features != C:
+        return None
+    try:
+        params = list(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if params[1:7] == ["query", "reference_points", "input_flatten", "input_spatial_shapes",
+                       "input_level_start_index", "input_padding_mask"]:
+        return "official"
+    if all(p in params for p in ("hidden_states", "encoder_hidden_states", "reference_points",
+                                 "spatial_shapes_list", "level_start_index")):
+        return "hf"
+    return None
+
+
+def _is_ms_deform_attn(m: nn.Module) -> bool:
+    """Official ``MSDeformAttn`` or Hugging Face's Mask2Former pixel-decoder deformable attention."""
+    return _msda_convention(m) is not None
+
+
+def _new_ms_deform_attn(m: nn.Module) -> nn.Module:
+    """The fastseg drop-in (``MSDeformAttn`` / ``MSDeformAttnHF``) holding ``m``'s weights."""
+    name = "MSDeformAttnHF" if _msda_convention(m) == "hf" else "MSDeformAttn"
+    cls = _fastseg_class(name)
+    if cls is None:
+        raise RuntimeError(f"fastseg.nn.{name} is not available in this build")
+    return cls.from_module(m)
+
+
+def _probe_ms_deform_attn(m: nn.Module) -> tuple[tuple, dict]:
+    """Example forward ``(args, kwargs)`` for ``m`` (small odd level shapes, batch 2, 5 queries), on its
+    device and dtype: positional for the official module, keywords for Hugging Face's."""
+    ref = m.value_proj.weight
+    g = torch.Generator().manual_seed(0)
+    shapes_list = [(3 + l, 4 + 2 * l) for l in range(m.n_levels)]
+    S = sum(h * w for h, w in shapes_list)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.rand(shape, generator=g) * scale).to(device=ref.device, dtype=ref.dtype)
+
+    query, flat = rnd(2, 5, m.d_model) - 0.5, rnd(2, S, m.d_model) - 0.5
+    refs = rnd(2, 5, m.n_levels, 2)
+    shapes = torch.tensor(shapes_list, dtype=torch.long, device=ref.device)
+    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
+    if _msda_convention(m) == "hf":
+        return (), dict(hidden_states=query, attention_mask=None, encoder_hidden_states=flat,
+                        encoder_attention_mask=None, position_embeddings=None, reference_points=refs,
+                        spatial_shapes_list=shapes_list, level_start_index=starts)
+    return (query, refs, flat, shapes, starts, None), {}
+
+
 def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
     """Copy weights, device, dtype, requires_grad and train/eval mode from ``old``."""
     ref = next(old.parameters(), None)
@@ -154,8 +227,10 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
         raise ValueError(f"unknown ops {sorted(unknown)}; expected a subset of {OPS}")
     report = PatchReport(dry_run=dry_run)
     classes = {"masked_attention": _fastseg_class("MaskedCrossAttention"), "msca": _fastseg_class("MSCA"),
-               "context_cluster": _fastseg_class("ContextCluster")}
-    names = {"masked_attention": "MaskedCrossAttention", "msca": "MSCA", "context_cluster": "ContextCluster"}
+               "context_cluster": _fastseg_class("ContextCluster"),
+               "ms_deform_attn": _fastseg_class("MSDeformAttn")}
+    names = {"masked_attention": "MaskedCrossAttention", "msca": "MSCA", "context_cluster": "ContextCluster",
+             "ms_deform_attn": "MSDeformAttn"}
     done: dict[int, nn.Module] = {}  # id(old) -> new (a module shared by several parents is replaced once)
     plan = []
     for path, parent, name, child in list(_parents(model)):
@@ -167,6 +242,8 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
             op = "msca"
         elif _is_context_cluster(child):
             op = "context_cluster"
+        elif _is_ms_deform_attn(child):
+            op = "ms_deform_attn"
         else:
             continue
         if op not in ops:
@@ -181,7 +258,9 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
             continue
         plan.append((path, parent, name, child, op, cls))
     for path, parent, name, child, op, cls in plan:
-        report.replaced.append((path, op, type(child).__name__, cls.__name__))
+        new_name = ("MSDeformAttnHF" if _msda_convention(child) == "hf" else cls.__name__) \
+            if op == "ms_deform_attn" else cls.__name__
+        report.replaced.append((path, op, type(child).__name__, new_name))
         if dry_run:
             continue
         if id(child) not in done:
@@ -189,6 +268,8 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module,
                 done[id(child)] = cls.from_mha(child)
             elif op == "msca":
                 done[id(child)] = _new_msca(cls, child)
+            elif op == "ms_deform_attn":
+                done[id(child)] = _new_ms_deform_attn(child)
             else:
                 done[id(child)] = _new_context_cluster(cls, child)
         setattr(parent, name, done[id(child)])

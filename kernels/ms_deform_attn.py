@@ -10,7 +10,7 @@ Sampling follows the official CUDA op (``ms_deform_im2col_cuda.cuh``): ``h = y·
 the 4 bilinear corners counts only when it lies in the image (zero padding), in the value, the value gradient
 and the location gradient alike (the location gradient is the bilinear derivative over the valid corners).
 
-* ``_msda_fwd_kernel``: one program per (block of queries, head, image); loops over levels and points and
+* ``_msda_fwd_kernel``: one program per block of rows of the flattened (N, Lq, M) (query × head); loops over levels and points and
   gathers the D-vectors of the 4 corners: one pass, nothing of size (N, Lq, M, L, P, D) is formed.
 * ``_msda_bwd_kernel``: same grid; recomputes the samples, writes grad_attention = ⟨g, sample⟩ and
   grad_location (each program owns its queries' points: plain stores) and scatters
@@ -19,8 +19,8 @@ and the location gradient alike (the location gradient is the bilinear derivativ
   runs on a GPU); the other two gradients are deterministic.
 
 ``spatial_shapes`` / ``level_start_index`` stay on the device: the kernels load H_l, W_l and the level start
-per level (no host sync). Corners are also masked to ``start + index < S``, so inconsistent shapes cannot read
-or write outside ``value``. Offsets are int64.
+per level (no host sync). A level with ``start < 0`` or ``start + H·W > S`` is skipped, so inconsistent shapes
+cannot read or write outside ``value``. Offsets are int64.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg._backend import record_launch
+from fastseg._backend import interpreter_enabled, record_launch
 
 __all__ = ["ms_deform_attn_fwd", "ms_deform_attn_bwd", "block_sizes"]
 
-_NOSPEC = ["Lq", "S", "M", "L"]
+_NOSPEC = ["R", "Lq", "S", "M", "L"]
 
 
 @triton.jit
@@ -54,46 +54,53 @@ def _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC: tl.constexpr):
 
 
 @triton.jit
-def _corner_ptr(vbase, start, hh, ww, H, W, S, inside, stride_s, d):
-    """Pointers (BLOCK_Q, BLOCK_D) and validity (BLOCK_Q,) of the corner (hh, ww)."""
-    idx = hh * W + ww
-    ok = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & (start + idx < S)
-    off = vbase + idx.to(tl.int64) * stride_s
-    return off[:, None] + d[None, :], ok
+def _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm):
+    """Pointer offsets (BLOCK_Q, BLOCK_D) of the 4 corners (h0, w0), (h0, w0+1), (h0+1, w0), (h0+1, w0+1) and
+    their (BLOCK_Q, BLOCK_D) validity masks (in the image, the point inside, the head-dim lane used)."""
+    idx = h0 * W + w0
+    o1 = (vbase + idx.to(tl.int64) * stride_s)[:, None] + d[None, :]
+    o2 = o1 + stride_s
+    o3 = o1 + W * stride_s
+    o4 = o3 + stride_s
+    top = inside & (h0 >= 0)
+    bottom = inside & (h0 + 1 < H)
+    left = w0 >= 0
+    right = w0 + 1 < W
+    k1 = (top & left)[:, None] & dm
+    k2 = (top & right)[:, None] & dm
+    k3 = (bottom & left)[:, None] & dm
+    k4 = (bottom & right)[:, None] & dm
+    return o1, o2, o3, o4, k1, k2, k3, k4
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, Lq, S, M, L, D: tl.constexpr, P: tl.constexpr,
+def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, R, Lq, S, M, L, D: tl.constexpr, P: tl.constexpr,
                      BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(2).to(tl.int64)
-    m = tl.program_id(1)
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Lq
+    row = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BLOCK_Q,) rows of (N, Lq, M)
+    q_mask = row < R
+    vrow = ((row // (Lq * M)) * S * M + row % M) * D  # value offset of (n, s=0, m, d=0)
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
-    row = (n * Lq + q) * M + m  # (BLOCK_Q,) index into (N, Lq, M)
     stride_s = M * D
     acc = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
     for lvl in range(L):
         H = tl.load(Shapes + 2 * lvl).to(tl.int32)
         W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
         start = tl.load(Starts + lvl).to(tl.int32)
-        vbase = ((n * S + start) * M + m) * D
+        vbase = vrow + start.to(tl.int64) * stride_s
         Hf = H.to(ACC)
         Wf = W.to(ACC)
+        level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
         for p in tl.static_range(P):
             lp = (row * L + lvl) * P + p
-            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC)
+            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask & level_ok, Hf, Wf, ACC)
             hl = 1.0 - lh
             wl = 1.0 - lw
-            o1, k1 = _corner_ptr(vbase, start, h0, w0, H, W, S, inside, stride_s, d)
-            o2, k2 = _corner_ptr(vbase, start, h0, w0 + 1, H, W, S, inside, stride_s, d)
-            o3, k3 = _corner_ptr(vbase, start, h0 + 1, w0, H, W, S, inside, stride_s, d)
-            o4, k4 = _corner_ptr(vbase, start, h0 + 1, w0 + 1, H, W, S, inside, stride_s, d)
-            v1 = tl.load(V + o1, mask=k1[:, None] & dm, other=0.0).to(ACC)
-            v2 = tl.load(V + o2, mask=k2[:, None] & dm, other=0.0).to(ACC)
-            v3 = tl.load(V + o3, mask=k3[:, None] & dm, other=0.0).to(ACC)
-            v4 = tl.load(V + o4, mask=k4[:, None] & dm, other=0.0).to(ACC)
+            o1, o2, o3, o4, k1, k2, k3, k4 = _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm)
+            v1 = tl.load(V + o1, mask=k1, other=0.0).to(ACC)
+            v2 = tl.load(V + o2, mask=k2, other=0.0).to(ACC)
+            v3 = tl.load(V + o3, mask=k3, other=0.0).to(ACC)
+            v4 = tl.load(V + o4, mask=k4, other=0.0).to(ACC)
             acc += ((a * hl * wl)[:, None] * v1 + (a * hl * lw)[:, None] * v2
                     + (a * lh * wl)[:, None] * v3 + (a * lh * lw)[:, None] * v4)
     out = row[:, None] * D + d[None, :]
@@ -101,37 +108,29 @@ def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, Lq, S, M, L, D: tl.const
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, Lq, S, M, L, D: tl.constexpr,
+def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, R, Lq, S, M, L, D: tl.constexpr,
                      P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(2).to(tl.int64)
-    m = tl.program_id(1)
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_mask = q < Lq
+    row = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BLOCK_Q,) rows of (N, Lq, M)
+    q_mask = row < R
+    vrow = ((row // (Lq * M)) * S * M + row % M) * D  # value offset of (n, s=0, m, d=0)
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
-    row = (n * Lq + q) * M + m
     stride_s = M * D
     go = tl.load(GO + row[:, None] * D + d[None, :], mask=q_mask[:, None] & dm, other=0.0).to(ACC)
     for lvl in range(L):
         H = tl.load(Shapes + 2 * lvl).to(tl.int32)
         W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
         start = tl.load(Starts + lvl).to(tl.int32)
-        vbase = ((n * S + start) * M + m) * D
+        vbase = vrow + start.to(tl.int64) * stride_s
         Hf = H.to(ACC)
         Wf = W.to(ACC)
+        level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
         for p in tl.static_range(P):
             lp = (row * L + lvl) * P + p
-            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC)
+            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask & level_ok, Hf, Wf, ACC)
             hl = 1.0 - lh
             wl = 1.0 - lw
-            o1, k1 = _corner_ptr(vbase, start, h0, w0, H, W, S, inside, stride_s, d)
-            o2, k2 = _corner_ptr(vbase, start, h0, w0 + 1, H, W, S, inside, stride_s, d)
-            o3, k3 = _corner_ptr(vbase, start, h0 + 1, w0, H, W, S, inside, stride_s, d)
-            o4, k4 = _corner_ptr(vbase, start, h0 + 1, w0 + 1, H, W, S, inside, stride_s, d)
-            k1 = k1[:, None] & dm
-            k2 = k2[:, None] & dm
-            k3 = k3[:, None] & dm
-            k4 = k4[:, None] & dm
+            o1, o2, o3, o4, k1, k2, k3, k4 = _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm)
             v1 = tl.load(V + o1, mask=k1, other=0.0).to(ACC)
             v2 = tl.load(V + o2, mask=k2, other=0.0).to(ACC)
             v3 = tl.load(V + o3, mask=k3, other=0.0).to(ACC)
@@ -162,12 +161,15 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def block_sizes(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_D, num_warps): BLOCK_D = next power of 2 of the head dim (masked); the query block keeps
-    a (BLOCK_Q, BLOCK_D) tile at ~2k elements (forward) / ~1k (backward, which holds g and 4 corners)."""
+def block_sizes(D: int, rows: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_D, num_warps): BLOCK_Q rows of the flattened (N, Lq, M); BLOCK_D = next power of 2 of the head dim (masked); the query block keeps
+    a (BLOCK_Q, BLOCK_D) tile at ~2k elements (forward) / ~1k (backward, which holds g and 4 corners), and is
+    no larger than the number of rows needs."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    budget = 1024 if backward else 2048
-    BLOCK_Q = max(16, min(128, budget // BLOCK_D))
+    cap, budget = 128, (1024 if backward else 2048)
+    if interpreter_enabled():  # the interpreter pays per op, not per element: few large blocks
+        cap = budget = 1 << 14
+    BLOCK_Q = max(16, min(cap, budget // BLOCK_D, triton.next_power_of_2(rows)))
     return BLOCK_Q, BLOCK_D, 4
 
 
@@ -176,11 +178,11 @@ def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locati
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     out = torch.empty((N, Lq, M * D), device=value.device, dtype=value.dtype)
-    BLOCK_Q, BLOCK_D, warps = block_sizes(D, False)
-    grid = (triton.cdiv(Lq, BLOCK_Q), M, N)
+    BLOCK_Q, BLOCK_D, warps = block_sizes(D, N * Lq * M, False)
+    grid = (triton.cdiv(N * Lq * M, BLOCK_Q),)
     record_launch("ms_deform_attn_fwd")
     _msda_fwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-                           Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, ACC=_acc(value.dtype),
+                           N * Lq * M, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, ACC=_acc(value.dtype),
                            num_warps=warps)
     return out
 
@@ -194,10 +196,10 @@ def ms_deform_attn_bwd(value, spatial_shapes, level_start_index, sampling_locati
     grad_value = torch.zeros(value.shape, device=value.device, dtype=acc_dtype)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
-    BLOCK_Q, BLOCK_D, warps = block_sizes(D, True)
-    grid = (triton.cdiv(Lq, BLOCK_Q), M, N)
+    BLOCK_Q, BLOCK_D, warps = block_sizes(D, N * Lq * M, True)
+    grid = (triton.cdiv(N * Lq * M, BLOCK_Q),)
     record_launch("ms_deform_attn_bwd")
     _msda_bwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
-                           grad_value, grad_loc, grad_attn, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q,
+                           grad_value, grad_loc, grad_attn, N * Lq * M, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q,
                            BLOCK_D=BLOCK_D, ACC=_acc(value.dtype), num_warps=warps)
     return grad_value, grad_loc, grad_attn

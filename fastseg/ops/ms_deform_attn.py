@@ -12,8 +12,8 @@ official ``MSDeformAttnFunction`` signature without ``im2col_step``.
   attention_weights, in their dtypes.
 
 No host sync on CUDA: the shapes tensors are read by the kernels. So ``Σ H_l·W_l == S`` is checked on CPU
-tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels mask every corner
-to ``start + index < S``) but give meaningless numbers. grad_value is accumulated with fp32 atomics (fp64 for
+tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels skip a level
+with ``start + H·W > S``) but give meaningless numbers. grad_value is accumulated with fp32 atomics (fp64 for
 fp64), so it can differ between runs at rounding level; the other outputs are deterministic.
 Dispatch by :func:`fastseg._backend.select` (CUDA -> Triton; CPU -> Triton under the interpreter, else the
 official PyTorch core, :func:`fastseg.reference.ms_deform_attn_core_pytorch`).
