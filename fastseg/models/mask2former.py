@@ -372,7 +372,7 @@ class Mask2Former(nn.Module):
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             in_channels, strides, conv_dim=conv_dim, mask_dim=mask_dim, norm=norm, transformer_dropout=enc_dropout,
             transformer_nheads=enc_nheads, transformer_dim_feedforward=enc_dim_feedforward,
-            transformer_enc_layers=enc_layers, enc_n_points=enc_n_points).set_fused(fused)
+            transformer_enc_layers=enc_layers, enc_n_points=enc_n_points)
         self.predictor = MultiScaleMaskedTransformerDecoder(
             conv_dim, num_classes=num_classes, hidden_dim=hidden_dim, num_queries=num_queries, nheads=nheads,
             dim_feedforward=dim_feedforward, dec_layers=dec_layers, pre_norm=pre_norm, mask_dim=mask_dim,
@@ -392,10 +392,13 @@ class Mask2Former(nn.Module):
     def fused(self) -> bool:
         return self.predictor.fused
 
-    def set_fused(self, fused: bool = True) -> "Mask2Former":
-        """Switch between the reference and the memory-lean path (same parameters)."""
+    def set_fused(self, fused: bool = True, pixel_decoder: bool | None = None) -> "Mask2Former":
+        """Switch between the reference and the memory-lean path (same parameters). ``pixel_decoder`` (if not
+        None) also switches the encoder's deformable attention to the fused op
+        (:meth:`MSDeformAttnPixelDecoder.set_fused`; equal up to rounding, so not bit for bit)."""
         self.predictor.fused = bool(fused)
-        self.pixel_decoder.set_fused(fused)
+        if pixel_decoder is not None:
+            self.pixel_decoder.set_fused(pixel_decoder)
         return self
 
     def forward_features(self, images: torch.Tensor) -> dict:
