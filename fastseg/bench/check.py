@@ -141,12 +141,35 @@ def check_mask_from_embeddings(device, dtype):
              "rel": frac, "tol": 0.0, "ok": wrong == 0}]
 
 
+def check_ms_deform_attn(device, dtype):
+    """fastseg.nn.MSDeformAttn vs the official module (grid_sample core): 3 odd-sized levels, 2 heads of 8,
+    3 points, random (non-init) offsets so that no point sits exactly on a texel border."""
+    cls = require("fastseg.nn", "MSDeformAttn", "the fused multi-scale deformable attention lands with issue 14")
+    ref_cls = require("fastseg.reference", "ReferenceMSDeformAttn", "the MSDeformAttn reference lands with issue 14")
+    shapes = [(5, 7), (3, 4), (2, 1)]
+    torch.manual_seed(0)
+    ref = ref_cls(16, 3, 2, 3)
+    with torch.no_grad():
+        ref.sampling_offsets.weight.normal_(0, 0.3)
+        ref.attention_weights.weight.normal_(0, 0.3)
+    fused = cls(16, 3, 2, 3)
+    fused.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(0)
+    S = sum(h * w for h, w in shapes)
+    st = torch.tensor(shapes, device=device)
+    starts = torch.tensor([0, 35, 47], device=device)
+    inputs = [torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, 3, 2, generator=g), torch.randn(2, S, 16, generator=g)]
+    return compare(fused, ref, inputs, lambda m, q, r, x: m(q, r, x, st, starts), dtype, device,
+                   input_names=["query", "reference_points", "input_flatten"])
+
+
 CHECKS: dict[str, Callable] = {
     "masked-attention": check_masked_attention,
     "mask-from-embeddings": check_mask_from_embeddings,
     "msca": check_msca,
     "mlp-dwconv": check_mlp_dwconv,
     "context-cluster": check_context_cluster,
+    "ms-deform-attn": check_ms_deform_attn,
 }
 
 
