@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, msca
+from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -78,6 +78,17 @@ def main():
     compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "pw_ptr": "fp32",
                                              "pbias_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
+
+    # multi-scale deformable attention at the Mask2Former encoder's head dim (32) and 64, 4 points
+    A = ms_deform_attn
+    for D in (32, 64):
+        bq, bd, warps = A.block_sizes(D, 1 << 20, False)
+        io = {"V": dt, "Shapes": "i64", "Starts": "i64", "Loc": dt, "Attn": dt}
+        compile_for_sm90(A._msda_fwd_kernel, {**io, "Out": dt}, dict(D=D, P=4, BLOCK_Q=bq, BLOCK_D=bd, ACC=tl.float32),
+                         warps)
+        bq, bd, warps = A.block_sizes(D, 1 << 20, True)
+        compile_for_sm90(A._msda_bwd_kernel, {**io, "GO": dt, "GV": "fp32", "GLoc": dt, "GAttn": dt},
+                         dict(D=D, P=4, BLOCK_Q=bq, BLOCK_D=bd, ACC=tl.float32), warps)
 
 
 if __name__ == "__main__":
