@@ -10,6 +10,10 @@ Sampling follows the official CUDA op (``ms_deform_im2col_cuda.cuh``): ``h = y·
 the 4 bilinear corners counts only when it lies in the image (zero padding), in the value, the value gradient
 and the location gradient alike (the location gradient is the bilinear derivative over the valid corners).
 
+* ``FUSED`` (both kernels): the module's softmax over the L·P logits of each (query, head) (online, in the
+  forward; the backward reuses the saved max and sum) and the location arithmetic ``reference point +
+  offset / (W_l, H_l)`` (2-coordinate reference points) run in the kernels, so neither the sampling locations
+  nor the weights are written to memory.
 * ``_msda_fwd_kernel``: one program per block of rows of the flattened (N, Lq, M) (query × head); loops over levels and points and
   gathers the D-vectors of the 4 corners: one pass, nothing of size (N, Lq, M, L, P, D) is formed.
 * ``_msda_bwd_kernel``: same grid; recomputes the samples, writes grad_attention = ⟨g, sample⟩ and
@@ -36,11 +40,20 @@ _NOSPEC = ["R", "Lq", "S", "M", "L"]
 
 
 @triton.jit
-def _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC: tl.constexpr):
-    """Location (x, y) and weight of point ``lp`` (BLOCK_Q,) -> bilinear setup of the official op."""
+def _location(Loc, Ref, lp, ref_off, q_mask, Hf, Wf, FUSED: tl.constexpr, ACC: tl.constexpr):
+    """(x, y) of point ``lp`` (BLOCK_Q,): read from Loc, or (FUSED) reference point + offset / (W, H), the
+    official arithmetic for 2-coordinate reference points (Loc then holds the raw sampling offsets)."""
     x = tl.load(Loc + 2 * lp, mask=q_mask, other=0.0).to(ACC)
     y = tl.load(Loc + 2 * lp + 1, mask=q_mask, other=0.0).to(ACC)
-    a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
+    if FUSED:
+        x = tl.load(Ref + ref_off, mask=q_mask, other=0.0).to(ACC) + x / Wf
+        y = tl.load(Ref + ref_off + 1, mask=q_mask, other=0.0).to(ACC) + y / Hf
+    return x, y
+
+
+@triton.jit
+def _bilinear(x, y, q_mask, Hf, Wf):
+    """Bilinear setup of the official op: (inside, h0, w0, lh, lw)."""
     h_im = y * Hf - 0.5
     w_im = x * Wf - 0.5
     inside = q_mask & (h_im > -1.0) & (w_im > -1.0) & (h_im < Hf) & (w_im < Wf)
@@ -48,9 +61,7 @@ def _point(Loc, Attn, lp, q_mask, Hf, Wf, ACC: tl.constexpr):
     w_im = tl.where(inside, w_im, 0.0)
     h0f = tl.floor(h_im)
     w0f = tl.floor(w_im)
-    lh = h_im - h0f
-    lw = w_im - w0f
-    return a, inside, h0f.to(tl.int32), w0f.to(tl.int32), lh, lw
+    return inside, h0f.to(tl.int32), w0f.to(tl.int32), h_im - h0f, w_im - w0f
 
 
 @triton.jit
@@ -74,15 +85,19 @@ def _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm):
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, R, Lq, S, M, L, D: tl.constexpr, P: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Ref, Stats, Out, R, Lq, S, M, L, D: tl.constexpr,
+                     P: tl.constexpr, FUSED: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BLOCK_Q,) rows of (N, Lq, M)
     q_mask = row < R
     vrow = ((row // (Lq * M)) * S * M + row % M) * D  # value offset of (n, s=0, m, d=0)
+    rrow = (row // M) * L * 2  # FUSED: reference point offset of (n, q, level 0)
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
     stride_s = M * D
     acc = tl.zeros((BLOCK_Q, BLOCK_D), ACC)
+    mx = tl.full((BLOCK_Q,), float("-inf"), ACC)  # FUSED: online softmax over the L·P logits of a row
+    den = tl.zeros((BLOCK_Q,), ACC)
     for lvl in range(L):
         H = tl.load(Shapes + 2 * lvl).to(tl.int32)
         W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
@@ -93,7 +108,17 @@ def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, R, Lq, S, M, L, D: tl.co
         level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
         for p in range(P):
             lp = (row * L + lvl) * P + p
-            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask & level_ok, Hf, Wf, ACC)
+            a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
+            if FUSED:
+                m_new = tl.maximum(mx, a)
+                none = m_new == float("-inf")  # every logit so far is -inf (weight 0, as the softmax gives)
+                scale = tl.where(none, 0.0, tl.exp(mx - m_new))
+                a = tl.where(none, 0.0, tl.exp(a - m_new))
+                den = den * scale + a
+                acc = acc * scale[:, None]
+                mx = m_new
+            x, y = _location(Loc, Ref, lp, rrow + 2 * lvl, q_mask, Hf, Wf, FUSED, ACC)
+            inside, h0, w0, lh, lw = _bilinear(x, y, q_mask & level_ok, Hf, Wf)
             hl = 1.0 - lh
             wl = 1.0 - lw
             o1, o2, o3, o4, k1, k2, k3, k4 = _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm)
@@ -103,20 +128,31 @@ def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Out, R, Lq, S, M, L, D: tl.co
             v4 = tl.load(V + o4, mask=k4, other=0.0).to(ACC)
             acc += ((a * hl * wl)[:, None] * v1 + (a * hl * lw)[:, None] * v2
                     + (a * lh * wl)[:, None] * v3 + (a * lh * lw)[:, None] * v4)
+    if FUSED:
+        acc = acc / den[:, None]
+        tl.store(Stats + 2 * row, mx, mask=q_mask)
+        tl.store(Stats + 2 * row + 1, den, mask=q_mask)
     out = row[:, None] * D + d[None, :]
     tl.store(Out + out, acc.to(Out.dtype.element_ty), mask=q_mask[:, None] & dm)
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, R, Lq, S, M, L, D: tl.constexpr,
-                     P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, Ref, Stats, GO, GV, GLoc, GAttn, R, Lq, S, M, L,
+                     D: tl.constexpr, P: tl.constexpr, FUSED: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """GLoc / GAttn: gradients of the locations and weights, or (FUSED) of the raw offsets and logits."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BLOCK_Q,) rows of (N, Lq, M)
     q_mask = row < R
     vrow = ((row // (Lq * M)) * S * M + row % M) * D  # value offset of (n, s=0, m, d=0)
+    rrow = (row // M) * L * 2
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
     stride_s = M * D
     go = tl.load(GO + row[:, None] * D + d[None, :], mask=q_mask[:, None] & dm, other=0.0).to(ACC)
+    if FUSED:
+        mx = tl.load(Stats + 2 * row, mask=q_mask, other=0.0)
+        inv = 1.0 / tl.load(Stats + 2 * row + 1, mask=q_mask, other=1.0)
+    dot = tl.zeros((BLOCK_Q,), ACC)  # FUSED: Σ a · dL/da over the row (softmax backward)
     for lvl in range(L):
         H = tl.load(Shapes + 2 * lvl).to(tl.int32)
         W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
@@ -127,7 +163,11 @@ def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, R, Lq, S
         level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
         for p in range(P):
             lp = (row * L + lvl) * P + p
-            a, inside, h0, w0, lh, lw = _point(Loc, Attn, lp, q_mask & level_ok, Hf, Wf, ACC)
+            a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
+            if FUSED:
+                a = tl.exp(a - mx) * inv
+            x, y = _location(Loc, Ref, lp, rrow + 2 * lvl, q_mask, Hf, Wf, FUSED, ACC)
+            inside, h0, w0, lh, lw = _bilinear(x, y, q_mask & level_ok, Hf, Wf)
             hl = 1.0 - lh
             wl = 1.0 - lw
             o1, o2, o3, o4, k1, k2, k3, k4 = _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm)
@@ -140,13 +180,15 @@ def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, R, Lq, S
             g2 = tl.sum(go * v2, axis=1)
             g3 = tl.sum(go * v3, axis=1)
             g4 = tl.sum(go * v4, axis=1)
-            g_attn = hl * wl * g1 + hl * lw * g2 + lh * wl * g3 + lh * lw * g4
-            # location gradient: bilinear derivative over the valid corners, times W (x) and H (y)
-            g_w = a * Wf * (hl * (g2 - g1) + lh * (g4 - g3))
-            g_h = a * Hf * (wl * (g3 - g1) + lw * (g4 - g2))
-            g_attn = tl.where(inside, g_attn, 0.0)
-            g_w = tl.where(inside, g_w, 0.0)
-            g_h = tl.where(inside, g_h, 0.0)
+            g_attn = tl.where(inside, hl * wl * g1 + hl * lw * g2 + lh * wl * g3 + lh * lw * g4, 0.0)
+            # location gradient: bilinear derivative over the valid corners, times W (x) and H (y); FUSED:
+            # d loc / d offset = 1 / W, 1 / H
+            g_w = tl.where(inside, a * (hl * (g2 - g1) + lh * (g4 - g3)), 0.0)
+            g_h = tl.where(inside, a * (wl * (g3 - g1) + lw * (g4 - g2)), 0.0)
+            if not FUSED:
+                g_w = g_w * Wf
+                g_h = g_h * Hf
+            dot += a * g_attn
             tl.store(GAttn + lp, g_attn.to(GAttn.dtype.element_ty), mask=q_mask)
             tl.store(GLoc + 2 * lp, g_w.to(GLoc.dtype.element_ty), mask=q_mask)
             tl.store(GLoc + 2 * lp + 1, g_h.to(GLoc.dtype.element_ty), mask=q_mask)
@@ -155,6 +197,13 @@ def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, GO, GV, GLoc, GAttn, R, Lq, S
             tl.atomic_add(GV + o2, (a * hl * lw)[:, None] * go, mask=k2, sem="relaxed")
             tl.atomic_add(GV + o3, (a * lh * wl)[:, None] * go, mask=k3, sem="relaxed")
             tl.atomic_add(GV + o4, (a * lh * lw)[:, None] * go, mask=k4, sem="relaxed")
+    if FUSED:  # softmax backward: dL/dlogit = a · (dL/da − Σ a · dL/da), GAttn (fp32) re-read in place
+        tl.debug_barrier()
+        for j in range(L * P):
+            lp = row * L * P + j
+            a = tl.exp(tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC) - mx) * inv
+            g = tl.load(GAttn + lp, mask=q_mask, other=0.0).to(ACC)
+            tl.store(GAttn + lp, (a * (g - dot)).to(GAttn.dtype.element_ty), mask=q_mask)
 
 
 def _acc(dtype: torch.dtype):
@@ -174,33 +223,49 @@ def block_sizes(D: int, rows: int, backward: bool) -> tuple[int, int, int]:
     return BLOCK_Q, BLOCK_D, 4
 
 
-def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Contiguous inputs (see the module docstring) -> output (N, Lq, M·D) in value's dtype."""
+def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                       reference_points=None):
+    """Contiguous inputs (see the module docstring) -> output (N, Lq, M·D) in value's dtype, and the softmax
+    statistics (N, Lq, M, 2) fp32 (max, sum) or None.
+
+    With ``reference_points`` (N, Lq, L, 2) the kernel fuses the module's softmax and location arithmetic:
+    ``sampling_locations`` are then the raw sampling offsets (N, Lq, M, L, P, 2) in pixels of each level and
+    ``attention_weights`` the raw logits (N, Lq, M, L, P)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    fused = reference_points is not None
     out = torch.empty((N, Lq, M * D), device=value.device, dtype=value.dtype)
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    stats = torch.empty((N, Lq, M, 2), device=value.device, dtype=acc_dtype) if fused else None
     BLOCK_Q, BLOCK_D, warps = block_sizes(D, N * Lq * M, False)
     grid = (triton.cdiv(N * Lq * M, BLOCK_Q),)
     record_launch("ms_deform_attn_fwd")
-    _msda_fwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-                           N * Lq * M, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, ACC=_acc(value.dtype),
-                           num_warps=warps)
-    return out
+    _msda_fwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           reference_points if fused else sampling_locations, stats if fused else out, out,
+                           N * Lq * M, Lq, S, M, L, D=D, P=P, FUSED=fused, BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D,
+                           ACC=_acc(value.dtype), num_warps=warps)
+    return out, stats
 
 
-def ms_deform_attn_bwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out):
-    """-> (grad_value in fp32 (fp64 for fp64 value), grad_sampling_locations, grad_attention_weights) in the
-    inputs' dtypes. grad_out: (N, Lq, M·D) contiguous."""
+def ms_deform_attn_bwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
+                       reference_points=None, stats=None):
+    """-> (grad_value in fp32 (fp64 for fp64 value), grad of sampling_locations, grad of attention_weights);
+    the last two in the inputs' dtypes, or, fused (``reference_points`` and ``stats`` from the forward), the
+    gradients of the raw offsets (their dtype) and of the logits (fp32 / fp64). grad_out: (N, Lq, M·D)."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
+    fused = reference_points is not None
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, device=value.device, dtype=acc_dtype)
     grad_loc = torch.empty_like(sampling_locations)
-    grad_attn = torch.empty_like(attention_weights)
+    # fused: dL/da is written, then re-read for the softmax backward: kept in the accumulation dtype
+    grad_attn = torch.empty(attention_weights.shape, device=value.device,
+                            dtype=acc_dtype if fused else attention_weights.dtype)
     BLOCK_Q, BLOCK_D, warps = block_sizes(D, N * Lq * M, True)
     grid = (triton.cdiv(N * Lq * M, BLOCK_Q),)
     record_launch("ms_deform_attn_bwd")
-    _msda_bwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
-                           grad_value, grad_loc, grad_attn, N * Lq * M, Lq, S, M, L, D=D, P=P, BLOCK_Q=BLOCK_Q,
-                           BLOCK_D=BLOCK_D, ACC=_acc(value.dtype), num_warps=warps)
+    _msda_bwd_kernel[grid](value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           reference_points if fused else sampling_locations, stats if fused else grad_loc,
+                           grad_out, grad_value, grad_loc, grad_attn, N * Lq * M, Lq, S, M, L, D=D, P=P, FUSED=fused,
+                           BLOCK_Q=BLOCK_Q, BLOCK_D=BLOCK_D, ACC=_acc(value.dtype), num_warps=warps)
     return grad_value, grad_loc, grad_attn

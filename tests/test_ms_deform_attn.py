@@ -115,6 +115,44 @@ def test_op_half_precision(dtype, tol, device, triton_launches):
     _compare(SHAPES, value, locs, attn, tol, triton_launches, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_fused_softmax_and_locations(dtype, device, triton_launches):
+    """ms_deform_attn_from_offsets (softmax over L·P and ref + offset / (W, H) in the kernels) vs the same
+    arithmetic in PyTorch + the official core, on the same (rounded) inputs; large logits exercise the online
+    softmax, a -inf logit gets weight 0."""
+    from fastseg.ops import ms_deform_attn_from_offsets
+
+    g = torch.Generator().manual_seed(4)
+    N, Lq, M, D, P, L = 2, 7, 3, 6, 3, len(SHAPES)
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64).to(dtype)
+    refs = torch.rand(N, Lq, L, 2, generator=g, dtype=torch.float64).to(dtype)
+    offsets = (torch.randn(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * 1.5).to(dtype)
+    logits = (torch.randn(N, Lq, M, L, P, generator=g, dtype=torch.float64) * 8).to(dtype)
+    logits[0, 0, 0, 0, 0] = float("-inf")
+    gout = torch.randn(N, Lq, M * D, generator=g, dtype=torch.float64)
+    st = torch.tensor(SHAPES, device=device)
+
+    def run(fn, dt, dev):
+        xs = [t.to(dev, dt).requires_grad_() for t in (value, refs, offsets, logits)]
+        out = fn(*xs)
+        return [out, *torch.autograd.grad(out, xs, gout.to(dev, out.dtype))]
+
+    def ref_fn(v, r, o, lg):
+        w = lg.flatten(3).softmax(-1).view(lg.shape)
+        norm = torch.tensor([[w_, h_] for h_, w_ in SHAPES], dtype=r.dtype)
+        return ms_deform_attn_core_pytorch(v, SHAPES, r[:, :, None, :, None] + o / norm[None, None, None, :, None], w)
+
+    got = run(lambda v, r, o, lg: ms_deform_attn_from_offsets(v, st, None, r, o, lg), dtype, device)
+    ref = run(ref_fn, torch.float64, "cpu")
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    for name, a, b in zip(("output", "grad value", "grad reference_points", "grad offsets", "grad logits"), got, ref):
+        assert a.dtype == dtype, name
+        assert_close(a, b, tol, name)
+    assert got[4][0, 0, 0, 0, 0] == 0
+    assert triton_launches["ms_deform_attn_fwd"] == 1 and triton_launches["ms_deform_attn_bwd"] == 1
+
+
 def test_op_bad_inputs(device):
     value, locs, attn = _inputs(SHAPES, dtype=torch.float32)
     st = torch.tensor(SHAPES, device=device)

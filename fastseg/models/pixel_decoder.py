@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.ms_deform_attn import ms_deform_attn as fused_ms_deform_attn
+from ..ops.ms_deform_attn import ms_deform_attn_from_offsets
 from .common import ConvNormAct, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 
 __all__ = [
@@ -49,9 +49,10 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], s
 class MSDeformAttn(nn.Module):
     """Deformable DETR's multi-scale deformable attention module (same parameters and init).
 
-    ``fused`` (attribute, default False; see :meth:`MSDeformAttnPixelDecoder.set_fused`): run the sampling core
-    as :func:`fastseg.ops.ms_deform_attn` (Triton forward/backward, no (N, Lq, M, L, P, D) samples) instead of
-    the ``grid_sample`` path. Same parameters, same function up to rounding.
+    ``fused`` (attribute, default False; see :meth:`MSDeformAttnPixelDecoder.set_fused`): run softmax, location
+    arithmetic and sampling as :func:`fastseg.ops.ms_deform_attn_from_offsets` (Triton forward/backward; no
+    locations, weights or (N, Lq, M, L, P, D) samples in memory) instead of the ``grid_sample`` path. Same
+    parameters, same function up to rounding (and the official CUDA op's convention at h = -1 exactly).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
@@ -96,17 +97,18 @@ class MSDeformAttn(nn.Module):
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
         sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] != 2:
             raise ValueError(f"reference_points must end in 2, got {reference_points.shape[-1]}")
+        if self.fused:  # softmax + location arithmetic + sampling in the kernels
+            logits = attention_weights.view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
+            output = ms_deform_attn_from_offsets(value, spatial_shapes, None, reference_points, sampling_offsets, logits)
+            return self.output_proj(output)
+        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         shapes = torch.as_tensor(spatial_shapes, dtype=query.dtype, device=query.device)
         offset_normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
         sampling_locations = (reference_points[:, :, None, :, None, :]
                               + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
-        if self.fused:
-            output = fused_ms_deform_attn(value, spatial_shapes, None, sampling_locations, attention_weights)
-        else:
-            output = ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
+        output = ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
         return self.output_proj(output)
 
 

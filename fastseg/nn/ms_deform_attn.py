@@ -6,14 +6,17 @@
   (constructor ``(embed_dim, num_heads, n_levels, n_points)``, keyword call convention, returns
   ``(output, attention_weights)``); same state_dict.
 
-The projections, softmax and location arithmetic run in PyTorch; the sampling + weighting + sum (and its
-backward) is :func:`fastseg.ops.ms_deform_attn`, which never forms the (N, Lq, M, L, P, D) samples.
+The projections run in PyTorch. With 2-coordinate reference points the softmax over L·P, the location
+arithmetic ``ref + offset / (W, H)``, the sampling, weighting and sum (and their backward) are one kernel each way
+(:func:`fastseg.ops.ms_deform_attn_from_offsets`): neither the sampling locations, the weights nor the
+(N, Lq, M, L, P, D) samples are written. 4-coordinate (box) reference points: softmax and locations in
+PyTorch, then :func:`fastseg.ops.ms_deform_attn`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops.ms_deform_attn import level_start_index_of, ms_deform_attn, shapes_tensor
+from ..ops.ms_deform_attn import level_start_index_of, ms_deform_attn, ms_deform_attn_from_offsets, shapes_tensor
 from ..reference.ms_deform_attn import ReferenceMSDeformAttn, sampling_locations_from
 
 __all__ = ["MSDeformAttn", "MSDeformAttnHF"]
@@ -45,10 +48,22 @@ class MSDeformAttn(ReferenceMSDeformAttn):
                 input_padding_mask=None):
         _check_inputs(self, query, reference_points, input_flatten, len(input_spatial_shapes))
         shapes = shapes_tensor(input_spatial_shapes, query.device)
-        value, offsets, attention_weights = self._project(query, input_flatten, input_padding_mask)
-        locs = sampling_locations_from(reference_points, offsets, shapes, self.n_points)
-        output = ms_deform_attn(value, shapes, input_level_start_index, locs, attention_weights)
+        output, _ = self._core(query, reference_points, input_flatten, shapes, input_level_start_index,
+                               input_padding_mask, False)
         return self.output_proj(output)
+
+    def _core(self, query, reference_points, input_flatten, shapes, level_start_index, padding_mask,
+              need_weights: bool):
+        """(N, Lq, M·D) before output_proj, and the softmaxed weights if ``need_weights`` (else None)."""
+        fused = reference_points.shape[-1] == 2
+        value, offsets, weights = self._project(query, input_flatten, padding_mask, softmax=not fused)
+        if fused:
+            output = ms_deform_attn_from_offsets(value, shapes, level_start_index, reference_points, offsets, weights)
+            if need_weights:
+                weights = weights.flatten(3).softmax(-1).view(weights.shape)
+            return output, weights if need_weights else None
+        locs = sampling_locations_from(reference_points, offsets, shapes, self.n_points)
+        return ms_deform_attn(value, shapes, level_start_index, locs, weights), weights
 
     @classmethod
     def from_module(cls, m: torch.nn.Module) -> "MSDeformAttn":
@@ -91,10 +106,10 @@ class MSDeformAttnHF(MSDeformAttn):
         shapes = shapes_tensor(spatial_shapes_list, hidden_states.device)
         if level_start_index is None:
             level_start_index = level_start_index_of(shapes)
-        value, offsets, attention_weights = self._project(hidden_states, encoder_hidden_states, attention_mask)
-        locs = sampling_locations_from(reference_points, offsets, shapes, self.n_points)
-        output = ms_deform_attn(value, shapes, level_start_index, locs, attention_weights)
-        return self.output_proj(output), attention_weights
+        # the softmaxed weights are returned as Hugging Face does (one extra softmax; the kernel fuses its own)
+        output, weights = self._core(hidden_states, reference_points, encoder_hidden_states, shapes,
+                                     level_start_index, attention_mask, True)
+        return self.output_proj(output), weights
 
     @staticmethod
     def _ctor_args(m):

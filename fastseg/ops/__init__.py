@@ -2,11 +2,11 @@
 from .context_cluster import context_cluster, context_cluster_packed
 from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
 from .mlp_dwconv import dwconv3x3_gelu
-from .ms_deform_attn import ms_deform_attn
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_from_offsets
 from .msca import msca
 
 __all__ = [
     "PackedMask", "mask_from_embeddings", "masked_attention", "pack_mask", "unpack_mask",
     "context_cluster", "context_cluster_packed", "msca", "dwconv3x3_gelu",
-    "ms_deform_attn",
+    "ms_deform_attn", "ms_deform_attn_from_offsets",
 ]

@@ -24,9 +24,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _backend
-from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch
+from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch, sampling_locations_from
 
-__all__ = ["ms_deform_attn", "shapes_tensor", "level_start_index_of"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_from_offsets", "shapes_tensor", "level_start_index_of"]
 
 _SHAPES_CACHE: dict = {}
 
@@ -59,7 +59,8 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         value, sampling_locations, attention_weights = (t.contiguous() for t in
                                                         (value, sampling_locations, attention_weights))
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return K.ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return K.ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights)[0]
 
     @staticmethod
     @once_differentiable  # no double backward: create_graph=True raises instead of silently dropping terms
@@ -69,6 +70,78 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         value, shapes, starts, locs, attn = ctx.saved_tensors
         gv, gl, ga = K.ms_deform_attn_bwd(value, shapes, starts, locs, attn, grad_out.contiguous())
         return gv.to(value.dtype), None, None, gl, ga
+
+
+class _MSDeformAttnFromOffsets(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, logits):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, reference_points, sampling_offsets, logits = (t.contiguous() for t in
+                                                             (value, reference_points, sampling_offsets, logits))
+        out, stats = K.ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_offsets, logits,
+                                          reference_points)
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, logits,
+                              stats)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, shapes, starts, refs, offsets, logits, stats = ctx.saved_tensors
+        gv, goff, glogit = K.ms_deform_attn_bwd(value, shapes, starts, offsets, logits, grad_out.contiguous(),
+                                                refs, stats)
+        gref = None
+        if ctx.needs_input_grad[3]:  # d loc / d ref = 1: sum over heads and points of d/d loc = goff · (W, H)
+            wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(goff.dtype)
+            gref = (goff * wh[:, None, :]).sum((2, 4)).to(refs.dtype)
+        return gv.to(value.dtype), None, None, gref, goff, glogit.to(logits.dtype)
+
+
+def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start_index,
+                                reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+                                attention_logits: torch.Tensor) -> torch.Tensor:
+    """The official module's core with its softmax and location arithmetic fused into the kernels:
+    ``ms_deform_attn(value, shapes, starts, ref + offsets / (W, H), softmax_{L·P}(logits))`` without writing the
+    locations or the weights. reference_points (N, Lq, L, 2) in [0, 1]; sampling_offsets (N, Lq, M, L, P, 2) in
+    pixels of each level (the ``sampling_offsets`` Linear's output); attention_logits (N, Lq, M, L, P) (the
+    ``attention_weights`` Linear's output, before the softmax). Returns (N, Lq, M·D); gradients for value,
+    reference_points, sampling_offsets and attention_logits."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError("ms_deform_attn_from_offsets: value must be a tensor")
+    spatial_shapes = shapes_tensor(spatial_shapes, value.device)
+    if level_start_index is None:
+        level_start_index = level_start_index_of(spatial_shapes)
+    _check(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits)
+    N, Lq, L = sampling_offsets.shape[0], sampling_offsets.shape[1], sampling_offsets.shape[3]
+    if not isinstance(reference_points, torch.Tensor) or tuple(reference_points.shape) != (N, Lq, L, 2) \
+            or not reference_points.is_floating_point():
+        raise ValueError(f"ms_deform_attn_from_offsets: reference_points must be a float ({N}, {Lq}, {L}, 2) tensor, "
+                         f"got {tuple(getattr(reference_points, 'shape', ()))}")
+    device = _backend.check_same_device("ms_deform_attn", value=value, spatial_shapes=spatial_shapes,
+                                        level_start_index=level_start_index, reference_points=reference_points,
+                                        sampling_offsets=sampling_offsets, attention_logits=attention_logits)
+    empty = value.numel() == 0 or sampling_offsets.numel() == 0
+    if empty or _backend.select("ms_deform_attn", device) == "torch":
+        P = sampling_offsets.shape[4]
+        weights = attention_logits.flatten(3).softmax(-1).view(attention_logits.shape)
+        locs = sampling_locations_from(reference_points, sampling_offsets, spatial_shapes, P)
+        return ms_deform_attn_core_pytorch(value, spatial_shapes, locs, weights)
+    _check_dtypes(value=value, reference_points=reference_points, sampling_offsets=sampling_offsets,
+                  attention_logits=attention_logits)
+    return _MSDeformAttnFromOffsets.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                          reference_points, sampling_offsets, attention_logits)
+
+
+def _check_dtypes(**tensors):
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"ms_deform_attn: unsupported {name} dtype {t.dtype}")
+        if t.dtype == torch.float64 and t.is_cuda:
+            raise TypeError("ms_deform_attn: float64 runs only under the Triton interpreter (CPU); use "
+                            "fp32/fp16/bf16 on CUDA")
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -120,12 +193,6 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes, level_start_index, sampl
     empty = value.numel() == 0 or sampling_locations.numel() == 0
     if empty or _backend.select("ms_deform_attn", device) == "torch":  # empty: nothing to launch
         return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
-    for name, t in (("value", value), ("sampling_locations", sampling_locations),
-                    ("attention_weights", attention_weights)):
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"ms_deform_attn: unsupported {name} dtype {t.dtype}")
-        if t.dtype == torch.float64 and t.is_cuda:
-            raise TypeError("ms_deform_attn: float64 runs only under the Triton interpreter (CPU); use "
-                            "fp32/fp16/bf16 on CUDA")
+    _check_dtypes(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
     return _MSDeformAttnFunction.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
                                        sampling_locations, attention_weights)

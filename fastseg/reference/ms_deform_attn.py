@@ -96,8 +96,9 @@ class ReferenceMSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight.data)
         nn.init.constant_(self.output_proj.bias.data, 0.0)
 
-    def _project(self, query, input_flatten, input_padding_mask):
-        """value (N, S, M, D), sampling offsets (N, Lq, M, L, P, 2), softmaxed weights (N, Lq, M, L, P)."""
+    def _project(self, query, input_flatten, input_padding_mask, softmax: bool = True):
+        """value (N, S, M, D), sampling offsets (N, Lq, M, L, P, 2), softmaxed weights (N, Lq, M, L, P) (or,
+        ``softmax=False``, the logits)."""
         N, Len_q, _ = query.shape
         N, Len_in, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
@@ -106,8 +107,9 @@ class ReferenceMSDeformAttn(nn.Module):
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
         sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels,
-                                                                   self.n_points)
+        if softmax:
+            attention_weights = F.softmax(attention_weights, -1)
+        attention_weights = attention_weights.view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         return value, sampling_offsets, attention_weights
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
