@@ -79,17 +79,17 @@ def main():
                                              "pbias_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
 
-    # multi-scale deformable attention at the Mask2Former encoder's head dim (32) and 64, 4 points
+    # multi-scale deformable attention at the Mask2Former encoder's head dim (32) and 64, 4 points; FUSED =
+    # softmax + location arithmetic in the kernel (the module path)
     A = ms_deform_attn
-    for D in (32, 64):
+    io = {"V": dt, "Shapes": "i64", "Starts": "i64", "Loc": dt, "Attn": dt, "Ref": dt, "Stats": "fp32"}
+    for D, fused in ((32, False), (32, True), (64, True)):
+        c = dict(D=D, P=4, FUSED=fused, ACC=tl.float32)
         bq, bd, warps = A.block_sizes(D, 1 << 20, False)
-        io = {"V": dt, "Shapes": "i64", "Starts": "i64", "Loc": dt, "Attn": dt}
-        compile_for_sm90(A._msda_fwd_kernel, {**io, "Out": dt}, dict(D=D, P=4, BLOCK_Q=bq, BLOCK_D=bd, ACC=tl.float32),
-                         warps)
+        compile_for_sm90(A._msda_fwd_kernel, {**io, "Out": dt}, dict(c, BLOCK_Q=bq, BLOCK_D=bd), warps)
         bq, bd, warps = A.block_sizes(D, 1 << 20, True)
-        compile_for_sm90(A._msda_bwd_kernel, {**io, "GO": dt, "GV": "fp32", "GLoc": dt, "GAttn": dt},
-                         dict(D=D, P=4, BLOCK_Q=bq, BLOCK_D=bd, ACC=tl.float32), warps)
-
+        compile_for_sm90(A._msda_bwd_kernel, {**io, "GO": dt, "GV": "fp32", "GLoc": dt, "GAttn": "fp32"},
+                         dict(c, BLOCK_Q=bq, BLOCK_D=bd), warps)
 
 if __name__ == "__main__":
     main()
