@@ -362,3 +362,16 @@ def test_pixel_decoder_fused_switch(device, triton_launches):
     for a, b in zip(grads, ref_grads):
         if b is not None:
             assert (a - b).norm().item() <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("op", ["ms-deform-attn", "ms-deform-attn-module"])
+def test_bench_cases_agree(op, device, triton_launches):
+    """The benchmark's fastseg and eager cases compute the same thing (same seeded inputs)."""
+    from fastseg.bench.registry import get_op
+
+    spec = get_op(op)
+    s = spec.full_shape({"B": 1, "H": 32, "W": 48, "heads": 2, "D": 8, "points": 2})
+    outs = [spec.impl(name).prepare(s, torch.float64, torch.device(device), "fwdbwd").forward()
+            for name in ("fastseg", "eager")]
+    assert_close(outs[0], outs[1], 1e-10, op)
+    assert triton_launches["ms_deform_attn_fwd"] >= 1
