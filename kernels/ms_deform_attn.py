@@ -14,8 +14,9 @@ and the location gradient alike (the location gradient is the bilinear derivativ
   forward; the backward reuses the saved max and sum) and the location arithmetic ``reference point +
   offset / (W_l, H_l)`` (2-coordinate reference points) run in the kernels, so neither the sampling locations
   nor the weights are written to memory.
-* ``_msda_fwd_kernel``: one program per block of rows of the flattened (N, Lq, M) (query × head); loops over levels and points and
-  gathers the D-vectors of the 4 corners: one pass, nothing of size (N, Lq, M, L, P, D) is formed.
+* ``_msda_fwd_kernel``: one program per block of rows of the flattened (N, Lq, M) (query × head); loops over
+  levels and points and gathers the D-vectors of the 4 corners: one pass, nothing of size
+  (N, Lq, M, L, P, D) is formed.
 * ``_msda_bwd_kernel``: same grid; recomputes the samples, writes grad_attention = ⟨g, sample⟩ and
   grad_location (each program owns its queries' points: plain stores) and scatters
   ``a·corner_weight·g`` into an fp32 (fp64) grad_value with ``tl.atomic_add``. The order of the atomic adds

@@ -68,7 +68,8 @@ def test_op_head_dims_levels_points(D, M, P, shapes, device, triton_launches):
 
 def test_op_borders_edges_and_outside(device, triton_launches):
     """Locations on texel centres and borders (h = y·H − 0.5 an integer or half-integer), exactly 0 and 1, just
-    inside and outside (h = −1 exactly: next test). Levels with power-of-2 sides keep every location exact in both paths' arithmetic
+    inside and outside (h = −1 exactly: next test). Levels with power-of-2 sides keep every location exact in
+    both paths' arithmetic
     (the reference computes ((2y − 1) + 1)·H − 1) / 2), so both pick the same bilinear cell on a border."""
     shapes = [(4, 8), (2, 2), (8, 4)]
     N, Lq, M, D, P, L = 1, 17, 2, 6, 4, 3

@@ -158,7 +158,8 @@ def check_ms_deform_attn(device, dtype):
     S = sum(h * w for h, w in shapes)
     st = torch.tensor(shapes, device=device)
     starts = torch.tensor([0, 35, 47], device=device)
-    inputs = [torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, 3, 2, generator=g), torch.randn(2, S, 16, generator=g)]
+    inputs = [torch.randn(2, 9, 16, generator=g), torch.rand(2, 9, 3, 2, generator=g),
+              torch.randn(2, S, 16, generator=g)]
     return compare(fused, ref, inputs, lambda m, q, r, x: m(q, r, x, st, starts), dtype, device,
                    input_names=["query", "reference_points", "input_flatten"])
 

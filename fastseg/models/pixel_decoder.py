@@ -101,7 +101,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"reference_points must end in 2, got {reference_points.shape[-1]}")
         if self.fused:  # softmax + location arithmetic + sampling in the kernels
             logits = attention_weights.view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
-            output = ms_deform_attn_from_offsets(value, spatial_shapes, None, reference_points, sampling_offsets, logits)
+            output = ms_deform_attn_from_offsets(value, spatial_shapes, None, reference_points, sampling_offsets,
+                                                 logits)
             return self.output_proj(output)
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         shapes = torch.as_tensor(spatial_shapes, dtype=query.dtype, device=query.device)

@@ -48,7 +48,8 @@ def sampling_locations_from(reference_points: torch.Tensor, sampling_offsets: to
     (cx, cy, w, h); sampling_offsets (N, Lq, M, L, P, 2) in pixels of each level (2 coords) or box units (4)."""
     if reference_points.shape[-1] == 2:
         offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-        return reference_points[:, :, None, :, None, :] + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+        return (reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
     if reference_points.shape[-1] == 4:
         return (reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
