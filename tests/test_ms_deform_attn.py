@@ -376,3 +376,27 @@ def test_bench_cases_agree(op, device, triton_launches):
             for name in ("fastseg", "eager")]
     assert_close(outs[0], outs[1], 1e-10, op)
     assert triton_launches["ms_deform_attn_fwd"] >= 1
+
+
+def test_deterministic_mode_alert():
+    """grad_value's atomics on CUDA honour torch.use_deterministic_algorithms (checked without a GPU)."""
+    import types
+    import warnings
+
+    from fastseg.ops.ms_deform_attn import _alert_nondeterministic
+
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        _alert_nondeterministic(cuda_like)  # off: nothing
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="atomic"):
+            _alert_nondeterministic(cuda_like)
+        _alert_nondeterministic(types.SimpleNamespace(is_cuda=False))  # CPU / interpreter: sequential, fine
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            _alert_nondeterministic(cuda_like)
+        assert any("atomic" in str(x.message) for x in w)
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])

@@ -14,11 +14,14 @@ official ``MSDeformAttnFunction`` signature without ``im2col_step``.
 No host sync on CUDA: the shapes tensors are read by the kernels. So ``Σ H_l·W_l == S`` is checked on CPU
 tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels skip a level
 with ``start + H·W > S``) but give meaningless numbers. grad_value is accumulated with fp32 atomics (fp64 for
-fp64), so it can differ between runs at rounding level; the other outputs are deterministic.
+fp64), so it can differ between runs at rounding level (on CUDA the backward raises, or warns, under
+``torch.use_deterministic_algorithms(True)``, as ``grid_sample``'s does); the other outputs are deterministic.
 Dispatch by :func:`fastseg._backend.select` (CUDA -> Triton; CPU -> Triton under the interpreter, else the
 official PyTorch core, :func:`fastseg.reference.ms_deform_attn_core_pytorch`).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -51,6 +54,18 @@ def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
     return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
 
 
+def _alert_nondeterministic(value: torch.Tensor) -> None:
+    """grad_value uses atomics on CUDA: honour ``torch.use_deterministic_algorithms`` as PyTorch's own
+    ``grid_sample`` backward does (error, or a warning with ``warn_only=True``)."""
+    if value.is_cuda and torch.are_deterministic_algorithms_enabled():
+        msg = ("fastseg.ops.ms_deform_attn backward accumulates grad_value with atomic adds (no fixed order), "
+               "which is not deterministic; torch.use_deterministic_algorithms(True) is set")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(msg)
+        else:
+            raise RuntimeError(msg)
+
+
 class _MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -68,6 +83,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         from fastseg.kernels import ms_deform_attn as K
 
         value, shapes, starts, locs, attn = ctx.saved_tensors
+        _alert_nondeterministic(value)
         gv, gl, ga = K.ms_deform_attn_bwd(value, shapes, starts, locs, attn, grad_out.contiguous())
         return gv.to(value.dtype), None, None, gl, ga
 
@@ -91,6 +107,7 @@ class _MSDeformAttnFromOffsets(torch.autograd.Function):
         from fastseg.kernels import ms_deform_attn as K
 
         value, shapes, starts, refs, offsets, logits, stats = ctx.saved_tensors
+        _alert_nondeterministic(value)
         gv, goff, glogit = K.ms_deform_attn_bwd(value, shapes, starts, offsets, logits, grad_out.contiguous(),
                                                 refs, stats)
         gref = None
