@@ -185,6 +185,7 @@ def _module_inputs(C, L, shapes, coords, dtype=torch.float64, N=2, Lq=6, pad=Fal
     return query, refs, flat, mask
 
 
+@pytest.mark.filterwarnings("ignore:You'd better set d_model")  # head dim 6 on purpose
 @pytest.mark.parametrize("coords,pad", [(2, False), (4, True)])
 def test_module_matches_official_layout(coords, pad, device, triton_launches):
     C, L, M, P = 24, 3, 4, 2
