@@ -133,6 +133,16 @@ def cmd_list(args) -> int:
                   ", ".join(spec.presets), "yes" if spec.memprof else "", "yes" if name in CHECKS else "")
     out.print(t)
     out.print("* GPU only. Shape keys: " + "; ".join(f"{n}: {', '.join(s.shape_keys)}" for n, s in all_ops().items()))
+    from fastseg.records import RECORDS
+
+    r = Table(title="fused op records (fastseg.records): what check, patch and bench read", title_justify="left")
+    for col in ("fused op", "what", "drop-in", "fastseg.patch", "fastseg check", "bench ops"):
+        r.add_column(col)
+    for rec in RECORDS:
+        r.add_row(rec.name, rec.summary, f"fastseg.nn.{rec.nn_class}" if rec.nn_class else "",
+                  "yes" if rec.patchable else "", rec.check_name if rec.check_name in CHECKS else "",
+                  ", ".join(rec.bench))
+    out.print(r)
     return 0
 
 

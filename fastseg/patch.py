@@ -1,6 +1,8 @@
-"""``fastseg.patch(model)``: swap every module fastseg has a drop-in for, in place, by structure.
+"""``fastseg.patch(model)``: swap every module fastseg has a drop-in for, in place, by structure, after a probe
+shows that the drop-in computes what the module computes.
 
-Recognised (each op is skipped, with a note, when its fastseg class is not in this build):
+What is recognised comes from the fused-op records (:mod:`fastseg.records`, each op is skipped, with a note,
+when its fastseg class is not in this build):
 
 * ``"masked_attention"``: an ``nn.MultiheadAttention`` used as the cross-attention of a transformer decoder
   layer — attribute named ``multihead_attn`` / ``cross_attn`` / ``encoder_attn`` / ``cross_attention`` in a
@@ -10,15 +12,31 @@ Recognised (each op is skipped, with a note, when its fastseg class is not in th
   the attention weights). Not replaced: attention dropout > 0, ``add_bias_kv``, ``add_zero_attn``.
 * ``"msca"``: SegNeXt's attention module, official ``AttentionModule`` and mmsegmentation ``MSCAAttention``
   layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
+* ``"ms_deform_attn"`` / ``"ms_deform_attn_hf"``: multi-scale deformable attention, the official Deformable
+  DETR / Mask2Former ``MSDeformAttn`` -> :class:`fastseg.nn.MSDeformAttn`, Hugging Face's
+  ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` -> :class:`fastseg.nn.MSDeformAttnHF`
+  (:mod:`fastseg.records.ms_deform_attn`).
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
-* ``"ms_deform_attn"``: multi-scale deformable attention with Linear ``sampling_offsets``,
-  ``attention_weights``, ``value_proj``, ``output_proj`` — the official Deformable DETR / Mask2Former
-  ``MSDeformAttn`` (forward ``(query, reference_points, input_flatten, input_spatial_shapes,
-  input_level_start_index, input_padding_mask)``) -> :class:`fastseg.nn.MSDeformAttn`, and Hugging Face's
-  ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` (keyword call with ``spatial_shapes_list``)
-  -> :class:`fastseg.nn.MSDeformAttnHF`. This project's own pixel-decoder module (list of shapes, no level start
-  index) is not swapped: it has its own ``fused`` switch (``MSDeformAttnPixelDecoder.set_fused``).
+
+Verification (``verify=True``, the default): a module can look like the original by structure and compute
+something else (a fork, an older version, a subclass overriding ``forward``). Before a swap, a private copy
+of the module (its hooks left out) and the drop-in built from it run on the record's tiny probe inputs (on
+the module's device and dtype, drawn from a private ``torch.Generator``); forward outputs and, for a module
+in training mode, the gradients of the inputs and parameters (``torch.autograd.grad``, for a random output
+gradient) must agree to the dtype's relative L2 tolerance (:func:`fastseg.records.tolerance`). Otherwise the
+module stays and ``report.skipped`` gives the measured difference. One probe serves all modules of the same
+type and configuration (the types of the module and of its submodules, their plain attributes — sizes,
+flags, ``training`` — and parameter / buffer shapes, dtypes, devices and ``requires_grad``); a module with
+any other instance attribute (e.g. a ``forward`` assigned on the instance) is probed on its own. The model's
+parameters, buffers (BatchNorm statistics), ``.grad`` and the CPU / CUDA random number generator states are
+left as they were. Masked attention: ``nn.MultiheadAttention`` outputs NaN for a fully masked query row, the
+drop-in ``out_proj.bias``; the probe compares the rows that are not fully masked, then resets empty rows as
+Mask2Former does and compares forward and gradients. ``verify="cpu"`` probes float64 CPU copies with
+fastseg's PyTorch path instead (the module's math; no kernel compiled or autotuned for the probe shapes on a
+GPU). ``verify=False`` swaps without probing: that the drop-in computes the module's function is then the
+caller's responsibility. ``dry_run=True`` runs nothing:
+``report.probes`` lists the probes a real run would do (``ok=None``).
 
 Deeper patch (``report.deeper``): where the model's own code allows it — this project's Mask2Former decoder
 (recognised by its ``packed_attn_masks`` switch and ``fused_attention_mask`` method, once all its
@@ -29,61 +47,121 @@ Hugging Face's decoder post-processes the predictor's bool mask itself, so there
 
 Weights (state_dict), device, dtype, ``requires_grad`` and train/eval mode are kept; hooks registered on a
 replaced module are not carried over. Patched and unpatched models compute the same function (to float
-tolerance): the drop-ins implement the originals' math, and a Mask2Former decoder resets fully-masked rows
-before the attention, so the drop-in's empty-row convention (output 0 instead of NaN) never shows. The deeper
-patch thresholds ``e · resize(F)`` instead of ``resize(e · F)``: equal up to rounding, so a mask bit can
-differ only where a logit is within rounding of 0 (docs/models.md).
+tolerance): the drop-ins implement the originals' math (and the probe checks it per module), and a
+Mask2Former decoder resets fully-masked rows before the attention, so the drop-in's empty-row convention
+(output 0 instead of NaN) never shows. The deeper patch thresholds ``e · resize(F)`` instead of
+``resize(e · F)``: equal up to rounding, so a mask bit can differ only where a logit is within rounding of 0
+(docs/models.md).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-import importlib
-import inspect
+import time
+from typing import NamedTuple
 
 import torch
-
 from torch import nn
 
-__all__ = ["patch", "PatchReport", "OPS"]
+from ._backend import use_backend
+from .records import RECORDS, tolerance, where
+from .records.masked_attention import _mha_unsupported  # noqa: F401  (kept importable from here)
 
-OPS = ("masked_attention", "msca", "context_cluster", "ms_deform_attn")
-_CROSS_NAMES = ("multihead_attn", "cross_attn", "encoder_attn", "cross_attention")
-_MSCA_CONVS = {  # name -> (kernel size, depthwise)
-    "conv0": ((5, 5), True), "conv0_1": ((1, 7), True), "conv0_2": ((7, 1), True),
-    "conv1_1": ((1, 11), True), "conv1_2": ((11, 1), True), "conv2_1": ((1, 21), True),
-    "conv2_2": ((21, 1), True), "conv3": ((1, 1), False),
-}
+__all__ = ["patch", "PatchReport", "ProbeResult", "OPS"]
+
+#: names of the ops ``patch`` can swap (records with a recogniser)
+OPS = tuple(r.name for r in RECORDS if r.patchable)
+
+
+class Replaced(NamedTuple):
+    path: str
+    op: str
+    old: str  # class name of the module replaced
+    new: str  # class name of the drop-in
+
+
+class Skipped(NamedTuple):
+    path: str
+    op: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    """One verification probe, shared by every module in ``paths`` (same type and configuration).
+
+    ``ok``: True = agree, False = disagree or the probe failed (``error``), None = not run (dry run).
+    ``difference``: the largest relative L2 difference over ``results`` (inf where an output was not finite
+    or had another shape); ``results``: one dict per compared quantity (probe, quantity, rel, max_abs);
+    ``seconds``: its wall time (kernel compilation included on a GPU's first call)."""
+
+    op: str
+    module: str
+    paths: list
+    ok: bool | None = None
+    difference: float | None = None
+    tol: float | None = None
+    results: list = dataclasses.field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0  # wall time of the probe
+
+    def worst(self) -> dict | None:
+        return max(self.results, key=lambda r: r["rel"], default=None)
+
+    def summary(self) -> str:
+        if self.ok is None:
+            return "not run"
+        if self.error:
+            return f"the probe failed ({self.error})"
+        w = self.worst()
+        if w is None:
+            return "nothing compared"
+        rel = "non-finite or mismatched" if w["rel"] == float("inf") else f"{w['rel']:.1e}"
+        return (f"largest rel. L2 difference {rel} ({w['quantity']}, {w['probe']}) "
+                f"{'<=' if self.ok else '>'} tol {self.tol:.0e}")
 
 
 @dataclasses.dataclass
 class PatchReport:
     """What :func:`patch` replaced (``replaced``: (path, op, old class, new class)), what it recognised but
-    left alone (``skipped``: (path, op, reason)) and general ``notes``."""
+    left alone (``skipped``: (path, op, reason); a probe's reason gives the measured difference), the
+    verification probes (``probes``: :class:`ProbeResult`, one per type and configuration; ``verified``:
+    replaced paths whose probe agreed) and general ``notes``."""
 
     replaced: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
     dry_run: bool = False
     deeper: list = dataclasses.field(default_factory=list)  # (path, what): patches beyond module swaps
+    probes: list = dataclasses.field(default_factory=list)
+    verify: bool | str = True
 
     def count(self, op: str | None = None) -> int:
         return sum(1 for r in self.replaced if op is None or r[1] == op)
 
+    def probe_of(self, path: str) -> ProbeResult | None:
+        """The probe that verified (or refused) the module at ``path``."""
+        return next((p for p in self.probes if path in p.paths), None)
+
+    @property
+    def verified(self) -> list:
+        return [r[0] for r in self.replaced if (p := self.probe_of(r[0])) is not None and p.ok]
+
     def __str__(self) -> str:
         verb = "would replace" if self.dry_run else "replaced"
         lines = [f"fastseg.patch: {verb} {len(self.replaced)} module(s)"]
-        lines += [f"  {path}: {old} -> {new} [{op}]" for path, op, old, new in self.replaced]
+        for path, op, old, new in self.replaced:
+            p = self.probe_of(path)
+            tag = "" if p is None else " (to be verified)" if p.ok is None else f" (verified: {p.summary()})"
+            lines.append(f"  {path}: {old} -> {new} [{op}]{tag}")
         lines += [f"  {path}: {what} [deeper patch]" for path, what in self.deeper]
         lines += [f"  skipped {path} [{op}]: {why}" for path, op, why in self.skipped]
+        if self.dry_run and self.probes:
+            lines.append(f"  would probe {len(self.probes)} time(s) before swapping: "
+                         + "; ".join(f"{p.module} [{p.op}] for {len(p.paths)} module(s)" for p in self.probes))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _fastseg_class(name: str):
-    try:
-        return getattr(importlib.import_module("fastseg.nn"), name, None)
-    except ImportError:
-        return None
 
 
 def _parents(model: nn.Module):
@@ -93,188 +171,221 @@ def _parents(model: nn.Module):
             yield (f"{ppath}.{name}" if ppath else name), parent, name, child
 
 
-def _is_cross_attention(parent: nn.Module, name: str, child: nn.Module) -> bool:
-    if not isinstance(child, nn.MultiheadAttention) or name not in _CROSS_NAMES:
-        return False
-    return any(isinstance(m, nn.LayerNorm) for m in parent.children())
+# --- verification -----------------------------------------------------------------------------------------
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_PLAIN = (type(None), bool, int, float, complex, str, torch.dtype, torch.device)
 
 
-def _mha_unsupported(m: nn.MultiheadAttention) -> str | None:
-    if m.bias_k is not None or m.add_zero_attn:
-        return "add_bias_kv / add_zero_attn are not supported by the fused kernel"
-    if m.dropout > 0:
-        return f"attention dropout {m.dropout} > 0 is not supported by the fused kernel"
-    return None
+def _plain(v):
+    """``v`` if it is a plain value (numbers, strings, dtypes, tuples of them ...), else a ``TypeError``."""
+    if isinstance(v, _PLAIN):
+        return v
+    if isinstance(v, (tuple, list)):
+        return type(v).__name__, tuple(_plain(x) for x in v)
+    raise TypeError
 
 
-def _is_msca(m: nn.Module) -> bool:
-    convs = {n: getattr(m, n, None) for n in _MSCA_CONVS}
-    if not all(isinstance(c, nn.Conv2d) for c in convs.values()):
-        return False
-    dim = convs["conv0"].in_channels
-    for n, (k, dw) in _MSCA_CONVS.items():
-        c = convs[n]
-        if c.in_channels != dim or c.out_channels != dim or tuple(c.kernel_size) != k or (dw and c.groups != dim):
-            return False
-    return True
+def _fingerprint(m: nn.Module):
+    """Hashable key of everything besides weight values that can make two modules compute different functions:
+    the type and plain attributes of the module and of every submodule, parameter and buffer shapes / dtypes /
+    devices / requires_grad. None when an instance holds anything else (a function, an object): not shared."""
+    key = []
+    for name, sub in m.named_modules(remove_duplicate=False):
+        try:
+            attrs = tuple(sorted((k, _plain(v)) for k, v in vars(sub).items() if k not in _MODULE_INTERNALS))
+        except TypeError:
+            return None
+        params = tuple((n, None if p is None else (tuple(p.shape), p.dtype, p.device, p.requires_grad))
+                       for n, p in sub._parameters.items())
+        buffers = tuple((n, None if b is None else (tuple(b.shape), b.dtype, b.device))
+                        for n, b in sub._buffers.items())
+        key.append((name, type(sub), attrs, params, buffers))
+    return tuple(key)
 
 
-def _is_context_cluster(m: nn.Module) -> bool:
-    ok = all(isinstance(getattr(m, n, None), nn.Conv2d) for n in ("f", "v", "proj"))
-    ok = ok and all(isinstance(getattr(m, n, None), nn.Parameter) for n in ("sim_alpha", "sim_beta"))
-    ok = ok and isinstance(getattr(m, "centers_proposal", None), nn.AdaptiveAvgPool2d)
-    return ok and all(hasattr(m, a) for a in ("heads", "head_dim", "fold_w", "fold_h"))
+def _private_copy(m: nn.Module) -> nn.Module:
+    """A deep copy of ``m`` without its hooks (they are neither copied nor run)."""
+    memo = {}
+    for sub in m.modules():
+        for attr in _HOOK_DICTS:
+            d = getattr(sub, attr, None)
+            if d is not None:
+                memo[id(d)] = type(d)()
+    return copy.deepcopy(m, memo)
 
 
-def _msda_convention(m: nn.Module) -> str | None:
-    """"official" / "hf" from the forward signature of a module with MSDeformAttn's parameters, else None."""
-    if not all(isinstance(getattr(m, n, None), nn.Linear) for n in
-               ("sampling_offsets", "attention_weights", "value_proj", "output_proj")):
-        return None
-    if not all(isinstance(getattr(m, a, None), int) for a in ("d_model", "n_levels", "n_heads", "n_points")):
-        return None
-    C, L, M, P = m.d_model, m.n_levels, m.n_heads, m.n_points
-    if M <= 0 or C % M or m.sampling_offsets.out_features != M * L * P * 2 \
-            or m.attention_weights.out_features != M * L * P:
-        return None
-    if any(lin.in_features != C for lin in (m.sampling_offsets, m.attention_weights, m.value_proj, m.output_proj)) \
-            or m.value_proj.out_features != C or m.output_proj.out_features != C:
-        return None
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(max abs, relative L2) difference of ``a`` to ``b``; inf where either is not finite."""
+    a, b = a.detach().double(), b.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf"), float("inf")
+    diff = (a - b).abs()
+    den = b.norm().item()
+    return (diff.max().item() if diff.numel() else 0.0), (diff.norm().item() / den if den else diff.norm().item())
+
+
+def _run_case(mod: nn.Module, case, mode: bool, grads: bool, g_out):
+    """Forward (and gradients) of one probe case: (output, {label: grad})."""
+    mod.train(mode)
+    xs = [x.detach().clone().requires_grad_(grads) if isinstance(x, torch.Tensor) and x.is_floating_point()
+          else x for x in case.inputs]
+    with torch.set_grad_enabled(grads):
+        out = case.call(mod, *xs)
+    if not grads:
+        return out, {}
+    labels = [f"grad input {i}" for i, x in enumerate(xs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    leaves = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+    named = [(n, p) for n, p in mod.named_parameters() if p.requires_grad]
+    labels += [f"grad {n}" for n, _ in named]
+    leaves += [p for _, p in named]
+    go = g_out(out)
+    if case.keep is not None:
+        go = go * case.keep
+    got = torch.autograd.grad(out, leaves, go, allow_unused=True)
+    return out, {lab: (torch.zeros_like(x) if gr is None else gr) for lab, x, gr in zip(labels, leaves, got)}
+
+
+def _keep_rng(device: torch.device):
+    """Restore the CPU (and ``device``'s CUDA) generator state on exit: building a drop-in initialises its
+    weights before loading the original's, and a probed fork may draw random numbers."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _probe(rec, cls, child: nn.Module, paths: list, on_cpu: bool = False) -> ProbeResult:
+    """Run ``child`` (a private copy) and its drop-in on ``rec``'s probe inputs; compare. Touches nothing of
+    ``child``: private copies, a private generator, global RNG states restored, ``autograd.grad`` only.
+    ``on_cpu``: float64 CPU copies, fastseg's PyTorch path (``verify="cpu"``)."""
+    device, dtype = where(child)
+    if on_cpu:
+        device, dtype = torch.device("cpu"), torch.float64
+    res = ProbeResult(rec.name, type(child).__name__, paths, tol=tolerance(dtype, device))
+    if device.type == "meta":
+        res.ok, res.error = False, "its parameters are on the meta device, nothing to compute with (verify=False swaps)"
+        return res
+    backend = use_backend("torch") if on_cpu else contextlib.nullcontext()
     try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    if params[1:7] == ["query", "reference_points", "input_flatten", "input_spatial_shapes",
-                       "input_level_start_index", "input_padding_mask"]:
-        return "official"
-    if all(p in params for p in ("hidden_states", "encoder_hidden_states", "reference_points",
-                                 "spatial_shapes_list", "level_start_index")):
-        return "hf"
-    return None
+        with _keep_rng(where(child)[0]), backend:
+            g = torch.Generator().manual_seed(0)
+            orig = _private_copy(child)
+            if on_cpu:
+                orig = orig.to(device=device, dtype=dtype)
+            new = rec.build(cls, _private_copy(orig))
+            for case in rec.probe(orig, device, dtype, g):
+                mode = child.training if case.train is None else case.train
+                grads = child.training and case.grad
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+
+                def g_out(out):
+                    gen = torch.Generator().manual_seed(seed)
+                    return torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+                out_o, grads_o = _run_case(orig, case, mode, grads, g_out)
+                out_n, grads_n = _run_case(new, case, mode, grads, g_out)
+                pairs = [("forward", out_n, out_o)] + [(k, grads_n.get(k), v) for k, v in grads_o.items()]
+                for quantity, a, b in pairs:
+                    if a is None or b is None or a.shape != b.shape:
+                        shapes = f"{None if a is None else tuple(a.shape)} vs {None if b is None else tuple(b.shape)}"
+                        res.results.append(dict(probe=case.what, quantity=f"{quantity} (shape {shapes})",
+                                                rel=float("inf"), max_abs=float("inf")))
+                        continue
+                    if quantity == "forward" and case.keep is not None:
+                        keep = case.keep.expand_as(a)
+                        a, b = a[keep], b[keep]
+                    max_abs, rel = _rel(a, b)
+                    res.results.append(dict(probe=case.what, quantity=quantity, rel=rel, max_abs=max_abs))
+    except Exception as exc:  # noqa: BLE001 - reported: the module is not swapped
+        res.ok, res.error = False, f"{type(exc).__name__}: {exc}"
+        return res
+    res.difference = max((r["rel"] for r in res.results), default=0.0)
+    res.ok = bool(res.results) and res.difference <= res.tol
+    return res
 
 
-def _is_ms_deform_attn(m: nn.Module) -> bool:
-    """Official ``MSDeformAttn`` or Hugging Face's Mask2Former pixel-decoder deformable attention."""
-    return _msda_convention(m) is not None
+# --- patch ------------------------------------------------------------------------------------------------
 
-
-def _new_ms_deform_attn(m: nn.Module) -> nn.Module:
-    """The fastseg drop-in (``MSDeformAttn`` / ``MSDeformAttnHF``) holding ``m``'s weights."""
-    name = "MSDeformAttnHF" if _msda_convention(m) == "hf" else "MSDeformAttn"
-    cls = _fastseg_class(name)
-    if cls is None:
-        raise RuntimeError(f"fastseg.nn.{name} is not available in this build")
-    return cls.from_module(m)
-
-
-def _probe_ms_deform_attn(m: nn.Module) -> tuple[tuple, dict]:
-    """Example forward ``(args, kwargs)`` for ``m`` (small odd level shapes, batch 2, 5 queries), on its
-    device and dtype: positional for the official module, keywords for Hugging Face's."""
-    ref = m.value_proj.weight
-    g = torch.Generator().manual_seed(0)
-    shapes_list = [(3 + l, 4 + 2 * l) for l in range(m.n_levels)]
-    S = sum(h * w for h, w in shapes_list)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.rand(shape, generator=g) * scale).to(device=ref.device, dtype=ref.dtype)
-
-    query, flat = rnd(2, 5, m.d_model) - 0.5, rnd(2, S, m.d_model) - 0.5
-    refs = rnd(2, 5, m.n_levels, 2)
-    shapes = torch.tensor(shapes_list, dtype=torch.long, device=ref.device)
-    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
-    if _msda_convention(m) == "hf":
-        return (), dict(hidden_states=query, attention_mask=None, encoder_hidden_states=flat,
-                        encoder_attention_mask=None, position_embeddings=None, reference_points=refs,
-                        spatial_shapes_list=shapes_list, level_start_index=starts)
-    return (query, refs, flat, shapes, starts, None), {}
-
-
-def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Copy weights, device, dtype, requires_grad and train/eval mode from ``old``."""
-    ref = next(old.parameters(), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(old.state_dict(), strict=True)
-    flags = dict(old.named_parameters())
-    for n, p in new.named_parameters():
-        if n in flags:
-            p.requires_grad_(flags[n].requires_grad)
-    return new.train(old.training)
-
-
-def _new_msca(cls, m: nn.Module) -> nn.Module:
-    if hasattr(cls, "from_module"):
-        return cls.from_module(m)
-    return _finish(cls(m.conv0.in_channels), m)
-
-
-def _new_context_cluster(cls, m: nn.Module) -> nn.Module:
-    if hasattr(cls, "from_module"):
-        return cls.from_module(m)
-    pw, ph = m.centers_proposal.output_size if isinstance(m.centers_proposal.output_size, tuple) else \
-        (m.centers_proposal.output_size,) * 2
-    new = cls(m.f.in_channels, m.proj.out_channels, proposal_w=pw, proposal_h=ph, fold_w=m.fold_w,
-              fold_h=m.fold_h, heads=m.heads, head_dim=m.head_dim, return_center=getattr(m, "return_center", False))
-    return _finish(new, m)
-
-
-def patch(model: nn.Module, ops=None, dry_run: bool = False) -> tuple[nn.Module, PatchReport]:
+def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str = True
+          ) -> tuple[nn.Module, PatchReport]:
     """Replace, in place, every module of ``model`` that fastseg has a drop-in for; returns
-    ``(model, report)``. ``ops``: subset of :data:`OPS` (default: all). ``dry_run``: report only."""
+    ``(model, report)``. ``ops``: subset of :data:`OPS` (default: all). ``dry_run``: report only (no probe
+    runs; ``report.probes`` lists those a real run would do). ``verify``: probe each swap first, on the
+    module's device and dtype (see the module docstring); ``"cpu"``: probe float64 CPU copies with fastseg's
+    PyTorch path instead (checks the module's math without compiling or autotuning kernels for the probe
+    shapes on a GPU; not the kernels on that device); ``False``: no probe, the drop-ins' faithfulness is the
+    caller's responsibility."""
+    if verify not in (True, False, "cpu"):
+        raise ValueError(f"verify must be True, False or 'cpu', got {verify!r}")
     ops = OPS if ops is None else tuple([ops] if isinstance(ops, str) else ops)
     unknown = set(ops) - set(OPS)
     if unknown:
         raise ValueError(f"unknown ops {sorted(unknown)}; expected a subset of {OPS}")
-    report = PatchReport(dry_run=dry_run)
-    classes = {"masked_attention": _fastseg_class("MaskedCrossAttention"), "msca": _fastseg_class("MSCA"),
-               "context_cluster": _fastseg_class("ContextCluster"),
-               "ms_deform_attn": _fastseg_class("MSDeformAttn")}
-    names = {"masked_attention": "MaskedCrossAttention", "msca": "MSCA", "context_cluster": "ContextCluster",
-             "ms_deform_attn": "MSDeformAttn"}
-    done: dict[int, nn.Module] = {}  # id(old) -> new (a module shared by several parents is replaced once)
+    report = PatchReport(dry_run=dry_run, verify=verify)
+    records = [r for r in RECORDS if r.patchable]
+    classes = {r.name: r.fastseg_class() for r in records}
     plan = []
     for path, parent, name, child in list(_parents(model)):
-        if id(child) in done or any(isinstance(child, c) for c in classes.values() if c is not None):
+        if any(isinstance(child, c) for c in classes.values() if c is not None):
             continue
-        if _is_cross_attention(parent, name, child):
-            op = "masked_attention"
-        elif _is_msca(child):
-            op = "msca"
-        elif _is_context_cluster(child):
-            op = "context_cluster"
-        elif _is_ms_deform_attn(child):
-            op = "ms_deform_attn"
-        else:
+        rec = next((r for r in records if r.matches(parent, name, child)), None)
+        if rec is None or rec.name not in ops:
             continue
-        if op not in ops:
-            continue
-        cls = classes[op]
+        cls = classes[rec.name]
         if cls is None:
-            report.skipped.append((path, op, f"fastseg.nn.{names[op]} is not available in this build"))
+            report.skipped.append(Skipped(path, rec.name, f"fastseg.nn.{rec.nn_class} is not available in this build"))
             continue
-        why = _mha_unsupported(child) if op == "masked_attention" else None
+        why = rec.why_not(child)
         if why:
-            report.skipped.append((path, op, why))
+            report.skipped.append(Skipped(path, rec.name, why))
             continue
-        plan.append((path, parent, name, child, op, cls))
-    for path, parent, name, child, op, cls in plan:
-        new_name = ("MSDeformAttnHF" if _msda_convention(child) == "hf" else cls.__name__) \
-            if op == "ms_deform_attn" else cls.__name__
-        report.replaced.append((path, op, type(child).__name__, new_name))
-        if dry_run:
-            continue
-        if id(child) not in done:
-            if op == "masked_attention":
-                done[id(child)] = cls.from_mha(child)
-            elif op == "msca":
-                done[id(child)] = _new_msca(cls, child)
-            elif op == "ms_deform_attn":
-                done[id(child)] = _new_ms_deform_attn(child)
+        plan.append((path, parent, name, child, rec, cls))
+    verdict: dict[int, ProbeResult] = {}  # id(module) -> its probe
+    if verify:
+        groups: dict = {}  # fingerprint -> ProbeResult
+        for path, _, _, child, rec, cls in plan:
+            if id(child) in verdict:  # a module shared by several parents
+                verdict[id(child)].paths.append(path)
+                continue
+            key = _fingerprint(child)
+            key = (rec.name, key) if key is not None else ("unshared", id(child))
+            if key in groups:
+                groups[key].paths.append(path)
             else:
-                done[id(child)] = _new_context_cluster(cls, child)
+                start = time.perf_counter()
+                groups[key] = ProbeResult(rec.name, type(child).__name__, [path]) if dry_run else \
+                    _probe(rec, cls, child, [path], on_cpu=verify == "cpu")
+                groups[key].seconds = 0.0 if dry_run else time.perf_counter() - start
+                report.probes.append(groups[key])
+            verdict[id(child)] = groups[key]
+    done: dict[int, nn.Module] = {}  # id(old) -> new (a module shared by several parents is replaced once)
+    swapped = []
+    for path, parent, name, child, rec, cls in plan:
+        probe = verdict.get(id(child))
+        if probe is not None and probe.ok is False:
+            why = (f"not swapped: the probe of {type(child).__name__} vs fastseg.nn.{rec.nn_class} failed: "
+                   f"{probe.error}" if probe.error else f"not swapped: {type(child).__name__} and fastseg.nn."
+                   f"{rec.nn_class} disagree on the probe: {probe.summary()}")
+            report.skipped.append(Skipped(path, rec.name, why))
+            continue
+        if not dry_run and id(child) not in done:
+            try:
+                with _keep_rng(where(child)[0]):
+                    done[id(child)] = rec.build(cls, child)
+            except Exception as exc:  # noqa: BLE001 - reported: the module is not swapped
+                done[id(child)] = exc
+        if isinstance(done.get(id(child)), Exception):
+            report.skipped.append(Skipped(path, rec.name, f"could not build fastseg.nn.{rec.nn_class} from it: "
+                                          f"{type(done[id(child)]).__name__}: {done[id(child)]}"))
+            continue
+        report.replaced.append(Replaced(path, rec.name, type(child).__name__, cls.__name__))
+        swapped.append((path, parent, name, child, rec, cls))
+    for path, parent, name, child, rec, cls in ([] if dry_run else swapped):
         setattr(parent, name, done[id(child)])
+    if plan and not verify:
+        report.notes.append("verify=False: modules swapped without a probe; that each drop-in computes the replaced "
+                            "module's function is the caller's responsibility")
     if "masked_attention" in ops:
-        _deeper_mask_predictors(model, plan, report, dry_run)
+        _deeper_mask_predictors(model, swapped, report, dry_run)
     if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
                                                 for m in model.modules()):
         report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
@@ -295,8 +406,8 @@ def _deeper_mask_predictors(model: nn.Module, plan: list, report: PatchReport, d
     switch the mask predictor to build them straight from the query embeddings and the mask features resized
     once per level (``fastseg.ops.mask_from_embeddings``), instead of resizing (B, Q, H/4, W/4) logits and
     repeating a bool mask over the heads. Outputs keep their layout; see docs/models.md for the ties."""
-    new_ids = {id(child) for _, _, _, child, op, _ in plan if op == "masked_attention"}
-    mca = _fastseg_class("MaskedCrossAttention")
+    new_ids = {id(child) for _, _, _, child, rec, _ in plan if rec.name == "masked_attention"}
+    mca = next(r for r in RECORDS if r.name == "masked_attention").fastseg_class()
     for path, m in model.named_modules():
         layers = getattr(m, "transformer_cross_attention_layers", None)
         if not (hasattr(m, "packed_attn_masks") and hasattr(m, "fused_attention_mask") and layers is not None):

@@ -252,6 +252,9 @@ def test_patch_official_encoder(device, triton_launches):
     _, report = fastseg.patch(enc, ops="ms_deform_attn")
     assert [r[0] for r in report.replaced] == ["0.self_attn", "1.self_attn"]
     assert all(type(layer.self_attn) is MSDeformAttn for layer in enc)
+    assert report.verified == ["0.self_attn", "1.self_attn"]  # one probe (same configuration), kernels launched
+    assert triton_launches["ms_deform_attn_fwd"] >= 1
+    triton_launches.clear()
     g = torch.Generator().manual_seed(0)
     S = sum(h * w for h, w in SHAPES)
     src, pos = torch.randn(2, S, 16, generator=g).to(device), torch.randn(2, S, 16, generator=g).to(device)
@@ -290,15 +293,18 @@ def test_patch_hugging_face_module(device, triton_launches):
     holder.self_attn = attn
     ref = copy.deepcopy(attn)
     _, report = fastseg.patch(holder)
-    assert report.replaced == [("self_attn", "ms_deform_attn", type(attn).__name__, "MSDeformAttnHF")]
+    assert report.replaced == [("self_attn", "ms_deform_attn_hf", type(attn).__name__, "MSDeformAttnHF")]
     new = holder.self_attn
-    assert isinstance(new, MSDeformAttnHF)
-    from fastseg.patch import _probe_ms_deform_attn
-    args, kwargs = _probe_ms_deform_attn(ref)
-    assert args == ()
-    mask = torch.zeros(2, kwargs["encoder_hidden_states"].shape[1], dtype=torch.bool)
+    assert isinstance(new, MSDeformAttnHF) and report.verified == ["self_attn"]
+    triton_launches.clear()  # the probe's
+    from fastseg.records.ms_deform_attn import probe_inputs
+    query, refs, flat, shapes_list, _, starts = probe_inputs(ref, torch.device("cpu"), torch.float32,
+                                                             torch.Generator().manual_seed(0))
+    kwargs = dict(hidden_states=query, encoder_hidden_states=flat, reference_points=refs,
+                  spatial_shapes_list=shapes_list, level_start_index=starts)
+    mask = torch.zeros(2, flat.shape[1], dtype=torch.bool)
     mask[:, -3:] = True
-    pos = torch.randn(kwargs["hidden_states"].shape)
+    pos = torch.randn(query.shape)
 
     def run(mod):
         kw = dict(kwargs, attention_mask=mask, position_embeddings=pos)
@@ -319,16 +325,19 @@ def test_patch_hugging_face_module(device, triton_launches):
     assert triton_launches["ms_deform_attn_fwd"] == 1 and triton_launches["ms_deform_attn_bwd"] == 1
 
 
-def test_probe_official_runs():
-    from fastseg.patch import _is_ms_deform_attn, _probe_ms_deform_attn
+def test_records_recognise_and_probe():
+    from fastseg.records import get
 
+    rec, hf_rec = get("ms_deform_attn"), get("ms_deform_attn_hf")
     m = ReferenceMSDeformAttn(8, 2, 2, 3)
-    assert _is_ms_deform_attn(m) and _is_ms_deform_attn(MSDeformAttn(8, 2, 2, 3))
-    args, kwargs = _probe_ms_deform_attn(m)
-    assert m(*args, **kwargs).shape == (2, 5, 8)
+    assert rec.matches(None, "self_attn", m) and rec.matches(None, "self_attn", MSDeformAttn(8, 2, 2, 3))
+    assert not hf_rec.matches(None, "self_attn", m) and hf_rec.matches(None, "a", MSDeformAttnHF(8, 2, 2, 3))
+    for case in rec.probe(m, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0)):
+        assert case.call(m, *case.inputs).shape == (2, 5, 8)
     from fastseg.models.pixel_decoder import MSDeformAttn as ProjectMSDeformAttn
-    assert not _is_ms_deform_attn(ProjectMSDeformAttn(8, 2, 2, 3))  # own `fused` switch, other signature
-    assert not _is_ms_deform_attn(nn.Linear(3, 3))
+    assert not rec.matches(None, "self_attn", ProjectMSDeformAttn(8, 2, 2, 3))  # own `fused` switch
+    assert not hf_rec.matches(None, "self_attn", ProjectMSDeformAttn(8, 2, 2, 3))
+    assert not rec.matches(None, "x", nn.Linear(3, 3))
 
 
 def test_pixel_decoder_fused_switch(device, triton_launches):

@@ -120,6 +120,7 @@ def test_patch_project_mask2former_same_results(triton_launches):
     ref = copy.deepcopy(model)
     loss_r, grads_r = _loss_grads(ref, x, targets)
     _, report = fastseg.patch(model)
+    triton_launches.clear()  # the probe ran the kernels too: count the model's step only
     assert report.count("masked_attention") == 3
     # deeper patch: the mask predictor hands head-shared packed masks built from the embeddings to the attention
     assert [d[0] for d in report.deeper] == ["predictor"] and model.predictor.packed_attn_masks
@@ -167,6 +168,7 @@ def test_patch_hugging_face_mask2former(triton_launches):
     ref = copy.deepcopy(model)
     out_r, grads_r = _hf_step(ref, x, targets)
     _, report = fastseg.patch(model)
+    triton_launches.clear()  # the probe ran the kernels too: count the model's step only
     cross = [f"model.transformer_module.decoder.layers.{i}.cross_attn" for i in range(2)]
     if not HAS_MCA:
         assert [s[0] for s in report.skipped] == cross and not report.count("masked_attention")
@@ -183,7 +185,7 @@ def test_patch_hugging_face_mask2former(triton_launches):
     if fastseg.interpreter_enabled():
         assert triton_launches["masked_attention_fwd"] > 0 and triton_launches["masked_attention_bwd_dkdv"] > 0
     if hasattr(fastseg.nn, "MSDeformAttnHF"):
-        assert report.count("ms_deform_attn") == 1  # encoder_layers=1
+        assert report.count("ms_deform_attn_hf") == 1  # encoder_layers=1
         if fastseg.interpreter_enabled():
             assert triton_launches["ms_deform_attn_fwd"] > 0 and triton_launches["ms_deform_attn_bwd"] > 0
 
@@ -217,3 +219,209 @@ def test_patch_context_cluster_structure():
     assert len(report.replaced) + len(report.skipped) == 1
     if report.replaced:
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# --- verification: a module that looks like the original but computes something else is not swapped ---------
+
+HAS_CC = hasattr(fastseg.nn, "ContextCluster")
+
+
+class MSCAWithoutBranch(OfficialMSCA):
+    """A fork: same convs (recognised by structure), the 21-tap branch left out of the sum."""
+
+    def forward(self, x):
+        attn = self.conv0(x)
+        attn = attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
+        return self.conv3(attn) * x
+
+
+class MSCANoisyNorm(OfficialMSCA):
+    """A fork that counts its calls in a buffer, normalises its input with a BatchNorm (running statistics
+    updated in training) and draws from the global RNG: the probe must leave all of that untouched. (The
+    counter is not persistent and the BatchNorm not a registered submodule, so that MSCA's strict state_dict
+    load accepts the fork and the probe really runs it.)"""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        object.__setattr__(self, "norm", nn.BatchNorm2d(dim))
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(self.norm(x)) + 1e-3 * torch.randn_like(x)
+
+
+class BiasedMHA(nn.MultiheadAttention):
+    """A fork whose forward adds a bias to the attention output."""
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return out + 0.1, weights
+
+
+class _DoubleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class GradScaledMHA(nn.MultiheadAttention):
+    """A fork with the original's forward but twice its gradient: only the gradient comparison sees it."""
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return _DoubleGrad.apply(out), weights
+
+
+class Decoder(nn.Module):
+    def __init__(self, attns):
+        super().__init__()
+        from fastseg.models.mask2former import CrossAttentionLayer
+
+        self.layers = nn.ModuleList(CrossAttentionLayer(32, 4) for _ in attns)
+        for layer, attn in zip(self.layers, attns):
+            if attn is not None:
+                attn.load_state_dict(layer.multihead_attn.state_dict())
+                layer.multihead_attn = attn
+
+
+def _skipped(report):
+    return {s[0]: s[2] for s in report.skipped}
+
+
+@pytest.mark.skipif(not HAS_MCA, reason="fastseg.nn.MaskedCrossAttention is not in this build")
+def test_patch_probe_refuses_attention_forks():
+    torch.manual_seed(0)
+    model = Decoder([None, BiasedMHA(32, 4), GradScaledMHA(32, 4), None]).train()
+    _, report = fastseg.patch(model)
+    assert [r[0] for r in report.replaced] == ["layers.0.multihead_attn", "layers.3.multihead_attn"]
+    assert report.verified == ["layers.0.multihead_attn", "layers.3.multihead_attn"]
+    assert type(model.layers[1].multihead_attn) is BiasedMHA and type(model.layers[2].multihead_attn) is GradScaledMHA
+    skipped = _skipped(report)
+    assert set(skipped) == {"layers.1.multihead_attn", "layers.2.multihead_attn"}
+    assert all("disagree on the probe" in why for why in skipped.values())
+    # one probe per type: the two plain layers share one, each fork has its own
+    assert sorted(len(p.paths) for p in report.probes) == [1, 1, 2]
+    biased, scaled = report.probe_of("layers.1.multihead_attn"), report.probe_of("layers.2.multihead_attn")
+    assert biased.worst()["quantity"] == "forward" and biased.difference > 0.05
+    assert f"{biased.difference:.1e}" in skipped["layers.1.multihead_attn"]
+    # forward identical, gradients doubled: seen by the gradient comparison only
+    assert all(r["rel"] < 1e-4 for r in scaled.results if r["quantity"] == "forward")
+    assert scaled.worst()["quantity"].startswith("grad") and abs(scaled.difference - 0.5) < 1e-3  # |g - 2g| / |2g|
+    plain = report.probe_of("layers.0.multihead_attn")
+    assert plain.ok and plain.difference <= plain.tol
+    assert {r["probe"] for r in plain.results} == {"mask with fully masked rows (forward, other rows)",
+                                                   "fully masked rows reset as Mask2Former does"}
+    # the probe compared gradients in training mode, the forward only in eval mode
+    assert any(r["quantity"] == "grad in_proj_weight" for r in plain.results)
+    _, report = fastseg.patch(Decoder([BiasedMHA(32, 4)]).eval())
+    assert not report.replaced and all(r["quantity"] == "forward" for r in report.probes[0].results)
+
+
+@pytest.mark.skipif(not HAS_MSCA, reason="fastseg.nn.MSCA is not in this build")
+def test_patch_probe_refuses_msca_fork_and_keeps_state():
+    """A fork is refused with the measured difference; the probe changes no parameter, buffer (BatchNorm
+    statistics), .grad or random number generator state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(8), Block(8, MSCAWithoutBranch(8)), Block(8, MSCANoisyNorm(8)),
+                          Block(8, OfficialMSCA(8))).train()
+    model(torch.randn(2, 8, 6, 6)).sum().backward()  # non-trivial BN statistics and .grad everywhere
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fork = model[2].spatial_gating_unit
+    fork_state = [t.clone() for t in (fork.calls, fork.norm.running_mean, fork.norm.running_var,
+                                      fork.norm.num_batches_tracked)]
+    assert fork_state[0] == 1 and fork_state[3] == 1
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) >= len(list(model.parameters())) - 4  # all but the fork's unused conv2_1 / conv2_2
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    _, report = fastseg.patch(model)
+    assert [r[0] for r in report.replaced] == ["3.spatial_gating_unit"]
+    assert type(model[3].spatial_gating_unit).__name__ == "MSCA"
+    assert set(_skipped(report)) == {"1.spatial_gating_unit", "2.spatial_gating_unit"}
+    assert report.probe_of("1.spatial_gating_unit").difference > 1e-2
+    assert "rel. L2 difference" in _skipped(report)["1.spatial_gating_unit"]
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    for n, p in model.named_parameters():
+        if not n.startswith("3.spatial_gating_unit."):  # the swapped module's parameters are new
+            assert (p.grad is None and n not in grads) or torch.equal(p.grad, grads[n]), n
+    assert all(torch.equal(a, b) for a, b in zip(fork_state, (fork.calls, fork.norm.running_mean,
+                                                              fork.norm.running_var, fork.norm.num_batches_tracked)))
+    noisy = report.probe_of("2.spatial_gating_unit")  # it ran (no error), and differs
+    assert not noisy.error and next(r for r in noisy.results if r["quantity"] == "forward")["rel"] > noisy.tol
+    assert torch.equal(torch.get_rng_state(), rng)
+    if cuda_rng is not None:
+        assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_rng))
+    # verify=False swaps the fork: its faithfulness is then the caller's responsibility (said in the notes)
+    _, report = fastseg.patch(model, verify=False)
+    assert [r[0] for r in report.replaced] == ["1.spatial_gating_unit", "2.spatial_gating_unit"]
+    assert type(model[1].spatial_gating_unit).__name__ == "MSCA"
+    assert not report.probes and any("verify=False" in n for n in report.notes)
+    # a module no drop-in can be built from (weights MSCA has not) is a reported skip, not an exception
+    fork = MSCAWithoutBranch(8)
+    fork.extra = nn.Conv2d(8, 8, 1)
+    for verify in (True, False):
+        _, report = fastseg.patch(nn.Sequential(Block(8, fork)), verify=verify)
+        assert not report.replaced and "extra.weight" in _skipped(report)["0.spatial_gating_unit"]
+
+
+@pytest.mark.skipif(not HAS_CC, reason="fastseg.nn.ContextCluster is not in this build")
+def test_patch_probe_refuses_context_cluster_fork(triton_launches):
+    """A Cluster subclass computing something else (whichever normaliser fastseg's default uses) is refused; a
+    faithful Cluster of the same configuration is swapped: probes are keyed by type, not only by config."""
+    from fastseg.reference import Cluster
+
+    class ScaledCluster(Cluster):
+        def forward(self, x):
+            return 1.5 * super().forward(x)
+
+    torch.manual_seed(0)
+    args = dict(heads=2, head_dim=8, fold_w=2, fold_h=2)
+    model = nn.Sequential(Cluster(16, 16, **args), ScaledCluster(16, 16, **args), Cluster(16, 16, **args))
+    _, report = fastseg.patch(model)
+    assert [r[0] for r in report.replaced] == ["0", "2"] and list(_skipped(report)) == ["1"]
+    assert type(model[1]) is ScaledCluster and type(model[0]).__name__ == "ContextCluster"
+    assert abs(report.probe_of("1").difference - 0.5 / 1.5) < 1e-3  # |1.5 y - y| / |1.5 y|
+    assert report.probe_of("0").paths == ["0", "2"] and len(report.probes) == 2
+    # verify="cpu": float64 CPU copies on fastseg's PyTorch path, no kernel runs; the same decisions
+    model = nn.Sequential(Cluster(16, 16, **args), ScaledCluster(16, 16, **args)).float()
+    triton_launches.clear()
+    _, report = fastseg.patch(model, verify="cpu")
+    assert [r[0] for r in report.replaced] == ["0"] and list(_skipped(report)) == ["1"]
+    assert report.probe_of("0").tol == 1e-8 and report.probe_of("0").difference <= 1e-8
+    assert sum(triton_launches.values()) == 0 and all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="verify must be"):
+        fastseg.patch(model, verify="gpu")
+
+
+@pytest.mark.skipif(not HAS_MCA, reason="fastseg.nn.MaskedCrossAttention is not in this build")
+def test_patch_dry_run_reports_probes(triton_launches):
+    torch.manual_seed(0)
+    m2f = build_mask2former("tiny", 5, **M2F_TINY)
+    _, report = fastseg.patch(m2f, dry_run=True)
+    assert sum(triton_launches.values()) == 0  # a dry run computes nothing
+    assert len(report.probes) == 1 and report.probes[0].ok is None  # 3 identical layers: one probe, not run
+    assert report.probes[0].paths == [f"predictor.transformer_cross_attention_layers.{i}.multihead_attn"
+                                      for i in range(3)]
+    assert "would probe 1 time(s)" in str(report) and "(to be verified)" in str(report)
+    assert all(type(layer.multihead_attn) is nn.MultiheadAttention
+               for layer in m2f.predictor.transformer_cross_attention_layers)
+    _, report = fastseg.patch(m2f)
+    assert len(report.probes) == 1 and report.probes[0].ok and len(report.verified) == 3
+    if fastseg.interpreter_enabled():  # on CPU under the interpreter the probe checks the kernels themselves
+        assert triton_launches["masked_attention_fwd"] == 2 and triton_launches["masked_attention_bwd_dq"] == 1
+
+
+def test_fingerprint_shares_probes_only_for_plain_state():
+    from fastseg.patch import _fingerprint
+
+    a, b = nn.MultiheadAttention(32, 4), nn.MultiheadAttention(32, 4)
+    assert _fingerprint(a) == _fingerprint(b) != _fingerprint(nn.MultiheadAttention(32, 8))
+    assert _fingerprint(a) != _fingerprint(BiasedMHA(32, 4)) != _fingerprint(b.eval())
+    b.forward = lambda *args, **kw: (None, None)  # an instance attribute the key cannot describe
+    assert _fingerprint(b) is None
