@@ -9,7 +9,7 @@ when its fastseg class is not in this build):
   layer that also holds a ``LayerNorm`` (official Mask2Former ``CrossAttentionLayer``, Hugging Face
   ``Mask2FormerMaskedAttentionDecoderLayer``, DETR/MaskFormer decoder layers, this project's models) ->
   :class:`fastseg.nn.MaskedCrossAttention` (``from_mha``). Self-attention is left alone (its callers may use
-  the attention weights). Not replaced: attention dropout > 0, ``add_bias_kv``, ``add_zero_attn``.
+  the attention weights). Not replaced: ``add_bias_kv``, ``add_zero_attn`` (attention dropout is fused).
 * ``"msca"``: SegNeXt's attention module, official ``AttentionModule`` and mmsegmentation ``MSCAAttention``
   layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
 * ``"ms_deform_attn"`` / ``"ms_deform_attn_hf"``: multi-scale deformable attention, the official Deformable
@@ -386,6 +386,7 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
                             "module's function is the caller's responsibility")
     if "masked_attention" in ops:
         _deeper_mask_predictors(model, swapped, report, dry_run)
+        _hf_attention_weight_requests(model, swapped, report, dry_run)
     if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
                                                 for m in model.modules()):
         report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
@@ -422,3 +423,79 @@ def _deeper_mask_predictors(model: nn.Module, plan: list, report: PatchReport, d
                               "query embeddings (packed_attn_masks=True; no (B·heads, Q, HW) mask tensor)"))
         if not dry_run:
             m.packed_attn_masks = True
+
+
+# Decoder layers that call their nn.MultiheadAttention cross-attention without need_weights (so with PyTorch's
+# default need_weights=True): layer class (module.qualname) -> (path of the attention inside the layer, whether
+# the layer returns the weights when called with ``output_attentions``; False: it always discards them, e.g.
+# ``self.multihead_attn(...)[0]``).
+_WEIGHT_USERS = {
+    "transformers.models.mask2former.modeling_mask2former.Mask2FormerMaskedAttentionDecoderLayer": ("cross_attn", True),
+    "transformers.models.oneformer.modeling_oneformer.OneFormerTransformerDecoderLayer":
+        ("cross_attn.multihead_attn", True),
+    "transformers.models.oneformer.modeling_oneformer.OneFormerTransformerDecoderQueryTransformerDecoderLayer":
+        ("multihead_attn", False),
+    "fastseg.models.mask2former.CrossAttentionLayer": ("multihead_attn", False),
+    "fastseg.models.maskformer.TransformerDecoderLayer": ("multihead_attn", False),
+    # official code bases (facebookresearch/Mask2Former, MaskFormer, detr): ``self.multihead_attn(...)[0]``
+    "mask2former.modeling.transformer_decoder.mask2former_transformer_decoder.CrossAttentionLayer":
+        ("multihead_attn", False),
+    "mask_former.modeling.transformer.transformer.TransformerDecoderLayer": ("multihead_attn", False),
+    "models.transformer.TransformerDecoderLayer": ("multihead_attn", False),
+}
+
+
+def _hf_output_attentions(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """The ``output_attentions`` argument of a call of ``layer`` (default False), positional or keyword."""
+    import inspect
+
+    try:
+        bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return bool(kwargs.get("output_attentions", False))
+    return bool(bound.arguments.get("output_attentions", False))
+
+
+def _hf_request_weights(layer: nn.Module, args: tuple, kwargs: dict, *, attn: str) -> None:
+    """Forward pre-hook: the layer's attention computes weights exactly when the layer returns them."""
+    layer.get_submodule(attn).need_weights_default = _hf_output_attentions(layer, args, kwargs)
+
+
+def _hf_attention_weight_requests(model: nn.Module, plan: list, report: PatchReport, dry_run: bool) -> None:
+    """Decoder layers (:data:`_WEIGHT_USERS`) call their cross-attention with PyTorch's default
+    ``need_weights=True``: Hugging Face Mask2Former / OneFormer use the weights only with
+    ``output_attentions=True``, OneFormer's query transformer and the official / this project's Mask2Former,
+    MaskFormer and DETR layers never. For each such layer whose attention was replaced, the replacement
+    computes weights exactly when the layer will return them: ``need_weights_default = False``, and for the
+    Hugging Face layers a forward pre-hook that sets it from the layer's ``output_attentions``. So the default
+    path builds nothing of size Q·HW and ``output_attentions=True`` returns the original's weights."""
+    import functools
+
+    new = {id(child) for _, _, _, child, rec, _ in plan if rec.name == "masked_attention"}
+    mca = next(r for r in RECORDS if r.name == "masked_attention").fastseg_class()
+    silenced = 0
+    for path, layer in model.named_modules():
+        rule = _WEIGHT_USERS.get(f"{type(layer).__module__}.{type(layer).__qualname__}")
+        if rule is None or getattr(layer, "_fastseg_weights_patched", False):
+            continue
+        attn_path, returned = rule
+        try:
+            attn = layer.get_submodule(attn_path)
+        except AttributeError:
+            continue
+        if not (id(attn) in new or (mca is not None and isinstance(attn, mca))):
+            continue
+        if returned:
+            report.deeper.append((f"{path}.{attn_path}" if path else attn_path,
+                                  "attention weights computed only with output_attentions=True"))
+        if dry_run:
+            continue
+        layer.get_submodule(attn_path).need_weights_default = False  # the replacement
+        if returned:
+            layer.register_forward_pre_hook(functools.partial(_hf_request_weights, attn=attn_path), with_kwargs=True)
+        else:
+            silenced += 1
+        layer._fastseg_weights_patched = True
+    if silenced:
+        report.notes.append(f"{silenced} cross-attention(s) whose decoder layer discards the attention weights "
+                            "(self.multihead_attn(...)[0]): need_weights_default=False, no weights computed")

@@ -67,8 +67,22 @@ def _sign_pack_kernel(
     tl.atomic_add(Counts + b * N_Q + offs_q, tl.sum(allowed, axis=1), mask=q_ok)
 
 
-def sign_pack(emb: torch.Tensor, feat: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """emb (B, Q, C), feat (B, C, P) -> bits (B, 1, Q, ceil(P / 32)) int32, counts (B, Q) int32."""
+@triton.jit
+def _reset_empty_kernel(Bits, Counts, N_WORDS, N_P, BLOCK_W: tl.constexpr):
+    """Rows (b, q) with no allowed pixel (count 0) become "allowed everywhere" (the first N_P bits set)."""
+    row = tl.program_id(0)  # over B * Q
+    offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    empty = tl.load(Counts + row) == 0
+    n_bits = tl.minimum(tl.maximum(N_P - offs_w * 32, 0), 32)  # bits of word w inside the row
+    full = tl.where(n_bits == 32, -1, (1 << tl.minimum(n_bits, 31)) - 1)  # int32 with the low n_bits set
+    tl.store(Bits + row * N_WORDS + offs_w, full, mask=(offs_w < N_WORDS) & empty)
+
+
+def sign_pack(emb: torch.Tensor, feat: torch.Tensor, precision: str,
+              reset_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """emb (B, Q, C), feat (B, C, P) -> bits (B, 1, Q, ceil(P / 32)) int32, counts (B, Q) int32 (allowed
+    pixels per row before the reset). ``reset_empty``: rows with none allowed get every bit (a second
+    small kernel). Launches: counts' zero fill, the GEMM-and-pack kernel, the reset kernel."""
     B, Q, C = emb.shape
     P = feat.shape[2]
     n_words = triton.cdiv(P, 32)
@@ -80,4 +94,8 @@ def sign_pack(emb: torch.Tensor, feat: torch.Tensor, precision: str) -> tuple[to
         emb, feat, bits, counts, *emb.stride(), *feat.stride(), Q, C, P, n_words, PRECISION=precision,
         ACC=tl.float64 if emb.dtype == torch.float64 else tl.float32,
     )
+    if reset_empty:
+        block_w = 4 if interpreter_enabled() else 256
+        record_launch("attention_mask_reset_empty")
+        _reset_empty_kernel[(B * Q, triton.cdiv(n_words, block_w))](bits, counts, n_words, P, BLOCK_W=block_w)
     return bits, counts

@@ -34,13 +34,19 @@ TILE = (16, 32) if interpreter_enabled() else (64, 64)
 def _configs(kind: str) -> list[triton.Config]:
     """Autotuning space; one small config under the interpreter, one default with FASTSEG_AUTOTUNE=0.
 
-    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); only warps and pipeline
-    depth are tuned."""
+    All kernels use the tile shape of the non-empty-tile lists (:data:`TILE`); warps and pipeline depth are
+    tuned, and for dk/dv the rows processed at a time (SUB_M; configs that spill are pruned per dtype by
+    :func:`_prune_dkdv`)."""
     bm, bn = TILE
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
+        sub = {"SUB_M": bm // 2} if kind == "dkdv" else {}
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **sub}, num_warps=1, num_stages=1)]
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+        sub = {"SUB_M": 16} if kind == "dkdv" else {}  # no spill in any dtype, with or without dropout
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **sub}, num_warps=4, num_stages=2)]
+    if kind == "dkdv":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SUB_M": sub}, num_warps=w, num_stages=s)
+                for sub in (64, 32, 16) for w, s in ((4, 2), (4, 3), (8, 3))]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for w, s in ((4, 2), (4, 3), (4, 4), (8, 3))]
 
@@ -116,22 +122,43 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return out
 
 
+@triton.jit
+def _dropout_keep(seed, rows, cols, threshold, TRANSPOSED: tl.constexpr):
+    """Attention-dropout keep mask of the tile rows x cols ((cols, rows) if TRANSPOSED).
+
+    ``rows``: global query rows ``bh * N_Q + m``; ``cols``: key indices n. Element (row, n) is kept iff the
+    first 32-bit word of Philox-4x32-10(key = seed, counter = (n, row, 0, 0)), shifted right by one, is
+    ``>= threshold`` (= round(p · 2^31)): P(keep) = 1 − p. Nothing is stored; every pass regenerates it.
+    """
+    if TRANSPOSED:
+        c0 = cols[:, None] + rows[None, :] * 0
+        c1 = rows[None, :] + cols[:, None] * 0
+    else:
+        c0 = cols[None, :] + rows[:, None] * 0
+        c1 = rows[:, None] + cols[None, :] * 0
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return (r >> 1).to(tl.int32) >= threshold
+
+
 @triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Mask, Blocks, Counts, Acc, Mx, Lsum,
-    qk_scale,
+    Q, K, V, Mask, Blocks, Counts, Seed, Acc, Mx, Lsum,
+    qk_scale, drop_threshold,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One (query block, batch·head, split): unnormalised partial output and its row max / row sum over
-    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``)."""
+    the split's share of the query block's non-empty key tiles (``Blocks``, ``Counts``). With DROPOUT the
+    row sum is of the undropped probabilities and the output sums only the kept ones (the 1 / (1 − p) is
+    applied by the combine kernel)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -147,6 +174,8 @@ def _fwd_kernel(
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
     j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
+    if DROPOUT:
+        seed = tl.load(Seed)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -165,6 +194,8 @@ def _fwd_kernel(
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     # partial results: (S, B*H, N_Q, BLOCK_D) and (S, B*H, N_Q), contiguous
@@ -178,11 +209,13 @@ def _fwd_kernel(
 @triton.jit
 def _combine_kernel(
     Acc, Mx, Lsum, O, LSE,
+    out_scale,
     stride_ob, stride_oh, stride_om,
     H, N_Q, HEAD_DIM, NUM_SPLITS, BH,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Merge the key splits: o = Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if l = 0)."""
+    """Merge the key splits: o = out_scale · Σ acc_s 2^(m_s−m) / Σ l_s 2^(m_s−m); lse = m + log2(l) (+inf if
+    l = 0). out_scale is 1 / (1 − p) with dropout, else 1."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,7 +234,7 @@ def _combine_kernel(
         l_tot += w * tl.load(Lsum + row, mask=m_ok, other=0.0)
         acc += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     empty = l_tot == 0.0
-    out = acc / tl.where(empty, 1.0, l_tot)[:, None]
+    out = acc * (out_scale / tl.where(empty, 1.0, l_tot))[:, None]
     b = pid_bh // H
     h = pid_bh % H
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
@@ -210,11 +243,67 @@ def _combine_kernel(
     tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"])
+def _prune_dkdv(configs, named_args, **kwargs):
+    """dk/dv configs that do not spill (sm_90, head dim 32; benchmarks/results/notes/masked_attention_resources.md).
+    fp16 / bf16: every config (0 B). fp32 / fp64: SUB_M <= 32, and <= 16 with dropout (SUB_M = 64 spills
+    264-1516 B; 32 with dropout up to 276 B; 16: 0 B)."""
+    if named_args["Q"].dtype.itemsize < 4:
+        return configs
+    limit = 16 if kwargs.get("DROPOUT", False) else 32
+    kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= limit]
+    return kept or configs
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"],
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Flags, DK, DV,
-    qk_scale, sm_scale,
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DQP, DQ,
+    qk_scale, sm_scale, drop_threshold, keep_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm,
+    stride_cb, stride_ch,
+    H, N_Q, N_K, HEAD_DIM, N_KB, NUM_SPLITS,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+):
+    """Programs (key block < N_KB, batch·head): dk, dv (:func:`_dkdv_block`). Programs (N_KB + query block,
+    batch·head): dq = scale · Σ_s dq_part[s] cast to q's dtype (the dq kernel ran before: stream order)."""
+    if tl.program_id(0) < N_KB:
+        _dkdv_block(Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
+                    qk_scale, sm_scale, drop_threshold, keep_scale,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                    stride_mb, stride_mh, stride_mm, stride_cb, stride_ch,
+                    H, N_Q, N_K, HEAD_DIM, N_KB,
+                    HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_D, BLOCK_M, BLOCK_N, SUB_M)
+    else:
+        pid_m = tl.program_id(0) - N_KB
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N_Q
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for s in range(0, NUM_SPLITS):
+            row = (s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
+            dq += tl.load(DQP + row[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        b = pid_bh // H
+        h = pid_bh % H
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dkdv_block(
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
+    qk_scale, sm_scale, drop_threshold, keep_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -224,10 +313,11 @@ def _bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
 ):
-    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form."""
+    """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form. With
+    DROPOUT (keep mask Z regenerated): dv = (P∘Z)ᵀ dO / (1 − p), dS = P ∘ (Z ∘ dO Vᵀ / (1 − p) − delta)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -244,27 +334,37 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     flag_row = b * stride_cb + h * stride_ch
+    if DROPOUT:
+        seed = tl.load(Seed)
     for m0 in range(0, N_Q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
-                                HAS_MASK, True, BLOCK_M, BLOCK_N)  # (N, M)
         if HAS_MASK:  # skip empty tiles (flag from tile_lists: no in-kernel reduction)
             tile_ok = tl.load(Flags + (flag_row + m0 // BLOCK_M) * N_KB + pid_n) != 0
         else:
             tile_ok = True
         if tile_ok:
-            qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
-            lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-            delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-            s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
-            p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += _dot(p_t.to(do.dtype), do, PRECISION)
-            dp_t = _dot(v, tl.trans(do), PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+            for sub in range(0, BLOCK_M // SUB_M):  # SUB_M rows at a time: fewer live registers
+                offs_m = m0 + sub * SUB_M + tl.arange(0, SUB_M)
+                allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                        HAS_MASK, True, SUB_M, BLOCK_N)  # (N, SUB_M)
+                qo_ok = (offs_m[:, None] < N_Q) & d_ok[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
+                lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+                delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+                s_t = _dot(k, tl.trans(q), PRECISION) * qk_scale
+                p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+                dp_t = _dot(v, tl.trans(do), PRECISION)
+                if DROPOUT:
+                    keep_t = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, True)
+                    dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, PRECISION)
+                    dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+                else:
+                    dv += _dot(p_t.to(do.dtype), do, PRECISION)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     dk *= sm_scale
+    if DROPOUT:
+        dv *= keep_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -274,19 +374,21 @@ def _bwd_dkdv_kernel(
 @triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Blocks, Counts, DQ,
-    qk_scale,
+    Q, K, V, DO, O, LSE, Delta, Mask, Blocks, Counts, Seed, DQ,
+    qk_scale, drop_threshold, keep_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
+    stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
     H, N_Q, N_K, HEAD_DIM, N_KB,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D)."""
+    """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D). Computes
+    delta = rowsum(dO ∘ O) itself (split 0 stores it for the dk/dv kernel, launched next)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -300,13 +402,18 @@ def _bwd_dq_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qo_ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qo_ok, other=0.0)
     lse = tl.load(LSE + pid_bh * N_Q + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=qo_ok, other=0.0)
+    delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+    if pid_s == 0:
+        tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=m_ok)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     mask_base = Mask + b * stride_mb + h * stride_mh
     tile_row = b * stride_cb + h * stride_ch + pid_m
     j_start, j_end = _split_of_tiles(Counts, tile_row, pid_s, N_KB, HAS_MASK)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    if DROPOUT:
+        seed = tl.load(Seed)
     for j in range(j_start, j_end):
         n0 = _tile_key_start(Blocks, tile_row, j, N_KB, HAS_MASK, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -317,10 +424,202 @@ def _bwd_dq_kernel(
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
+
+
+@triton.jit
+def _weights_kernel(
+    Q, K, LSE, Mask, Seed, W,
+    qk_scale, drop_threshold, keep_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_wb, stride_wh, stride_wm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, AVERAGE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, key block, batch [· head]): the attention weights p = 2^(s − lse) recomputed from
+    the forward's row statistics (0 where masked, dropped entries 0 and kept ones · 1 / (1 − p) with
+    DROPOUT), summed over the heads in registers and scaled by 1 / H when AVERAGE."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    if AVERAGE:
+        b = pid_z
+        h_lo = 0
+        h_hi = H
+    else:
+        b = pid_z // H
+        h_lo = pid_z % H
+        h_hi = h_lo + 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    n_ok = offs_n < N_K
+    if DROPOUT:
+        seed = tl.load(Seed)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for h in range(h_lo, h_hi):
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=m_ok, other=float("inf"))
+        allowed, _ = _mask_tile(Mask + b * stride_mb + h * stride_mh, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K,
+                                HAS_MASK, False, BLOCK_M, BLOCK_N)
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, (b * H + h) * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
+        acc += p
+    acc *= keep_scale  # 1 / (1 - p), and 1 / H when averaging
+    tl.store(W + b * stride_wb + h_lo * stride_wh + offs_m[:, None] * stride_wm + offs_n[None, :],
+             acc.to(W.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, cols, qk_scale, drop_threshold, g_scale,
+                       TRANSPOSED: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    """(P, dP) of one tile for the weights' backward: P = softmax probabilities, dP = g_scale · Z ∘ dW
+    (g_scale = 1 / (1 − p), / H when averaged), both (M, N), or (N, M) if TRANSPOSED (then q, k swap roles)."""
+    if TRANSPOSED:
+        s = _dot(k, tl.trans(q), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[None, :]), 0.0)
+    else:
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    dp = dw * g_scale
+    if DROPOUT:
+        dp = tl.where(_dropout_keep(seed, rows, cols, drop_threshold, TRANSPOSED), dp, 0.0)
+    return p, dp
+
+
+@triton.jit
+def _weights_bwd_dq_kernel(
+    Q, K, LSE, Mask, Seed, DW, R, DQ,
+    qk_scale, sm_scale, drop_threshold, g_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_gb, stride_gh, stride_gm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward of the returned weights, one (query block, batch·head): r = rowsum(P ∘ dP) (stored for the
+    dk kernel), then dq = scale · (P ∘ (dP − r)) k."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    rows = pid_bh * N_Q + offs_m
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(LSE + rows, mask=m_ok, other=float("inf"))
+    k_base = K + b * stride_kb + h * stride_kh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dw_base = DW + b * stride_gb + h * stride_gh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    r = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(0, N_K, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_K
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(ACC)
+        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
+                                   False, DROPOUT, PRECISION)
+        r += tl.sum(p * dp, axis=1)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for n0 in range(0, N_K, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_K
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0).to(ACC)
+        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
+                                   False, DROPOUT, PRECISION)
+        ds = p * (dp - r[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    tl.store(R + rows, r, mask=m_ok)
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _weights_bwd_dk_kernel(
+    Q, K, LSE, Mask, Seed, DW, R, DK,
+    qk_scale, sm_scale, drop_threshold, g_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_mb, stride_mh, stride_mm,
+    stride_gb, stride_gh, stride_gm,
+    H, N_Q, N_K, HEAD_DIM,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward of the returned weights, one (key block, batch·head): dk = scale · (P ∘ (dP − r))ᵀ q."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < N_K
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dw_base = DW + b * stride_gb + h * stride_gh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for m0 in range(0, N_Q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_Q
+        rows = pid_bh * N_Q + offs_m
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE + rows, mask=m_ok, other=float("inf"))
+        r = tl.load(R + rows, mask=m_ok, other=0.0)
+        allowed, _ = _mask_tile(mask_base, offs_m, pid_n * BLOCK_N, stride_mm, N_Q, N_K, HAS_MASK, True,
+                                BLOCK_M, BLOCK_N)  # (N, M)
+        dw = tl.load(dw_base + offs_m[None, :] * stride_gm + offs_n[:, None], mask=m_ok[None, :] & n_ok[:, None],
+                     other=0.0).to(ACC)
+        p_t, dp_t = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold,
+                                       g_scale, True, DROPOUT, PRECISION)
+        ds_t = p_t * (dp_t - r[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+    tl.store(DK + (pid_bh * N_K + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _keep_mask_kernel(Seed, Keep, drop_threshold, N_ROWS, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep mask of :func:`_dropout_keep` as int8 (rows = B·H·N_Q, N_K), for tests."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), rows, cols, drop_threshold, False)
+    tl.store(Keep + rows[:, None].to(tl.int64) * N_K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < N_ROWS) & (cols[None, :] < N_K))
 
 
 @triton.jit
@@ -388,10 +687,16 @@ def _pack_kernel(
 # ----------------------------------------------------------------------------------------------- launch
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's TF32 switch (as torch's own matmuls do); other dtypes ignore it."""
-    if interpreter_enabled():
+def _precision(dtype: torch.dtype, interpreted: bool | None = None) -> str:
+    """tl.dot input precision. fp32 follows PyTorch's own fp32 matmul setting, read when the op is called:
+    TF32 tensor cores when ``torch.get_float32_matmul_precision()`` is "high" / "medium" (equivalently
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), exact fp32 ("ieee") when it is "highest" (PyTorch's
+    default). fp16 / bf16 always run on tensor cores (fp32 accumulation); fp64 is exact. Under the
+    interpreter: exact (bf16 through fp32, the interpreter's bf16 dot being broken in Triton 3.6)."""
+    if interpreter_enabled() if interpreted is None else interpreted:
         return "upcast" if dtype == torch.bfloat16 else "ieee"
+    # allow_tf32 is what cuBLAS consults; it reflects set_float32_matmul_precision too (and, unlike
+    # get_float32_matmul_precision, reading it never raises after mixing the legacy and new APIs).
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
@@ -450,9 +755,19 @@ def _list_strides(counts: torch.Tensor) -> tuple[int, int]:
     return (gh * n_qb if gb > 1 else 0), (n_qb if gh > 1 else 0)
 
 
-def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
+def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor):
+    """(seed pointer, threshold, 1 / (1 − p), DROPOUT): the kernels' dropout arguments."""
+    if seed is None or dropout_p == 0.0:
+        return like, 0, 1.0, False  # dummy pointer, never read
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return seed, min(round(dropout_p * 2**31), 2**31 - 1), 1.0 / (1.0 - dropout_p), True
+
+
+def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=None, dropout_p: float = 0.0):
     """Returns (o, lse, blocks, counts, flags): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
-    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass)."""
+    fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass). ``seed``: int64 (1,) tensor
+    on q's device, the Philox key of the attention dropout (used when dropout_p > 0)."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
@@ -471,57 +786,116 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None):
     o = torch.empty_like(q)
     lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
     mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
     record_launch("masked_attention_fwd")
     _fwd_kernel[(n_qb, B * H, splits)](
-        q, k, v, mask, blocks, counts, acc, mx, lsum, scale * LOG2E,
+        q, k, v, mask, blocks, counts, seed, acc, mx, lsum, scale * LOG2E, threshold,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, *_list_strides(counts),
         H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD,
     )
     bm = 16 if interpreter_enabled() else 64
     record_launch("masked_attention_combine")
     _combine_kernel[(triton.cdiv(M, bm), B * H)](
-        acc, mx, lsum, o, lse, *o.stride()[:3], H, M, D, splits, B * H,
+        acc, mx, lsum, o, lse, inv_keep, *o.stride()[:3], H, M, D, splits, B * H,
         ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, num_warps=4,
     )
     return o, lse, blocks, counts, flags
 
 
-def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None):
-    """Returns (dq, dk, dv), each like its input (dtype and memory layout)."""
+def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None,
+             seed=None, dropout_p: float = 0.0):
+    """Returns (dq, dk, dv), each like its input (dtype and memory layout); seed / dropout_p as in forward.
+    Two launches: the dq kernel (partial dq per key split, and delta), then the dk/dv kernel, whose extra
+    programs sum the dq splits."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
     if do.stride(-1) != 1:
         do = do.contiguous()
     acc_t, acc_tl = _acc(q.dtype)
-    delta = (do.to(acc_t) * o.to(acc_t)).sum(-1).contiguous()  # (B, H, M) rowsum(dO * O)
+    delta = torch.empty((B, H, M), device=q.device, dtype=acc_t)  # rowsum(dO * O), written by the dq kernel
     lse = lse.contiguous()
     mask, ms, has_mask = _mask_args(bits, q)
     prec = _precision(q.dtype)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
-    record_launch("masked_attention_bwd_dkdv")
-    _bwd_dkdv_kernel[(n_kb, B * H)](
-        q, k, v, do, lse, delta, mask, flags, dk, dv, scale * LOG2E, scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
-    )
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
     record_launch("masked_attention_bwd_dq")
     _bwd_dq_kernel[(n_qb, B * H, splits)](
-        q, k, v, do, lse, delta, mask, blocks, counts, dq_part, scale * LOG2E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *ms, *_list_strides(counts),
-        H, M, N, D, n_kb,
-        HAS_MASK=has_mask, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+        q, k, v, do, o, lse, delta, mask, blocks, counts, seed, dq_part, scale * LOG2E, threshold, inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3], *ms,
+        *_list_strides(counts), H, M, N, D, n_kb,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
     )
-    dq = torch.empty_like(q)
-    dq.copy_((dq_part.sum(0)[..., :D] * scale).view(B, H, M, D))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    record_launch("masked_attention_bwd_dkdv")  # also reduces the dq splits (extra programs)
+    _bwd_dkdv_kernel[(n_kb + n_qb, B * H)](
+        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, dq_part, dq, scale * LOG2E, scale, threshold, inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *ms, *_list_strides(counts),
+        H, M, N, D, n_kb, splits,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+    )
     return dq, dk, dv
+
+
+def weights(q, k, lse, bits, scale: float, average: bool, seed=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The attention weights of :func:`forward`'s call, from its ``lse``: (B, M, N) averaged over the heads,
+    else (B, H, M, N), in q's dtype (dropout applied as in the forward pass, kept entries · 1 / (1 − p))."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    acc_t, acc_tl = _acc(q.dtype)
+    w = torch.empty((B, M, N) if average else (B, H, M, N), device=q.device, dtype=q.dtype)
+    sw = (w.stride(0), 0, w.stride(1)) if average else w.stride()[:3]
+    mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    bm, bn = TILE
+    record_launch("masked_attention_weights")
+    _weights_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B if average else B * H)](
+        q, k, lse, mask, seed, w, scale * LOG2E, threshold, inv_keep / H if average else inv_keep,
+        *q.stride()[:3], *k.stride()[:3], *ms, *sw, H, M, N, D,
+        HAS_MASK=has_mask, DROPOUT=dropout, AVERAGE=average, PRECISION=_precision(q.dtype), ACC=acc_tl,
+        BLOCK_D=_block_d(D), BLOCK_M=bm, BLOCK_N=bn, num_warps=1 if interpreter_enabled() else 4,
+    )
+    return w
+
+
+def weights_backward(dw, q, k, lse, bits, scale: float, average: bool, seed=None, dropout_p: float = 0.0):
+    """Gradient of :func:`weights`' output ``dw`` ((B, M, N) or (B, H, M, N)) w.r.t. q and k: (dq, dk) like
+    q and k (contiguous). Two kernels; r = rowsum(P ∘ dP) (B, H, M) passes between them."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    acc_t, acc_tl = _acc(q.dtype)
+    if dw.stride(-1) != 1:
+        dw = dw.contiguous()
+    sg = (dw.stride(0), 0, dw.stride(1)) if average else dw.stride()[:3]
+    mask, ms, has_mask = _mask_args(bits, q)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    r = torch.empty((B, H, M), device=q.device, dtype=acc_t)
+    dq = torch.empty((B, H, M, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, N, D), device=q.device, dtype=k.dtype)
+    args = (scale * LOG2E, scale, threshold, inv_keep / H if average else inv_keep,
+            *q.stride()[:3], *k.stride()[:3], *ms, *sg, H, M, N, D)
+    meta = dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=_block_d(D),
+                BLOCK_M=TILE[0], BLOCK_N=TILE[1], num_warps=1 if interpreter_enabled() else 4)
+    record_launch("masked_attention_weights_bwd_dq")
+    _weights_bwd_dq_kernel[(triton.cdiv(M, TILE[0]), B * H)](q, k, lse, mask, seed, dw, r, dq, *args, **meta)
+    record_launch("masked_attention_weights_bwd_dk")
+    _weights_bwd_dk_kernel[(triton.cdiv(N, TILE[1]), B * H)](q, k, lse, mask, seed, dw, r, dk, *args, **meta)
+    return dq, dk
+
+
+def keep_mask(seed: torch.Tensor, rows: int, n_k: int, dropout_p: float) -> torch.Tensor:
+    """The dropout keep mask the kernels use for ``seed``: bool (rows, n_k), rows = B·H·M (row-major)."""
+    seed, threshold, _, _ = _dropout_args(seed, dropout_p, seed)
+    keep = torch.empty((rows, n_k), device=seed.device, dtype=torch.int8)
+    bm, bn = TILE
+    record_launch("masked_attention_keep_mask")
+    _keep_mask_kernel[(triton.cdiv(rows, bm), triton.cdiv(n_k, bn))](seed, keep, threshold, rows, n_k,
+                                                                     BLOCK_M=bm, BLOCK_N=bn)
+    return keep.view(torch.bool)
 
 
 def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,

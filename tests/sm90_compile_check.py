@@ -8,11 +8,13 @@ alone takes ~40 s to compile.
 """
 import time
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca
+from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
+                             upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -32,33 +34,41 @@ def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 
 def main():
     dt = "fp16"
     K = masked_attention
-    for has_mask in (True, False):
-        c = dict(HAS_MASK=has_mask, PRECISION="ieee", ACC=tl.float32, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64)
-        qkv = {"Q": dt, "K": dt, "V": dt, "Mask": "i32"}
+    for has_mask, dropout in ((True, False), (False, True)):
+        c = dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION="ieee", ACC=tl.float32, BLOCK_D=32, BLOCK_M=64,
+                 BLOCK_N=64)
+        qkv = {"Q": dt, "K": dt, "V": dt, "Mask": "i32", "Seed": "i64"}
         compile_for_sm90(K._fwd_kernel, {**qkv, "Blocks": "i32", "Counts": "i32", "Acc": "fp32", "Mx": "fp32",
                                          "Lsum": "fp32"}, c)
-        bwd = {**qkv, "DO": dt, "LSE": "fp32", "Delta": "fp32"}
+        bwd = {**qkv, "DO": dt, "O": dt, "LSE": "fp32", "Delta": "fp32"}
         compile_for_sm90(K._bwd_dq_kernel, {**bwd, "Blocks": "i32", "Counts": "i32", "DQ": "fp32"}, c)
-        compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt}, c)
+        compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt, "DQP": "fp32", "DQ": dt},
+                         dict(c, SUB_M=32))
+        w = {"Q": dt, "K": dt, "LSE": "fp32", "Mask": "i32", "Seed": "i64"}
+        compile_for_sm90(K._weights_kernel, {**w, "W": dt}, dict(c, AVERAGE=has_mask))
+        for kern in (K._weights_bwd_dq_kernel, K._weights_bwd_dk_kernel):
+            compile_for_sm90(kern, {**w, "DW": dt, "R": "fp32", "DQ": dt, "DK": dt}, c)
     compile_for_sm90(K._combine_kernel, {"Acc": "fp32", "Mx": "fp32", "Lsum": "fp32", "O": dt, "LSE": "fp32"},
                      dict(ACC=tl.float32, BLOCK_D=32, BLOCK_M=64))
+    compile_for_sm90(K._keep_mask_kernel, {"Seed": "i64", "Keep": "i8"}, dict(BLOCK_M=64, BLOCK_N=64))
     compile_for_sm90(K._tile_list_kernel, {"Mask": "i32", "Blocks": "i32", "Counts": "i32", "Flags": "i8"},
                      dict(BLOCK_M=64, WORDS_PER_BLOCK=2, CHUNK=64))
     compile_for_sm90(K._pack_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32"},
                      dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_W=64))
     compile_for_sm90(attention_mask._sign_pack_kernel, {"E": dt, "F": dt, "Bits": "i32", "Counts": "i32"},
                      dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
+    compile_for_sm90(attention_mask._reset_empty_kernel, {"Bits": "i32", "Counts": "i32"}, dict(BLOCK_W=256))
     cc = context_cluster
-    for use_dot, bm in ((False, 4), (True, 16)):
-        c = dict(RETURN_CENTER=False, ACC=tl.float32, EPS=1e-12, BLOCK_N=64, BLOCK_M=bm, BLOCK_C=32, USE_DOT=use_dot)
+    for m in (4, 16):  # loops over the centers; tl.dot path
+        c = dict(cc.launch_meta(torch.float16, 24, m, return_center=False), BLOCK_N=64)
         compile_for_sm90(cc._coc_fwd_kernel, {"x_ptr": dt, "v_ptr": dt, "alpha_ptr": "fp32", "beta_ptr": "fp32",
                                               "out_ptr": dt, "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
-                                              "agg_ptr": "fp32", "cnt_ptr": "fp32"}, c)
+                                              "agg_ptr": "fp32", "den_ptr": "fp32"}, c)
         compile_for_sm90(cc._coc_bwd_kernel, {"x_ptr": dt, "v_ptr": dt, "g_ptr": dt, "alpha_ptr": "fp32",
                                               "dx_ptr": dt, "dv_ptr": dt, "dalpha_ptr": "fp32", "dbeta_ptr": "fp32",
                                               "assign_ptr": "i32", "sim_ptr": "fp32", "cen_ptr": "fp32",
-                                              "agg_ptr": "fp32", "cnt_ptr": "fp32", "tmp_ptr": "fp32",
-                                              "dcos_ptr": "fp32", "dmat_ptr": "fp32"}, c)
+                                              "agg_ptr": "fp32", "den_ptr": "fp32", "tmp_ptr": "fp32",
+                                              "dcos_ptr": "fp32", "dmat_ptr": "fp32", "chat_ptr": "fp32"}, c)
     nchw = dict(BC=1, BP=1024, sxw=1, syw=1)
     D = mlp_dwconv
     compile_for_sm90(D._dwgelu_fwd_kernel, {"x_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32", "y_ptr": dt},
@@ -78,6 +88,11 @@ def main():
     compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "pw_ptr": "fp32",
                                              "pbias_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
+    U = upsample_ce
+    compile_for_sm90(U._upce_fwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"},
+                     dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
+    compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
+                                          "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
 
     # multi-scale deformable attention at the Mask2Former encoder's head dim (32) and 64, 4 points; FUSED =
     # softmax + location arithmetic in the kernel (the module path)

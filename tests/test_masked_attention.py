@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES_EXACT, EXACT, TOL, assert_close
+from helpers import DTYPES_EXACT, EXACT, TOL, assert_close, rel_err
 
 import fastseg
 from fastseg import ops
@@ -150,11 +150,13 @@ def _module_inputs(batch_first, B, M, L, E, kdim, vdim, device, dtype=EXACT):
 
 
 def _compare_with_mha(mha, mod, inputs, launches, **kwargs):
+    """Output, weights (nn.MultiheadAttention's default need_weights=True) and every gradient."""
     launches.clear()
     out, weights = mod(*inputs, **kwargs)
-    assert weights is None
-    want, _ = mha(*inputs, need_weights=False, **kwargs)
+    want, want_w = mha(*inputs, **kwargs)
     assert_close(out, want, TOL[out.dtype], "output")
+    assert_close(weights, want_w, TOL[out.dtype], "attention weights")
+    assert "masked_attention_weights" in launches
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, list(inputs) + list(mod.parameters()), grad)
     ref = torch.autograd.grad(want, list(inputs) + list(mha.parameters()), grad)
@@ -287,6 +289,7 @@ def test_bad_input_errors(device):
     E, H = 32, 4
     mod = MaskedCrossAttention(E, H, device=device)
     q, k, v = (t.detach() for t in _module_inputs(False, 2, 5, 9, E, E, E, device, dtype=torch.float32))
+    x = torch.randn(1, 2, 5, 16, device=device)
     with pytest.raises(ValueError, match="attn_mask must have shape"):
         mod(q, k, v, attn_mask=torch.zeros(5, 8, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="attn_mask must have shape"):
@@ -297,19 +300,18 @@ def test_bad_input_errors(device):
         mod(q, k, v, attn_mask=torch.randn(5, 9, device=device))
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
         mod(q, k, v, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool, device=device))
-    with pytest.raises(NotImplementedError, match="need_weights=False"):
-        mod(q, k, v, need_weights=True)
     with pytest.raises(ValueError, match="embed_dim"):
         mod(q[..., :16], k, v)
     with pytest.raises(ValueError, match="do not fit"):
         mod(q, k[:, :1], v)
     with pytest.raises(ValueError, match="one device"):
         mod(q, k, v, attn_mask=torch.zeros(5, 9, dtype=torch.bool, device="meta"))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        MaskedCrossAttention(E, H, dropout=0.1, device=device)(q, k, v)
+    with pytest.raises(NotImplementedError, match="dropout=1.0"):
+        MaskedCrossAttention(E, H, dropout=1.0, device=device)(q, k, v)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.masked_attention(x, x, x, dropout_p=-0.1)
     with pytest.raises(NotImplementedError, match="add_bias_kv"):
         MaskedCrossAttention(E, H, add_bias_kv=True)
-    x = torch.randn(1, 2, 5, 16, device=device)
     with pytest.raises(TypeError, match="share a dtype"):
         ops.masked_attention(x, x.double(), x)
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -333,3 +335,330 @@ def test_tile_lists_skip_exactly_the_empty_tiles(device, triton_launches):
     assert blocks[0, 0, 0, 0] == 3 and blocks[0, 0, 2, 0] == 5
     assert blocks[1, 0, 1].tolist() == list(range(6))
     assert flags[0, 0, 0].tolist() == [0, 0, 0, 1, 0, 0] and flags[1, 0, 1].tolist() == [1] * 6
+
+
+# ------------------------------------------------------------------------- attention weights, dropout
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_weights_match_nn_multihead_attention(device, triton_launches, average):
+    """need_weights: nn.MultiheadAttention's default (True) returns its weights, averaged or per head,
+    batched and unbatched; need_weights=False builds none (the weights kernel does not run)."""
+    E, H, B, M, L = 16, 2, 2, 9, 37
+    mha = torch.nn.MultiheadAttention(E, H, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention.from_mha(mha)
+    q, k, v = _module_inputs(False, B, M, L, E, E, E, device)
+    mask = torch.rand(B * H, M, L, device=device) < 0.6
+    mask[:, :, 5] = False
+    for args in ((q, k, v), (q[:, 0], k[:, 0], v[:, 0])):
+        am = mask if args[0].dim() == 3 else mask[:H]
+        triton_launches.clear()
+        out, w = mod(*args, attn_mask=am, average_attn_weights=average)
+        want, want_w = mha(*args, attn_mask=am, average_attn_weights=average)
+        assert w.shape == want_w.shape and w.dtype == want_w.dtype
+        assert_close(w, want_w, TOL[EXACT], "weights")
+        assert_close(out, want, TOL[EXACT], "output")
+        assert triton_launches["masked_attention_weights"] == 1
+    triton_launches.clear()
+    out, w = mod(q, k, v, attn_mask=mask, need_weights=False)
+    assert w is None and "masked_attention_weights" not in triton_launches and "masked_attention_fwd" in triton_launches
+    mod.need_weights_default = False  # what fastseg.patch sets where the caller discards the weights
+    assert mod(q, k, v, attn_mask=mask)[1] is None
+    assert mod(q, k, v, attn_mask=mask, need_weights=True)[1] is not None  # an explicit request wins
+
+
+@pytest.mark.parametrize("average,p", [(True, 0.0), (False, 0.3)])
+def test_gradient_through_weights(device, triton_launches, average, p):
+    """A loss on the output and on the returned weights: dq, dk, dv equal the reference's."""
+    B, H, M, N, D = 2, 2, 17, 40, 16
+    q, k, v = _qkv(B, H, M, N, D, EXACT, device)
+    allowed = torch.rand(B, H, M, N, device=device) < 0.5
+    allowed[1, 0, 4] = False  # an empty row
+    seed = ops.dropout_seed(device)
+    out, w = ops.masked_attention(q, k, v, allowed, dropout_p=p, dropout_seed=seed, return_weights=True,
+                                  average_weights=average)
+    keep = ops.dropout_keep_mask(seed, B, H, M, N, p)
+    ref, ref_w = ref_attention(q, k, v, allowed, keep=keep, dropout_p=p, return_weights=True)
+    ref_w = ref_w.mean(1) if average else ref_w
+    assert_close(w, ref_w, TOL[EXACT], "weights")
+    g_o, g_w = torch.randn_like(ref), torch.randn_like(ref_w)
+    got = torch.autograd.grad((out, w), (q, k, v), (g_o, g_w))
+    want = torch.autograd.grad((ref, ref_w), (q, k, v), (g_o, g_w))
+    for name, g, r in zip("qkv", got, want):
+        assert_close(g, r, TOL[EXACT], f"d{name}")
+    assert {"masked_attention_weights_bwd_dq", "masked_attention_weights_bwd_dk"} <= set(triton_launches)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dropout_matches_reference_with_kernel_keep_mask(device, triton_launches, p):
+    """Fused attention dropout: output, weights and every gradient equal the reference computed with the
+    kernels' own keep mask (p = 0: no dropout at all)."""
+    B, H, M, N, D = 2, 2, 19, 50, 16
+    q, k, v = _qkv(B, H, M, N, D, EXACT, device)
+    allowed = torch.rand(B, 1, M, N, device=device) < 0.6
+    seed = ops.dropout_seed(device)
+    keep = ops.dropout_keep_mask(seed, B, H, M, N, p)
+    if p == 0:
+        assert keep.all()
+    triton_launches.clear()
+    out, w = ops.masked_attention(q, k, v, allowed, dropout_p=p, dropout_seed=seed, return_weights=True,
+                                  average_weights=False, num_splits=2)
+    ref, ref_w = ref_attention(q, k, v, allowed, keep=keep, dropout_p=p, return_weights=True)
+    assert_close(out, ref, TOL[EXACT], "out")
+    assert_close(w, ref_w, TOL[EXACT], "weights")
+    grad = torch.randn_like(ref)
+    for name, g, want in zip("qkv", torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert_close(g, want, TOL[EXACT], f"d{name}")
+    assert KERNELS | BWD_KERNELS <= set(triton_launches)
+    if p > 0:  # the same seed gives the same mask; the reference without the mask differs
+        assert torch.equal(ops.masked_attention(q, k, v, allowed, dropout_p=p, dropout_seed=seed, num_splits=2), out)
+        assert rel_err(out, ref_attention(q, k, v, allowed)) > 0.1
+
+
+def test_dropout_keep_mask_statistics(device):
+    B, H, M, N = 1, 2, 16, 256
+    for p in (0.1, 0.5):
+        keep = ops.dropout_keep_mask(ops.dropout_seed(device), B, H, M, N, p)
+        n = keep.numel()
+        assert abs(keep.float().mean().item() - (1 - p)) < 6 * math.sqrt(p * (1 - p) / n)
+        other = ops.dropout_keep_mask(ops.dropout_seed(device), B, H, M, N, p)
+        differ = (keep != other).float().mean().item()  # independent masks differ on 2p(1-p) of the entries
+        assert abs(differ - 2 * p * (1 - p)) < 6 * math.sqrt(0.25 / n)
+    seed = torch.tensor([12345], device=device)
+    assert torch.equal(ops.dropout_keep_mask(seed, 1, 2, 3, 40, 0.3), ops.dropout_keep_mask(seed, 1, 2, 3, 40, 0.3))
+
+
+def test_module_dropout_training_and_eval(device, triton_launches):
+    """Training: the module draws its seed from torch's generator and matches the reference math with that
+    seed's keep mask (output, weights, gradients). Eval: no dropout, equal to nn.MultiheadAttention."""
+    E, H, B, M, L, p = 16, 2, 2, 7, 33, 0.25
+    mha = torch.nn.MultiheadAttention(E, H, dropout=p, batch_first=True, device=device, dtype=EXACT)
+    mod = MaskedCrossAttention.from_mha(mha)
+    assert mod.training and mod.dropout == p
+    query, key, value = _module_inputs(True, B, M, L, E, E, E, device)
+    mask = torch.rand(B * H, M, L, device=device) < 0.5
+    mask[..., 0] = False
+    torch.manual_seed(7)
+    seed = ops.dropout_seed(device)
+    torch.manual_seed(7)
+    out, w = mod(query, key, value, attn_mask=mask, average_attn_weights=False)
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    heads = lambda x: x.unflatten(-1, (H, E // H)).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(query @ w_q.T + b_q), heads(key @ w_k.T + b_k), heads(value @ w_v.T + b_v)
+    keep = ops.dropout_keep_mask(seed, B, H, M, L, p)
+    o, ref_w = ref_attention(q, k, v, ~mask.view(B, H, M, L), keep=keep, dropout_p=p, return_weights=True)
+    ref = mha.out_proj(o.transpose(1, 2).flatten(2))
+    assert_close(out, ref, TOL[EXACT], "training output")
+    assert_close(w, ref_w, TOL[EXACT], "training weights")
+    grad = torch.randn_like(out)
+    params = [query, key, value, mha.in_proj_weight, mha.out_proj.weight]
+    got = torch.autograd.grad(out, [query, key, value, mod.in_proj_weight, mod.out_proj.weight], grad)
+    for g, want in zip(got, torch.autograd.grad(ref, params, grad)):
+        assert_close(g, want, TOL[EXACT], "training gradient")
+    mha.eval(), mod.eval()
+    _compare_with_mha(mha, mod, (query, key, value), triton_launches, attn_mask=mask)
+
+
+# ------------------------------------------------------------- Hugging Face callers (default need_weights)
+
+
+def _capture_weights(model):
+    """Forward hooks recording the weights every patched attention returns."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
+             for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+    return seen, hooks
+
+
+def test_patched_hf_oneformer_weights_only_with_output_attentions(triton_launches):
+    """HF OneFormer calls its cross-attention without need_weights: the patched model returns the original's
+    cross-attention weights with output_attentions=True and computes none without (the weights kernel never
+    runs). Its query transformer (attention dropout 0.1) is patched too and never computes weights."""
+    import copy
+
+    from hf_models import tiny_hf_oneformer
+
+    model = tiny_hf_oneformer().eval()
+    ref = copy.deepcopy(model)
+    x, task = torch.randn(1, 3, 64, 64), torch.randint(0, 50, (1, 8))
+    _, report = fastseg.patch(model)
+    dec = "model.transformer_module.decoder"
+    assert [r[0] for r in report.replaced] == [f"{dec}.query_transformer.decoder.layers.0.multihead_attn",
+                                               f"{dec}.layers.0.cross_attn.multihead_attn",
+                                               f"{dec}.layers.1.cross_attn.multihead_attn"]
+    assert len(report.deeper) == 2 and any("discards the attention weights" in n for n in report.notes)
+    with torch.no_grad():
+        want = ref(pixel_values=x, task_inputs=task, output_attentions=True)
+        triton_launches.clear()
+        got = model(pixel_values=x, task_inputs=task, output_attentions=True)
+        if fastseg.interpreter_enabled():  # (CPU model: Triton only under the interpreter)
+            assert triton_launches["masked_attention_weights"] == 2  # the decoder layers, not the query transformer
+        for (_, w), (_, w_ref) in zip(got.attentions, want.attentions, strict=True):
+            assert w.shape == w_ref.shape and w.shape[:2] == (1, 6)  # (B, Q, HW of the level)
+            assert_close(w, w_ref, 1e-4, "cross-attention weights")
+        assert_close(got.masks_queries_logits, want.masks_queries_logits, 1e-4, "mask logits")
+        seen, hooks = _capture_weights(model)
+        triton_launches.clear()
+        model(pixel_values=x, task_inputs=task)
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 3 and all(w is None for w in seen)
+    if fastseg.interpreter_enabled():
+        assert "masked_attention_weights" not in triton_launches and triton_launches["masked_attention_fwd"] == 3
+    _, again = fastseg.patch(model)  # idempotent: no second hook
+    assert not again.replaced and not again.deeper
+
+
+def test_patched_hf_mask2former_weights_only_with_output_attentions(triton_launches):
+    import copy
+
+    from hf_models import tiny_hf_mask2former
+
+    model = tiny_hf_mask2former().eval()
+    ref = copy.deepcopy(model)
+    fastseg.patch(model)
+    x = torch.randn(1, 3, 64, 64)
+    layer_out = {}
+    for name, m in (("got", model), ("want", ref)):
+        layer_out[name] = []
+        hooks = [layer.register_forward_hook(lambda mod, args, out, acc=layer_out[name]: acc.append(out[2]))
+                 for layer in m.model.transformer_module.decoder.layers]
+        with torch.no_grad():
+            m(pixel_values=x, output_attentions=True)
+        for h in hooks:
+            h.remove()
+    assert len(layer_out["got"]) == 2
+    for w, w_ref in zip(layer_out["got"], layer_out["want"], strict=True):
+        assert_close(w, w_ref, 1e-4, "cross-attention weights")
+    seen, hooks = _capture_weights(model)
+    triton_launches.clear()
+    with torch.no_grad():
+        model(pixel_values=x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and all(w is None for w in seen) and "masked_attention_weights" not in triton_launches
+
+
+# ------------------------------------------------------------------------------------ launch counts
+
+_NOT_KERNELS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}  # allocations only
+
+
+class _DeviceWork:
+    """Counts what would run on the device: fastseg's Triton launches, plus every aten op outside them that
+    is not a view / metadata op or a bare allocation (a TorchDispatchMode). The Triton interpreter's own
+    tensor copies inside a launch are not counted."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from triton.runtime import interpreter
+
+        self.aten, self.paused = [], False
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if not (outer.paused or func.is_view or name in _NOT_KERNELS):
+                    outer.aten.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        launch = interpreter.GridExecutor.__call__
+
+        def quiet_launch(executor, *args, **kwargs):
+            outer.paused = True
+            try:
+                return launch(executor, *args, **kwargs)
+            finally:
+                outer.paused = False
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", quiet_launch)
+        self.mode = Mode()
+
+    def count(self, fn):
+        self.aten.clear()
+        fastseg.launches.clear()
+        with self.mode:
+            out = fn()
+        return sum(fastseg.launches.values()) + len(self.aten), dict(fastseg.launches), list(self.aten), out
+
+
+def test_device_launch_counts(device, monkeypatch):
+    """masked_attention: <= 3 device kernels forward (packed or no mask) and <= 3 backward;
+    mask_from_embeddings: <= 3. No host sync (aten._local_scalar_dense / item) anywhere."""
+    if device != "cpu":
+        pytest.skip("counts the interpreter's launches")
+    work = _DeviceWork(monkeypatch)
+    B, H, M, N, D = 1, 2, 20, 70, 16
+    q, k, v = _qkv(B, H, M, N, D, torch.float32, device)
+    packed = ops.pack_mask(torch.rand(B, 1, M, N, device=device) < 0.5, batch=B, heads=H, num_queries=M, num_keys=N)
+    for mask in (packed, None):
+        n, launches, aten, out = work.count(lambda: ops.masked_attention(q, k, v, mask, num_splits=2))
+        assert n <= 3, (launches, aten)
+        grad = torch.randn_like(out)
+        n, launches, aten, _ = work.count(lambda: torch.autograd.grad(out, (q, k, v), grad))
+        assert n <= 3 and set(launches) == BWD_KERNELS, (launches, aten)
+    emb, feat = torch.randn(2, 5, 8, device=device), torch.randn(2, 8, 6, 7, device=device)
+    n, launches, aten, _ = work.count(lambda: ops.mask_from_embeddings(emb, feat))
+    assert n <= 3 and "attention_mask_reset_empty" in launches, (launches, aten)
+    # the module's whole forward + backward (projections included): no host sync either
+    mod = MaskedCrossAttention(32, 2, batch_first=True, dropout=0.1, device=device)
+    x, mem = torch.randn(2, 5, 32, device=device), torch.randn(2, 40, 32, device=device)
+    _, _, aten, out = work.count(lambda: mod(x, mem, mem, attn_mask=torch.rand(5, 40, device=device) < 0.5))
+    _, _, aten_bwd, _ = work.count(lambda: out[0].sum().backward())
+    assert not [op for op in aten + aten_bwd if "_local_scalar_dense" in op or "item" in op], aten + aten_bwd
+
+
+def test_fp32_precision_follows_torch_matmul_setting():
+    """fp32 dots: TF32 exactly when PyTorch's fp32 matmuls may use it; other dtypes unaffected."""
+    from fastseg.kernels.masked_attention import _precision
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _precision(torch.float32, interpreted=False) == "ieee"
+        for mode in ("high", "medium"):
+            torch.set_float32_matmul_precision(mode)
+            assert _precision(torch.float32, interpreted=False) == "tf32"
+            assert _precision(torch.bfloat16, interpreted=False) == _precision(torch.float16, interpreted=False) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = False  # the legacy switch is the same setting
+        assert _precision(torch.float32, interpreted=False) == "ieee"
+        assert _precision(torch.bfloat16, interpreted=True) == "upcast"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_dkdv_config_pruning():
+    """The dk/dv configs measured to spill on sm_90 are never autotuned for fp32 (notes: masked_attention_resources)."""
+    import triton
+
+    from fastseg.kernels.masked_attention import _prune_dkdv
+
+    cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SUB_M": s}) for s in (64, 32, 16)]
+    subs = lambda dtype, dropout: [c.kwargs["SUB_M"] for c in _prune_dkdv(  # noqa: E731
+        cfgs, {"Q": torch.empty(1, dtype=dtype)}, DROPOUT=dropout)]
+    assert subs(torch.float32, False) == [32, 16] and subs(torch.float32, True) == [16]
+    assert subs(torch.bfloat16, True) == subs(torch.float16, False) == [64, 32, 16]
+
+
+def test_patched_project_models_compute_no_weights(triton_launches):
+    """This project's Mask2Former / MaskFormer layers discard the weights (``multihead_attn(...)[0]``, as the
+    official code): after patch their attentions compute none (need_weights_default=False)."""
+    from fastseg.models import build_mask2former, build_maskformer
+
+    m2f = build_mask2former("tiny", 5, hidden_dim=32, num_queries=6, nheads=4, dim_feedforward=64, dec_layers=2,
+                            mask_dim=32, conv_dim=32, enc_layers=1, enc_nheads=4, enc_dim_feedforward=64).eval()
+    mf = build_maskformer("tiny", 4, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, dec_layers=2,
+                          conv_dim=32, mask_dim=32)
+    for model in (m2f, mf):
+        _, report = fastseg.patch(model)
+        attns = [m for m in model.modules() if isinstance(m, MaskedCrossAttention)]
+        assert len(attns) == 2 and not any(a.need_weights_default for a in attns)
+    seen, hooks = _capture_weights(m2f)
+    triton_launches.clear()
+    with torch.no_grad():
+        m2f(torch.randn(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 and all(w is None for w in seen) and "masked_attention_weights" not in triton_launches

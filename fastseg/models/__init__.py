@@ -7,9 +7,13 @@
 * SegNeXt: the MSCAN encoder (:func:`mscan_t` ...) and the light Hamburger head (:func:`segnext_t` ...);
   ``fused=True`` swaps in :class:`fastseg.nn.MSCA`, ``fused="all"`` also the fused MLP.
 * Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
+* CAC (context-aware classifier, reference only): :class:`FCNHeadCAC`, :class:`UPerHeadCAC`,
+  :class:`DepthwiseSeparableASPPHeadCAC`, :class:`LightHamHeadCAC`, :class:`CACSegmentor`, :func:`segnext_t_cac` ....
 * :class:`TinyResNet`: small backbone for tests.
 """
 from .backbones import TinyResNet, backbone_from_name
+from .cac import (CACSegmentor, DepthwiseSeparableASPPHeadCAC, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC, segnext_b_cac,
+                  segnext_l_cac, segnext_s_cac, segnext_t_cac)
 from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
 from .convert import mask2former_from_hf
 from .criterion import SetCriterion
@@ -29,4 +33,6 @@ __all__ = [
     "ContextClusterNet", "coc_tiny", "coc_small", "coc_medium",
     "MSCAN", "mscan_t", "mscan_s", "mscan_b", "mscan_l", "use_fused_msca",
     "LightHamHead", "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",
+    "CACSegmentor", "FCNHeadCAC", "UPerHeadCAC", "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC",
+    "segnext_t_cac", "segnext_s_cac", "segnext_b_cac", "segnext_l_cac",
 ]

@@ -4,14 +4,16 @@ Same modules, parameter names and initialisation as the original ``models/contex
 a point reducer on the 5-channel input (RGB + 2 position channels), stages of ``ClusterBlock`` (GroupNorm with
 one group, the ``Cluster`` token mixer, an MLP of ``nn.Linear``, layer scale) separated by point reducers.
 ``fused=True`` builds every token mixer as :class:`fastseg.nn.ContextCluster` instead of the reference
-:class:`fastseg.reference.Cluster` (identical state_dicts, so weights load either way).
+:class:`fastseg.reference.Cluster` (identical state_dicts, so weights load either way). ``normalizer`` ("sim",
+default: the official code since 2023-05-31 and its retrained checkpoints; "mask": the code before it, for
+checkpoints trained with it) is passed to every token mixer.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..reference.context_cluster import Cluster
+from ..reference.context_cluster import Cluster, check_normalizer
 
 __all__ = ["PointRecuder", "GroupNorm", "Mlp", "ClusterBlock", "ContextClusterNet", "DropPath",
            "coc_tiny", "coc_small", "coc_medium"]
@@ -96,13 +98,13 @@ class ClusterBlock(nn.Module):
     def __init__(self, dim, mlp_ratio=4.0, act_layer=nn.GELU, norm_layer=GroupNorm, drop=0.0, drop_path=0.0,
                  use_layer_scale=True, layer_scale_init_value=1e-5,
                  proposal_w=2, proposal_h=2, fold_w=2, fold_h=2, heads=4, head_dim=24, return_center=False,
-                 fused=False):
+                 fused=False, normalizer="sim"):
         super().__init__()
         self.norm1 = norm_layer(dim)
         # the original always builds its token mixer with return_center=False
         self.token_mixer = _mixer_cls(fused)(dim=dim, out_dim=dim, proposal_w=proposal_w, proposal_h=proposal_h,
                                              fold_w=fold_w, fold_h=fold_h, heads=heads, head_dim=head_dim,
-                                             return_center=False)
+                                             return_center=False, normalizer=normalizer)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -124,7 +126,7 @@ class ClusterBlock(nn.Module):
 def basic_blocks(dim, index, layers, mlp_ratio=4.0, act_layer=nn.GELU, norm_layer=GroupNorm, drop_rate=0.0,
                  drop_path_rate=0.0, use_layer_scale=True, layer_scale_init_value=1e-5,
                  proposal_w=2, proposal_h=2, fold_w=2, fold_h=2, heads=4, head_dim=24, return_center=False,
-                 fused=False):
+                 fused=False, normalizer="sim"):
     blocks = []
     for block_idx in range(layers[index]):
         block_dpr = drop_path_rate * (block_idx + sum(layers[:index])) / (sum(layers) - 1)
@@ -132,7 +134,7 @@ def basic_blocks(dim, index, layers, mlp_ratio=4.0, act_layer=nn.GELU, norm_laye
             dim, mlp_ratio=mlp_ratio, act_layer=act_layer, norm_layer=norm_layer, drop=drop_rate,
             drop_path=block_dpr, use_layer_scale=use_layer_scale, layer_scale_init_value=layer_scale_init_value,
             proposal_w=proposal_w, proposal_h=proposal_h, fold_w=fold_w, fold_h=fold_h, heads=heads,
-            head_dim=head_dim, return_center=False, fused=fused))
+            head_dim=head_dim, return_center=False, fused=fused, normalizer=normalizer))
     return nn.Sequential(*blocks)
 
 
@@ -140,6 +142,7 @@ class ContextClusterNet(nn.Module):
     """The original ``ContextCluster`` network (classification head, or 4 normed features with fork_feat).
 
     Input [B, 3, H, W]; two position channels in [-0.5, 0.5] are appended before the first point reducer.
+    ``normalizer``: the aggregate step's normaliser of every token mixer ("sim" official, "mask" pre-2023-05-31).
     """
 
     def __init__(self, layers, embed_dims=None, mlp_ratios=None, downsamples=None, norm_layer=nn.BatchNorm2d,
@@ -147,8 +150,9 @@ class ContextClusterNet(nn.Module):
                  down_patch_size=2, down_stride=2, down_pad=0, drop_rate=0.0, drop_path_rate=0.0,
                  use_layer_scale=True, layer_scale_init_value=1e-5, fork_feat=False,
                  proposal_w=(2, 2, 2, 2), proposal_h=(2, 2, 2, 2), fold_w=(8, 4, 2, 1), fold_h=(8, 4, 2, 1),
-                 heads=(2, 4, 6, 8), head_dim=(16, 16, 32, 32), fused=False):
+                 heads=(2, 4, 6, 8), head_dim=(16, 16, 32, 32), fused=False, normalizer="sim"):
         super().__init__()
+        check_normalizer(normalizer)
         if not fork_feat:
             self.num_classes = num_classes
         self.fork_feat = fork_feat
@@ -162,7 +166,7 @@ class ContextClusterNet(nn.Module):
                 drop_rate=drop_rate, drop_path_rate=drop_path_rate, use_layer_scale=use_layer_scale,
                 layer_scale_init_value=layer_scale_init_value, proposal_w=proposal_w[i],
                 proposal_h=proposal_h[i], fold_w=fold_w[i], fold_h=fold_h[i], heads=heads[i],
-                head_dim=head_dim[i], return_center=False, fused=fused))
+                head_dim=head_dim[i], return_center=False, fused=fused, normalizer=normalizer))
             if i >= len(layers) - 1:
                 break
             if downsamples[i] or embed_dims[i] != embed_dims[i + 1]:
@@ -211,6 +215,7 @@ class ContextClusterNet(nn.Module):
         return self.head(x.mean([-2, -1]))
 
 
+# ``normalizer`` of the builders: "sim" (official, default) or "mask" (checkpoints from before 2023-05-31).
 # (layers, embed_dims, heads, head_dim) per configuration; all use mlp ratios [8, 8, 4, 4], proposals 2x2,
 # folds [8, 4, 2, 1], GroupNorm, 3x3 stride-2 padded downsamplers.
 _CONFIGS = {
@@ -232,16 +237,16 @@ def _build(name: str, fused: bool, num_classes: int, **kw) -> ContextClusterNet:
     return ContextClusterNet(layers, fused=fused, **args)
 
 
-def coc_tiny(fused: bool = False, num_classes: int = 1000, **kw) -> ContextClusterNet:
+def coc_tiny(fused: bool = False, num_classes: int = 1000, normalizer: str = "sim", **kw) -> ContextClusterNet:
     """CoC-Tiny: layers [3, 4, 5, 2], dims [32, 64, 196, 320], heads [4, 4, 8, 8], head_dim 24."""
-    return _build("coc_tiny", fused, num_classes, **kw)
+    return _build("coc_tiny", fused, num_classes, normalizer=normalizer, **kw)
 
 
-def coc_small(fused: bool = False, num_classes: int = 1000, **kw) -> ContextClusterNet:
+def coc_small(fused: bool = False, num_classes: int = 1000, normalizer: str = "sim", **kw) -> ContextClusterNet:
     """CoC-Small: layers [2, 2, 6, 2], dims [64, 128, 320, 512], heads [4, 4, 8, 8], head_dim 32."""
-    return _build("coc_small", fused, num_classes, **kw)
+    return _build("coc_small", fused, num_classes, normalizer=normalizer, **kw)
 
 
-def coc_medium(fused: bool = False, num_classes: int = 1000, **kw) -> ContextClusterNet:
+def coc_medium(fused: bool = False, num_classes: int = 1000, normalizer: str = "sim", **kw) -> ContextClusterNet:
     """CoC-Medium: layers [4, 4, 12, 4], dims [64, 128, 320, 512], heads [6, 6, 12, 12], head_dim 32."""
-    return _build("coc_medium", fused, num_classes, **kw)
+    return _build("coc_medium", fused, num_classes, normalizer=normalizer, **kw)

@@ -17,28 +17,43 @@ def _as_bool_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
     if not mask.is_floating_point():
         raise TypeError(f"{what} must be bool or float, got {mask.dtype}")
     neg_inf = torch.isneginf(mask)
-    if not bool(((mask == 0) | neg_inf).all()):
-        raise NotImplementedError(
-            f"{what}: the fused kernel takes boolean masks (or float masks of 0 and -inf only); a general "
-            "additive float mask is not supported - use fastseg.reference.ReferenceMaskedCrossAttention"
-        )
+    valid = ((mask == 0) | neg_inf).all()
+    msg = (f"{what}: the fused kernel takes boolean masks (or float masks of 0 and -inf only); a general "
+           "additive float mask is not supported - use fastseg.reference.ReferenceMaskedCrossAttention")
+    if mask.device.type == "cuda":  # checked on the device: no device-to-host sync (fails as a device assert)
+        torch._assert_async(valid, msg)
+    elif not bool(valid):
+        raise NotImplementedError(msg)
     return neg_inf
 
 
 class MaskedCrossAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with the same constructor, parameters and state_dict, computed by
-    fastseg's fused masked-attention kernel (no (B·heads, Q, L) score or weight matrix in memory).
+    fastseg's fused masked-attention kernel (no (B·heads, Q, L) score matrix in memory; weights only on request).
 
     Forward takes ``nn.MultiheadAttention``'s arguments, positionally or by keyword, and returns
-    ``(output, None)``. Differences, each explicit:
+    ``(output, weights)`` like it:
 
-    * ``need_weights`` defaults to False (attention weights are never materialised); passing True raises.
-    * A query whose every key is masked outputs ``out_proj.bias`` (zero attention) instead of NaN.
-    * Not supported (raise): attention dropout in training, ``add_bias_kv``, ``add_zero_attn``, general
-      additive float masks (float masks of 0 / -inf are fine).
+    * ``need_weights`` (default: :attr:`need_weights_default`, True as in ``nn.MultiheadAttention``): the
+      attention weights (after dropout), averaged over heads (B, Q, L) or per head (B, heads, Q, L) per
+      ``average_attn_weights``, recomputed by a kernel from the forward's row statistics. With
+      ``need_weights=False`` the result is ``(output, None)`` and nothing of size Q·L is built; pass it (or
+      set ``need_weights_default = False``, as :func:`fastseg.patch` does where the caller discards the
+      weights) to keep the fast path. The weights are differentiable (gradients flow to query and key).
+    * Attention dropout (``dropout`` > 0, training mode) is fused: the keep mask comes from a Philox stream
+      keyed by a seed drawn from torch's generator per call (:func:`fastseg.ops.dropout_seed`), is
+      regenerated in backward and never stored; a different random stream from ``nn.MultiheadAttention``'s,
+      same distribution (drop probability ``dropout``, kept weights scaled by 1 / (1 − dropout)).
+    * A query whose every key is masked outputs ``out_proj.bias`` (zero attention, zero weights) instead of
+      NaN.
+    * Not supported (raise): ``add_bias_kv``, ``add_zero_attn``, general additive float masks (float masks
+      of 0 / -inf are fine), ``dropout=1`` in training.
     * ``attn_mask`` may also be a :class:`fastseg.ops.PackedMask` (True bits = allowed), e.g. produced
       directly from mask embeddings, so no bool (B·heads, Q, L) tensor is ever built.
     """
+
+    #: what ``need_weights=None`` (the default) means for this instance.
+    need_weights_default: bool = True
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None):
@@ -68,17 +83,17 @@ class MaskedCrossAttention(nn.MultiheadAttention):
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         return (w_q, b_q), (w_k, b_k), (w_v, b_v)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=None, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         """query: (Q, B, E) or (B, Q, E) if batch_first (or unbatched (Q, E)); key: (L, B, kdim);
         value: (L, B, vdim). attn_mask: bool (Q, L) or (B·heads, Q, L), True = masked out, or a
-        PackedMask. key_padding_mask: bool (B, L), True = ignore. Returns (output like query, None)."""
-        if need_weights:
-            raise NotImplementedError(
-                "MaskedCrossAttention never materialises attention weights: call it with need_weights=False")
-        if self.training and self.dropout > 0.0:
-            raise NotImplementedError("attention dropout is not supported by the fused kernel (dropout > 0 in "
-                                      "training); use dropout=0.0 (Mask2Former's default) or eval mode")
+        PackedMask. key_padding_mask: bool (B, L), True = ignore. Returns (output like query, weights or
+        None): weights (B, Q, L), or (B, heads, Q, L) without averaging (unbatched: no B), in query's dtype."""
+        if need_weights is None:
+            need_weights = self.need_weights_default
+        dropout_p = self.dropout if self.training else 0.0
+        if dropout_p >= 1.0:
+            raise NotImplementedError("dropout=1.0 in training (every weight dropped) is not supported")
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint.")
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
@@ -117,9 +132,15 @@ class MaskedCrossAttention(nn.MultiheadAttention):
         if not isinstance(attn_mask, PackedMask):
             attn_mask = _as_bool_mask(attn_mask, "attn_mask")
         key_padding_mask = _as_bool_mask(key_padding_mask, "key_padding_mask")
-        out = masked_attention(q, k, v, attn_mask, key_padding_mask, masked=True)  # (B, H, M, D)
+        out = masked_attention(q, k, v, attn_mask, key_padding_mask, masked=True, dropout_p=dropout_p,
+                               return_weights=bool(need_weights), average_weights=bool(average_attn_weights))
+        weights = None
+        if need_weights:
+            out, weights = out  # (B, H, M, D), (B, M, L) or (B, H, M, L)
+            if unbatched:
+                weights = weights.squeeze(0)
         out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
         out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
             out = out.squeeze(batch_dim)
-        return out, None
+        return out, weights

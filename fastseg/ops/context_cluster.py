@@ -5,13 +5,16 @@
 ``Cluster`` feeds to its ``proj`` conv: [B, heads*head_dim, W, H], or [B, heads*head_dim, fold_w*proposal_w,
 fold_h*proposal_h] with ``return_center``. Gradients flow to x (directly and through the center pooling), value
 (directly and through the value-center pooling), sim_alpha and sim_beta; the argmax is piecewise constant.
+``normalizer``: "sim" (default; the official code since 2023-05-31: the aggregate is divided by the sum of the
+assigned points' similarities + 1, so gradients also flow through that sum) or "mask" (the code before it: the
+cluster size + 1), see :mod:`fastseg.reference.context_cluster`.
 """
 from __future__ import annotations
 
 import torch
 
 from .._backend import check_same_device, select
-from ..reference.context_cluster import cluster_core
+from ..reference.context_cluster import check_normalizer, cluster_core
 
 __all__ = ["context_cluster", "context_cluster_packed", "effective_folds"]
 
@@ -50,7 +53,7 @@ class _ContextClusterFn(torch.autograd.Function):
     """x, value separate, or (value=None) x = the packed [B, 2*E*C, W, H] output of one conv for f and v."""
 
     @staticmethod
-    def forward(ctx, x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center):
+    def forward(ctx, x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center, normalizer):
         from fastseg.kernels import context_cluster as K
 
         ctx.packed = value is None
@@ -64,9 +67,9 @@ class _ContextClusterFn(torch.autograd.Function):
             to_save = (xs, vs)
         alpha = sim_alpha.detach().contiguous()
         beta = sim_beta.detach().contiguous()
-        out, saved = K.cluster_forward(xs, vs, alpha, beta, heads, folds, proposals, return_center)
+        out, saved = K.cluster_forward(xs, vs, alpha, beta, heads, folds, proposals, return_center, normalizer)
         ctx.save_for_backward(alpha, *saved, *to_save)
-        ctx.cfg = (heads, folds, proposals, return_center)
+        ctx.cfg = (heads, folds, proposals, return_center, normalizer)
         ctx.param_dtypes = (sim_alpha.dtype, sim_beta.dtype)
         return out
 
@@ -76,19 +79,20 @@ class _ContextClusterFn(torch.autograd.Function):
 
         alpha, *rest = ctx.saved_tensors
         saved = rest[:5]
-        heads, folds, proposals, return_center = ctx.cfg
+        heads, folds, proposals, return_center, normalizer = ctx.cfg
         if ctx.packed:
             (xv,) = rest[5:]
             ec = xv.shape[1] // 2
             dxv = torch.empty_like(xv)
             _, _, dalpha, dbeta = K.cluster_backward(g.contiguous(), xv[:, :ec], xv[:, ec:], alpha, saved, heads,
-                                                     folds, proposals, return_center, dx=dxv[:, :ec], dv=dxv[:, ec:])
+                                                     folds, proposals, return_center, dx=dxv[:, :ec], dv=dxv[:, ec:],
+                                                     normalizer=normalizer)
             dx, dv = dxv, None
         else:
             xs, vs = rest[5:]
             dx, dv, dalpha, dbeta = K.cluster_backward(g.contiguous(), xs, vs, alpha, saved, heads, folds,
-                                                       proposals, return_center)
-        return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None
+                                                       proposals, return_center, normalizer=normalizer)
+        return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -97,16 +101,19 @@ def _apply(*args):
     return _ContextClusterFn.apply(*args)
 
 
-def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, xs, vs):
+def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, normalizer,
+         xs, vs):
+    check_normalizer(normalizer)
     device = check_same_device(_OP, x=x, sim_alpha=sim_alpha, sim_beta=sim_beta)
     folds = _check(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
     if select(_OP, device) == "torch":
         out = cluster_core(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
-                           return_center)
+                           return_center, normalizer)
         return out.to(x.dtype)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
-    return _apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h), bool(return_center))
+    return _apply(x, value, sim_alpha, sim_beta, heads, folds, (proposal_w, proposal_h), bool(return_center),
+                  normalizer)
 
 
 def context_cluster(
@@ -120,6 +127,7 @@ def context_cluster(
     proposal_w: int = 2,
     proposal_h: int = 2,
     return_center: bool = False,
+    normalizer: str = "sim",
 ) -> torch.Tensor:
     """The fused clustering step of Context Clusters (see the module docstring for shapes).
 
@@ -128,7 +136,7 @@ def context_cluster(
     """
     check_same_device(_OP, x=x, value=value)
     return _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
-                x, value)
+                normalizer, x, value)
 
 
 def context_cluster_packed(
@@ -141,6 +149,7 @@ def context_cluster_packed(
     proposal_w: int = 2,
     proposal_h: int = 2,
     return_center: bool = False,
+    normalizer: str = "sim",
 ) -> torch.Tensor:
     """:func:`context_cluster` on xv = cat([x, value], dim=1) ([B, 2*heads*head_dim, W, H], e.g. one conv
     computing ``f`` and ``v`` together); its gradient comes back as one packed tensor."""
@@ -148,4 +157,4 @@ def context_cluster_packed(
         raise ValueError(f"{_OP}: packed input must be [B, 2*heads*head_dim, W, H], got {tuple(xv.shape)}")
     ec = xv.shape[1] // 2
     return _run(xv, None, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
-                xv[:, :ec], xv[:, ec:])
+                normalizer, xv[:, :ec], xv[:, ec:])

@@ -17,7 +17,7 @@ import torch
 from .. import _backend
 from ..reference.masked_attention import masked_attention as _torch_masked_attention
 
-__all__ = ["PackedMask", "pack_mask", "unpack_mask", "masked_attention"]
+__all__ = ["PackedMask", "pack_mask", "unpack_mask", "masked_attention", "dropout_seed", "dropout_keep_mask"]
 
 _OP = "masked_attention"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -155,27 +155,31 @@ def _pack_fake(am, kpm, masked, batch, heads, n_q, n_k):
 
 class _MaskedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bits, scale, num_splits):
-        o, lse, *lists = _kernels().forward(q, k, v, bits, scale, num_splits or None)
-        ctx.save_for_backward(q, k, v, o, lse, bits, *lists)
-        ctx.scale, ctx.num_splits = scale, num_splits
-        return o
+    def forward(ctx, q, k, v, bits, seed, scale, num_splits, dropout_p):
+        o, lse, *lists = _kernels().forward(q, k, v, bits, scale, num_splits or None, seed, dropout_p)
+        ctx.save_for_backward(q, k, v, o, lse, bits, seed, *lists)
+        ctx.scale, ctx.num_splits, ctx.dropout_p = scale, num_splits, dropout_p
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse (nor for an unused output)
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, bits, *lists = ctx.saved_tensors
-        dq, dk, dv = _kernels().backward(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits or None)
-        return dq, dk, dv, None, None, None
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, bits, seed, *lists = ctx.saved_tensors
+        dq, dk, dv = _kernels().backward(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits or None,
+                                         seed, ctx.dropout_p)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @torch.library.custom_op("fastseg::masked_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor | None, scale: float,
-            num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().forward(q, k, v, bits, scale, num_splits or None)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor | None,
+            seed: torch.Tensor | None, scale: float, num_splits: int, dropout_p: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().forward(q, k, v, bits, scale, num_splits or None, seed, dropout_p)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, bits, scale, num_splits):
+def _fwd_fake(q, k, v, bits, seed, scale, num_splits, dropout_p):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     bm, bn = _kernels().TILE
     n_qb, n_kb = -(-q.shape[2] // bm), -(-k.shape[2] // bn)
@@ -191,29 +195,95 @@ def _fwd_fake(q, k, v, bits, scale, num_splits):
 @torch.library.custom_op("fastseg::masked_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, bits: torch.Tensor | None, blocks: torch.Tensor, counts: torch.Tensor,
-            flags: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale, num_splits or None)
+            flags: torch.Tensor, seed: torch.Tensor | None, scale: float, num_splits: int, dropout_p: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale, num_splits or None,
+                               seed, dropout_p)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, bits, blocks, counts, flags, scale, num_splits):
+def _bwd_fake(do, q, k, v, o, lse, bits, blocks, counts, flags, seed, scale, num_splits, dropout_p):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bits, scale, num_splits = inputs
+    q, k, v, bits, seed, scale, num_splits, dropout_p = inputs
     o, lse, *lists = output
-    ctx.save_for_backward(q, k, v, o, lse, bits, *lists)
-    ctx.scale, ctx.num_splits = scale, num_splits
+    ctx.save_for_backward(q, k, v, o, lse, bits, seed, *lists)
+    ctx.scale, ctx.num_splits, ctx.dropout_p = scale, num_splits, dropout_p
 
 
 def _backward(ctx, do, *unused):
-    q, k, v, o, lse, bits, *lists = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits)
-    return dq, dk, dv, None, None, None
+    q, k, v, o, lse, bits, seed, *lists = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, bits, *lists, seed, ctx.scale, ctx.num_splits, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastseg::masked_attention_weights", mutates_args=())
+def _weights_op(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor | None,
+                seed: torch.Tensor | None, scale: float, average: bool, dropout_p: float) -> torch.Tensor:
+    return _kernels().weights(q, k, lse, bits, scale, average, seed, dropout_p)
+
+
+@_weights_op.register_fake
+def _weights_fake(q, k, lse, bits, seed, scale, average, dropout_p):
+    B, H, M, _ = q.shape
+    return q.new_empty((B, M, k.shape[2]) if average else (B, H, M, k.shape[2]))
+
+
+@torch.library.custom_op("fastseg::masked_attention_weights_bwd", mutates_args=())
+def _weights_bwd_op(dw: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, bits: torch.Tensor | None,
+                    seed: torch.Tensor | None, scale: float, average: bool, dropout_p: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().weights_backward(dw, q, k, lse, bits, scale, average, seed, dropout_p)
+
+
+@_weights_bwd_op.register_fake
+def _weights_bwd_fake(dw, q, k, lse, bits, seed, scale, average, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _weights_setup_context(ctx, inputs, output):
+    q, k, lse, bits, seed, scale, average, dropout_p = inputs
+    ctx.save_for_backward(q, k, lse, bits, seed)
+    ctx.scale, ctx.average, ctx.dropout_p = scale, average, dropout_p
+
+
+def _weights_backward(ctx, dw):
+    q, k, lse, bits, seed = ctx.saved_tensors
+    dq, dk = _weights_bwd_op(dw, q, k, lse, bits, seed, ctx.scale, ctx.average, ctx.dropout_p)
+    return dq, dk, None, None, None, None, None, None
+
+
+_weights_op.register_autograd(_weights_backward, setup_context=_weights_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """A fresh attention-dropout seed: int64 (1,) tensor drawn on ``device`` from torch's generator (no
+    device→host sync; on CUDA it is drawn by a kernel, so a captured CUDA graph draws a new one per replay)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+_draw_seed = dropout_seed  # masked_attention's ``dropout_seed`` argument shadows the name
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, num_queries: int, num_keys: int,
+                      p: float) -> torch.Tensor:
+    """The keep mask the fused kernels apply for ``seed`` and dropout probability ``p``: bool
+    (batch, heads, num_queries, num_keys), True = kept (then scaled by 1 / (1 − p)). Built by a small Triton
+    kernel with the same Philox counters as the attention kernels (for tests / debugging; small shapes)."""
+    if not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1):
+        raise TypeError("seed must be an int64 tensor of one element (see dropout_seed)")
+    if _backend.select("dropout_keep_mask", seed.device) != "triton":
+        raise RuntimeError("dropout_keep_mask runs the Triton kernel: CUDA, or CPU with TRITON_INTERPRET=1")
+    keep = _kernels().keep_mask(seed.reshape(1), batch * heads * num_queries, num_keys, float(p))
+    return keep.view(batch, heads, num_queries, num_keys)
 
 
 # ---------------------------------------------------------------------------------------------- the op
@@ -249,7 +319,11 @@ def masked_attention(
     masked: bool = False,
     scale: float | None = None,
     num_splits: int | None = None,
-) -> torch.Tensor:
+    dropout_p: float = 0.0,
+    dropout_seed: torch.Tensor | None = None,
+    return_weights: bool = False,
+    average_weights: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused masked attention. Differentiable in q, k, v.
 
     q: (B, H, M, D); k, v: (B, H, N, D), fp16/bf16/fp32 (fp64 too); any strides with a contiguous last
@@ -258,6 +332,15 @@ def masked_attention(
     (``nn.MultiheadAttention``), the default reads True as "allowed" (SDPA). ``scale`` defaults to
     1/√D; ``num_splits`` overrides how many programs share one query block's keys.
     Returns (B, H, M, D) in q's dtype (the autocast dtype under autocast). Empty rows give 0.
+
+    ``dropout_p`` > 0: attention dropout on the softmax weights (kept ones scaled by 1 / (1 − p)), as
+    ``nn.MultiheadAttention`` in training; the keep mask is generated in the kernels from ``dropout_seed``
+    (int64 (1,) on q's device, default: :func:`dropout_seed`) and regenerated in backward, never stored
+    (:func:`dropout_keep_mask` returns it). Callers pass ``dropout_p=0`` in eval mode.
+    ``return_weights``: also return the attention weights (after dropout, as ``nn.MultiheadAttention``),
+    (B, M, N) averaged over heads if ``average_weights`` else (B, H, M, N), in q's dtype, recomputed by a
+    kernel from the forward's row log-sum-exp (0 on masked keys and on empty rows); differentiable in q and k
+    (two more kernels, from the saved statistics). Without ``return_weights`` nothing of size M·N is built.
     """
     if torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64:
         dt = torch.get_autocast_dtype(q.device.type)
@@ -281,6 +364,9 @@ def masked_attention(
                              f"do not fit q {tuple(q.shape)} and {N} keys")
         packed = attn_mask
 
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if _backend.select(_OP, device) == "torch":
         if packed is not None:
             allowed = unpack_mask(packed)
@@ -292,15 +378,32 @@ def masked_attention(
             allowed = _allowed_torch(am, kpm, masked, B, N)
         else:
             allowed = None
-        return _torch_masked_attention(q, k, v, allowed, scale, empty_rows="zero")
+        keep = None
+        if dropout_p > 0:  # PyTorch's own RNG stream here (the kernels' Philox stream differs)
+            keep = torch.rand((B, H, M, N), device=q.device) >= dropout_p
+        out, w = _torch_masked_attention(q, k, v, allowed, scale, empty_rows="zero", keep=keep, dropout_p=dropout_p,
+                                         return_weights=True)
+        if not return_weights:
+            return out
+        return out, (w.mean(1) if average_weights else w)
 
     if packed is None and (attn_mask is not None or key_padding_mask is not None):
         packed = pack_mask(attn_mask, key_padding_mask, batch=B, heads=H, num_queries=M, num_keys=N, masked=masked)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bits = None if packed is None else packed.bits
+    seed = None
+    if dropout_p > 0:
+        seed = _draw_seed(device) if dropout_seed is None else dropout_seed.reshape(1)
+        if seed.dtype != torch.int64 or seed.device != device:
+            raise TypeError(f"dropout_seed must be an int64 tensor on {device}, got {seed.dtype} on {seed.device}")
+    args = (bits, seed, float(scale), int(num_splits or 0), dropout_p)
     if torch.compiler.is_compiling():
-        return _fwd_op(q, k, v, bits, float(scale), int(num_splits or 0))[0]
-    return _MaskedAttention.apply(q, k, v, bits, float(scale), int(num_splits or 0))
+        o, lse = _fwd_op(q, k, v, *args)[:2]
+    else:
+        o, lse = _MaskedAttention.apply(q, k, v, *args)
+    if not return_weights:
+        return o
+    return o, _weights_op(q, k, lse, bits, seed, float(scale), bool(average_weights), dropout_p)
 
 
 # ------------------------------------------------------------------------ Mask2Former's attention mask
@@ -311,17 +414,17 @@ def _full_words(n_k: int, device) -> torch.Tensor:
     return _pack_torch(torch.ones(n_k, dtype=torch.bool, device=device))
 
 
-def _sign_pack_impl(emb: torch.Tensor, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sign_pack_impl(emb: torch.Tensor, feat: torch.Tensor, reset_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from ..kernels import attention_mask
 
-    return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype))
+    return attention_mask.sign_pack(emb, feat, _kernels()._precision(emb.dtype), reset_empty)
 
 
 _sign_pack_op = torch.library.custom_op("fastseg::attention_mask_sign_pack", _sign_pack_impl, mutates_args=())
 
 
 @_sign_pack_op.register_fake
-def _sign_pack_fake(emb, feat):
+def _sign_pack_fake(emb, feat, reset_empty):
     B, Q, _ = emb.shape
     return (emb.new_empty((B, 1, Q, (feat.shape[2] + 31) // 32), dtype=torch.int32),
             emb.new_empty((B, Q), dtype=torch.int32))
@@ -351,12 +454,10 @@ def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, re
     if _backend.select("mask_from_embeddings", device) == "triton":
         if mask_embed.dtype == torch.float64 and device.type == "cuda":
             raise TypeError("fp64 runs under the Triton interpreter only")
-        bits, counts = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat)
-        empty = counts == 0
-    else:
-        allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
-        bits = _pack_torch(allowed).unsqueeze(1)
-        empty = ~allowed.any(-1)
+        bits, _ = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat, reset_empty)
+        return PackedMask(bits, n_k)
+    allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
+    bits = _pack_torch(allowed).unsqueeze(1)
     if reset_empty:
-        bits = torch.where(empty[:, None, :, None], _full_words(n_k, device), bits)
+        bits = torch.where(~allowed.any(-1)[:, None, :, None], _full_words(n_k, device), bits)
     return PackedMask(bits, n_k)

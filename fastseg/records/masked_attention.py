@@ -21,9 +21,9 @@ def _is_cross_attention(parent: nn.Module, name: str, child: nn.Module) -> bool:
 def _mha_unsupported(m: nn.MultiheadAttention) -> str | None:
     if m.bias_k is not None or m.add_zero_attn:
         return "add_bias_kv / add_zero_attn are not supported by the fused kernel"
-    if m.dropout > 0:
-        return f"attention dropout {m.dropout} > 0 is not supported by the fused kernel"
-    return None
+    if m.dropout >= 1.0:
+        return f"attention dropout {m.dropout} (everything dropped) is not supported by the fused kernel"
+    return None  # attention dropout < 1 is fused (keep mask from a Philox stream), eval mode applies none
 
 
 def _build(cls, m: nn.MultiheadAttention) -> nn.Module:

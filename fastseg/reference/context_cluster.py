@@ -6,6 +6,13 @@ keys and math), with the einops rearranges written as reshapes/permutes. Readabl
 
 Naming follows the original: a feature map is ``[b, c, w, h]`` (dim 2 is called ``w``), ``fold_w`` /
 ``proposal_w`` act on dim 2 and ``fold_h`` / ``proposal_h`` on dim 3.
+
+Normaliser of the aggregate step (``normalizer``): the official code divides the aggregated center by
+``sim.sum + 1`` since its commit 3ccb0b6 of 2023-05-31 ("fix bug mask.sum to sim.sum", the paper's Eq. 1;
+the released checkpoints were retrained after it), where ``sim`` is the similarity already multiplied by the
+one-hot mask, i.e. the sum of the sigmoid similarities of the points assigned to the center. That is the
+default, ``normalizer="sim"``. ``normalizer="mask"`` is the code before that commit (``mask.sum + 1``, the
+cluster size + 1), for checkpoints trained with it.
 """
 from __future__ import annotations
 
@@ -13,7 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Cluster", "pairwise_cos_sim", "cluster_core", "fold_regions", "unfold_regions"]
+__all__ = ["Cluster", "pairwise_cos_sim", "cluster_core", "fold_regions", "unfold_regions", "NORMALIZERS",
+           "check_normalizer"]
+
+#: values of ``normalizer``: "sim" (official code since 2023-05-31, default), "mask" (before it)
+NORMALIZERS = ("sim", "mask")
+
+
+def check_normalizer(normalizer) -> str:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {NORMALIZERS} ('sim': the official code since 2023-05-31, "
+                         f"'mask': before it), got {normalizer!r}")
+    return normalizer
 
 
 def pairwise_cos_sim(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -50,13 +68,16 @@ def cluster_core(
     proposal_w: int,
     proposal_h: int,
     return_center: bool = False,
+    normalizer: str = "sim",
 ) -> torch.Tensor:
     """Everything of ``Cluster.forward`` between the input convs (f, v) and the output conv (proj).
 
     x, value: [B, heads*head_dim, W, H] (outputs of ``f`` and ``v``); sim_alpha, sim_beta: shape [1].
     Returns [B, heads*head_dim, W, H] (or [B, heads*head_dim, fold_w*proposal_w, fold_h*proposal_h] with
-    ``return_center``), in the dtype type promotion gives (as the original).
+    ``return_center``), in the dtype type promotion gives (as the original). ``normalizer``: "sim" (default,
+    the official code) or "mask" (the official code before 2023-05-31), see the module docstring.
     """
+    check_normalizer(normalizer)
     B, EC, W0, H0 = x.shape
     # "b (e c) w h -> (b e) c w h"
     x = x.reshape(B * heads, EC // heads, W0, H0)
@@ -87,9 +108,11 @@ def cluster_core(
     mask.scatter_(1, sim_max_idx, 1.0)
     sim = sim * mask
     value2 = value.flatten(2).transpose(1, 2)  # "b c w h -> b (w h) c", [b, N, c]
-    # aggregate step, [b, M, c]; the original normalises by mask.sum (its documented "small bug"), kept here.
+    # aggregate step, [b, M, c]: divided by sim.sum + 1 (sim of the assigned points only: sim is masked here),
+    # or by mask.sum + 1 (the cluster size) in the code before 2023-05-31
+    norm = sim if normalizer == "sim" else mask
     out = ((value2.unsqueeze(dim=1) * sim.unsqueeze(dim=-1)).sum(dim=2) + value_centers) / (
-        mask.sum(dim=-1, keepdim=True) + 1.0
+        norm.sum(dim=-1, keepdim=True) + 1.0
     )
     if return_center:
         out = out.transpose(1, 2).reshape(b, c, ww, hh)  # "b (w h) c -> b c w h"
@@ -108,12 +131,15 @@ class Cluster(nn.Module):
 
     Parameters / state_dict: ``f``, ``v`` (1x1 convs dim -> heads*head_dim), ``proj`` (1x1 conv
     heads*head_dim -> out_dim), ``sim_alpha`` (init 1), ``sim_beta`` (init 0). Folding into
-    ``fold_w x fold_h`` regions happens only when both are > 1 (as in the original).
+    ``fold_w x fold_h`` regions happens only when both are > 1 (as in the original). ``normalizer``: "sim"
+    (default: the official code) or "mask" (the official code before 2023-05-31, for checkpoints trained with
+    it); it is no parameter, so a state_dict loads either way.
     """
 
     def __init__(self, dim, out_dim, proposal_w=2, proposal_h=2, fold_w=2, fold_h=2, heads=4, head_dim=24,
-                 return_center=False):
+                 return_center=False, normalizer="sim"):
         super().__init__()
+        self.normalizer = check_normalizer(normalizer)
         self.heads = heads
         self.head_dim = head_dim
         self.f = nn.Conv2d(dim, heads * head_dim, kernel_size=1)  # for similarity
@@ -132,5 +158,5 @@ class Cluster(nn.Module):
         value = self.v(x)
         x = self.f(x)
         out = cluster_core(x, value, self.sim_alpha, self.sim_beta, self.heads, self.fold_w, self.fold_h,
-                           self.proposal_w, self.proposal_h, self.return_center)
+                           self.proposal_w, self.proposal_h, self.return_center, self.normalizer)
         return self.proj(out)

@@ -22,13 +22,19 @@ def masked_attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     empty_rows: str = "zero",
-) -> torch.Tensor:
-    """Core attention ``softmax(q kᵀ · scale + bias, masked) v``.
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Core attention ``dropout(softmax(q kᵀ · scale + bias, masked)) v``.
 
     q: (B, H, Q, D); k, v: (B, H, L, D). ``allowed``: bool broadcastable to (B, H, Q, L), True = may attend
     (the SDPA convention). ``bias``: float additive bias broadcastable to (B, H, Q, L).
     ``empty_rows``: what a query row with no allowed key gives: ``"zero"`` (fastseg's convention) or
-    ``"nan"`` (what ``nn.MultiheadAttention`` gives).
+    ``"nan"`` (what ``nn.MultiheadAttention`` gives). ``keep``: bool broadcastable to (B, H, Q, L), the
+    attention-dropout keep mask: probabilities where it is False are zeroed, the others scaled by
+    1 / (1 − dropout_p) (``F.dropout``'s semantics with a given mask). ``return_weights``: also return the
+    (B, H, Q, L) probabilities after dropout (what ``nn.MultiheadAttention`` returns before head averaging).
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -44,7 +50,10 @@ def masked_attention(
         probs = probs.masked_fill(empty, 0.0)
     elif empty_rows != "nan":
         raise ValueError(f"empty_rows must be 'zero' or 'nan', got {empty_rows!r}")
-    return torch.matmul(probs, v)
+    if keep is not None:
+        probs = probs.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    out = torch.matmul(probs, v)
+    return (out, probs) if return_weights else out
 
 
 def merge_masks(

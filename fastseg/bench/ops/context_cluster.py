@@ -67,7 +67,7 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
 
     ``saved: ...`` parts are what autograd keeps beyond the input and parameters: the concatenated f/v 1x1
     weight, the packed f/v conv output, the fused op's assignment (int32), similarity, centers, aggregates
-    and counts (fp32), and the op's output (the proj conv's input); checked against autograd's saved tensors
+    and normaliser sums (fp32), and the op's output (the proj conv's input); checked against autograd's saved tensors
     by ``tests/test_cli.py``.
     """
     from fastseg.ops.context_cluster import effective_folds
@@ -88,12 +88,13 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: concatenated f/v weight": 2 * E * dim * el,
         "saved: f/v conv output (B, 2*heads*head_dim, H, W)": 2 * B * E * H * W * el,
         "saved: assignment (int32), similarity": n_inst * N * (4 + acc),
-        "saved: centers, aggregates, counts": n_inst * M * (2 * hd + 1) * acc,
+        "saved: centers, aggregates, normaliser sums": n_inst * M * (2 * hd + 1) * acc,
         "saved: cluster output (proj input)": B * E * H * W * el,
         "output": B * dim * H * W * el,
         "gradients of input and weights": x + weights,
         "backward: d(cluster output), d(f/v conv output)": 3 * B * E * H * W * el,
-        "backward: per-pixel and per-center scratch": n_inst * (2 * N + M * hd + 2) * acc,
+        # per pixel: dL/ds of the dispatch, dL/dz; per center: dL/dagg then dL/dcenter, normalised centers
+        "backward: per-pixel and per-center scratch": n_inst * (2 * N + 2 * M * hd + 2) * acc,
     }
 
 

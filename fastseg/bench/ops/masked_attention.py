@@ -104,6 +104,7 @@ def prep_fastseg(s, dtype, device, mode) -> Prepared:
     query, key, value, attn_mask, mha = _inputs(s, dtype, device, mode)
     mod = cls(s["E"], s["heads"], dropout=0.0).to(device=device, dtype=dtype)
     mod.load_state_dict(mha.state_dict())
+    mod.need_weights_default = False  # what fastseg.patch sets in Mask2Former's layer (it discards the weights)
     del mha
     return module_step(lambda: mod(query, key, value, attn_mask=attn_mask)[0], [query, key, value], [mod], mode,
                        [attn_mask])
