@@ -12,6 +12,10 @@ when its fastseg class is not in this build):
   the attention weights). Not replaced: ``add_bias_kv``, ``add_zero_attn`` (attention dropout is fused).
 * ``"msca"``: SegNeXt's attention module, official ``AttentionModule`` and mmsegmentation ``MSCAAttention``
   layouts (convs ``conv0``, ``conv0_1`` … ``conv2_2``, ``conv3``) -> :class:`fastseg.nn.MSCA`.
+* ``"ms_deform_attn"`` / ``"ms_deform_attn_hf"``: multi-scale deformable attention, the official Deformable
+  DETR / Mask2Former ``MSDeformAttn`` -> :class:`fastseg.nn.MSDeformAttn`, Hugging Face's
+  ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` -> :class:`fastseg.nn.MSDeformAttnHF`
+  (:mod:`fastseg.records.ms_deform_attn`).
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
 

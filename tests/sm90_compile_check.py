@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, msca, partial_sums,
-                             upsample_ce)
+from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
+                             partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -94,6 +94,18 @@ def main():
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
+
+    # multi-scale deformable attention at the Mask2Former encoder's head dim (32) and 64, 4 points; FUSED =
+    # softmax + location arithmetic in the kernel (the module path)
+    A = ms_deform_attn
+    io = {"V": dt, "Shapes": "i64", "Starts": "i64", "Loc": dt, "Attn": dt, "Ref": dt, "Stats": "fp32"}
+    for D, fused in ((32, False), (32, True), (64, True)):
+        c = dict(D=D, P=4, FUSED=fused, ACC=tl.float32)
+        bq, bd, warps = A.block_sizes(D, 1 << 20, False)
+        compile_for_sm90(A._msda_fwd_kernel, {**io, "Out": dt}, dict(c, BLOCK_Q=bq, BLOCK_D=bd), warps)
+        bq, bd, warps = A.block_sizes(D, 1 << 20, True)
+        compile_for_sm90(A._msda_bwd_kernel, {**io, "GO": dt, "GV": "fp32", "GLoc": dt, "GAttn": "fp32"},
+                         dict(c, BLOCK_Q=bq, BLOCK_D=bd), warps)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,14 @@ def _hf_step(model, x, targets):
 
 def test_patch_hugging_face_mask2former(triton_launches):
     model = tiny_hf_mask2former()
+    # At init every deformable-attention point sits exactly on a texel centre (a kink of the bilinear
+    # interpolation: its location gradient depends on rounding) and some exactly on h = -1, where the official
+    # CUDA op (followed by fastseg's MSDeformAttnHF) and grid_sample differ: generic offsets keep the
+    # comparison well posed.
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.sampling_offsets.weight.normal_(0, 0.2)
     x = torch.randn(2, 3, 64, 64)
     targets = targets_(torch.float32)
     ref = copy.deepcopy(model)
@@ -160,9 +168,9 @@ def test_patch_hugging_face_mask2former(triton_launches):
     triton_launches.clear()  # the probe ran the kernels too: count the model's step only
     cross = [f"model.transformer_module.decoder.layers.{i}.cross_attn" for i in range(2)]
     if not HAS_MCA:
-        assert [s[0] for s in report.skipped] == cross and not report.replaced
+        assert [s[0] for s in report.skipped] == cross and not report.count("masked_attention")
         return
-    assert [r[0] for r in report.replaced] == cross
+    assert [r[0] for r in report.replaced if r[1] == "masked_attention"] == cross
     assert all(type(layer.cross_attn).__name__ == "MaskedCrossAttention"
                for layer in model.model.transformer_module.decoder.layers)
     assert model.training and all(p.device == x.device and p.dtype == torch.float32 for p in model.parameters())
@@ -173,6 +181,10 @@ def test_patch_hugging_face_mask2former(triton_launches):
     _assert_grads_close(grads_p, grads_r, 1e-4)
     if fastseg.interpreter_enabled():
         assert triton_launches["masked_attention_fwd"] > 0 and triton_launches["masked_attention_bwd_dkdv"] > 0
+    if hasattr(fastseg.nn, "MSDeformAttnHF"):
+        assert report.count("ms_deform_attn_hf") == 1  # encoder_layers=1
+        if fastseg.interpreter_enabled():
+            assert triton_launches["ms_deform_attn_fwd"] > 0 and triton_launches["ms_deform_attn_bwd"] > 0
 
 
 @pytest.mark.parametrize("layout", [OfficialMSCA, MmsegMSCA])

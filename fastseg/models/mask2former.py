@@ -392,9 +392,13 @@ class Mask2Former(nn.Module):
     def fused(self) -> bool:
         return self.predictor.fused
 
-    def set_fused(self, fused: bool = True) -> "Mask2Former":
-        """Switch between the reference and the memory-lean path (same parameters)."""
+    def set_fused(self, fused: bool = True, pixel_decoder: bool | None = None) -> "Mask2Former":
+        """Switch between the reference and the memory-lean path (same parameters). ``pixel_decoder`` (if not
+        None) also switches the encoder's deformable attention to the fused op
+        (:meth:`MSDeformAttnPixelDecoder.set_fused`; equal up to rounding, so not bit for bit)."""
         self.predictor.fused = bool(fused)
+        if pixel_decoder is not None:
+            self.pixel_decoder.set_fused(pixel_decoder)
         return self
 
     def forward_features(self, images: torch.Tensor) -> dict:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.ms_deform_attn import ms_deform_attn_from_offsets
 from .common import ConvNormAct, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 
 __all__ = [
@@ -46,13 +47,20 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], s
 
 
 class MSDeformAttn(nn.Module):
-    """Deformable DETR's multi-scale deformable attention module (same parameters and init)."""
+    """Deformable DETR's multi-scale deformable attention module (same parameters and init).
+
+    ``fused`` (attribute, default False; see :meth:`MSDeformAttnPixelDecoder.set_fused`): run softmax, location
+    arithmetic and sampling as :func:`fastseg.ops.ms_deform_attn_from_offsets` (Triton forward/backward; no
+    locations, weights or (N, Lq, M, L, P, D) samples in memory) instead of the ``grid_sample`` path. Same
+    parameters, same function up to rounding (and the official CUDA op's convention at h = -1 exactly).
+    """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
         self.im2col_step = 64
+        self.fused = False
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -89,9 +97,14 @@ class MSDeformAttn(nn.Module):
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
         sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
         attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] != 2:
             raise ValueError(f"reference_points must end in 2, got {reference_points.shape[-1]}")
+        if self.fused:  # softmax + location arithmetic + sampling in the kernels
+            logits = attention_weights.view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
+            output = ms_deform_attn_from_offsets(value, spatial_shapes, None, reference_points, sampling_offsets,
+                                                 logits)
+            return self.output_proj(output)
+        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         shapes = torch.as_tensor(spatial_shapes, dtype=query.dtype, device=query.device)
         offset_normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
         sampling_locations = (reference_points[:, :, None, :, None, :]
@@ -224,6 +237,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
             output_convs.append(output)
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]
+
+    def set_fused(self, fused: bool = True) -> "MSDeformAttnPixelDecoder":
+        """Run the encoder's deformable attention on the fused op (``fused=True``) or on ``grid_sample``."""
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.fused = bool(fused)
+        return self
 
     def forward(self, features: list[torch.Tensor]):
         # As the original (``@autocast(enabled=False)``, features ``.float()``): no autocast; the features are

@@ -2,7 +2,9 @@
 from .context_cluster import ContextCluster
 from .masked_attention import MaskedCrossAttention
 from .mlp_dwconv import MSCANMlp
+from .ms_deform_attn import MSDeformAttn, MSDeformAttnHF
 from .msca import MSCA
 from .mscan_block import MSCANBlock
 
-__all__ = ["ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock"]
+__all__ = ["ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock",
+           "MSDeformAttn", "MSDeformAttnHF"]

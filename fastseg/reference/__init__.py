@@ -7,6 +7,7 @@ from .masked_attention import (
     merge_masks,
     multi_head_attention,
 )
+from .ms_deform_attn import ReferenceMSDeformAttn, ms_deform_attn_core_pytorch
 from .msca import AttentionModule, msca_reference
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "Cluster", "cluster_core", "pairwise_cos_sim",
     "ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention",
     "AttentionModule", "msca_reference",
+    "ReferenceMSDeformAttn", "ms_deform_attn_core_pytorch",
 ]

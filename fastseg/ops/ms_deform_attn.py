@@ -1,0 +1,215 @@
+"""Multi-scale deformable attention as a differentiable fused op (Triton forward and backward).
+
+``ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``: the
+official ``MSDeformAttnFunction`` signature without ``im2col_step``.
+
+* value (N, S, M, D) fp32/fp16/bf16 (fp64 under the interpreter), S = Σ_l H_l·W_l;
+* spatial_shapes (L, 2) integer tensor of (H_l, W_l) on value's device (or a list of (H, W): turned into a
+  device tensor once per (shapes, device), then cached);
+* level_start_index (L,) integer tensor, or None (computed on the device from spatial_shapes);
+* sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (N, Lq, M, L, P), any float
+  dtype each (read in fp32); returns (N, Lq, M·D) in value's dtype. Gradients for value, sampling_locations and
+  attention_weights, in their dtypes.
+
+No host sync on CUDA: the shapes tensors are read by the kernels. So ``Σ H_l·W_l == S`` is checked on CPU
+tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels skip a level
+with ``start + H·W > S``) but give meaningless numbers. grad_value is accumulated with fp32 atomics (fp64 for
+fp64), so it can differ between runs at rounding level (on CUDA the backward raises, or warns, under
+``torch.use_deterministic_algorithms(True)``, as ``grid_sample``'s does); the other outputs are deterministic.
+Dispatch by :func:`fastseg._backend.select` (CUDA -> Triton; CPU -> Triton under the interpreter, else the
+official PyTorch core, :func:`fastseg.reference.ms_deform_attn_core_pytorch`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _backend
+from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch, sampling_locations_from
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_from_offsets", "shapes_tensor", "level_start_index_of"]
+
+_SHAPES_CACHE: dict = {}
+
+
+def shapes_tensor(spatial_shapes, device) -> torch.Tensor:
+    """(L, 2) int64 tensor on ``device`` from a tensor or a list of (H, W); lists are copied to the device once
+    per distinct (shapes, device) and cached (a fresh host-to-device copy per call would be a sync point)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes
+    key = (tuple((int(h), int(w)) for h, w in spatial_shapes), str(device))
+    t = _SHAPES_CACHE.get(key)
+    if t is None:
+        if len(_SHAPES_CACHE) > 256:
+            _SHAPES_CACHE.clear()
+        t = _SHAPES_CACHE[key] = torch.tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2)
+    return t
+
+
+def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L,) start of each level in the flattened S axis, computed on the shapes' device."""
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+
+
+def _alert_nondeterministic(value: torch.Tensor) -> None:
+    """grad_value uses atomics on CUDA: honour ``torch.use_deterministic_algorithms`` as PyTorch's own
+    ``grid_sample`` backward does (error, or a warning with ``warn_only=True``)."""
+    if value.is_cuda and torch.are_deterministic_algorithms_enabled():
+        msg = ("fastseg.ops.ms_deform_attn backward accumulates grad_value with atomic adds (no fixed order), "
+               "which is not deterministic; torch.use_deterministic_algorithms(True) is set")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(msg)
+        else:
+            raise RuntimeError(msg)
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, sampling_locations, attention_weights = (t.contiguous() for t in
+                                                        (value, sampling_locations, attention_weights))
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return K.ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights)[0]
+
+    @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of silently dropping terms
+    def backward(ctx, grad_out):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, shapes, starts, locs, attn = ctx.saved_tensors
+        _alert_nondeterministic(value)
+        gv, gl, ga = K.ms_deform_attn_bwd(value, shapes, starts, locs, attn, grad_out.contiguous())
+        return gv.to(value.dtype), None, None, gl, ga
+
+
+class _MSDeformAttnFromOffsets(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, reference_points, sampling_offsets, logits):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, reference_points, sampling_offsets, logits = (t.contiguous() for t in
+                                                             (value, reference_points, sampling_offsets, logits))
+        out, stats = K.ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_offsets, logits,
+                                          reference_points)
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, logits,
+                              stats)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from fastseg.kernels import ms_deform_attn as K
+
+        value, shapes, starts, refs, offsets, logits, stats = ctx.saved_tensors
+        _alert_nondeterministic(value)
+        gv, goff, glogit = K.ms_deform_attn_bwd(value, shapes, starts, offsets, logits, grad_out.contiguous(),
+                                                refs, stats)
+        gref = None
+        if ctx.needs_input_grad[3]:  # d loc / d ref = 1: sum over heads and points of d/d loc = goff · (W, H)
+            wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(goff.dtype)
+            gref = (goff * wh[:, None, :]).sum((2, 4)).to(refs.dtype)
+        return gv.to(value.dtype), None, None, gref, goff, glogit.to(logits.dtype)
+
+
+def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start_index,
+                                reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+                                attention_logits: torch.Tensor) -> torch.Tensor:
+    """The official module's core with its softmax and location arithmetic fused into the kernels:
+    ``ms_deform_attn(value, shapes, starts, ref + offsets / (W, H), softmax_{L·P}(logits))`` without writing the
+    locations or the weights. reference_points (N, Lq, L, 2) in [0, 1]; sampling_offsets (N, Lq, M, L, P, 2) in
+    pixels of each level (the ``sampling_offsets`` Linear's output); attention_logits (N, Lq, M, L, P) (the
+    ``attention_weights`` Linear's output, before the softmax). Returns (N, Lq, M·D); gradients for value,
+    reference_points, sampling_offsets and attention_logits."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError("ms_deform_attn_from_offsets: value must be a tensor")
+    spatial_shapes = shapes_tensor(spatial_shapes, value.device)
+    if level_start_index is None:
+        level_start_index = level_start_index_of(spatial_shapes)
+    _check(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits)
+    N, Lq, L = sampling_offsets.shape[0], sampling_offsets.shape[1], sampling_offsets.shape[3]
+    if not isinstance(reference_points, torch.Tensor) or tuple(reference_points.shape) != (N, Lq, L, 2) \
+            or not reference_points.is_floating_point():
+        raise ValueError(f"ms_deform_attn_from_offsets: reference_points must be a float ({N}, {Lq}, {L}, 2) tensor, "
+                         f"got {tuple(getattr(reference_points, 'shape', ()))}")
+    device = _backend.check_same_device("ms_deform_attn", value=value, spatial_shapes=spatial_shapes,
+                                        level_start_index=level_start_index, reference_points=reference_points,
+                                        sampling_offsets=sampling_offsets, attention_logits=attention_logits)
+    empty = value.numel() == 0 or sampling_offsets.numel() == 0
+    if empty or _backend.select("ms_deform_attn", device) == "torch":
+        P = sampling_offsets.shape[4]
+        weights = attention_logits.flatten(3).softmax(-1).view(attention_logits.shape)
+        locs = sampling_locations_from(reference_points, sampling_offsets, spatial_shapes, P)
+        return ms_deform_attn_core_pytorch(value, spatial_shapes, locs, weights)
+    _check_dtypes(value=value, reference_points=reference_points, sampling_offsets=sampling_offsets,
+                  attention_logits=attention_logits)
+    return _MSDeformAttnFromOffsets.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                          reference_points, sampling_offsets, attention_logits)
+
+
+def _check_dtypes(**tensors):
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"ms_deform_attn: unsupported {name} dtype {t.dtype}")
+        if t.dtype == torch.float64 and t.is_cuda:
+            raise TypeError("ms_deform_attn: float64 runs only under the Triton interpreter (CPU); use "
+                            "fp32/fp16/bf16 on CUDA")
+
+
+def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    for name, t, dim in (("value", value, 4), ("sampling_locations", sampling_locations, 6),
+                         ("attention_weights", attention_weights, 5)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"ms_deform_attn: {name} must be a {dim}-D tensor, got shape "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+        if not t.is_floating_point():
+            raise TypeError(f"ms_deform_attn: {name} must be floating point, got {t.dtype}")
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, two = sampling_locations.shape
+    if sampling_locations.shape[0] != N or sampling_locations.shape[2] != M or two != 2:
+        raise ValueError(f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} must be (N={N}, Lq, "
+                         f"M={M}, L, P, 2) for value {tuple(value.shape)}")
+    if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:-1]):
+        raise ValueError(f"ms_deform_attn: attention_weights {tuple(attention_weights.shape)} must be "
+                         f"{tuple(sampling_locations.shape[:-1])} (sampling_locations without the last dim)")
+    if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (L, 2):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be ({L}, 2) for {L} levels, got "
+                         f"{tuple(spatial_shapes.shape)}")
+    if spatial_shapes.is_floating_point() or spatial_shapes.dtype == torch.bool:
+        raise TypeError(f"ms_deform_attn: spatial_shapes must be an integer tensor, got {spatial_shapes.dtype}")
+    if level_start_index.shape != (L,) or level_start_index.is_floating_point():
+        raise ValueError(f"ms_deform_attn: level_start_index must be an integer ({L},) tensor, got "
+                         f"{level_start_index.dtype} {tuple(level_start_index.shape)}")
+    if spatial_shapes.device.type == "cpu":  # free on CPU; on CUDA it would be a host sync (see module doc)
+        total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+        if total != S:
+            raise ValueError(f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} give Σ H·W = {total}, "
+                             f"but value has S = {S}")
+        if L and not torch.equal(level_start_index.cpu().long(), level_start_index_of(spatial_shapes).long()):
+            raise ValueError(f"ms_deform_attn: level_start_index {level_start_index.tolist()} does not match "
+                             f"spatial_shapes {spatial_shapes.tolist()}")
+
+
+def ms_deform_attn(value: torch.Tensor, spatial_shapes, level_start_index, sampling_locations: torch.Tensor,
+                   attention_weights: torch.Tensor) -> torch.Tensor:
+    """Fused multi-scale deformable attention; see the module docstring for shapes and dtypes."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError("ms_deform_attn: value must be a tensor")
+    spatial_shapes = shapes_tensor(spatial_shapes, value.device)
+    if level_start_index is None:
+        level_start_index = level_start_index_of(spatial_shapes)
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    device = _backend.check_same_device("ms_deform_attn", value=value, spatial_shapes=spatial_shapes,
+                                        level_start_index=level_start_index, sampling_locations=sampling_locations,
+                                        attention_weights=attention_weights)
+    empty = value.numel() == 0 or sampling_locations.numel() == 0
+    if empty or _backend.select("ms_deform_attn", device) == "torch":  # empty: nothing to launch
+        return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    _check_dtypes(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
+    return _MSDeformAttnFunction.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                       sampling_locations, attention_weights)
