@@ -85,15 +85,18 @@ STEPS: list[Step] = [
     Step("coc", "bench", 30, "coc_tiny training step (224x224, batch 128)", op="coc", modes=("fwdbwd",),
          shapes=[{"model": "tiny", "B": 128, "H": 224, "W": 224}],
          dry_shapes=[{"model": "tiny", "B": 1, "H": 32, "W": 32}], impls=("fastseg", "eager")),
-    # MSDeformAttn (Mask2Former's pixel decoder) joins here when its op registers as "ms-deform-attn" in
-    # fastseg/bench/ops; until then this step gives one "unavailable" row. Fill in its shapes and targets.
-    Step("ms-deform-attn", "bench", 40, "multi-scale deformable attention (Mask2Former pixel decoder)",
-         op="ms-deform-attn", shapes=[{}], dry_shapes=[{}]),
+    Step("ms-deform-attn", "bench", 60, "multi-scale deformable attention core (Mask2Former encoder: strides "
+         "8/16/32, 8 heads, 4 points, D=32) vs the grid_sample path and its torch.compile", op="ms-deform-attn",
+         shapes=[{"B": 2, "H": 1024, "W": 2048}, {"B": 8, "H": 512, "W": 512}],
+         dry_shapes=[{"B": 1, "H": 64, "W": 64, "heads": 2, "D": 8, "points": 2}],
+         impls=("fastseg", "eager", "compile")),
     Step("kernel-tests", "pytest", 100, "every kernel test file on the GPU (fp32, odd shapes), poisoned allocator",
          args=["-p", "poison", "tests/test_masked_attention.py", "tests/test_attention_mask.py",
-               "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py"],
+               "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py",
+               "tests/test_ms_deform_attn.py"],
          dry_args=["--collect-only", "-p", "poison", "tests/test_masked_attention.py", "tests/test_attention_mask.py",
-                   "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py"],
+                   "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py",
+                   "tests/test_ms_deform_attn.py"],
          env={**_TEST_ENV, "PYTHONPATH": "tests/gpu"}),
 ]
 
@@ -129,6 +132,8 @@ TARGETS: list[Target] = [
            shape="1024x2048"),
     Target("decoder training step <= 1/2 memory at 1024x2048", "mask2former-decoder", "reference", "mem", 2,
            shape="1024x2048"),
+    Target("MSDeformAttn fwd+bwd >= 5x the grid_sample path", "ms-deform-attn", "eager", "speedup", 5),
+    Target("MSDeformAttn peak memory <= 1/4 of the grid_sample path", "ms-deform-attn", "eager", "mem", 4),
 ]
 
 
