@@ -394,25 +394,18 @@ def _fill_missing(step: Step, rows: list[dict], dry: bool, reason: str) -> list[
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup = t_impl / t_fastseg, mem_ratio = peak_impl / peak_fastseg, within (step, shape, mode); a
-    channels_last baseline (``*-cl``) is compared with ``fastseg-cl`` when that row exists."""
+    """speedup / mem_ratio of each row against fastseg's, within (step, shape, mode), as ``fastseg bench``
+    computes them (:func:`fastseg.bench.runner._add_ratios`); fastseg's own rows carry none."""
+    from .runner import _add_ratios
+
     groups: dict = {}
     for r in rows:
         groups.setdefault((r.get("step"), r["shape"], r["mode"]), []).append(r)
     for group in groups.values():
-        ok = {r["impl"]: r for r in group if r["status"] == "ok"}
+        _add_ratios(group)
         for r in group:
-            r["speedup"] = r["mem_ratio"] = r["vs"] = None
-            ref = ok.get("fastseg")
-            if r["impl"].endswith("-cl") and r["impl"] != "fastseg-cl" and "fastseg-cl" in ok:
-                ref = ok["fastseg-cl"]
-            if ref is None or r["status"] != "ok" or r is ref:
-                continue
-            r["vs"] = ref["impl"]
-            if r["time_ms"] and ref["time_ms"]:
-                r["speedup"] = round(r["time_ms"] / ref["time_ms"], 4)
-            if r["peak_bytes"] and ref["peak_bytes"]:
-                r["mem_ratio"] = round(r["peak_bytes"] / ref["peak_bytes"], 4)
+            if r["vs"] == r["impl"]:
+                r["speedup"] = r["mem_ratio"] = r["vs"] = None
 
 
 def evaluate_targets(rows: list[dict], targets: list[Target], dry: bool) -> list[dict]:

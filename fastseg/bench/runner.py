@@ -108,6 +108,6 @@ def _add_ratios(group: list[dict]) -> None:
             continue
         r["vs"] = ref["impl"]
         if r["time_ms"] and ref["time_ms"]:
-            r["speedup"] = round(r["time_ms"] / ref["time_ms"], 4)
+            r["speedup"] = float(f"{r['time_ms'] / ref['time_ms']:.4g}")  # 4 significant digits
         if r["peak_bytes"] and ref["peak_bytes"]:
-            r["mem_ratio"] = round(r["peak_bytes"] / ref["peak_bytes"], 4)
+            r["mem_ratio"] = float(f"{r['peak_bytes'] / ref['peak_bytes']:.4g}")
