@@ -1,6 +1,6 @@
 """Loss curves with and without ``fastseg.patch`` from the same seed (longer than tests/test_convergence.py).
 
-    python benchmarks/convergence.py --out DIR [--models mask2former,segnext,coc] [--steps 100]
+    python benchmarks/convergence.py --out DIR [--models mask2former,segnext,coc] [--steps 100] [--replot]
                                      [--size bench|ci] [--steps-for segnext=30]
 
 Writes ``DIR/<model>.png`` (loss per step, patched vs unpatched, and their relative difference) and
@@ -27,7 +27,7 @@ def plot(name: str, ref: list, pat: list, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     steps = range(1, len(ref) + 1)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.9))
     a.plot(steps, ref, label="unpatched (reference)", lw=2.2, alpha=0.7)
     a.plot(steps, pat, label="fastseg.patch", lw=1.0, ls="--", color="k")
     a.set_xlabel("step"), a.set_ylabel("training loss"), a.set_title(f"{name}: loss"), a.legend()
@@ -35,10 +35,25 @@ def plot(name: str, ref: list, pat: list, path: str, title: str) -> None:
     b.semilogy(steps, [max(r, 1e-9) for r in rel], marker=".", lw=0.8)
     b.set_xlabel("step"), b.set_ylabel("|patched - reference| / reference (floor 1e-9)")
     b.set_title(f"{name}: relative difference")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(name: str, results: dict, row: dict) -> str:
+    env = results["environment"]
+    return (f"{name} ({results['size']}: {row['image']}x{row['image']}, batch {row['batch']}), AdamW lr "
+            f"{results['lr']}, fp32, CPU; patched: {results['patched_path']}\n"
+            f"torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:12]}, {env['date']}")
+
+
+def replot(out: str) -> None:
+    """Redraw the PNGs of ``out`` from its convergence.json."""
+    with open(os.path.join(out, "convergence.json")) as f:
+        results = json.load(f)
+    for name, row in results["models"].items():
+        plot(name, row["reference"], row["patched"], os.path.join(out, f"{name}.png"), _title(name, results, row))
 
 
 def main(argv=None) -> int:
@@ -50,7 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="bench", choices=["bench", "ci"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replot", action="store_true", help="only redraw the PNGs from DIR/convergence.json")
     args = p.parse_args(argv)
+    if args.replot:
+        replot(args.out)
+        return 0
 
     torch.set_num_threads(args.threads)
     from fastseg import _backend
@@ -77,9 +96,7 @@ def main(argv=None) -> int:
                "triton_launches": sum(_backend.launches.values()), "max_rel_diff": max(rel),
                "final_rel_diff": rel[-1], "seconds_reference": round(t1 - t0, 1), "seconds_patched": round(t2 - t1, 1)}
         results["models"][name] = row
-        title = (f"{name} ({args.size}: {image}x{image}, batch {batch}), AdamW lr {args.lr}, fp32, CPU; patched: "
-                 f"{path_name}; torch {env['torch']}, triton {env['triton']}, commit {str(env['commit'])[:12]}")
-        plot(name, ref.losses, pat.losses, os.path.join(args.out, f"{name}.png"), title)
+        plot(name, ref.losses, pat.losses, os.path.join(args.out, f"{name}.png"), _title(name, results, row))
         print(f"{name}: {steps} steps, loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f} (patched "
               f"{pat.losses[-1]:.4f}), max rel diff {max(rel):.2e}, launches {row['triton_launches']}, "
               f"{row['seconds_reference']} s / {row['seconds_patched']} s", flush=True)

@@ -172,7 +172,8 @@ def test_mask2former_detectron2_resnet_backbone_is_named_and_can_be_left_out():
     torch.testing.assert_close(model.predictor.class_embed.weight, head_before)  # nothing loaded
     report = load_official(model, official, ignore=("backbone.",))
     assert "backbone.res2.0.conv1.weight" in report.ignored
-    torch.testing.assert_close(model.predictor.class_embed.weight, official["sem_seg_head.predictor.class_embed.weight"])
+    torch.testing.assert_close(model.predictor.class_embed.weight,
+                               official["sem_seg_head.predictor.class_embed.weight"])
     for k, v in model.backbone.state_dict().items():
         torch.testing.assert_close(v, backbone_before[k])
 
@@ -283,6 +284,10 @@ def test_segnext_official_checkpoint_loads_strict_and_computes_the_same():
     with torch.no_grad():
         for a, b in zip(backbone(x), reference.backbone(x)):
             torch.testing.assert_close(a, b)
+    # an MSCAN checkpoint of its own (ImageNet pretraining: no "backbone." prefix)
+    backbone = _segnext(seed=5).backbone
+    load_official(backbone, {k.removeprefix("backbone."): v for k, v in official.items() if k.startswith("backbone.")})
+    torch.testing.assert_close(backbone.block1[0].layer_scale_1, official["backbone.block1.0.layer_scale_1"])
     head = _segnext(seed=4).decode_head
     load_official(head, official, source="mmseg-segnext")
     torch.testing.assert_close(head.squeeze[0].weight, official["decode_head.squeeze.conv.weight"])

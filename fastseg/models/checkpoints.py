@@ -157,6 +157,8 @@ def detect_source(state_dict: dict) -> str:
         return "detectron2-mask2former"
     if any(k.startswith("decode_head.hamburger.") for k in keys):
         return "mmseg-segnext"
+    if any(".spatial_gating_unit.conv0_1." in k for k in keys):  # MSCAN alone
+        return "mmseg-segnext"
     if any(".token_mixer.sim_alpha" in k for k in keys):
         return "coc"
     raise ValueError("cannot tell the checkpoint's format from its keys (first keys: "
@@ -205,6 +207,8 @@ def convert_official(model: nn.Module, checkpoint, source: str | None = None, *,
     part = bool(root)  # a part of the whole model: the rest of the checkpoint is not for it
     if src == "coc" and any(k.startswith("backbone.") for k in sd):  # mmseg segmentation checkpoint
         root = "backbone."
+    if part and not any(_to_fastseg(src, k).startswith(root) for k in sd):
+        root = ""  # the part's own checkpoint (e.g. an ImageNet MSCAN: patch_embed1.*, block1.*, ...)
     ignore = tuple(ignore)
     out, ignored, unexpected = {}, [], []
     for k, v in sd.items():
