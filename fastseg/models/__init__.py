@@ -4,6 +4,8 @@
   :class:`Mask2FormerDecoder` (the masked-attention decoder alone) and :func:`build_mask2former_criterion`.
 * :func:`build_maskformer` / :class:`MaskFormer`.
 * :func:`mask2former_from_hf`: the reference model from a Hugging Face Mask2Former (same weights).
+* :func:`load_official`: official checkpoints (detectron2 Mask2Former, mmseg SegNeXt, Context Cluster) into
+  these models, strict, with the keys that do not fit named (:mod:`fastseg.models.checkpoints`).
 * SegNeXt: the MSCAN encoder (:func:`mscan_t` ...) and the light Hamburger head (:func:`segnext_t` ...);
   ``fused=True`` swaps in :class:`fastseg.nn.MSCA`, ``fused="all"`` also the fused MLP.
 * Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
@@ -15,6 +17,7 @@ from .backbones import TinyResNet, backbone_from_name
 from .cac import (CACSegmentor, DepthwiseSeparableASPPHeadCAC, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC, segnext_b_cac,
                   segnext_l_cac, segnext_s_cac, segnext_t_cac)
 from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
+from .checkpoints import CheckpointMismatchError, load_official
 from .convert import mask2former_from_hf
 from .criterion import SetCriterion
 from .ham_head import LightHamHead, SegNeXt, segnext_b, segnext_l, segnext_s, segnext_t
@@ -30,6 +33,7 @@ __all__ = [
     "TinyResNet", "backbone_from_name", "SetCriterion", "HungarianMatcher", "Mask2Former", "Mask2FormerDecoder",
     "MultiScaleMaskedTransformerDecoder", "build_mask2former", "build_mask2former_criterion", "BasePixelDecoder",
     "MSDeformAttnPixelDecoder", "fused", "inference", "MaskFormer", "build_maskformer", "mask2former_from_hf",
+    "load_official", "CheckpointMismatchError",
     "ContextClusterNet", "coc_tiny", "coc_small", "coc_medium",
     "MSCAN", "mscan_t", "mscan_s", "mscan_b", "mscan_l", "use_fused_msca",
     "LightHamHead", "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",

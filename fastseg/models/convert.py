@@ -46,7 +46,7 @@ def _hf_state_to_fastseg(sd: dict, dec_layers: int, enc_layers: int) -> dict:
     for layer in range(enc_layers):
         for mine, theirs in names.items():
             for p in ("weight", "bias"):
-                take(f"pixel_decoder.transformer.layers.{layer}.{mine}.{p}", f"{pd}encoder.layers.{layer}.{theirs}.{p}")
+                take(f"pixel_decoder.transformer.encoder.layers.{layer}.{mine}.{p}", f"{pd}encoder.layers.{layer}.{theirs}.{p}")
     for p in ("weight", "bias"):
         take(f"pixel_decoder.mask_features.{p}", f"{pd}mask_projection.{p}")
     idx = 1

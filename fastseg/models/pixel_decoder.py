@@ -17,7 +17,8 @@ from ..ops.ms_deform_attn import ms_deform_attn_from_offsets
 from .common import ConvNormAct, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 
 __all__ = [
-    "ms_deform_attn", "MSDeformAttn", "MSDeformAttnEncoderLayer", "MSDeformAttnEncoder",
+    "ms_deform_attn", "MSDeformAttn", "MSDeformAttnEncoderLayer", "MSDeformAttnTransformerEncoder",
+    "MSDeformAttnEncoder", "MSDeformAttnTransformerEncoderOnly",
     "MSDeformAttnPixelDecoder", "BasePixelDecoder",
 ]
 
@@ -133,24 +134,13 @@ class MSDeformAttnEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(src2))
 
 
-class MSDeformAttnEncoder(nn.Module):
-    """Deformable DETR's encoder only (``MSDeformAttnTransformerEncoderOnly``), without padding masks."""
+class MSDeformAttnTransformerEncoder(nn.Module):
+    """The stack of encoder layers (official ``MSDeformAttnTransformerEncoder``: ``layers.N.*``)."""
 
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.1,
-                 activation="relu", num_feature_levels=4, enc_n_points=4):
+    def __init__(self, encoder_layer: MSDeformAttnEncoderLayer, num_layers: int):
         super().__init__()
-        self.d_model, self.nhead = d_model, nhead
-        layer = MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
-                                         nhead, enc_n_points)
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_encoder_layers))
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
+        self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
 
     @staticmethod
     def get_reference_points(spatial_shapes, device, dtype):
@@ -163,6 +153,45 @@ class MSDeformAttnEncoder(nn.Module):
         reference_points = torch.cat(refs, 1)  # (1, S, 2); valid ratios are 1 (no padding)
         return reference_points[:, :, None].expand(-1, -1, len(spatial_shapes), -1)
 
+    def forward(self, src, spatial_shapes, pos):
+        """src, pos: (B, S, C); spatial_shapes: list of (H_l, W_l). Returns (B, S, C)."""
+        reference_points = self.get_reference_points(spatial_shapes, src.device, src.dtype)
+        reference_points = reference_points.expand(src.shape[0], -1, -1, -1)
+        output = src
+        for layer in self.layers:
+            output = layer(output, pos, reference_points, spatial_shapes)
+        return output
+
+
+class MSDeformAttnEncoder(nn.Module):
+    """Deformable DETR's encoder only (official ``MSDeformAttnTransformerEncoderOnly``), without padding masks.
+
+    Parameters as the official module: ``level_embed`` (num_feature_levels, d_model) and ``encoder.layers.N.*``.
+    """
+
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.1,
+                 activation="relu", num_feature_levels=4, enc_n_points=4):
+        super().__init__()
+        self.d_model, self.nhead = d_model, nhead
+        layer = MSDeformAttnEncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
+                                         nhead, enc_n_points)
+        self.encoder = MSDeformAttnTransformerEncoder(layer, num_encoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder layers (``self.encoder.layers``)."""
+        return self.encoder.layers
+
+    get_reference_points = staticmethod(MSDeformAttnTransformerEncoder.get_reference_points)
+
     def forward(self, srcs, pos_embeds):
         """srcs, pos_embeds: lists of (B, C, H_l, W_l). Returns (B, S, C) memory and the spatial shapes."""
         src_flatten, lvl_pos_flatten, spatial_shapes = [], [], []
@@ -172,12 +201,10 @@ class MSDeformAttnEncoder(nn.Module):
             lvl_pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         lvl_pos_flatten = torch.cat(lvl_pos_flatten, 1)
-        reference_points = self.get_reference_points(spatial_shapes, src_flatten.device, src_flatten.dtype)
-        reference_points = reference_points.expand(src_flatten.shape[0], -1, -1, -1)
-        output = src_flatten
-        for layer in self.layers:
-            output = layer(output, lvl_pos_flatten, reference_points, spatial_shapes)
-        return output, spatial_shapes
+        return self.encoder(src_flatten, spatial_shapes, lvl_pos_flatten), spatial_shapes
+
+
+MSDeformAttnTransformerEncoderOnly = MSDeformAttnEncoder
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
