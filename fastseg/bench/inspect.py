@@ -395,9 +395,65 @@ def _cc_cases(preset: str):
                        f"fold={s['fold']}", dn, "nchw", run)
 
 
+def _msda_cases(preset: str):
+    """Multi-scale deformable attention: the plain op and the module's FUSED variant (softmax + locations in
+    the kernel), forward and backward, at the encoder shapes of the benchmark preset."""
+    from fastseg.bench.ops.ms_deform_attn import PRESETS, SHAPE_KEYS, level_shapes
+    from fastseg.kernels import ms_deform_attn as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        shapes = level_shapes(s)
+        key = (s["B"], tuple(shapes), s["heads"], s["D"], s["points"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt, shapes=shapes):
+                N, M, D, P, L = s["B"], s["heads"], s["D"], s["points"], len(shapes)
+                S = sum(h * w for h, w in shapes)
+                Lq = S  # the encoder's queries are its own pixels
+                value = _meta((N, S, M, D), dt)
+                ss = torch.empty(L, 2, dtype=torch.int64, device="meta")
+                start = torch.empty(L, dtype=torch.int64, device="meta")
+                loc = _meta((N, Lq, M, L, P, 2), dt)
+                attn = _meta((N, Lq, M, L, P), dt)
+                go = _meta((N, Lq, M * D), dt)
+                K.ms_deform_attn_bwd(value, ss, start, loc, attn, go)
+                K.ms_deform_attn_fwd(value, ss, start, loc, attn)
+                ref = _meta((N, Lq, L, 2), dt)
+                _, stats = K.ms_deform_attn_fwd(value, ss, start, loc, attn, reference_points=ref)
+                K.ms_deform_attn_bwd(value, ss, start, loc, attn, go, reference_points=ref, stats=stats)
+            yield Case("ms_deform_attn", f"B={s['B']} {s['H']}x{s['W']} {s['heads']}h D={s['D']} P={s['points']}",
+                       dn, "nsmd", run)
+
+
+def _upce_cases(preset: str):
+    """CAC's fused bilinear upsample + cross-entropy (forward and backward) at the CAC benchmark shapes."""
+    from fastseg.bench.ops.cac import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import upsample_ce as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"], s["K"], s["H"], s["W"], s["stride"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt):
+                B, Kc, h, w = s["B"], s["K"], s["H"], s["W"]
+                x = _meta((B, Kc, h, w), dt)
+                t = torch.empty(B, h * s["stride"], w * s["stride"], dtype=torch.int64, device="meta")
+                _, lse = K.upsample_ce_fwd(x, t, False, 255)
+                K.upsample_ce_bwd(x, t, lse, lse, False, 255)
+            yield Case("upsample_ce", f"B={s['B']} K={s['K']} {s['H']}x{s['W']} x{s['stride']}", dn, "nchw", run)
+
+
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
-         "context_cluster": _cc_cases}
+         "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,
@@ -500,7 +556,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", help="only kernels whose name contains this")
     p.add_argument("--preset", default="default", help="benchmark preset whose shapes are used (default)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES))
-    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd"])
+    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd"])
     p.add_argument("--max-shapes", type=int, default=None, help="at most this many shapes per family")
     p.add_argument("--no-sass", action="store_true", help="skip nvdisasm (PTX counts only)")
     p.add_argument("--no-default", action="store_true", help="skip the FASTSEG_AUTOTUNE=0 configs")
