@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.ms_deform_attn import ms_deform_attn_from_offsets
+from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch
 from .common import ConvNormAct, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 
 __all__ = [
@@ -25,26 +26,13 @@ __all__ = [
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: torch.Tensor,
                    attention_weights: torch.Tensor) -> torch.Tensor:
-    """Multi-scale deformable attention core.
+    """Multi-scale deformable attention core (the official ``ms_deform_attn_core_pytorch``,
+    :func:`fastseg.reference.ms_deform_attn.ms_deform_attn_core_pytorch`).
 
     value: (N, S, M, D) with S = Σ H_l·W_l; sampling_locations: (N, Lq, M, L, P, 2) in [0, 1] as (x, y);
     attention_weights: (N, Lq, M, L, P). Returns (N, Lq, M·D).
     """
-    N_, S_, M_, D_ = value.shape
-    _, Lq_, M_, L_, P_, _ = sampling_locations.shape
-    value_list = value.split([H_ * W_ for H_, W_ in spatial_shapes], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid_, (H_, W_) in enumerate(spatial_shapes):
-        # (N, H·W, M, D) -> (N·M, D, H, W)
-        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(N_ * M_, D_, H_, W_)
-        # (N, Lq, M, P, 2) -> (N·M, Lq, P, 2)
-        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
-        sampling_value_list.append(F.grid_sample(value_l_, sampling_grid_l_, mode="bilinear",
-                                                 padding_mode="zeros", align_corners=False))
-    attention_weights = attention_weights.transpose(1, 2).reshape(N_ * M_, 1, Lq_, L_ * P_)
-    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1)
-    return output.view(N_, M_ * D_, Lq_).transpose(1, 2).contiguous()
+    return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 class MSDeformAttn(nn.Module):
