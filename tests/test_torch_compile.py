@@ -118,7 +118,8 @@ def test_custom_ops_opcheck():
     if not _backend.interpreter_enabled():
         pytest.skip("the kernels need TRITON_INTERPRET=1 on CPU")
     # (fastseg.ops re-exports functions under the modules' names)
-    cc, md, ms = (importlib.import_module(f"fastseg.ops.{n}") for n in ("context_cluster", "mlp_dwconv", "msca"))
+    cc, md, ms, da = (importlib.import_module(f"fastseg.ops.{n}")
+                      for n in ("context_cluster", "mlp_dwconv", "msca", "ms_deform_attn"))
 
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     x = _leaf(1, 3, 4, 5, channels_last=True)
@@ -132,3 +133,8 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(cc._fwd_op, (xv, None, a, b, 2, 2, 2, 2, 2, False, "sim"), test_utils=tests)
     torch.library.opcheck(cc._fwd_op, (xv[:, :4].detach().requires_grad_(), xv[:, 4:].detach().requires_grad_(), a,
                                        b, 2, 2, 2, 2, 2, True, "mask"), test_utils=tests)
+    shapes, starts = torch.tensor([[3, 4], [2, 3]]), torch.tensor([0, 12])
+    value, locs, w = _leaf(1, 18, 2, 4), torch.rand(1, 3, 2, 2, 2, 2, dtype=F64).requires_grad_(), _leaf(1, 3, 2, 2, 2)
+    torch.library.opcheck(da._fwd_op, (value, shapes, starts, locs, w, None), test_utils=tests)
+    refs = torch.rand(1, 3, 2, 2, dtype=F64).requires_grad_()
+    torch.library.opcheck(da._fwd_op, (value, shapes, starts, _leaf(1, 3, 2, 2, 2, 2), w, refs), test_utils=tests)
