@@ -95,10 +95,94 @@ class _ContextClusterFn(torch.autograd.Function):
         return dx, dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None, None, None, None
 
 
-@torch.compiler.disable
-def _apply(*args):
-    # torch.compile of a model using this op graph-breaks here and runs the kernels as they are
-    return _ContextClusterFn.apply(*args)
+# Eager calls go through the autograd.Function above (torch.library's custom-op dispatch costs Python per call);
+# under torch.compile the same kernels are reached through the custom ops below, which Dynamo traces without a
+# graph break. value=None: x is the packed [B, 2*E*C, W, H] input and the backward op returns its gradient as
+# one tensor (and an empty dv).
+
+
+def _split(x, value):
+    if value is None:
+        x = x.contiguous()
+        ec = x.shape[1] // 2
+        return x[:, :ec], x[:, ec:]
+    return x.contiguous(), value.contiguous()
+
+
+@torch.library.custom_op("fastseg::context_cluster_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, value: torch.Tensor | None, sim_alpha: torch.Tensor, sim_beta: torch.Tensor, heads: int,
+            f2: int, f3: int, p2: int, p3: int, return_center: bool, normalizer: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import context_cluster as K
+
+    xs, vs = _split(x, value)
+    out, saved = K.cluster_forward(xs, vs, sim_alpha.detach().contiguous(), sim_beta.detach().contiguous(), heads,
+                                   (f2, f3), (p2, p3), return_center, normalizer)
+    return (out, *saved)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, value, sim_alpha, sim_beta, heads, f2, f3, p2, p3, return_center, normalizer):
+    B, EC, D2, D3 = x.shape
+    if value is None:
+        EC //= 2
+    C, n_inst, N, M = EC // heads, B * heads * f2 * f3, (D2 // f2) * (D3 // f3), p2 * p3
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out_hw = (f2 * p2, f3 * p3) if return_center else (D2, D3)
+    return (x.new_empty((B, EC, *out_hw)), x.new_empty((n_inst * N,), dtype=torch.int32),
+            x.new_empty((n_inst * N,), dtype=acc), x.new_empty((n_inst * M * C,), dtype=acc),
+            x.new_empty((n_inst * M * C,), dtype=acc), x.new_empty((n_inst * M,), dtype=acc))
+
+
+@torch.library.custom_op("fastseg::context_cluster_bwd", mutates_args=())
+def _bwd_op(g: torch.Tensor, x: torch.Tensor, value: torch.Tensor | None, sim_alpha: torch.Tensor,
+            assign: torch.Tensor, sim: torch.Tensor, cen: torch.Tensor, agg: torch.Tensor, den: torch.Tensor,
+            heads: int, f2: int, f3: int, p2: int, p3: int, return_center: bool, normalizer: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import context_cluster as K
+
+    xs, vs = _split(x, value)
+    saved = (assign, sim, cen, agg, den)
+    args = (sim_alpha.detach().contiguous(), saved, heads, (f2, f3), (p2, p3), return_center)
+    if value is None:
+        dxv = torch.empty_like(x, memory_format=torch.contiguous_format)
+        ec = x.shape[1] // 2
+        _, _, dalpha, dbeta = K.cluster_backward(g.contiguous(), xs, vs, *args, dx=dxv[:, :ec], dv=dxv[:, ec:],
+                                                 normalizer=normalizer)
+        return dxv, x.new_empty((0,)), dalpha, dbeta
+    dx, dv, dalpha, dbeta = K.cluster_backward(g.contiguous(), xs, vs, *args, normalizer=normalizer)
+    return dx, dv, dalpha, dbeta
+
+
+@_bwd_op.register_fake
+def _bwd_fake(g, x, value, sim_alpha, assign, sim, cen, agg, den, heads, f2, f3, p2, p3, return_center, normalizer):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dv = x.new_empty((0,)) if value is None else torch.empty_like(value, memory_format=torch.contiguous_format)
+    return dx, dv, sim.new_empty((1,)), sim.new_empty((1,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, value, sim_alpha, sim_beta, *cfg = inputs
+    ctx.save_for_backward(x, value, sim_alpha, *output[1:])
+    ctx.cfg = cfg
+    ctx.param_dtypes = (sim_alpha.dtype, sim_beta.dtype)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, g, *unused):
+    x, value, sim_alpha, *saved = ctx.saved_tensors
+    dx, dv, dalpha, dbeta = _bwd_op(g, x, value, sim_alpha, *saved, *ctx.cfg)
+    return (dx, None if value is None else dv, dalpha.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]),
+            None, None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _apply(x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center, normalizer):
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, value, sim_alpha, sim_beta, heads, *folds, *proposals, return_center, normalizer)[0]
+    return _ContextClusterFn.apply(x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center, normalizer)
 
 
 def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center, normalizer,

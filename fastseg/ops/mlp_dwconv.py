@@ -53,6 +53,58 @@ class _DWConvGELU(torch.autograd.Function):
         return dx, flat[:9 * C].view(wshape), db if bdt == wdt else db.to(bdt)
 
 
+# Eager calls go through the autograd.Function above (torch.library's custom-op dispatch costs Python per call);
+# under torch.compile the same kernels are reached through the custom ops below, which Dynamo traces without a
+# graph break (the kernel-ready weights are rebuilt inside them, through the cache on real tensors).
+
+
+def _dense(x):
+    return x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+@torch.library.custom_op("fastseg::dwconv3x3_gelu_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    from fastseg.kernels import mlp_dwconv as K
+
+    x = _dense(x)
+    w, b = _kernel_weights(weight, bias, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return K.dwconv3x3_gelu_fwd(x, w, b)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, weight, bias):
+    return torch.empty_like(_dense(x))
+
+
+@torch.library.custom_op("fastseg::dwconv3x3_gelu_bwd", mutates_args=())
+def _bwd_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import mlp_dwconv as K
+
+    x = _dense(x)
+    w, b = _kernel_weights(weight, bias, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    C = x.shape[1]
+    dx, flat = K.dwconv3x3_gelu_bwd(x, gy.to(x.dtype), w, b, weight.dtype)
+    return dx, flat[:9 * C].view(weight.shape).clone(), flat[9 * C:].to(bias.dtype, copy=True)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(gy, x, weight, bias):
+    return torch.empty_like(_dense(x)), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, gy):
+    x, weight, bias = ctx.saved_tensors
+    return _bwd_op(gy, x, weight, bias)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def dwconv3x3_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU(depthwise 3x3 conv(x, weight, bias, padding=1)); see the module docstring."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -68,4 +120,6 @@ def dwconv3x3_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
         return F.gelu(F.conv2d(x, weight, bias, padding=1, groups=C))
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError("dwconv3x3_gelu: float64 runs only under the Triton interpreter; use fp32/fp16/bf16 on CUDA")
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, weight, bias)
     return _DWConvGELU.apply(x, weight, bias)

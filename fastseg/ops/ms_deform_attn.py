@@ -117,6 +117,76 @@ class _MSDeformAttnFromOffsets(torch.autograd.Function):
         return gv.to(value.dtype), None, None, gref, goff, glogit.to(logits.dtype)
 
 
+# Eager calls go through the autograd.Functions above (torch.library's custom-op dispatch costs Python per call);
+# under torch.compile the same kernels are reached through the custom ops below, which Dynamo traces without a
+# graph break. reference_points=None: plain op (locations and weights); else the fused one (offsets and logits),
+# whose softmax statistics are the second output (an empty tensor for the plain op).
+
+
+@torch.library.custom_op("fastseg::ms_deform_attn_fwd", mutates_args=())
+def _fwd_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+            sampling_locations: torch.Tensor, attention_weights: torch.Tensor, reference_points: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import ms_deform_attn as K
+
+    refs = None if reference_points is None else reference_points.contiguous()
+    out, stats = K.ms_deform_attn_fwd(value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                      sampling_locations.contiguous(), attention_weights.contiguous(), refs)
+    return out, value.new_empty((0,), dtype=torch.float32) if stats is None else stats
+
+
+@_fwd_op.register_fake
+def _fwd_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, reference_points):
+    N, _, M, D = value.shape
+    Lq = sampling_locations.shape[1]
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    stats = (value.new_empty((0,), dtype=torch.float32) if reference_points is None
+             else value.new_empty((N, Lq, M, 2), dtype=acc))
+    return value.new_empty((N, Lq, M * D)), stats
+
+
+@torch.library.custom_op("fastseg::ms_deform_attn_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+            level_start_index: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+            reference_points: torch.Tensor | None, stats: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import ms_deform_attn as K
+
+    _alert_nondeterministic(value)
+    fused = reference_points is not None
+    gv, gl, ga = K.ms_deform_attn_bwd(value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                                      sampling_locations.contiguous(), attention_weights.contiguous(),
+                                      grad_out.contiguous(), reference_points.contiguous() if fused else None,
+                                      stats if fused else None)
+    return gv.to(value.dtype), gl, ga.to(attention_weights.dtype)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+              reference_points, stats):
+    return (torch.empty_like(value, memory_format=torch.contiguous_format),
+            torch.empty_like(sampling_locations, memory_format=torch.contiguous_format),
+            torch.empty_like(attention_weights, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _dstats):
+    value, shapes, starts, locs, attn, refs, stats = ctx.saved_tensors
+    gv, gl, ga = _bwd_op(grad_out, value, shapes, starts, locs, attn, refs, stats)
+    gref = None
+    if refs is not None and ctx.needs_input_grad[5]:  # as _MSDeformAttnFromOffsets.backward
+        wh = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(gl.dtype)
+        gref = (gl * wh[:, None, :]).sum((2, 4)).to(refs.dtype)
+    return gv, None, None, gl, ga, gref
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start_index,
                                 reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
                                 attention_logits: torch.Tensor) -> torch.Tensor:
@@ -148,6 +218,9 @@ def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start
         return ms_deform_attn_core_pytorch(value, spatial_shapes, locs, weights)
     _check_dtypes(value=value, reference_points=reference_points, sampling_offsets=sampling_offsets,
                   attention_logits=attention_logits)
+    if torch.compiler.is_compiling():
+        return _fwd_op(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits,
+                       reference_points)[0]
     return _MSDeformAttnFromOffsets.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
                                           reference_points, sampling_offsets, attention_logits)
 
@@ -185,7 +258,9 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
     if level_start_index.shape != (L,) or level_start_index.is_floating_point():
         raise ValueError(f"ms_deform_attn: level_start_index must be an integer ({L},) tensor, got "
                          f"{level_start_index.dtype} {tuple(level_start_index.shape)}")
-    if spatial_shapes.device.type == "cpu":  # free on CPU; on CUDA it would be a host sync (see module doc)
+    # free on CPU; on CUDA it would be a host sync (see module doc); skipped while torch.compile traces (it reads
+    # tensor values; the kernels still skip a level that would read past S)
+    if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
         total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
         if total != S:
             raise ValueError(f"ms_deform_attn: spatial_shapes {spatial_shapes.tolist()} give Σ H·W = {total}, "
@@ -211,5 +286,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes, level_start_index, sampl
     if empty or _backend.select("ms_deform_attn", device) == "torch":  # empty: nothing to launch
         return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
     _check_dtypes(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
+    if torch.compiler.is_compiling():
+        return _fwd_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, None)[0]
     return _MSDeformAttnFunction.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
                                        sampling_locations, attention_weights)

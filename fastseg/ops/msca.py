@@ -109,6 +109,78 @@ class _MSCAFunction(torch.autograd.Function):
         return dx, g3[:C].view(w3_shape), db3 if b3_dtype == w3_dtype else db3.to(b3_dtype), *grads
 
 
+# Eager calls go through the autograd.Function above (torch.library's custom-op dispatch costs Python per call);
+# under torch.compile the same kernels are reached through the custom ops below, which Dynamo traces without a
+# graph break. The packed weights are rebuilt from the parameters inside the ops (through the cache on real
+# tensors; fake tensors are never cached).
+
+
+def _msca_grads(g, x, s, w3, b3, dw):
+    """(dx, dW3, db3, *d(dw)) of the fused op, each in its parameter's dtype and shape."""
+    from fastseg.kernels import msca as K
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
+    C = x.shape[1]
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    g = g.contiguous(memory_format=fmt).to(x.dtype)
+    ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
+    g3 = K.msca_w3_bwd(g, x, s, w3.dtype)
+    dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw[0].dtype)
+    grads, off = [], 0
+    for t in dw:
+        n = t.numel()
+        gi = gflat[off:off + n].view(t.shape)
+        grads.append(gi if t.dtype == dw[0].dtype else gi.to(t.dtype))
+        off += n
+    db3 = g3[C]
+    return [dx, g3[:C].view(w3.shape).clone(), (db3 if b3.dtype == w3.dtype else db3.to(b3.dtype)).clone(),
+            *(gi.clone() for gi in grads)]
+
+
+@torch.library.custom_op("fastseg::msca_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, dw: list[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastseg.kernels import msca as K
+
+    x = _dense(x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
+    s = K.msca_dw_fwd(x, wp)
+    return K.msca_pw_fwd(s, x, w3m, b3a), s
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, w3, b3, dw):
+    x = _dense(x)
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("fastseg::msca_bwd", mutates_args=())
+def _bwd_op(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
+            dw: list[torch.Tensor]) -> list[torch.Tensor]:
+    return _msca_grads(g, _dense(x), s, w3, b3, dw)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(g, x, s, w3, b3, dw):
+    return [torch.empty_like(_dense(x)), torch.empty_like(w3), torch.empty_like(b3), *(torch.empty_like(t) for t in dw)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w3, b3, dw = inputs
+    ctx.save_for_backward(x, output[1], w3, b3, *dw)
+
+
+def _backward(ctx, g, _ds):
+    x, s, w3, b3, *dw = ctx.saved_tensors
+    dx, dw3, db3, *ddw = _bwd_op(g, x, s, w3, b3, dw)
+    return dx, dw3, db3, ddw
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _check(x, dw_weights, dw_biases, w3, b3):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"msca: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
@@ -140,4 +212,6 @@ def msca(x: torch.Tensor, dw_weights: Sequence[torch.Tensor], dw_biases: Sequenc
         # the interpreter's tl.dot on bf16 operands returns garbage (numpy has no bf16): refuse, never a wrong answer
         raise TypeError("msca: bfloat16 needs a GPU (the Triton interpreter's bf16 GEMM is wrong); use fp32/fp64 on "
                         "CPU or the torch backend (fastseg.use_backend('torch'))")
+    if torch.compiler.is_compiling():
+        return _fwd_op(x, w3, b3, [*dw_weights, *dw_biases])[0]
     return _MSCAFunction.apply(x, w3, b3, *dw_weights, *dw_biases)
