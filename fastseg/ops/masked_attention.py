@@ -309,6 +309,40 @@ def _check_qkv(q, k, v):
     _backend.check_same_device(_OP, q=q, k=k, v=v)
 
 
+# Query rows per SDPA call on the plain-PyTorch path are chosen so one call's additive float mask has about
+# this many elements (SDPA's own per-call buffers scale the same way).
+_SDPA_CHUNK_ELEMS = 1 << 24
+
+
+def _sdpa_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """The no-dropout, no-weights PyTorch path: ``F.scaled_dot_product_attention`` in chunks of queries.
+
+    q: (B, H, M, D); k, v: (B, H, N, D); allowed: bool (Bm, Hm, M|1, N), True = may attend, or None.
+    Returns (B, H, M, D). The bool mask is turned into an additive float mask (0 / -inf) one chunk at a time
+    (SDPA's own bool-mask conversion is several times slower on CPU). Empty rows give 0 and zero gradient:
+    inside SDPA they attend everywhere, then their output is zeroed, so no NaN reaches forward or backward
+    on any torch version.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if allowed is None:
+        return sdpa(q, k, v, scale=scale)
+    B, H, M, _ = q.shape
+    N = k.shape[2]
+    rows = max(1, _SDPA_CHUNK_ELEMS // max(allowed.shape[0] * allowed.shape[1] * N, 1))
+    outs = []
+    for i in range(0, M, rows):
+        a = allowed if allowed.shape[2] == 1 else allowed[:, :, i:i + rows]  # (B, 1, 1, N): key padding only
+        bias = torch.where(a, 0.0, float("-inf")).to(q.dtype)  # SDPA wants a float mask in q's dtype
+        empty = bias.amax(-1, keepdim=True) == float("-inf")  # (Bm, Hm, rows, 1)
+        fix = q.device.type != "cpu" or bool(empty.any())  # no host sync on CUDA: fix unconditionally there
+        if fix:
+            bias = bias.masked_fill(empty, 0.0)
+        o = sdpa(q[:, :, i:i + rows], k, v, attn_mask=bias, scale=scale)
+        outs.append(o.masked_fill(empty, 0.0) if fix else o)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -378,6 +412,8 @@ def masked_attention(
             allowed = _allowed_torch(am, kpm, masked, B, N)
         else:
             allowed = None
+        if dropout_p == 0 and not return_weights:
+            return _sdpa_masked_attention(q, k, v, allowed, float(scale))
         keep = None
         if dropout_p > 0:  # PyTorch's own RNG stream here (the kernels' Philox stream differs)
             keep = torch.rand((B, H, M, N), device=q.device) >= dropout_p
