@@ -376,6 +376,8 @@ def masked_attention(
     (B, M, N) averaged over heads if ``average_weights`` else (B, H, M, N), in q's dtype, recomputed by a
     kernel from the forward's row log-sum-exp (0 on masked keys and on empty rows); differentiable in q and k
     (two more kernels, from the saved statistics). Without ``return_weights`` nothing of size M·N is built.
+    Without Triton (CPU, no TRITON_INTERPRET) it runs ``F.scaled_dot_product_attention`` in query chunks
+    (with dropout or ``return_weights``: the PyTorch reference, which builds the (B, H, M, N) weights).
     """
     if torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64:
         dt = torch.get_autocast_dtype(q.device.type)
