@@ -249,6 +249,50 @@ def test_torch_backend_matches(device):
     assert_close(out, out_torch, TOL[EXACT], "torch backend")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [None, 1])  # 1 element: one query row per SDPA call
+def test_torch_path_sdpa_matches_reference(dtype, chunk, monkeypatch):
+    """The plain-PyTorch path (SDPA in query chunks) vs the reference, forward and every gradient: empty
+    rows give 0 and zero gradient, key padding, a head-shared 4-D mask, the unmasked case."""
+    ma = pytest.importorskip("fastseg.ops.masked_attention")
+    if chunk is not None:
+        monkeypatch.setattr(ma, "_SDPA_CHUNK_ELEMS", chunk)
+    B, H, M, N, D = 2, 3, 7, 13, 8
+    am = torch.rand(B, 1, M, N) < 0.5
+    am[0, 0, 2] = False  # empty from the attention mask alone
+    am[1, 0, 4] = True
+    kpm = torch.rand(B, N) < 0.5
+    kpm[1, :] = False
+    kpm[1, :3] = True  # with am: row 4 of batch 1 may attend only keys 0..2
+    am[1, 0, 5, 3:] = True
+    am[1, 0, 5, :3] = False  # empty only once key padding is applied
+    cases = [(am, kpm, am & kpm.view(B, 1, 1, N)), (am, None, am), (None, kpm, kpm.view(B, 1, 1, N)), (None, None, None)]
+    for attn_mask, key_padding, allowed in cases:
+        q, k, v = _qkv(B, H, M, N, D, dtype, "cpu")
+        with fastseg.use_backend("torch"):
+            fastseg.launches.clear()
+            out = ops.masked_attention(q, k, v, attn_mask, key_padding)
+            assert not fastseg.launches
+        ref = ref_attention(q, k, v, allowed, 1.0 / math.sqrt(D), empty_rows="zero")
+        assert torch.isfinite(out).all()
+        assert_close(out, ref, TOL[dtype], "out")
+        grad = torch.randn_like(ref)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        for name, g, w in zip("qkv", got, want):
+            assert torch.isfinite(g).all()
+            assert_close(g, w, TOL[dtype], f"d{name}")
+        if attn_mask is not None:
+            assert (out[0, :, 2] == 0).all() and (got[0][0, :, 2] == 0).all()  # empty row: 0, zero gradient
+            if key_padding is not None:
+                assert (out[1, :, 5] == 0).all()
+    # masked=True (nn.MultiheadAttention convention) reads the same masks inverted
+    q, k, v = _qkv(B, H, M, N, D, dtype, "cpu")
+    with fastseg.use_backend("torch"):
+        out = ops.masked_attention(q, k, v, ~am, ~kpm, masked=True)
+    assert_close(out, ref_attention(q, k, v, am & kpm.view(B, 1, 1, N), 1.0 / math.sqrt(D)), TOL[dtype], "masked")
+
+
 def test_autocast(device, triton_launches):
     E, H = 32, 2
     mod = MaskedCrossAttention(E, H, batch_first=True, device=device)
