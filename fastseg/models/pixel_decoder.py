@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.ms_deform_attn import ms_deform_attn_from_offsets
-from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch
+from ..reference.ms_deform_attn import ReferenceMSDeformAttn, ms_deform_attn_core_pytorch
 from .common import ConvNormAct, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 
 __all__ = [
@@ -57,22 +57,7 @@ class MSDeformAttn(nn.Module):
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
 
-    def _reset_parameters(self):
-        nn.init.constant_(self.sampling_offsets.weight.data, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid_init = (grid_init / grid_init.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid_init = grid_init.repeat(1, self.n_levels, self.n_points, 1)
-        for i in range(self.n_points):
-            grid_init[:, :, i, :] *= i + 1
-        with torch.no_grad():
-            self.sampling_offsets.bias = nn.Parameter(grid_init.view(-1))
-        nn.init.constant_(self.attention_weights.weight.data, 0.0)
-        nn.init.constant_(self.attention_weights.bias.data, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight.data)
-        nn.init.constant_(self.value_proj.bias.data, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight.data)
-        nn.init.constant_(self.output_proj.bias.data, 0.0)
+    _reset_parameters = ReferenceMSDeformAttn._reset_parameters  # the official init, one copy
 
     def forward(self, query, reference_points, input_flatten, spatial_shapes, input_padding_mask=None):
         """query: (N, Lq, C); reference_points: (N, Lq, L, 2) in [0, 1]; input_flatten: (N, S, C);
