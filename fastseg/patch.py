@@ -42,8 +42,10 @@ Deeper patch (``report.deeper``): where the model's own code allows it — this 
 (recognised by its ``packed_attn_masks`` switch and ``fused_attention_mask`` method, once all its
 cross-attentions are fastseg's) — the mask predictor is switched to produce the bit-packed attention masks
 straight from the query embeddings (``fastseg.ops.mask_from_embeddings``), with no (B·heads, Q, HW) tensor.
-Hugging Face's decoder post-processes the predictor's bool mask itself, so there the attention packs it
-(said in ``report.notes``).
+Hugging Face's ``Mask2FormerMaskedAttentionDecoder`` / ``OneFormerTransformerDecoder`` (found by structure,
+:mod:`fastseg.models.hf_decoders`) get a forward that follows Hugging Face's except that each layer's mask
+comes packed from the embeddings the same way (empty-row reset included), probed against Hugging Face's
+forward on a private copy first.
 
 Weights (state_dict), device, dtype, ``requires_grad`` and train/eval mode are kept; hooks registered on a
 replaced module are not carried over. Patched and unpatched models compute the same function (to float
@@ -385,15 +387,12 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
         report.notes.append("verify=False: modules swapped without a probe; that each drop-in computes the replaced "
                             "module's function is the caller's responsibility")
     if "masked_attention" in ops:
+        from .models.hf_decoders import patch_hf_decoders
+
         _deeper_mask_predictors(model, swapped, report, dry_run)
         _hf_attention_weight_requests(model, swapped, report, dry_run)
-    if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
-                                                for m in model.modules()):
-        report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
-                            "(B·heads, Q, HW) mask (empty-row reset by multiplication) before the attention, so "
-                            "the predictor cannot hand over packed masks without rewriting the decoder's forward; "
-                            "MaskedCrossAttention packs that mask once per layer (one pass, heads shared when "
-                            "the mask is expanded)")
+        new_ids = {id(child) for _, _, _, child, rec, _ in swapped if rec.name == "masked_attention"}
+        patch_hf_decoders(model, new_ids, classes.get("masked_attention"), report, dry_run, verify)
     if any(hasattr(m, "set_fused") for m in model.modules()):
         report.notes.append("this model also has set_fused(True) (point-sampled losses, tiled inference, no "
                             "(B, Q, H/4, W/4) logits); not switched on by patch() because it changes the output "
