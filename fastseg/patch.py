@@ -387,12 +387,13 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
         report.notes.append("verify=False: modules swapped without a probe; that each drop-in computes the replaced "
                             "module's function is the caller's responsibility")
     if "masked_attention" in ops:
-        from .models.hf_decoders import patch_hf_decoders
+        from .models.hf_decoders import note_hf_attention_interface, patch_hf_decoders
 
         _deeper_mask_predictors(model, swapped, report, dry_run)
         _hf_attention_weight_requests(model, swapped, report, dry_run)
         new_ids = {id(child) for _, _, _, child, rec, _ in swapped if rec.name == "masked_attention"}
         patch_hf_decoders(model, new_ids, classes.get("masked_attention"), report, dry_run, verify)
+        note_hf_attention_interface(model, report)
     if any(hasattr(m, "set_fused") for m in model.modules()):
         report.notes.append("this model also has set_fused(True) (point-sampled losses, tiled inference, no "
                             "(B, Q, H/4, W/4) logits); not switched on by patch() because it changes the output "

@@ -36,3 +36,17 @@ def tiny_hf_oneformer(**overrides):
         text_encoder_vocab_size=50, text_encoder_n_ctx=2, query_dec_layers=1, train_num_points=64, **overrides)
     torch.manual_seed(0)
     return transformers.OneFormerForUniversalSegmentation(cfg)
+
+
+def tiny_hf_maskformer(**overrides):
+    """A tiny Hugging Face MaskFormer (Swin backbone, DETR decoder; random init, no download)."""
+    transformers = pytest.importorskip("transformers")
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=2,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    detr = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, num_queries=6)
+    cfg = transformers.MaskFormerConfig(backbone_config=swin, use_pretrained_backbone=False, mask_feature_size=32,
+                                        fpn_feature_size=32, num_labels=5, decoder_config=detr, **overrides)
+    torch.manual_seed(0)
+    return transformers.MaskFormerForInstanceSegmentation(cfg)

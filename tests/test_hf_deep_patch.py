@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastseg
 from fastseg._backend import use_backend
 from fastseg.models.hf_decoders import WHAT
-from hf_models import targets as targets_, tiny_hf_mask2former, tiny_hf_oneformer
+from hf_models import targets as targets_, tiny_hf_mask2former, tiny_hf_maskformer, tiny_hf_oneformer
 
 pytestmark = pytest.mark.skipif(not hasattr(fastseg.nn, "MaskedCrossAttention"), reason="no MaskedCrossAttention")
 
@@ -84,9 +84,7 @@ def test_deep_patch_same_outputs_and_gradients(kind, triton_launches, monkeypatc
     parameter gradient agree with the unpatched model; the masks come from the sign-pack kernel (once per
     layer that uses one), no bool mask is packed, and no tensor of the patched forward + backward has the size
     of a dense mask or of resized logits (the unpatched step has them: the check bites). Then eval mode with
-    output_attentions (Mask2Former; OneFormer's: test_masked_attention.py). verify="cpu" (the probe's kernel
-    path runs in test_probe_refuses_a_fork_and_dry_run; its gradient run is the PyTorch path anyway).
-    """
+    output_attentions (Mask2Former; OneFormer's: test_masked_attention.py)."""
     model = tiny_hf_mask2former() if kind == "mask2former" else tiny_hf_oneformer(dropout=0.0)
     ref = copy.deepcopy(model)
     kw = _inputs(kind)
@@ -96,7 +94,7 @@ def test_deep_patch_same_outputs_and_gradients(kind, triton_launches, monkeypatc
     if rec is not None:
         assert _forbidden(rec.seen, True), "the unpatched model builds dense masks: the check must see them"
         rec.seen.clear()
-    _, report = fastseg.patch(model, ops="masked_attention", verify="cpu")
+    _, report = fastseg.patch(model, ops="masked_attention")
     assert (DEC, WHAT) in report.deeper
     probe = report.probe_of(DEC)
     assert probe.ok and probe.op == "hf_decoder_masks" and any(r["quantity"].startswith("grad ") for r in probe.results)
@@ -190,3 +188,17 @@ def test_probe_refuses_a_fork_and_dry_run():
     assert report.count("masked_attention") == 2 and not [d for d in report.deeper if d[0] == DEC]
     assert [s for s in report.skipped if s[0] == DEC and "disagree on the probe" in s[2]]
     assert "forward" not in vars(model.model.transformer_module.decoder)
+
+
+def test_hf_maskformer_is_reported_and_unchanged():
+    """HF MaskFormer: a DETR decoder (cross-attention through transformers' attention interface, no masks from
+    predictions): patch swaps nothing there, says so in the notes, and the outputs, loss and gradients stay
+    bit for bit the same."""
+    model = tiny_hf_maskformer()
+    ref = copy.deepcopy(model)
+    _, report = fastseg.patch(model)
+    assert not report.replaced and not report.deeper
+    assert any("attention interface" in n and "MaskFormerDetrCrossAttention" in n for n in report.notes), report
+    kw = _inputs("maskformer")
+    kw.pop("output_hidden_states")
+    _assert_same(_step(model, kw, True), _step(ref, kw, True), tol=0)

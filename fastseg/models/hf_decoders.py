@@ -24,11 +24,11 @@ rounding of 0 (docs/models.md, "Hugging Face decoders, fused mask path").
 Recognised by structure (no transformers import): a module whose class lives in a ``transformers`` model
 module next to the output dataclass, with the attributes and forward parameters used here and every
 cross-attention a :class:`fastseg.nn.MaskedCrossAttention`. Before binding, a private copy runs Hugging
-Face's forward and the fused one on a probe input (forward outputs, and gradients in training mode).
+Face's forward and the fused one on a probe input (forward outputs, and gradients in training mode), with
+fastseg's PyTorch path.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import sys
 import time
@@ -350,10 +350,11 @@ def _bind(kind: str, m: nn.Module) -> None:
 
 
 def _probe(kind: str, dec: nn.Module, path: str, on_cpu: bool):
-    """Hugging Face's forward vs the fused one on private copies of ``dec``, one probe input, every floating
-    output, on the module's device and dtype with the kernels; in training mode a second run with fastseg's
-    PyTorch path also compares the gradients of the inputs and parameters (for a random output gradient).
-    ``on_cpu``: one float64 CPU run, PyTorch path, gradients in training mode."""
+    """Hugging Face's forward vs the fused one on private copies of ``dec``: one probe input, every floating
+    output and, in training mode, the gradients of the inputs and parameters (for a random output gradient),
+    on the module's device and dtype (``on_cpu``: float64 CPU copies) with fastseg's PyTorch path — a check
+    of the decoder's code path; the kernels behind it are probed per module (masked attention) and tested per
+    op (``mask_from_embeddings``)."""
     from .._backend import use_backend
     from ..patch import ProbeResult, _keep_rng, _private_copy, _rel
     from ..records import tolerance, where
@@ -366,7 +367,7 @@ def _probe(kind: str, dec: nn.Module, path: str, on_cpu: bool):
         res.ok, res.error = False, "its parameters are on the meta device, nothing to compute with"
         return res
     try:
-        with _keep_rng(where(dec)[0]), (use_backend("torch") if on_cpu else contextlib.nullcontext()):
+        with _keep_rng(where(dec)[0]):
             orig = _private_copy(dec)
             if on_cpu:
                 orig = orig.to(device=device, dtype=dtype)
@@ -375,26 +376,20 @@ def _probe(kind: str, dec: nn.Module, path: str, on_cpu: bool):
             g = torch.Generator().manual_seed(0)
             kwargs = _probe_inputs(kind, orig, device, dtype, g)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-            # forward on the module's device and path (kernels); gradients (training mode) with fastseg's
-            # PyTorch path: the mask path is not differentiable, the attention's gradients are probed per module
-            runs = [("forward", False, contextlib.nullcontext)]
-            if dec.training:
-                runs = [("forward and gradients", True, lambda: use_backend("torch"))] if on_cpu else \
-                    runs + [("forward and gradients, fastseg's PyTorch path", True, lambda: use_backend("torch"))]
-            for label, grads, path in runs:
-                what = f"{label}; image 1 with nearly constant pixel embeddings (empty rows)"
-                with path():
-                    out_o, gr_o = _run(lambda mod, **kw: type(mod).forward(mod, **kw), orig, kwargs, grads, seed)
-                    out_n, gr_n = _run(lambda mod, **kw: mod(**kw), fused, kwargs, grads, seed)
-                if [n for n, _ in out_o] != [n for n, _ in out_n]:
-                    raise ValueError(f"outputs differ in layout: {[n for n, _ in out_n]} vs {[n for n, _ in out_o]}")
-                for (name, a), (_, b) in zip(out_n + gr_n, out_o + gr_o):
-                    if a.shape != b.shape:
-                        res.results.append(dict(probe=what, quantity=f"{name} (shape {tuple(a.shape)} vs "
-                                                f"{tuple(b.shape)})", rel=float("inf"), max_abs=float("inf")))
-                        continue
-                    max_abs, rel = _rel(a, b)
-                    res.results.append(dict(probe=what, quantity=name, rel=rel, max_abs=max_abs))
+            what = (f"{'forward and gradients' if dec.training else 'forward'}, fastseg's PyTorch path; image 1 with "
+                    "nearly constant pixel embeddings (empty rows)")
+            with use_backend("torch"):
+                out_o, gr_o = _run(lambda mod, **kw: type(mod).forward(mod, **kw), orig, kwargs, dec.training, seed)
+                out_n, gr_n = _run(lambda mod, **kw: mod(**kw), fused, kwargs, dec.training, seed)
+            if [n for n, _ in out_o] != [n for n, _ in out_n]:
+                raise ValueError(f"outputs differ in layout: {[n for n, _ in out_n]} vs {[n for n, _ in out_o]}")
+            for (name, a), (_, b) in zip(out_n + gr_n, out_o + gr_o):
+                if a.shape != b.shape:
+                    res.results.append(dict(probe=what, quantity=f"{name} (shape {tuple(a.shape)} vs "
+                                            f"{tuple(b.shape)})", rel=float("inf"), max_abs=float("inf")))
+                    continue
+                max_abs, rel = _rel(a, b)
+                res.results.append(dict(probe=what, quantity=name, rel=rel, max_abs=max_abs))
     except Exception as exc:  # noqa: BLE001 - reported: the decoder keeps Hugging Face's forward
         res.ok, res.error = False, f"{type(exc).__name__}: {exc}"
         return res
@@ -440,3 +435,25 @@ def patch_hf_decoders(model: nn.Module, new_attention_ids: set, attention_class,
         report.deeper.append((path, WHAT))
         if not dry_run:
             _bind(kind, m)
+
+
+def note_hf_attention_interface(model: nn.Module, report) -> None:
+    """Hugging Face decoders whose cross-attention is a ``transformers`` attention module (``q_proj`` /
+    ``k_proj`` / ``v_proj`` run through ``ALL_ATTENTION_FUNCTIONS``: eager, SDPA, flash), e.g. MaskFormer's
+    DETR decoder: no mask from predictions there and no ``nn.MultiheadAttention`` to swap; said in the notes."""
+    found = []
+    for ppath, parent in model.named_modules():
+        for name in ("encoder_attn", "cross_attn", "cross_attention"):
+            m = getattr(parent, name, None)
+            if (isinstance(m, nn.Module) and not isinstance(m, nn.MultiheadAttention)
+                    and type(m).__module__.startswith("transformers.")
+                    and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj"))):
+                impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+                found.append((f"{ppath}.{name}" if ppath else name, type(m).__name__, impl))
+    if found:
+        path, cls, impl = found[0]
+        report.notes.append(
+            f"{len(found)} Hugging Face cross-attention(s) ({cls}, e.g. {path}) run through transformers' attention "
+            f"interface (attn_implementation={impl!r}) with no mask from mask predictions (a DETR-style decoder, "
+            "e.g. MaskFormer): left as they are (no nn.MultiheadAttention to swap; attn_implementation='sdpa' "
+            "already avoids the (B, heads, Q, HW) weights)")
