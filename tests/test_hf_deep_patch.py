@@ -119,7 +119,8 @@ def test_deep_patch_same_outputs_and_gradients(kind, triton_launches, monkeypatc
 
 
 def test_deep_patch_torch_path():
-    """fastseg's PyTorch path (no Triton): same outputs and gradients as Hugging Face's."""
+    """fastseg's PyTorch path (no Triton): same outputs and gradients as Hugging Face's; a deep copy of the
+    patched model too."""
     model = tiny_hf_mask2former()
     ref = copy.deepcopy(model)
     kw = _inputs("mask2former")
@@ -128,7 +129,10 @@ def test_deep_patch_torch_path():
         _, report = fastseg.patch(model, ops="masked_attention")
         assert report.probe_of(DEC).ok
         got = _step(model, kw, True)
-    _assert_same(got, want)
+        _assert_same(got, want)
+        clone = copy.deepcopy(model)  # the bound forward follows the copy
+        assert clone.model.transformer_module.decoder.forward.args[0] is clone.model.transformer_module.decoder
+        _assert_same(_step(clone, kw, True), want)
 
 
 class _Allocations(TorchDispatchMode):

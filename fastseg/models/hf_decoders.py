@@ -29,10 +29,10 @@ fastseg's PyTorch path.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,8 @@ from torch import nn
 
 from ..ops.masked_attention import PackedMask, mask_from_embeddings
 
-__all__ = ["patch_hf_decoders", "mask2former_decoder_forward", "oneformer_decoder_forward",
-           "oneformer_layer_forward"]
+__all__ = ["patch_hf_decoders", "note_hf_attention_interface", "mask2former_decoder_forward",
+           "oneformer_decoder_forward", "oneformer_layer_forward"]
 
 _M2F_OUTPUT = "Mask2FormerMaskedAttentionDecoderOutput"
 _ONEFORMER_OUTPUT = "OneFormerTransformerDecoderOutput"
@@ -89,8 +89,9 @@ def mask2former_decoder_forward(self, inputs_embeds=None, multi_stage_positional
                                 pixel_embeddings=None, encoder_hidden_states=None, query_position_embeddings=None,
                                 feature_size_list=None, output_attentions=None, output_hidden_states=None,
                                 return_dict=None):
-    """``Mask2FormerMaskedAttentionDecoder.forward`` (transformers 4.4x-5.x) with packed attention masks; the
-    empty-row reset is done by ``mask_from_embeddings``. Same arguments and outputs."""
+    """``Mask2FormerMaskedAttentionDecoder.forward`` (written from transformers 5.24; the probe checks the
+    installed version) with packed attention masks; the empty-row reset is done by ``mask_from_embeddings``.
+    Same arguments and outputs."""
     output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
     output_hidden_states = (output_hidden_states if output_hidden_states is not None
                             else self.config.output_hidden_states)
@@ -230,7 +231,8 @@ def _kind(m: nn.Module) -> str | None:
         return None
     pred = getattr(m, "mask_predictor", None)
     if (pred is not None and isinstance(getattr(pred, "mask_embedder", None), nn.Module)
-            and isinstance(getattr(pred, "num_heads", None), int) and isinstance(getattr(m, "layernorm", None), nn.LayerNorm)
+            and isinstance(getattr(pred, "num_heads", None), int)
+            and isinstance(getattr(m, "layernorm", None), nn.LayerNorm)
             and isinstance(getattr(m, "num_feature_levels", None), int) and hasattr(m, "layerdrop")
             and hasattr(m, "config") and _has_params(type(m).forward, _M2F_ARGS)
             and _output_class(m, _M2F_OUTPUT) is not None and _last_linear(pred.mask_embedder) is not None):
@@ -342,10 +344,13 @@ def _run(fn, mod: nn.Module, kwargs: dict, grads: bool, seed: int):
 
 
 def _bind(kind: str, m: nn.Module) -> None:
-    m.forward = types.MethodType(mask2former_decoder_forward if kind == "mask2former" else oneformer_decoder_forward, m)
+    """Instance ``forward``s as ``functools.partial`` of module-level functions (no closures): a deep copy of
+    the model rebinds them to the copy."""
+    fn = mask2former_decoder_forward if kind == "mask2former" else oneformer_decoder_forward
+    m.forward = functools.partial(fn, m)
     if kind == "oneformer":
         for layer in m.layers:
-            layer.forward = types.MethodType(oneformer_layer_forward, layer)
+            layer.forward = functools.partial(oneformer_layer_forward, layer)
     m._fastseg_packed_masks = True
 
 
@@ -417,8 +422,8 @@ def patch_hf_decoders(model: nn.Module, new_attention_ids: set, attention_class,
                 attention_class is not None and isinstance(a, attention_class))) for a in attns):
             continue
         if "forward" in vars(m) or (kind == "oneformer" and any("forward" in vars(layer) for layer in m.layers)):
-            report.skipped.append(Skipped(path, "masked_attention", "Hugging Face decoder with a forward assigned on the "
-                                   "instance: its attention masks are left to Hugging Face's code"))
+            report.skipped.append(Skipped(path, "masked_attention", "Hugging Face decoder with a forward assigned on "
+                                          "the instance: its attention masks are left to that forward"))
             continue
         if verify and not dry_run:
             start = time.perf_counter()
@@ -428,7 +433,8 @@ def patch_hf_decoders(model: nn.Module, new_attention_ids: set, attention_class,
             if not probe.ok:
                 why = (f"the probe failed ({probe.error})" if probe.error else
                        f"fused and Hugging Face forwards disagree on the probe: {probe.summary()}")
-                report.skipped.append(Skipped(path, "masked_attention", f"attention masks left to Hugging Face's code: {why}"))
+                report.skipped.append(Skipped(path, "masked_attention",
+                                              f"attention masks left to Hugging Face's code: {why}"))
                 continue
         elif verify:
             report.probes.append(ProbeResult("hf_decoder_masks", type(m).__name__, [path]))
