@@ -320,3 +320,37 @@ def test_mscan_t_builder_dims():
     model = mscan_t_ecenet(num_classes=19, channels=32)
     assert model.decode_head.in_channels == [32, 64, 160, 256]
     assert model.decode_head.conv_seg.out_channels == 19
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_sau_baselines_compute_the_same_and_labels():
+    from fastseg.bench.ops.ecenet import ecenet_labels
+    from fastseg.bench.registry import get_op
+
+    spec = get_op("ecenet-sau")
+    shape = spec.full_shape({"B": 2, "H": 12, "W": 20, "stride": 4, "C": 16, "heads": 4, "K": 7})
+    dev = torch.device("cpu")
+    outs = {name: spec.impl(name).prepare(shape, torch.float64, dev, "fwd").forward() for name in ("eager", "sdpa")}
+    for a, b in zip(outs["eager"], outs["sdpa"]):
+        torch.testing.assert_close(a, b)
+    labels = ecenet_labels(3, 40, 50, 150, torch.Generator().manual_seed(0), dev)
+    assert labels.shape == (3, 40, 50)
+    for lab in labels:
+        classes = lab.unique()
+        assert 1 < (classes != 255).sum() <= 12 and (lab == 255).any()
+
+
+def test_bench_cli_head_tiny(tmp_path):
+    import json
+
+    from fastseg import cli
+
+    out = tmp_path / "r.json"
+    rc = cli.main(["bench", "ecenet-head", "--shape", "B=1,H=64,W=64,C=16,K=5", "--impl", "eager",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["peak_bytes"] > 0 for r in rows)
