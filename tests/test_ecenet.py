@@ -372,3 +372,18 @@ def test_hot_parts_map_onto_existing_fastseg_ops():
     torch.testing.assert_close(ce, head.losses(out, labels)["loss_ce"])
     if _backend.interpreter_enabled():
         assert sum(_backend.launches.values()) > before
+
+
+def test_losses_reduce_in_float32_under_bf16_autocast():
+    torch.set_default_dtype(torch.float32)
+    head = _tiny_head().train()
+    feats = _feats()
+    labels = torch.randint(0, 5, (2, 32, 32))
+    torch.manual_seed(1)
+    ref = head.forward_train(feats, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        low = head.forward_train(feats, labels)
+    for k in ref:
+        assert low[k].dtype == torch.float32, k
+        assert torch.allclose(low[k], ref[k], rtol=0.05, atol=1e-2), (k, low[k], ref[k])

@@ -40,6 +40,11 @@ __all__ = ["ConvModule", "FeatureReconstruction", "diversity_maps", "diversity_l
            "pyramid_length"]
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 → float32 for the loss reductions (sums over up to H·W pixels); other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class ConvModule(nn.Module):
     """The port's ``ConvModule``: conv → BatchNorm (``bn``) → ReLU (``activate``), conv bias only without norm.
 
@@ -104,8 +109,9 @@ def diversity_maps(diversified: torch.Tensor) -> torch.Tensor:
     """The port's div-loss input: per channel a softmax over the H·W pixels, then the max over channels.
 
     (B, C', H, W) → (B, H·W), each value in (0, 1]; the sum over pixels lies in [1, min(C', H·W)].
+    fp16 / bf16 inputs are computed in float32.
     """
-    return F.softmax(diversified.flatten(-2), -1).max(dim=1)[0]
+    return F.softmax(_acc(diversified).flatten(-2), -1).max(dim=1)[0]
 
 
 def diversity_loss(maps: list[torch.Tensor], channels: list[int]) -> torch.Tensor:
@@ -392,8 +398,9 @@ def mask_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: floa
                     gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss (RetinaNet), MaskFormer's reduction: mean over pixels, sum over masks / num_masks.
 
-    logits, targets (N, P) → scalar. Per element: α_t (1 − p_t)^γ BCE(logit, target).
+    logits, targets (N, P) → scalar. Per element: α_t (1 − p_t)^γ BCE(logit, target). fp16 / bf16 → float32.
     """
+    logits, targets = _acc(logits), targets.to(_acc(logits).dtype)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
@@ -406,8 +413,9 @@ def mask_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: floa
 def mask_dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
     """Dice loss 1 − (2 Σ p t + 1) / (Σ p + Σ t + 1) per mask (p = σ(logits)), summed / num_masks.
 
-    logits, targets (N, P) → scalar.
+    logits, targets (N, P) → scalar. fp16 / bf16 → float32.
     """
+    logits, targets = _acc(logits), targets.to(_acc(logits).dtype)
     p = logits.sigmoid()
     num = 2 * (p * targets).sum(-1)
     den = p.sum(-1) + targets.sum(-1)
