@@ -387,3 +387,23 @@ def test_losses_reduce_in_float32_under_bf16_autocast():
     for k in ref:
         assert low[k].dtype == torch.float32, k
         assert torch.allclose(low[k], ref[k], rtol=0.05, atol=1e-2), (k, low[k], ref[k])
+
+
+def test_bench_sau_fastseg_row_wiring(monkeypatch):
+    """The ecenet-sau fastseg row calls fastseg.ops.atm_attention(q, k, v, -scale) and negates its logits: with
+    the reference ATM attention standing in for the fused op, it reproduces the eager row."""
+    import fastseg.ops
+    from fastseg.bench.measure import Unavailable
+    from fastseg.bench.registry import get_op
+
+    spec = get_op("ecenet-sau")
+    shape = spec.full_shape({"B": 1, "H": 8, "W": 12, "stride": 4, "C": 8, "heads": 2, "K": 5})
+    dev = torch.device("cpu")
+    if not hasattr(fastseg.ops, "atm_attention"):
+        with pytest.raises(Unavailable):
+            spec.impl("fastseg").prepare(shape, torch.float64, dev, "fwd")
+    monkeypatch.setattr(fastseg.ops, "atm_attention", atm_attention, raising=False)
+    got = spec.impl("fastseg").prepare(shape, torch.float64, dev, "fwd").forward()
+    want = spec.impl("eager").prepare(shape, torch.float64, dev, "fwd").forward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
