@@ -38,7 +38,8 @@ def main(argv=None):
     labels = ecenet_labels(args.B, args.size, args.size, args.K, g, dev)
 
     parts = {"FR (layer_slcts + norms)": [*head.layer_slcts, *head.norms], "laterals": list(head.laterals),
-             "ECE (learner, token_emb)": [head.learner, *head.token_emb], "SAU updater (gated_tokens)": list(head.gated_tokens),
+             "ECE (learner, token_emb)": [head.learner, *head.token_emb],
+             "SAU updater (gated_tokens)": list(head.gated_tokens),
              "ghost upsampling": list(head.ghost_up_layers), "proj (3x3 ConvModule)": [head.proj],
              "conv_seg + dropout": [head.conv_seg] + ([head.dropout] if head.dropout is not None else [])}
     for i, t in enumerate(head.transfer):
