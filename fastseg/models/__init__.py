@@ -11,12 +11,14 @@
 * Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
 * CAC (context-aware classifier, reference only): :class:`FCNHeadCAC`, :class:`UPerHeadCAC`,
   :class:`DepthwiseSeparableASPPHeadCAC`, :class:`LightHamHeadCAC`, :class:`CACSegmentor`, :func:`segnext_t_cac` ....
+* ECENet (reference only): :class:`ECENetHead`, :class:`ECENetSegmentor`, :func:`mscan_t_ecenet` ....
 * :class:`TinyResNet`: small backbone for tests.
 """
 from .backbones import TinyResNet, backbone_from_name
 from .cac import (CACSegmentor, DepthwiseSeparableASPPHeadCAC, FCNHeadCAC, LightHamHeadCAC, UPerHeadCAC, segnext_b_cac,
                   segnext_l_cac, segnext_s_cac, segnext_t_cac)
 from .context_cluster import ContextClusterNet, coc_medium, coc_small, coc_tiny
+from .ecenet import ECENetHead, ECENetSegmentor, mscan_b_ecenet, mscan_l_ecenet, mscan_s_ecenet, mscan_t_ecenet
 from .checkpoints import CheckpointMismatchError, load_official
 from .convert import mask2former_from_hf
 from .criterion import SetCriterion
@@ -39,4 +41,5 @@ __all__ = [
     "LightHamHead", "SegNeXt", "segnext_t", "segnext_s", "segnext_b", "segnext_l",
     "CACSegmentor", "FCNHeadCAC", "UPerHeadCAC", "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC",
     "segnext_t_cac", "segnext_s_cac", "segnext_b_cac", "segnext_l_cac",
+    "ECENetHead", "ECENetSegmentor", "mscan_t_ecenet", "mscan_s_ecenet", "mscan_b_ecenet", "mscan_l_ecenet",
 ]
