@@ -173,10 +173,17 @@ def _forbidden(seen, with_logits):
 
 def test_probe_refuses_a_fork_and_dry_run():
     """A decoder whose mask predictor computes something else (here: threshold 0.4) keeps Hugging Face's
-    forward (the probe disagrees; report.skipped says why); dry_run lists the probe and binds nothing."""
+    forward (the probe disagrees; report.skipped says why); dry_run lists the probe and binds nothing;
+    verify=False binds without a probe."""
     model = tiny_hf_mask2former().eval()
-    _, report = fastseg.patch(copy.deepcopy(model), ops="masked_attention", dry_run=True)
+    dry = copy.deepcopy(model)
+    _, report = fastseg.patch(dry, ops="masked_attention", dry_run=True)
     assert (DEC, WHAT) in report.deeper and report.probe_of(DEC).ok is None
+    assert "forward" not in vars(dry.model.transformer_module.decoder) and "hf_decoder_masks" in str(report)
+    unverified = copy.deepcopy(model)
+    _, report = fastseg.patch(unverified, ops="masked_attention", verify=False)  # bound without a probe
+    assert (DEC, WHAT) in report.deeper and not report.probes
+    assert "forward" in vars(unverified.model.transformer_module.decoder)
     pred = model.model.transformer_module.decoder.mask_predictor
     original = type(pred).forward
 
