@@ -65,6 +65,16 @@ def seg_accuracy(pred: torch.Tensor, target: torch.Tensor, ignore_index: int) ->
     return correct * (100.0 / (valid.sum().item() + eps))
 
 
+def _to_fp32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if isinstance(x, dict):
+        return {k: _to_fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    return x
+
+
 def _trunc_normal_init(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -182,6 +192,7 @@ class _ATMBase(nn.Module):
         """seg_logit: the training dict; seg_label (B, 1, H, W) or (B, H, W). Weighted ATM losses + acc_seg."""
         if seg_label.dim() == 4:
             seg_label = seg_label.squeeze(1)
+        seg_logit = _to_fp32(seg_logit)  # the official @force_fp32(apply_to=('seg_logit',))
         loss = self.loss_decode(seg_logit, seg_label, ignore_index=self.ignore_index)
         with torch.no_grad():
             loss["acc_seg"] = seg_accuracy(seg_logit["pred"], seg_label, self.ignore_index)
