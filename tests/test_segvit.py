@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import TransformerDecoder, TransformerDecoderLayer
 
-from fastseg.models import (ATMHead, ATMLoss, TPNATMHead, ViTShrink, ViTShrunkPlus, VisionTransformer, build_segvit,
+from fastseg.models import (ATMHead, ATMLoss, ATMSingleHead, TPNATMHead, ViTShrink, ViTShrunkPlus, VisionTransformer, build_segvit,
                             segvit_vit_b)
 from fastseg.models.atm_head import d3_to_d4
 from fastseg.models.vit_shrunk_plus import edge_targets
@@ -278,6 +278,22 @@ def test_tpn_atm_head_matches_official_transcription():
     _assert_same_out(ours(inputs), off(inputs))
 
 
+def test_atm_single_head_lateral_fusion_matches_official_transcription():
+    torch.manual_seed(2)
+    K, C, D = 3, 8, 8
+    ours = ATMSingleHead(32, C, embed_dims=D, num_layers=2, num_heads=2, use_stages=2, num_classes=K)
+    off = _OffATMHead(32, C, D, 2, 2, 2, K, single=True)
+    sd = ours.state_dict()
+    assert list(sd.keys()) == list(off.state_dict().keys())
+    off.load_state_dict(sd, strict=True)
+    ours, off = _no_dropout(ours).double().train(), _no_dropout(off).double().train()
+    # stages shallow -> deep: 4x4 and 2x2; the deep lateral is nearest-upsampled onto the shallow one
+    inputs = [torch.randn(2, C, 4, 4, dtype=torch.float64), torch.randn(2, C, 2, 2, dtype=torch.float64)]
+    out = ours(inputs)
+    _assert_same_out(out, off(inputs))
+    assert len(out["aux_outputs"]) == 2 * 2 - 1  # every layer of both decoders predicts
+
+
 def test_official_key_names_and_init():
     torch.manual_seed(0)
     m = segvit_vit_b(num_classes=150, img_size=64, num_layers=2, out_indices=[0, 1], init=True)
@@ -480,6 +496,24 @@ def test_shrink_backbones_shapes():
     vs = ViTShrink(shrink_idx=2, img_size=64, embed_dims=16, num_layers=4, num_heads=2, out_indices=[1, 2, 3],
                    with_cls_token=False).eval()
     assert [tuple(o.shape) for o in vs(img)] == [(2, 16, 16), (2, 4, 16), (2, 4, 16)]
+    # the official vit_shrink forward, transcribed (its ShrinkLayer calls written out on our layer's modules)
+    x, hw_shape = vs.patch_embed(img)
+    x = torch.cat((vs.cls_token.expand(2, -1, -1), x), dim=1)
+    x = vs._pos_embeding(x, hw_shape, vs.pos_embed)[:, 1:]
+    ref = []
+    for i, layer in enumerate(vs.layers):
+        if i == 2:
+            n, hw, c = x.shape
+            h = w = int(math.sqrt(hw))
+            down_x = x.transpose(1, 2).reshape(n, c, h, w)[:, :, ::2, ::2].reshape(n, c, hw // 4).transpose(2, 1)
+            x = layer.attn(query=layer.ln1(down_x), key=layer.ln1(x), value=layer.ln1(x), identity=down_x)
+            x = layer.ffn(layer.ln2(x), identity=x)
+        else:
+            x = layer(x)
+        if i in (1, 2, 3):
+            ref.append(x)
+    for a, b in zip(vs(img), ref):
+        torch.testing.assert_close(a, b)
     # the shrink layer's queries are the tokens of every second row / column
     x = torch.randn(1, 16, 16)
     from fastseg.models.vit import shrink_tokens
