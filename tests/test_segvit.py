@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import TransformerDecoder, TransformerDecoderLayer
 
-from fastseg.models import (ATMHead, ATMLoss, ATMSingleHead, TPNATMHead, ViTShrink, ViTShrunkPlus, VisionTransformer, build_segvit,
-                            segvit_vit_b)
+from fastseg.models import (ATMHead, ATMLoss, ATMSingleHead, TPNATMHead, ViTShrink, ViTShrunkPlus, VisionTransformer,
+                            build_segvit, segvit_vit_b)
 from fastseg.models.atm_head import d3_to_d4
 from fastseg.models.vit_shrunk_plus import edge_targets
 from fastseg.reference import ATMAttention
