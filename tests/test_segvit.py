@@ -329,6 +329,26 @@ def test_official_key_names_and_init():
     assert float(sd["decode_head.loss_decode.criterion.empty_weight"][-1]) == pytest.approx(0.1)
 
 
+def test_load_checkpoint_with_official_head_keys():
+    from fastseg.models import CheckpointMismatchError
+    from fastseg.models.segvit import load_segvit_checkpoint
+
+    torch.manual_seed(0)
+    m = build_segvit("t", num_classes=3, img_size=32, num_layers=2, embed_dims=16, num_heads=2, head_dims=8,
+                     head_heads=2, head_layers=1, out_indices=[0, 1])
+    off = _OffATMHead(32, 16, 8, 1, 2, 2, 3)  # the transcribed official head supplies the decode_head keys
+    sd = {"module.decode_head." + k: v for k, v in off.state_dict().items()}
+    sd.update({"module.backbone." + k: torch.randn_like(v) for k, v in m.backbone.state_dict().items()})
+    rep = load_segvit_checkpoint(m, {"meta": {}, "state_dict": sd})
+    assert not rep["missing"] and not rep["unexpected"]
+    torch.testing.assert_close(m.decode_head.q.weight, off.q.weight)
+    sd["module.decode_head.q.weight"] = torch.zeros(5, 8)
+    sd["module.decode_head.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_segvit_checkpoint(m, {"state_dict": sd})
+    assert e.value.unexpected == ["decode_head.extra"] and e.value.mismatched[0][0] == "decode_head.q.weight"
+
+
 def _timm_vit_keys(depth):
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
             "head.weight", "head.bias"]

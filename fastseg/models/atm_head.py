@@ -3,8 +3,8 @@
 
 * :class:`TPNDecoderLayer`: ``nn.TransformerDecoderLayer`` (post-norm, ReLU, dropout 0.1) whose cross-attention
   ``multihead_attn`` is :class:`fastseg.reference.ATMAttention` (``qkv_bias=True``, ``attn_drop=0.1``); returns
-  ``(tgt, attn)`` with attn (B, K, HW) the head-mean pre-softmax logits. ``fastseg.patch`` swaps that
-  attribute for the fused ATM attention.
+  ``(tgt, attn)`` with attn (B, K, HW) the head-mean pre-softmax logits. That attribute is what the fused ATM
+  attention's drop-in (same state_dict) replaces through ``fastseg.patch``.
 * :class:`TPNDecoder`: ``nn.TransformerDecoder`` of those layers; the last layer's ``(output, attn)``, or every
   layer's (``return_intermediate=True``, the ``atm_single_head.py`` variant).
 * :class:`ATMHead`: per used stage (deepest first) ``input_proj_i`` (Linear) + ``proj_norm_i`` (LayerNorm) +

@@ -1,7 +1,8 @@
 """SegViT models: a plain ViT backbone + an ATM head, as mmseg's ``EncoderDecoder`` with SegViT's configs.
 
 * :class:`SegViT`: ``backbone`` + ``decode_head`` (the names of mmseg's ``EncoderDecoder``, so SegViT checkpoints'
-  ``backbone.*`` / ``decode_head.*`` keys load, ``decode_head.loss_decode.criterion.empty_weight`` included).
+  ``backbone.*`` / ``decode_head.*`` keys load, ``decode_head.loss_decode.criterion.empty_weight`` included;
+  :func:`load_segvit_checkpoint`).
   ``forward(img)`` -> class scores (B, K, H, W) at the input size (mmseg's ``encode_decode``: the head's
   ``pred`` at ``img_size``, bilinearly resized); ``forward(img, label)`` -> weighted losses (training mode);
   :meth:`SegViT.slide_inference` (the configs' ``test_cfg`` mode ``slide``) and :meth:`SegViT.predict`
@@ -27,7 +28,7 @@ from .vit import ViTShrink, VisionTransformer
 from .vit_shrunk_plus import ViTShrunkPlus, edge_loss, edge_targets
 
 __all__ = ["SegViT", "segvit_vit_t", "segvit_vit_s", "segvit_vit_b", "segvit_vit_l", "build_segvit",
-           "SEGVIT_SIZES", "strip_official_prefix"]
+           "SEGVIT_SIZES", "load_segvit_checkpoint"]
 
 # name: (embed_dims, num_layers, num_heads, drop_path_rate)
 SEGVIT_SIZES = {"t": (192, 12, 3, 0.1), "s": (384, 12, 6, 0.1), "b": (768, 12, 12, 0.1), "l": (1024, 24, 16, 0.3)}
@@ -173,8 +174,26 @@ def build_segvit(size: str = "b", num_classes: int = 150, img_size: int = 512, s
     return _build(size, num_classes, img_size, structure, **kw)
 
 
-def strip_official_prefix(state_dict: dict) -> dict:
-    """An mmseg SegViT checkpoint (``{"state_dict": ...}`` or the dict itself) -> the keys of :class:`SegViT`
-    (they are the same; this unwraps ``state_dict`` and drops a DDP ``module.`` prefix)."""
-    sd = state_dict.get("state_dict", state_dict)
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+def load_segvit_checkpoint(model: SegViT, checkpoint, strict: bool = True) -> dict:
+    """Load an official SegViT (mmseg) checkpoint — a path, ``{"state_dict": ...}`` / ``{"model": ...}`` or the
+    flat dict — into ``model``. The names are the official ones, so no key is renamed; a DDP ``module.`` prefix
+    is dropped. ``strict``: raise :class:`~fastseg.models.CheckpointMismatchError` naming the missing /
+    unexpected / shape-mismatched keys (else load what fits and return them). Returns
+    ``{"loaded", "missing", "unexpected", "mismatched"}``."""
+    from .checkpoints import CheckpointMismatchError, read_checkpoint
+
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in read_checkpoint(checkpoint).items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
+                  if k in sd and sd[k].shape != own[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        raise CheckpointMismatchError(
+            f"SegViT checkpoint does not fit: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:3]}), {len(mismatched)} shape mismatches (e.g. {mismatched[:2]})",
+            missing, unexpected, mismatched)
+    bad = {m[0] for m in mismatched}
+    fit = {k: v for k, v in sd.items() if k in own and k not in bad}
+    model.load_state_dict(fit, strict=False)
+    return {"loaded": list(fit), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
