@@ -12,6 +12,9 @@
 * CAC (context-aware classifier, reference only): :class:`FCNHeadCAC`, :class:`UPerHeadCAC`,
   :class:`DepthwiseSeparableASPPHeadCAC`, :class:`LightHamHeadCAC`, :class:`CACSegmentor`, :func:`segnext_t_cac` ....
 * ECENet (reference only): :class:`ECENetHead`, :class:`ECENetSegmentor`, :func:`mscan_t_ecenet` ....
+* SegViT (reference): :func:`segvit_vit_t` / ``_s`` / ``_b`` / ``_l`` / :func:`build_segvit` (``structure=
+  "plain" | "shrunk" | "shrunk++"``), :class:`SegViT`, :class:`ATMHead`, :class:`TPNATMHead`, :class:`ATMLoss`,
+  the mmseg-named :class:`VisionTransformer` / :class:`ViTShrink`, SegViTv2's :class:`ViTShrunkPlus`.
 * :class:`TinyResNet`: small backbone for tests.
 """
 from .backbones import TinyResNet, backbone_from_name
@@ -29,6 +32,11 @@ from .maskformer import MaskFormer, build_maskformer
 from .matcher import HungarianMatcher
 from .mscan import MSCAN, mscan_b, mscan_l, mscan_s, mscan_t, use_fused_msca
 from .pixel_decoder import BasePixelDecoder, MSDeformAttnPixelDecoder
+from .atm_head import ATMHead, ATMSingleHead, TPNATMHead, TPNDecoder, TPNDecoderLayer
+from .atm_loss import ATMLoss
+from .segvit import SegViT, build_segvit, segvit_vit_b, segvit_vit_l, segvit_vit_s, segvit_vit_t
+from .vit import ViTShrink, VisionTransformer
+from .vit_shrunk_plus import ViTShrunkPlus
 from . import fused, inference
 
 __all__ = [
@@ -42,4 +50,7 @@ __all__ = [
     "CACSegmentor", "FCNHeadCAC", "UPerHeadCAC", "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC",
     "segnext_t_cac", "segnext_s_cac", "segnext_b_cac", "segnext_l_cac",
     "ECENetHead", "ECENetSegmentor", "mscan_t_ecenet", "mscan_s_ecenet", "mscan_b_ecenet", "mscan_l_ecenet",
+    "ATMHead", "ATMSingleHead", "TPNATMHead", "TPNDecoder", "TPNDecoderLayer", "ATMLoss", "SegViT", "build_segvit",
+    "segvit_vit_t", "segvit_vit_s", "segvit_vit_b", "segvit_vit_l", "VisionTransformer", "ViTShrink",
+    "ViTShrunkPlus",
 ]
