@@ -174,15 +174,24 @@ def _acc(x):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+#: interpreter block sizes (few, large programs: the interpreter's cost is per op); tests shrink them to
+#: cover several tiles, halos and chunks
+INTERPRETER_BLOCKS = {"BP": 4096, "BI": 32, "BJ": 32, "BO": 64}
+
+
 def _fwd_block(HW: int) -> int:
-    # sm_90 (ptxas): see docs/models.md "MaskFormer fused training" for registers/spills; not tuned on a GPU
-    return min(triton.next_power_of_2(max(HW, 16)), 256 if interpreter_enabled() else 1024)
+    # sm_90 (ptxas, 4 warps, BP=1024): 77 registers (bf16) / 78 (fp32), 0 spills. Not tuned on a GPU.
+    cap = INTERPRETER_BLOCKS["BP"] if interpreter_enabled() else 1024
+    return min(triton.next_power_of_2(max(HW, 16)), cap)
 
 
-def _bwd_blocks(h: int, w: int):
+def _bwd_blocks():
+    """(BI, BJ, BO, num_stages). sm_90 (ptxas, 4 warps, 128x256 -> 512x1024): 128 registers, 0 spills in bf16
+    and fp32 (num_stages=1; the default 3 pipelines the gathers and spills in fp32). Not tuned on a GPU."""
     if interpreter_enabled():
-        return 16, 16, 16
-    return 32, 32, 32
+        b = INTERPRETER_BLOCKS
+        return b["BI"], b["BJ"], b["BO"], 1
+    return 32, 32, 16, 1
 
 
 def _target_view(targets: torch.Tensor) -> torch.Tensor:
@@ -211,12 +220,12 @@ def mask_loss_bwd(x, targets, rows, g, alpha: float, gamma: float, out_dtype=Non
     T, h, w = x.shape
     H, W = targets.shape[1:]
     acc_tl, _ = _acc(x)
-    BI, BJ, BO = _bwd_blocks(h, w)
+    BI, BJ, BO, stages = _bwd_blocks()
     n_ti, n_tj = triton.cdiv(h, BI), triton.cdiv(w, BJ)
     dx = torch.empty(T, h, w, dtype=out_dtype or x.dtype, device=x.device)
     tg = _target_view(targets)
     record_launch("mask_loss_bwd")
     _mask_loss_bwd_kernel[(T, n_ti, n_tj)](x, tg, rows, g, dx, h, w, H, W, *x.stride(), *tg.stride(), n_ti,
                                            n_tj, float(alpha), USE_ALPHA=alpha >= 0, GAMMA=float(gamma), ACC=acc_tl,
-                                           BI=BI, BJ=BJ, BO=BO, num_warps=4)
+                                           BI=BI, BJ=BJ, BO=BO, num_warps=4, num_stages=stages)
     return dx
