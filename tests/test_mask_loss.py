@@ -173,7 +173,8 @@ def test_set_fused_matches_reference(fused_matcher, device, triton_launches):
     ref = build_maskformer("tiny", 4, **{**TINY, "dropout": 0.0}).to(device, torch.float64).train()
     model = copy.deepcopy(ref)
     params = list(model.parameters())
-    assert model.set_fused(True) is model and model.fused and model.criterion.matcher.fused
+    assert model.set_fused(True) is model and model.fused
+    assert getattr(model.criterion.matcher, "fused", False) is FUSED_MATCHER
     model.criterion.matcher.fused = fused_matcher  # False: the reference matcher gets stride-4 logits
     assert all(a is b for a, b in zip(params, model.parameters()))  # same parameter objects
     assert all(layer.multihead_attn.need_weights_default is False

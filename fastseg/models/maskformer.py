@@ -349,7 +349,8 @@ class MaskFormer(nn.Module):
 
         * predictor outputs ``pred_embeds`` + ``mask_features`` instead of ``pred_masks`` (no (L, B, Q, H/4,
           W/4) mask logits); the criterion's mask losses run :func:`fastseg.ops.mask_losses_from_embeddings`;
-          ``criterion.matcher.fused`` is set (the matcher's fused costs).
+          ``criterion.matcher.fused`` is set where the matcher has that attribute (its fused costs; a matcher
+          without it is handed the stride-4 logits, built under no_grad for the call).
         * the decoder layers' cross-attention (``multihead_attn``) becomes :class:`fastseg.nn.MaskedCrossAttention`
           in place (its class changes; the same parameter tensors, so optimizers keep them) with
           ``need_weights_default = False`` (the layer discards the weights); attention dropout is fused (a
@@ -358,7 +359,8 @@ class MaskFormer(nn.Module):
         fused = bool(fused)
         self.predictor.fused = fused
         self.criterion.fused = fused
-        self.criterion.matcher.fused = fused
+        if hasattr(self.criterion.matcher, "fused"):  # a matcher without fused costs gets stride-4 logits
+            self.criterion.matcher.fused = fused
         self._set_fused_attention(fused)
         return self
 
