@@ -107,7 +107,7 @@ def _prep(fused: bool):
 
 
 def _memprof_shape(q, h, w, b, extra):
-    return {**SHAPE_KEYS, "B": b, "Q": q, "H": h, "W": w, **extra}
+    return {**SHAPE_KEYS, "B": b, "Q": q, "H": h, "W": w, **{k: v for k, v in extra.items() if k in SHAPE_KEYS}}
 
 
 def _analytic(s, dtype):
