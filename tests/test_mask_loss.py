@@ -164,18 +164,59 @@ def _step(model, x, targets):
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fused_matcher", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not FUSED_MATCHER, reason="MaskFormerMatcher(fused=...) is not in this build"))])
-def test_set_fused_matches_reference(fused_matcher, device, triton_launches):
+def test_fused_criterion_with_a_matcher_without_fused_costs(device, triton_launches):
+    """Fused outputs (embeddings + mask features) and a matcher that reads ``pred_masks``: the criterion hands
+    it the stride-4 logits; every loss and gradient as the reference criterion on the full logits."""
+    torch.manual_seed(0)
+    model = build_maskformer("tiny", 4, **TINY).to(device, torch.float64)
+    crit_r = model.criterion
+    crit_f = copy.deepcopy(crit_r)
+    crit_f.fused = True
+    crit_f.matcher = _MatcherWithoutFused(crit_r.matcher)
+    _, targets = _batch(torch.float64)
+    g = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True),  # (L, B, Q, K+1)
+              torch.randn(3, 2, 5, 32, generator=g, dtype=torch.float64, requires_grad=True),  # embeddings
+              torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)]  # mask features
+    cls, emb, feats = (t.to(device) for t in leaves)
+    masks = torch.einsum("lbqc,bchw->lbqhw", emb, feats)
+    ref = {"pred_logits": cls[-1], "pred_masks": masks[-1],
+           "aux_outputs": [{"pred_logits": cls[i], "pred_masks": masks[i]} for i in range(2)]}
+    fused = {"pred_logits": cls[-1], "pred_embeds": emb[-1], "mask_features": feats,
+             "aux_outputs": [{"pred_logits": cls[i], "pred_embeds": emb[i], "mask_features": feats} for i in range(2)]}
+    losses_r, losses_f = crit_r(ref, targets), crit_f(fused, targets)
+    assert sorted(losses_r) == sorted(losses_f) and len(losses_r) == 9
+    for k in losses_r:
+        assert_close(losses_f[k], losses_r[k], 1e-10, k)
+    w = torch.rand(len(losses_r), generator=g, dtype=torch.float64)
+    grads_r = torch.autograd.grad(sum(wi * losses_r[k] for wi, k in zip(w, sorted(losses_r))), leaves)
+    grads_f = torch.autograd.grad(sum(wi * losses_f[k] for wi, k in zip(w, sorted(losses_f))), leaves)
+    for name, a, b in zip(("d class logits", "d embeddings", "d mask features"), grads_f, grads_r):
+        assert_close(a, b, 1e-9, name)
+    assert crit_f.matcher.calls == 3 and triton_launches["mask_loss_fwd"] == 3
+
+
+class _MatcherWithoutFused(nn.Module):
+    def __init__(self, matcher):
+        super().__init__()
+        self.inner = matcher
+        self.calls = 0
+
+    def forward(self, outputs, targets):
+        self.calls += 1
+        return self.inner.forward(outputs, targets)
+
+
+def test_set_fused_matches_reference(device, triton_launches):
     """fp64, dropout 0 (the fused attention dropout draws other random numbers): the same losses and every
-    parameter gradient as the reference path; the mask loss and attention kernels ran."""
+    parameter gradient as the reference path, with the fused matcher where the build has it; the mask loss
+    and attention kernels ran."""
     torch.manual_seed(0)
     ref = build_maskformer("tiny", 4, **{**TINY, "dropout": 0.0}).to(device, torch.float64).train()
     model = copy.deepcopy(ref)
     params = list(model.parameters())
     assert model.set_fused(True) is model and model.fused
     assert getattr(model.criterion.matcher, "fused", False) is FUSED_MATCHER
-    model.criterion.matcher.fused = fused_matcher  # False: the reference matcher gets stride-4 logits
     assert all(a is b for a, b in zip(params, model.parameters()))  # same parameter objects
     assert all(layer.multihead_attn.need_weights_default is False
                for layer in model.predictor.transformer.decoder_layers)
