@@ -130,7 +130,7 @@ def test_torch_path_and_errors(device):
     fused = mask_losses(x, targets, 1.0)
     for a, b in zip(plain, fused):
         assert_close(a, b, TOL[EXACT])
-    empty = mask_losses(torch.zeros(0, 4, 5, dtype=EXACT, requires_grad=True), targets[:0], 1.0)
+    empty = mask_losses(torch.zeros(0, 4, 5, dtype=EXACT, device=device, requires_grad=True), targets[:0], 1.0)
     assert all(v.item() == 0 for v in empty)
     with pytest.raises(ValueError, match="one mask per pair"):
         mask_losses(x, targets[:1], 1.0)
@@ -139,11 +139,14 @@ def test_torch_path_and_errors(device):
     with pytest.raises(ValueError, match=r"\(T, h, w\)"):
         mask_losses(x[0], targets, 1.0)
     with pytest.raises(ValueError, match="batch_idx must be in"):
-        mask_losses_from_embeddings(torch.randn(2, 3, dtype=EXACT), torch.randn(1, 3, 4, 5, dtype=EXACT),
-                                    torch.tensor([0, 1]), targets, 1.0)
+        mask_losses_from_embeddings(torch.randn(2, 3, dtype=EXACT, device=device),
+                                    torch.randn(1, 3, 4, 5, dtype=EXACT, device=device), torch.tensor([0, 1]), targets,
+                                    1.0)
 
 
 # ------------------------------------------------------------------------------------- MaskFormer.set_fused
+LOSS_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+GRAD_TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 TINY = dict(hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, dec_layers=2, conv_dim=32, mask_dim=32)
 FUSED_MATCHER = "fused" in inspect.signature(MaskFormerMatcher.__init__).parameters
 
@@ -168,17 +171,18 @@ def test_fused_criterion_with_a_matcher_without_fused_costs(device, triton_launc
     """Fused outputs (embeddings + mask features) and a matcher that reads ``pred_masks``: the criterion hands
     it the stride-4 logits; every loss and gradient as the reference criterion on the full logits."""
     torch.manual_seed(0)
-    model = build_maskformer("tiny", 4, **TINY).to(device, torch.float64)
+    model = build_maskformer("tiny", 4, **TINY).to(device, EXACT)
     crit_r = model.criterion
     crit_f = copy.deepcopy(crit_r)
     crit_f.fused = True
     crit_f.matcher = _MatcherWithoutFused(crit_r.matcher)
-    _, targets = _batch(torch.float64)
+    _, targets = _batch(EXACT)
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     g = torch.Generator().manual_seed(6)
-    leaves = [torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True),  # (L, B, Q, K+1)
-              torch.randn(3, 2, 5, 32, generator=g, dtype=torch.float64, requires_grad=True),  # embeddings
-              torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)]  # mask features
-    cls, emb, feats = (t.to(device) for t in leaves)
+    leaves = [torch.randn(3, 2, 5, 5, generator=g, dtype=EXACT).to(device).requires_grad_(),  # (L, B, Q, K+1)
+              torch.randn(3, 2, 5, 32, generator=g, dtype=EXACT).to(device).requires_grad_(),  # embeddings
+              torch.randn(2, 32, 16, 16, generator=g, dtype=EXACT).to(device).requires_grad_()]  # mask features
+    cls, emb, feats = leaves
     masks = torch.einsum("lbqc,bchw->lbqhw", emb, feats)
     ref = {"pred_logits": cls[-1], "pred_masks": masks[-1],
            "aux_outputs": [{"pred_logits": cls[i], "pred_masks": masks[i]} for i in range(2)]}
@@ -187,12 +191,12 @@ def test_fused_criterion_with_a_matcher_without_fused_costs(device, triton_launc
     losses_r, losses_f = crit_r(ref, targets), crit_f(fused, targets)
     assert sorted(losses_r) == sorted(losses_f) and len(losses_r) == 9
     for k in losses_r:
-        assert_close(losses_f[k], losses_r[k], 1e-10, k)
-    w = torch.rand(len(losses_r), generator=g, dtype=torch.float64)
+        assert_close(losses_f[k], losses_r[k], LOSS_TOL[EXACT], k)
+    w = torch.rand(len(losses_r), generator=g, dtype=EXACT).to(device)
     grads_r = torch.autograd.grad(sum(wi * losses_r[k] for wi, k in zip(w, sorted(losses_r))), leaves)
     grads_f = torch.autograd.grad(sum(wi * losses_f[k] for wi, k in zip(w, sorted(losses_f))), leaves)
     for name, a, b in zip(("d class logits", "d embeddings", "d mask features"), grads_f, grads_r):
-        assert_close(a, b, 1e-9, name)
+        assert_close(a, b, GRAD_TOL[EXACT], name)
     assert crit_f.matcher.calls == 3 and triton_launches["mask_loss_fwd"] == 3
 
 
@@ -208,11 +212,11 @@ class _MatcherWithoutFused(nn.Module):
 
 
 def test_set_fused_matches_reference(device, triton_launches):
-    """fp64, dropout 0 (the fused attention dropout draws other random numbers): the same losses and every
-    parameter gradient as the reference path, with the fused matcher where the build has it; the mask loss
+    """fp64 (fp32 on a GPU), dropout 0 (the fused attention dropout draws other random numbers): the same losses and
+    every parameter gradient as the reference path, with the fused matcher where the build has it; the mask loss
     and attention kernels ran."""
     torch.manual_seed(0)
-    ref = build_maskformer("tiny", 4, **{**TINY, "dropout": 0.0}).to(device, torch.float64).train()
+    ref = build_maskformer("tiny", 4, **{**TINY, "dropout": 0.0}).to(device, EXACT).train()
     model = copy.deepcopy(ref)
     params = list(model.parameters())
     assert model.set_fused(True) is model and model.fused
@@ -220,17 +224,17 @@ def test_set_fused_matches_reference(device, triton_launches):
     assert all(a is b for a, b in zip(params, model.parameters()))  # same parameter objects
     assert all(layer.multihead_attn.need_weights_default is False
                for layer in model.predictor.transformer.decoder_layers)
-    x, targets = _batch(torch.float64)
+    x, targets = _batch(EXACT)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     losses_r, grads_r = _step(ref, x.to(device), targets)
     triton_launches.clear()
     losses_f, grads_f = _step(model, x.to(device), targets)
     assert sorted(losses_f) == sorted(losses_r)
     for k in losses_r:
-        assert_close(losses_f[k], losses_r[k], 1e-10, k)
+        assert_close(losses_f[k], losses_r[k], LOSS_TOL[EXACT], k)
     assert sorted(grads_f) == sorted(grads_r)
     for k in grads_r:
-        assert_close(grads_f[k], grads_r[k], 1e-8, k)
+        assert_close(grads_f[k], grads_r[k], GRAD_TOL[EXACT], k)
     assert triton_launches["mask_loss_fwd"] == 2 and triton_launches["mask_loss_bwd"] == 2
     assert triton_launches["masked_attention_fwd"] == 2
     model.eval()
@@ -239,7 +243,7 @@ def test_set_fused_matches_reference(device, triton_launches):
         assert "pred_masks" not in out and out["pred_embeds"].shape == (2, 5, 32)
         sem_f = model.semantic_inference(out, (64, 64))
         sem_r = ref.eval().semantic_inference(ref(x.to(device)), (64, 64))
-    assert_close(sem_f[0], sem_r[0], 1e-10, "semantic inference")
+    assert_close(sem_f[0], sem_r[0], LOSS_TOL[EXACT], "semantic inference")
     model.set_fused(False)
     assert not model.fused and all(type(layer.multihead_attn) is nn.MultiheadAttention
                                    for layer in model.predictor.transformer.decoder_layers)
