@@ -102,6 +102,17 @@ def test_bf16_logits_accumulate_in_fp32(device, triton_launches):
     assert_close(out[1], ref[1], 1e-5, "loss_dice")
     assert_close(out[2].float(), ref[2], 1e-2, "d logits (focal)")  # rounded to bf16 once
     assert_close(out[3].float(), ref[3], 1e-2, "d logits (dice)")
+    # embeddings under autocast: cast to bf16 first (as the reference's einsum), fp32 gradients to fp32 leaves
+    e = torch.randn(3, 8, device=device, requires_grad=True)
+    f = torch.randn(1, 8, 7, 6, device=device, requires_grad=True)
+    with torch.autocast(device if isinstance(device, str) else device.type, dtype=torch.bfloat16):
+        got = mask_losses_from_embeddings(e, f, torch.zeros(3, dtype=torch.long), targets, 2.0)
+    want = _official(matched_logits(e.bfloat16(), f.bfloat16(), torch.zeros(3, dtype=torch.long)).float(), targets,
+                     2.0)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert_close(a, b, 1e-5)
+    assert_close(torch.autograd.grad(sum(got), e)[0], torch.autograd.grad(sum(want), e)[0], 2e-2, "d embeds")
 
 
 def test_from_embeddings(device, triton_launches):

@@ -289,7 +289,7 @@ class MaskFormerCriterion(SetCriterion):
         B, T_max = padded.shape[:2]
         flat = padded.flatten(0, 1)
         ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
-        rows = (tgt_idx[0] * T_max + tgt_idx[1]).to(flat.device)
+        rows = tgt_idx[0] * T_max + tgt_idx[1]  # on the CPU (validated without a device sync)
         flat = flat.to(ref.device)
         if "pred_masks" in outputs:
             loss_mask, loss_dice = ops.mask_losses(outputs["pred_masks"][src_idx], flat, num_masks, rows)

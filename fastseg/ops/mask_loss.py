@@ -56,11 +56,13 @@ def _groups(batch_idx: torch.Tensor, B: int, device) -> list:
 
 
 def _logits(embeds, features, groups):
+    """Matched logits in the inputs' dtype (autocast off: forward and backward recompute the same numbers)."""
     T = embeds.shape[0]
     _, C, h, w = features.shape
     out = features.new_empty(T, h, w)
-    for b, sel in groups:
-        out[sel] = (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)
+    with torch.autocast(features.device.type, enabled=False):
+        for b, sel in groups:
+            out[sel] = (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)
     return out
 
 
@@ -142,12 +144,13 @@ def _check_targets(op, targets, T, target_rows, device):
             raise ValueError(f"{op}: without target_rows, targets needs one mask per pair ({T}), got "
                              f"{targets.shape[0]}")
         rows = torch.arange(T, device=device, dtype=torch.int64)
-    else:
-        rows = torch.as_tensor(target_rows, device=device).long().reshape(-1)
+    else:  # validated where it lives (pass CPU rows to avoid a device sync), then moved
+        rows = torch.as_tensor(target_rows).long().reshape(-1)
         if rows.numel() != T:
             raise ValueError(f"{op}: target_rows must have one entry per pair ({T}), got {rows.numel()}")
         if T and (int(rows.min()) < 0 or int(rows.max()) >= targets.shape[0]):
             raise ValueError(f"{op}: target_rows must be in [0, {targets.shape[0]})")
+        rows = rows.to(device)
     return rows.contiguous()
 
 
@@ -218,12 +221,16 @@ def mask_losses_from_embeddings(embeds: torch.Tensor, features: torch.Tensor, ba
                                 targets: torch.Tensor, num_masks: float, target_rows=None, alpha: float = 0.25,
                                 gamma: float = 2.0):
     """Same as ``mask_losses(matched_logits(embeds, features, batch_idx), targets, ...)`` without keeping the
-    (T, h, w) logits: embeds (T, C), features (B, C, h, w), batch_idx (T,) image of each pair."""
+    (T, h, w) logits: embeds (T, C), features (B, C, h, w), batch_idx (T,) image of each pair. Under autocast both
+    are cast to the autocast dtype first (as the reference's einsum)."""
     op = "mask_losses_from_embeddings"
     if embeds.dim() != 2 or features.dim() != 4 or embeds.shape[1] != features.shape[1]:
         raise ValueError(f"{op}: embeds (T, C) and features (B, C, h, w) must share C, got "
                          f"{tuple(embeds.shape)} and {tuple(features.shape)}")
-    if embeds.dtype != features.dtype:
+    if torch.is_autocast_enabled(features.device.type):  # as the reference's einsum under autocast
+        dt = torch.get_autocast_dtype(features.device.type)
+        embeds, features = embeds.to(dt), features.to(dt)
+    elif embeds.dtype != features.dtype:
         raise TypeError(f"{op}: embeds and features must share a dtype, got {embeds.dtype} / {features.dtype}")
     batch_idx = torch.as_tensor(batch_idx).reshape(-1)
     if batch_idx.numel() != embeds.shape[0]:
