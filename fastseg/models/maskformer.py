@@ -268,6 +268,13 @@ class MaskFormerCriterion(SetCriterion):
     def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses=("labels", "masks")):
         super().__init__(num_classes, matcher, weight_dict, eos_coef, losses)
         self.fused = False
+        self._padded = None  # fused path: one padded copy of the targets for every layer of a forward
+
+    def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
+        try:
+            return super().forward(outputs, targets, return_indices)
+        finally:
+            self._padded = None
 
     def loss_masks(self, outputs, targets, indices, num_masks):
         src_idx = self._get_src_permutation_idx(indices)
@@ -285,12 +292,12 @@ class MaskFormerCriterion(SetCriterion):
     def _fused_loss_masks(self, outputs, targets, src_idx, tgt_idx, num_masks):
         from .. import ops
 
-        padded = pad_target_masks([t["masks"] for t in targets])  # (B, T_max, H, W), the masks' dtype
-        B, T_max = padded.shape[:2]
-        flat = padded.flatten(0, 1)
         ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
+        if self._padded is None or self._padded[0] is not targets:
+            padded = pad_target_masks([t["masks"] for t in targets])  # (B, T_max, H, W), the masks' dtype
+            self._padded = (targets, padded.flatten(0, 1).to(ref.device), padded.shape[1])
+        _, flat, T_max = self._padded  # one copy for every layer (and what their losses save)
         rows = tgt_idx[0] * T_max + tgt_idx[1]  # on the CPU (validated without a device sync)
-        flat = flat.to(ref.device)
         if "pred_masks" in outputs:
             loss_mask, loss_dice = ops.mask_losses(outputs["pred_masks"][src_idx], flat, num_masks, rows)
         else:
