@@ -145,6 +145,8 @@ def test_torch_path_and_errors(device):
     assert all(v.item() == 0 for v in empty)
     with pytest.raises(ValueError, match="one mask per pair"):
         mask_losses(x, targets[:1], 1.0)
+    with pytest.raises(ValueError, match="no gradient flows to the targets"):
+        mask_losses(x, targets.to(EXACT).requires_grad_(), 1.0)
     with pytest.raises(ValueError, match="target_rows must be in"):
         mask_losses(x, targets, 1.0, target_rows=[0, 2])
     with pytest.raises(ValueError, match=r"\(T, h, w\)"):

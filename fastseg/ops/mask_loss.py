@@ -139,6 +139,8 @@ def _check_targets(op, targets, T, target_rows, device):
         raise ValueError(f"{op}: targets must be (N, H, W), got {tuple(getattr(targets, 'shape', ()))}")
     if targets.is_complex():
         raise TypeError(f"{op}: targets must be bool, integer or float, got {targets.dtype}")
+    if targets.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: no gradient flows to the targets; pass targets.detach()")
     if target_rows is None:
         if targets.shape[0] != T:
             raise ValueError(f"{op}: without target_rows, targets needs one mask per pair ({T}), got "
