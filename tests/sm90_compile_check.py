@@ -13,18 +13,21 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
-                             partial_sums, upsample_ce)
+from fastseg.kernels import (attention_mask, context_cluster, mask_loss, masked_attention, mlp_dwconv, ms_deform_attn,
+                             msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                     scalars: dict | None = None):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap @triton.autotune
         fn = fn.fn
+    scalars = scalars or {}
     sig = {a: "constexpr" if a in constexprs else ("*" + pointers[a] if a in pointers else
-                                                   ("fp32" if "scale" in a else "i32")) for a in fn.arg_names}
+                                                   scalars.get(a, "fp32" if "scale" in a else "i32"))
+           for a in fn.arg_names}
     t = time.time()
     triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=constexprs), target=TARGET,
                    options={"num_warps": num_warps, "num_stages": num_stages})
@@ -92,6 +95,14 @@ def main():
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
     compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
+
+    L = mask_loss  # MaskFormer's upsample + focal + dice (targets uint8), at the launchers' GPU blocks
+    c = dict(USE_ALPHA=True, GAMMA=2.0, ACC=tl.float32)
+    compile_for_sm90(L._mask_loss_fwd_kernel, {"x_ptr": dt, "t_ptr": "u8", "rows_ptr": "i64", "part_ptr": "fp32"},
+                     dict(c, BP=1024), scalars={"alpha": "fp32"})
+    compile_for_sm90(L._mask_loss_bwd_kernel, {"x_ptr": dt, "t_ptr": "u8", "rows_ptr": "i64", "g_ptr": "fp32",
+                                               "dx_ptr": dt}, dict(c, BI=32, BJ=32, BO=16), num_stages=1,
+                     scalars={"alpha": "fp32"})
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

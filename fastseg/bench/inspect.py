@@ -451,9 +451,34 @@ def _upce_cases(preset: str):
             yield Case("upsample_ce", f"B={s['B']} K={s['K']} {s['H']}x{s['W']} x{s['stride']}", dn, "nchw", run)
 
 
+def _mask_loss_cases(preset: str):
+    """MaskFormer's fused mask losses (forward and backward) at the maskformer benchmark shapes: T = B·targets
+    matched pairs, stride-4 logits, targets (uint8) at the image size."""
+    from fastseg.bench.ops.maskformer import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import mask_loss as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"] * s["T"], s["H"], s["W"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt, key=key):
+                T, H, W = key
+                x = _meta((T, -(-H // 4), -(-W // 4)), dt)
+                t = torch.empty(T, H, W, dtype=torch.uint8, device="meta")
+                rows = torch.empty(T, dtype=torch.int64, device="meta")
+                K.mask_loss_fwd(x, t, rows, 0.25, 2.0)
+                K.mask_loss_bwd(x, t, rows, torch.empty(T, 3, device="meta"), 0.25, 2.0)
+            yield Case("mask_loss", f"T={key[0]} {key[1]}x{key[2]}", dn, "nchw", run)
+
+
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
-         "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases}
+         "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
+         "mask_loss": _mask_loss_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,

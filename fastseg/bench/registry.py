@@ -100,7 +100,8 @@ class OpSpec:
 
 
 _REGISTRY: dict[str, OpSpec] = {}
-_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "ecenet")
+_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "ecenet",
+            "maskformer")
 _loaded = False
 
 

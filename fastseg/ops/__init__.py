@@ -2,6 +2,7 @@
 from .context_cluster import context_cluster, context_cluster_packed
 from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
 from .masked_attention import dropout_keep_mask, dropout_seed
+from .mask_loss import mask_losses, mask_losses_from_embeddings
 from .mlp_dwconv import dwconv3x3_gelu
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_from_offsets
 from .msca import msca
@@ -12,4 +13,5 @@ __all__ = [
     "dropout_keep_mask", "dropout_seed",
     "context_cluster", "context_cluster_packed", "msca", "dwconv3x3_gelu",
     "upsampled_cross_entropy", "ms_deform_attn", "ms_deform_attn_from_offsets",
+    "mask_losses", "mask_losses_from_embeddings",
 ]
