@@ -1,0 +1,135 @@
+"""MaskFormer's fused matcher costs (kernels/mask_cost.py) against the official matcher's formulas.
+
+The reference is facebookresearch/MaskFormer's ``HungarianMatcher.memory_efficient_forward``: zero-pad the
+targets to the batch's (H_max, W_max), ``F.interpolate(mode="nearest")`` to the logits' size, then
+``batch_sigmoid_focal_loss`` and ``batch_dice_loss`` (fastseg.models: the official code's formulas).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastseg import _backend
+from fastseg.models.maskformer import MaskFormerMatcher, batch_sigmoid_focal_loss
+from fastseg.models.matcher import batch_dice_loss
+from fastseg.ops.mask_cost import matcher_mask_costs, matcher_mask_costs_from_embeddings
+
+from helpers import DTYPES_EXACT, EXACT
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _official(x, target, padded):
+    """The official costs (Q, T) in x's dtype: x (Q, h, w) logits, target (T, H, W) at any size."""
+    Hp, Wp = padded
+    t = F.pad(target.to(x.dtype), (0, Wp - target.shape[2], 0, Hp - target.shape[1]))
+    t = F.interpolate(t[:, None], size=x.shape[-2:], mode="nearest")[:, 0].flatten(1)
+    return batch_sigmoid_focal_loss(x.flatten(1), t), batch_dice_loss(x.flatten(1), t)
+
+
+def _check(got, want, dtype, name):
+    for g, r, what in zip(got, want, ("focal", "dice")):
+        assert g.shape == r.shape and g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        err = (g.double() - r.double()).abs().max().item()
+        assert err < TOL[dtype], f"{name} {what}: max abs error {err:.2e}"
+
+
+# (Q, h, w, T, H, W, padded): odd sizes, targets smaller / larger than the logits, padding, odd ratios. At
+# 26 -> 22 rows and 39 -> 33 columns PyTorch's float32 scale picks another row / column than the exact
+# floor(i·H/h) would (i = 11 and 22): the kernel must follow PyTorch.
+CASES = [(7, 5, 9, 3, 20, 36, None), (37, 13, 11, 5, 50, 23, (53, 47)), (5, 16, 12, 17, 7, 5, (9, 5)),
+         (40, 6, 7, 2, 6, 7, None), (6, 22, 33, 3, 26, 39, None)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES_EXACT)
+@pytest.mark.parametrize("Q,h,w,T,H,W,padded", CASES)
+def test_costs_match_the_official_formulas(Q, h, w, T, H, W, padded, dtype, device, triton_launches):
+    g = torch.Generator().manual_seed(Q + T)
+    x = (torch.randn(Q, h, w, generator=g, dtype=torch.float64) * 4).to(dtype).to(device)
+    tgt = (torch.rand(T, H, W, generator=g) > 0.6).to(device)
+    tgt[0] = False  # an empty target
+    tgt[-1] = True  # an all-ones target
+    want = _official(x, tgt, padded or (H, W))
+    for t in (tgt.float(), tgt, tgt.to(torch.uint8)):
+        _check(matcher_mask_costs(x, t, padded), want, dtype, f"{t.dtype} target")
+    _check(matcher_mask_costs(x.transpose(1, 2).contiguous().transpose(1, 2), tgt.float()[:, ::1],
+                              padded), want, dtype, "strided logits")
+    assert triton_launches["mask_cost"] == 4 and triton_launches["mask_cost_finalize"] == 4
+    with _backend.use_backend("torch"):
+        _check(matcher_mask_costs(x, tgt, padded), want, dtype, "torch path")
+    assert triton_launches["mask_cost"] == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES_EXACT)
+def test_costs_from_embeddings(dtype, device, triton_launches):
+    g = torch.Generator().manual_seed(1)
+    Q, C, h, w, T = 19, 40, 9, 14, 6
+    e = (torch.randn(Q, C, generator=g, dtype=torch.float64) / 3).to(dtype).to(device)
+    feats = torch.randn(C, h, w, generator=g, dtype=torch.float64).to(dtype).to(device)
+    tgt = (torch.rand(T, 35, 57, generator=g) > 0.5).float().to(device)
+    x = torch.einsum("qc,chw->qhw", e.double(), feats.double()).to(dtype)
+    want = _official(x.double(), tgt, (37, 57))
+    got = matcher_mask_costs_from_embeddings(e, feats, tgt, (37, 57))
+    _check(got, want, dtype if dtype == torch.float64 else torch.float32, "embeddings")
+    assert triton_launches["mask_cost"] == 1
+
+
+def test_bf16_logits(device, triton_launches):
+    # 16-bit logits: costs accumulated in fp32 from the bf16 values
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(11, 8, 10, generator=g) * 3).bfloat16().to(device)
+    tgt = (torch.rand(4, 30, 41, generator=g) > 0.5).to(device)
+    want = _official(x.double(), tgt, (32, 41))
+    got = matcher_mask_costs(x, tgt, (32, 41))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and (a.double() - b).abs().max().item() < 1e-4
+    assert triton_launches["mask_cost"] == 1
+
+
+def test_empty_and_bad_inputs(device):
+    x = torch.randn(4, 5, 6, device=device)
+    f, d = matcher_mask_costs(x, torch.zeros(0, 10, 12, device=device))
+    assert f.shape == d.shape == (4, 0)
+    with pytest.raises(ValueError, match="padded_size"):
+        matcher_mask_costs(x, torch.zeros(2, 10, 12, device=device), (8, 12))
+    with pytest.raises(ValueError, match="target must be"):
+        matcher_mask_costs(x, torch.zeros(10, 12, device=device))
+    with pytest.raises(TypeError, match="logits must be"):
+        matcher_mask_costs(x.long(), torch.zeros(2, 10, 12, device=device))
+    with pytest.raises(ValueError, match="no pixels"):
+        matcher_mask_costs(x[:, :0], torch.zeros(2, 10, 12, device=device))
+    with pytest.raises(ValueError, match="same C"):
+        matcher_mask_costs_from_embeddings(torch.randn(4, 3, device=device), x, torch.zeros(2, 10, 12, device=device))
+
+
+def _batch(device, dtype, g):
+    """Three images of different sizes (one without targets) and matching-friendly predictions."""
+    Q, h, w = 12, 9, 11
+    sizes = [(33, 41, 4), (36, 30, 0), (29, 44, 3)]
+    targets = []
+    for H, W, T in sizes:
+        targets.append({"labels": torch.randint(0, 5, (T,), generator=g).to(device),
+                        "masks": (torch.rand(T, H, W, generator=g) > 0.5).float().to(device)})
+    outputs = {"pred_logits": torch.randn(3, Q, 6, generator=g, dtype=torch.float64).to(dtype).to(device),
+               "pred_masks": (torch.randn(3, Q, h, w, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)}
+    return outputs, targets
+
+
+def test_fused_matcher_matches_the_reference(device, triton_launches):
+    g = torch.Generator().manual_seed(5)
+    outputs, targets = _batch(device, EXACT, g)
+    ref, fused = MaskFormerMatcher(1, 20, 1), MaskFormerMatcher(1, 20, 1, fused=True)
+    for a, b in zip(fused.cost_matrices(outputs, targets), ref.cost_matrices(outputs, targets)):
+        assert a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=0, atol=20 * TOL[EXACT])
+    for (qa, ta), (qb, tb) in zip(fused(outputs, targets), ref(outputs, targets)):
+        assert torch.equal(qa, qb) and torch.equal(ta, tb)
+    assert triton_launches["mask_cost"] == 2 * 2  # images with targets, twice (costs + forward)
+    # the embeddings layout: same assignments, no (B, Q, h, w) logits passed at all
+    C = 16
+    emb = torch.randn(3, 12, C, generator=g, dtype=torch.float64).to(EXACT).to(device)
+    feats = torch.randn(3, C, 9, 11, generator=g, dtype=torch.float64).to(EXACT).to(device)
+    masks = torch.einsum("bqc,bchw->bqhw", emb, feats)
+    out_e = {"pred_logits": outputs["pred_logits"], "pred_embeds": emb, "mask_features": feats}
+    out_m = {"pred_logits": outputs["pred_logits"], "pred_masks": masks}
+    for (qa, ta), (qb, tb) in zip(fused(out_e, targets), ref(out_m, targets)):
+        assert torch.equal(qa, qb) and torch.equal(ta, tb)
+    assert "fused=True" in repr(fused)
