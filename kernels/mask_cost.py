@@ -175,6 +175,13 @@ def _mask_cost_finalize_kernel(Part, Focal, Dice, Q, T, P, S, L, BLOCK: tl.const
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+#: (BLOCK_Q, BLOCK_P, BLOCK_C, num_warps) on a GPU, from the logits / from embeddings x features.
+#: BLOCK_Q = 128 covers the usual 100 queries in one tile, so each target pixel (and, from embeddings, each
+#: feature column) is read once; at Q=100, T=30 this compiles for sm_90 without spills in bf16 / fp16 and
+#: fp32-TF32 (fp32 "ieee" FMA dots: ~112 B logits / ~228 B embeddings).
+GPU_BLOCKS = {False: (128, 32, 32, 8), True: (128, 32, 32, 8)}
+
+
 def nearest_scale(n_in: int, n_out: int) -> float:
     """PyTorch's nearest scale ``float32(n_in) / n_out`` (the value its kernels multiply by), as a float."""
     return float(np.float32(n_in) / np.float32(n_out))
@@ -196,11 +203,12 @@ def precisions(dtype: torch.dtype, on_gpu: bool) -> tuple[str, str]:
     return "native", "split"
 
 
-def _split_count(n_pb: int, tiles: int, device: torch.device) -> int:
+def _split_count(n_pb: int, block_p: int, tiles: int, device: torch.device) -> int:
+    """Pixel splits: ~2 programs per SM, but at least 512 pixels per split (the partials stay small)."""
     if interpreter_enabled() or device.type == "cpu":
         return max(1, min(n_pb, 3))  # a few splits, so the split / finalize logic is exercised
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(triton.cdiv(n_pb, 8), triton.cdiv(2 * sms, tiles)))
+    return max(1, min(triton.cdiv(n_pb, triton.cdiv(512, block_p)), triton.cdiv(2 * sms, tiles)))
 
 
 def mask_costs(target: torch.Tensor, padded_hw: tuple[int, int], *, logits: torch.Tensor | None = None,
@@ -225,14 +233,12 @@ def mask_costs(target: torch.Tensor, padded_hw: tuple[int, int], *, logits: torc
     logit_prec, cost_prec = precisions(dtype, on_gpu)
     opd = _TL[dtype] if cost_prec == "split" else _TL[acc_t]
     interp = interpreter_enabled()
-    BLOCK_Q = 32 if interp else 64
-    BLOCK_T = max(16, min(64 if not interp else 32, triton.next_power_of_2(T)))
-    BLOCK_P = 32 if interp else 64
-    BLOCK_C = 32 if interp else 64
+    BLOCK_Q, BLOCK_P, BLOCK_C, warps = (32, 32, 32, 4) if interp else GPU_BLOCKS[from_embed]
+    BLOCK_T = max(16, min(32, triton.next_power_of_2(T)))  # 64 spills on sm_90 at BLOCK_Q = 128
     P = h * w
     n_pb = triton.cdiv(P, BLOCK_P)
     tiles = triton.cdiv(Q, BLOCK_Q) * triton.cdiv(T, BLOCK_T)
-    S = _split_count(n_pb, tiles, ref.device)
+    S = _split_count(n_pb, BLOCK_P, tiles, ref.device)
     per_split = triton.cdiv(n_pb, S)
     S = triton.cdiv(n_pb, per_split)
     L = partial_layout(Q, T)
@@ -249,7 +255,7 @@ def mask_costs(target: torch.Tensor, padded_hw: tuple[int, int], *, logits: torc
         nearest_scale(Hp, h), nearest_scale(Wp, w), n_pb, per_split, L,
         FROM_EMBED=from_embed, LOGIT_PREC=logit_prec, COST_PREC=cost_prec, OPD=opd, ACC=_TL[acc_t],
         ALPHA=float(alpha), BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
-        num_warps=4, num_stages=2)
+        num_warps=warps, num_stages=2)
     focal = torch.empty(Q, T, dtype=acc_t, device=ref.device)
     dice = torch.empty_like(focal)
     BLOCK = 256

@@ -451,9 +451,35 @@ def _upce_cases(preset: str):
             yield Case("upsample_ce", f"B={s['B']} K={s['K']} {s['H']}x{s['W']} x{s['stride']}", dn, "nchw", run)
 
 
+def _mask_cost_cases(preset: str):
+    """MaskFormer's fused matcher costs (one image; a launch per image in the matcher): Q=100, T=30 targets,
+    stride-4 logits of a 512² (ADE20K) and a 1024² (COCO) image, from the logits ("qhw") or from the mask
+    embeddings x mask features ("emb", C=256). fp32 also with TF32 allowed (layout suffix "-tf32")."""
+    from fastseg.kernels import mask_cost as K
+
+    shapes = [(100, 30, 512, 256)] + ([(100, 30, 1024, 256)] if preset != "default" else [])
+    for Q, T, S, C in shapes:
+        for dn, dt in DTYPES.items():
+            for layout in ("qhw", "emb") + (("qhw-tf32", "emb-tf32") if dt == torch.float32 else ()):
+                def run(Q=Q, T=T, S=S, C=C, dt=dt, layout=layout):
+                    h = S // 4
+                    tgt = torch.empty(T, S, S, dtype=torch.uint8, device="meta")
+                    old = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = layout.endswith("tf32")
+                    try:
+                        if layout.startswith("emb"):
+                            K.mask_costs(tgt, (S, S), embeds=_meta((Q, C), dt), features=_meta((C, h, h), dt))
+                        else:
+                            K.mask_costs(tgt, (S, S), logits=_meta((Q, h, h), dt))
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = old
+                yield Case("mask_cost", f"Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
+
+
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
-         "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases}
+         "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
+         "mask_cost": _mask_cost_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,
@@ -556,7 +582,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", help="only kernels whose name contains this")
     p.add_argument("--preset", default="default", help="benchmark preset whose shapes are used (default)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES))
-    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd"])
+    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd", "qhw", "emb", "qhw-tf32",
+                                                             "emb-tf32"])
     p.add_argument("--max-shapes", type=int, default=None, help="at most this many shapes per family")
     p.add_argument("--no-sass", action="store_true", help="skip nvdisasm (PTX counts only)")
     p.add_argument("--no-default", action="store_true", help="skip the FASTSEG_AUTOTUNE=0 configs")
