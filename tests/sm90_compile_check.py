@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
-                             partial_sums, upsample_ce)
+from fastseg.kernels import (attention_mask, context_cluster, mask_cost, masked_attention, mlp_dwconv, ms_deform_attn,
+                             msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -92,6 +92,16 @@ def main():
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
     compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
+
+    # MaskFormer matcher costs: from the logits and from embeddings x features (16-bit: hi/lo split dots)
+    mc = {"X": dt, "E": dt, "F": dt, "Tg": "u8", "Part": "fp32"}
+    q, p, c, warps = mask_cost.GPU_BLOCKS[False]
+    for emb in (False, True):
+        compile_for_sm90(mask_cost._mask_cost_kernel, mc,
+                         dict(FROM_EMBED=emb, LOGIT_PREC="native", COST_PREC="split", OPD=tl.float16, ACC=tl.float32,
+                              ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
+    compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Focal": "fp32", "Dice": "fp32"},
+                     dict(BLOCK=256))
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

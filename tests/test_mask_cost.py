@@ -34,10 +34,10 @@ def _check(got, want, dtype, name):
 
 
 # (Q, h, w, T, H, W, padded): odd sizes, targets smaller / larger than the logits, padding, odd ratios. At
-# 26 -> 22 rows and 39 -> 33 columns PyTorch's float32 scale picks another row / column than the exact
-# floor(i·H/h) would (i = 11 and 22): the kernel must follow PyTorch.
+# 62 -> 14 rows and 26 -> 22 columns PyTorch's float32 scale picks another row / column than the exact
+# floor(i·H/h) would (i = 7 and 11): the kernel must follow PyTorch.
 CASES = [(7, 5, 9, 3, 20, 36, None), (37, 13, 11, 5, 50, 23, (53, 47)), (5, 16, 12, 17, 7, 5, (9, 5)),
-         (40, 6, 7, 2, 6, 7, None), (6, 22, 33, 3, 26, 39, None)]
+         (40, 6, 7, 2, 6, 7, None), (6, 14, 22, 3, 62, 26, None)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES_EXACT)
@@ -133,3 +133,34 @@ def test_fused_matcher_matches_the_reference(device, triton_launches):
     for (qa, ta), (qb, tb) in zip(fused(out_e, targets), ref(out_m, targets)):
         assert torch.equal(qa, qb) and torch.equal(ta, tb)
     assert "fused=True" in repr(fused)
+
+
+_RULES = r"""
+import json
+from fastseg.bench import inspect as I
+print(json.dumps(I.inspect_kernels(["mask_cost"], "default", dtypes=["bf16"], sass=False, defaults=False)))
+"""
+
+
+def test_sm90_resources_bf16():
+    # built for sm_90 with the launcher's own blocks at Q=100, T=30, 128x128 logits: no spills, tensor cores
+    import json
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
+    from fastseg.bench import inspect as I
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["layout"] for r in rows if r["kernel"] == "_mask_cost_kernel"} == {"qhw", "emb"}, rows
+    assert I.violations(rows) == []
+    for r in rows:
+        if r["kernel"] == "_mask_cost_kernel":
+            assert r["wgmma"] + r["mma"] > 0, r
