@@ -194,9 +194,10 @@ def partial_layout(Q: int, T: int) -> int:
 
 def precisions(dtype: torch.dtype, on_gpu: bool) -> tuple[str, str]:
     """(LOGIT_PREC, COST_PREC) for logits / embeddings of ``dtype``: see the module docstring. fp32 follows
-    ``torch.backends.cuda.matmul.allow_tf32`` (what cuBLAS consults for the reference's einsum)."""
-    if dtype == torch.float64 or not on_gpu:
-        return ("upcast" if dtype == torch.bfloat16 else "ieee"), "ieee"
+    ``torch.backends.cuda.matmul.allow_tf32`` (what cuBLAS consults for the reference's einsum). Under the
+    interpreter fp16 takes the GPU's path (its fp16 dot works), bf16 goes through fp32."""
+    if dtype == torch.float64 or (not on_gpu and dtype != torch.float16):
+        return ("upcast" if dtype == torch.bfloat16 else "ieee"), "ieee"  # the interpreter's fp16 dot works
     if dtype == torch.float32:
         p = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
         return p, p
