@@ -4,7 +4,7 @@ With ``x`` the (Q, P = h·w) mask logits, ``t`` the (T, P) targets resized to (h
 ``F.interpolate(mode="nearest")`` index rule, ``floor(dst · float32(H/h))``, from the zero-padded target of
 size (H, W)), σ = sigmoid(x), pos = α(1−σ)^2·softplus(−x), neg = (1−α)σ^2·softplus(x) (α = 0.25, γ = 2):
 
-    focal[q, t] = (Σ_p (pos − neg)[q, p]·t[t, p] + Σ_p neg[q, p]) / P          (= (pos·tᵀ + neg·(1 − t)ᵀ) / P)
+    focal[q, t] = (Σ_p (pos − neg)[q, p]·t[t, p] + Σ_p neg[q, p]) / P     (= (pos·tᵀ + neg·(1 − t)ᵀ) / P)
     dice[q, t]  = 1 − (2·Σ_p σ[q, p]·t[t, p] + 1) / (Σ_p σ[q, p] + Σ_p t[t, p] + 1)
 
 * ``_mask_cost_kernel``: GEMM-style; a program owns a (BLOCK_Q, BLOCK_T) tile of both matrices and one split

@@ -76,7 +76,7 @@ def test_costs_from_embeddings(dtype, device, triton_launches):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype, device, triton_launches):
     # 16-bit logits / embeddings: costs accumulated in fp32 from the 16-bit values. fp16 runs the GPU's path
-    # under the interpreter too: focal terms split hi + lo into two fp16 dots (one fp16 dot alone errs by ~6e-5 here)
+    # under the interpreter too: focal terms split hi + lo into two fp16 dots (one fp16 dot alone: ~6e-5 off)
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(11, 8, 10, generator=g) * 3).to(dtype).to(device)
     e = (torch.randn(11, 24, generator=g) / 2).to(dtype).to(device)
