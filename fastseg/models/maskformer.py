@@ -212,10 +212,20 @@ def batch_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float 
     return loss / hw
 
 
-def _assign(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scipy's linear_sum_assignment of a (Q, T) cost matrix (16-bit costs go through float32)."""
-    i, j = linear_sum_assignment(C.float().cpu() if C.dtype in (torch.float16, torch.bfloat16) else C.cpu())
-    return torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)
+def _assign(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """scipy's linear_sum_assignment of each (Q, T_b) cost matrix (16-bit costs go through float32); one
+    device-to-host copy for the whole batch."""
+    if not costs:
+        return []
+    dtype = torch.float32 if costs[0].dtype in (torch.float16, torch.bfloat16) else costs[0].dtype
+    flat = torch.cat([C.to(dtype).flatten() for C in costs]).cpu()
+    out, start = [], 0
+    for C in costs:
+        block = flat[start:start + C.numel()].view(C.shape)
+        start += C.numel()
+        i, j = linear_sum_assignment(block)
+        out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+    return out
 
 
 class MaskFormerMatcher(nn.Module):
@@ -277,7 +287,7 @@ class MaskFormerMatcher(nn.Module):
     def forward(self, outputs, targets):
         """outputs: pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w) (or, fused, pred_embeds + mask_features);
         targets: per image {"labels": (T,), "masks": (T, H, W)}. Returns per image (query, target) indices."""
-        return [_assign(C) for C in self.cost_matrices(outputs, targets)]
+        return _assign(self.cost_matrices(outputs, targets))
 
     def __repr__(self):
         return (f"MaskFormerMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
