@@ -273,7 +273,7 @@ class MaskFormerMatcher(nn.Module):
         costs = []
         for b in range(bs):
             out_prob = outputs["pred_logits"][b].softmax(-1)
-            masks = targets[b]["masks"]
+            masks = targets[b]["masks"].to(out_prob.device)  # a copy only across devices
             if "pred_masks" in outputs:
                 focal, dice = matcher_mask_costs(outputs["pred_masks"][b], masks, padded_size)
             else:
