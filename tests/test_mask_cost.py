@@ -108,13 +108,15 @@ def test_empty_and_bad_inputs(device):
 
 
 def _batch(device, dtype, g):
-    """Three images of different sizes (one without targets) and matching-friendly predictions."""
+    """Three images of different sizes (one without targets; an all-zero and an all-ones mask)."""
     Q, h, w = 12, 9, 11
     sizes = [(33, 41, 4), (36, 30, 0), (29, 44, 3)]
     targets = []
     for H, W, T in sizes:
         targets.append({"labels": torch.randint(0, 5, (T,), generator=g).to(device),
                         "masks": (torch.rand(T, H, W, generator=g) > 0.5).float().to(device)})
+    targets[0]["masks"][1] = 0  # an all-zero mask
+    targets[2]["masks"][0] = 1  # an all-ones mask
     outputs = {"pred_logits": torch.randn(3, Q, 6, generator=g, dtype=torch.float64).to(dtype).to(device),
                "pred_masks": (torch.randn(3, Q, h, w, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)}
     return outputs, targets
