@@ -131,6 +131,10 @@ def test_fused_matcher_matches_the_reference(device, triton_launches):
     for (qa, ta), (qb, tb) in zip(fused(outputs, targets), ref(outputs, targets)):
         assert torch.equal(qa, qb) and torch.equal(ta, tb)
     assert triton_launches["mask_cost"] == 2 * 2  # images with targets, twice (costs + forward)
+    with _backend.use_backend("torch"):  # the plain-PyTorch path of the op (CPU without the interpreter)
+        for (qa, ta), (qb, tb) in zip(fused(outputs, targets), ref(outputs, targets)):
+            assert torch.equal(qa, qb) and torch.equal(ta, tb)
+    assert triton_launches["mask_cost"] == 2 * 2
     # the embeddings layout: same assignments, no (B, Q, h, w) logits passed at all
     C = 16
     emb = torch.randn(3, 12, C, generator=g, dtype=torch.float64).to(EXACT).to(device)
