@@ -37,7 +37,8 @@ def _check(got, want, dtype, name):
 # 62 -> 14 rows and 26 -> 22 columns PyTorch's float32 scale picks another row / column than the exact
 # floor(i·H/h) would (i = 7 and 11): the kernel must follow PyTorch.
 CASES = [(7, 5, 9, 3, 20, 36, None), (37, 13, 11, 5, 50, 23, (53, 47)), (5, 16, 12, 17, 7, 5, (9, 5)),
-         (40, 6, 7, 2, 6, 7, None), (6, 14, 22, 3, 62, 26, None)]
+         (40, 6, 7, 2, 6, 7, None), (6, 14, 22, 3, 62, 26, None),
+         (45, 6, 5, 35, 13, 11, None)]  # several query and target tiles
 
 
 @pytest.mark.parametrize("dtype", DTYPES_EXACT)
