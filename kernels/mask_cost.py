@@ -205,11 +205,12 @@ def precisions(dtype: torch.dtype, on_gpu: bool) -> tuple[str, str]:
 
 
 def _split_count(n_pb: int, block_p: int, tiles: int, device: torch.device) -> int:
-    """Pixel splits: ~2 programs per SM, but at least 512 pixels per split (the partials stay small)."""
+    """Pixel splits: about one program per SM (one 8-warp program fits per SM at these register counts; the
+    kernel is bound by the sigmoid / log / exp per element, not by bytes), at least 256 pixels per split."""
     if interpreter_enabled() or device.type == "cpu":
         return max(1, min(n_pb, 3))  # a few splits, so the split / finalize logic is exercised
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(triton.cdiv(n_pb, triton.cdiv(512, block_p)), triton.cdiv(2 * sms, tiles)))
+    return max(1, min(triton.cdiv(n_pb, triton.cdiv(256, block_p)), triton.cdiv(sms, tiles)))
 
 
 def mask_costs(target: torch.Tensor, padded_hw: tuple[int, int], *, logits: torch.Tensor | None = None,
