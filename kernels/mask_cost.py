@@ -32,8 +32,8 @@ from fastseg._backend import interpreter_enabled, record_launch
 
 __all__ = ["mask_costs", "partial_layout", "precisions", "nearest_scale"]
 
-_NOSPEC = ["Q", "T", "h", "w", "C", "Ht", "Wt", "Hp", "Wp", "sxq", "sxh", "sxw", "seq", "sec", "sfc", "sfh",
-           "sfw", "stt", "sth", "stw", "n_pb", "per_split", "L"]
+_NOSPEC = ["Q", "h", "w", "C", "Hp", "Wp", "sxb", "sxq", "sxh", "sxw", "seb", "seq", "sec", "sfb", "sfc", "sfh",
+           "sfw", "n_pb", "per_split", "n_tt"]
 
 
 @triton.jit
@@ -60,17 +60,31 @@ def _cost_dot(a, b, COST_PREC: tl.constexpr, OPD: tl.constexpr, ACC: tl.constexp
     return out
 
 
+#: per-image row of the metadata table (int64): target address, T, H, W, target strides (T, H, W), offset of
+#: the image's partials, offset of its costs in the flat outputs
+META_W = 9
+
+
+@triton.jit
+def _image_meta(Meta, b, TG: tl.constexpr):
+    row = Meta + b * 9
+    tg = tl.load(row).to(tl.pointer_type(TG), bitcast=True)
+    return (tg, tl.load(row + 1).to(tl.int32), tl.load(row + 2).to(tl.int32), tl.load(row + 3).to(tl.int32),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8))
+
+
 @triton.jit(do_not_specialize=_NOSPEC)
-def _mask_cost_kernel(X, E, F, Tg, Part,
-                      Q, T, h, w, C, Ht, Wt, Hp, Wp,
-                      sxq, sxh, sxw, seq, sec, sfc, sfh, sfw, stt, sth, stw,
-                      scale_h, scale_w, n_pb, per_split, L,
-                      FROM_EMBED: tl.constexpr, LOGIT_PREC: tl.constexpr, COST_PREC: tl.constexpr,
-                      OPD: tl.constexpr, ACC: tl.constexpr, ALPHA: tl.constexpr,
+def _mask_cost_kernel(X, E, F, Meta, Part,
+                      Q, h, w, C, Hp, Wp,
+                      sxb, sxq, sxh, sxw, seb, seq, sec, sfb, sfc, sfh, sfw,
+                      scale_h, scale_w, n_pb, per_split, n_tt,
+                      FROM_EMBED: tl.constexpr, TG: tl.constexpr, LOGIT_PREC: tl.constexpr,
+                      COST_PREC: tl.constexpr, OPD: tl.constexpr, ACC: tl.constexpr, ALPHA: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_qt = tl.program_id(1)
-    n_tt = tl.cdiv(T, BLOCK_T)
+    b = tl.program_id(2)
+    Tg, T, Ht, Wt, stt, sth, stw, part_off, _ = _image_meta(Meta, b, TG)
     q_tile = pid_qt // n_tt
     t_tile = pid_qt % n_tt
     qq = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -78,6 +92,9 @@ def _mask_cost_kernel(X, E, F, Tg, Part,
     qm = qq < Q
     tm = tt < T
     P = h * w
+    X += b.to(tl.int64) * sxb
+    E += b.to(tl.int64) * seb
+    F += b.to(tl.int64) * sfb
     g1 = tl.zeros([BLOCK_Q, BLOCK_T], ACC)  # Σ (pos − neg)·t
     g2 = tl.zeros([BLOCK_Q, BLOCK_T], ACC)  # Σ σ·t
     rneg = tl.zeros([BLOCK_Q], ACC)
@@ -85,7 +102,8 @@ def _mask_cost_kernel(X, E, F, Tg, Part,
     tsum = tl.zeros([BLOCK_T], ACC)
     t_off = tt.to(tl.int64) * stt
     pb0 = pid_s * per_split
-    pb1 = tl.minimum(pb0 + per_split, n_pb)
+    # a target tile past this image's T (images have different T): nothing to do
+    pb1 = tl.where(t_tile * BLOCK_T < T, tl.minimum(pb0 + per_split, n_pb), pb0)
     for pb in range(pb0, pb1):
         pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         pm = pp < P
@@ -110,11 +128,10 @@ def _mask_cost_kernel(X, E, F, Tg, Part,
         # ---- sigmoid / focal terms (stable: e = exp(−|x|), softplus(x) = max(x, 0) + log(1 + e))
         ex = tl.exp(-tl.abs(x))
         inv = 1.0 / (1.0 + ex)
-        big = inv  # sigmoid(|x|)
-        small = ex * inv  # sigmoid(−|x|)
+        small = ex * inv  # sigmoid(−|x|); inv = sigmoid(|x|)
         pos_x = x >= 0
-        sig = tl.where(pos_x, big, small)
-        one_m = tl.where(pos_x, small, big)
+        sig = tl.where(pos_x, inv, small)
+        one_m = tl.where(pos_x, small, inv)
         lg = tl.log(1.0 + ex)
         sp_pos = tl.maximum(x, 0.0) + lg  # softplus(x) = BCE(x, 0)
         sp_neg = tl.maximum(-x, 0.0) + lg  # softplus(−x) = BCE(x, 1)
@@ -134,26 +151,29 @@ def _mask_cost_kernel(X, E, F, Tg, Part,
         tg = tg.to(OPD)
         g1 += _cost_dot(a1, tg, COST_PREC, OPD, ACC)
         g2 += _cost_dot(sig, tg, COST_PREC, OPD, ACC)
-    # ---- per-split partials: [g1 (Q·T) | g2 (Q·T) | Σneg (Q) | Σσ (Q) | Σt (T)]
-    base = Part + pid_s.to(tl.int64) * L
+    # ---- per-split partials of this image: [g1 (Q·T) | g2 (Q·T) | Σneg (Q) | Σσ (Q) | Σt (T)]
     QT = Q * T
+    base = Part + part_off + pid_s.to(tl.int64) * (2 * QT + 2 * Q + T)
     m2 = qm[:, None] & tm[None, :]
     off2 = qq[:, None] * T + tt[None, :]
     tl.store(base + off2, g1, mask=m2)
     tl.store(base + QT + off2, g2, mask=m2)
-    first_t = t_tile == 0
+    first_t = (t_tile == 0) & (T > 0)
     tl.store(base + 2 * QT + qq, rneg, mask=qm & first_t)
     tl.store(base + 2 * QT + Q + qq, rsig, mask=qm & first_t)
     tl.store(base + 2 * QT + 2 * Q + tt, tsum, mask=tm & (q_tile == 0))
 
 
-@triton.jit(do_not_specialize=["Q", "T", "P", "S", "L"])
-def _mask_cost_finalize_kernel(Part, Focal, Dice, Q, T, P, S, L, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["Q", "P", "S"])
+def _mask_cost_finalize_kernel(Part, Meta, Focal, Dice, Q, P, S, TG: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    _, T, _, _, _, _, _, part_off, out_off = _image_meta(Meta, b, TG)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     QT = Q * T
+    L = 2 * QT + 2 * Q + T
     m = idx < QT
-    q = idx // T
-    t = idx % T
+    q = idx // tl.maximum(T, 1)
+    t = idx % tl.maximum(T, 1)
     acc_ty = Part.dtype.element_ty
     g1 = tl.zeros([BLOCK], acc_ty)
     g2 = tl.zeros([BLOCK], acc_ty)
@@ -161,14 +181,14 @@ def _mask_cost_finalize_kernel(Part, Focal, Dice, Q, T, P, S, L, BLOCK: tl.const
     rsig = tl.zeros([BLOCK], acc_ty)
     tsum = tl.zeros([BLOCK], acc_ty)
     for s in range(0, S):
-        base = Part + s * L
+        base = Part + part_off + s * L
         g1 += tl.load(base + idx, mask=m, other=0.0)
         g2 += tl.load(base + QT + idx, mask=m, other=0.0)
         rneg += tl.load(base + 2 * QT + q, mask=m, other=0.0)
         rsig += tl.load(base + 2 * QT + Q + q, mask=m, other=0.0)
         tsum += tl.load(base + 2 * QT + 2 * Q + t, mask=m, other=0.0)
-    tl.store(Focal + idx, (g1 + rneg) / P, mask=m)
-    tl.store(Dice + idx, 1.0 - (2.0 * g2 + 1.0) / (rsig + tsum + 1.0), mask=m)
+    tl.store(Focal + out_off + idx, (g1 + rneg) / P, mask=m)
+    tl.store(Dice + out_off + idx, 1.0 - (2.0 * g2 + 1.0) / (rsig + tsum + 1.0), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -213,55 +233,74 @@ def _split_count(n_pb: int, block_p: int, tiles: int, device: torch.device) -> i
     return max(1, min(triton.cdiv(n_pb, triton.cdiv(256, block_p)), triton.cdiv(sms, tiles)))
 
 
-def mask_costs(target: torch.Tensor, padded_hw: tuple[int, int], *, logits: torch.Tensor | None = None,
-               embeds: torch.Tensor | None = None, features: torch.Tensor | None = None,
-               alpha: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-    """(focal, dice), each (Q, T) in fp32 (fp64 for fp64 inputs), of one image.
+_TG = {torch.uint8: tl.uint8, torch.int8: tl.int8, torch.int16: tl.int16, torch.int32: tl.int32,
+       torch.int64: tl.int64, **_TL}
 
-    logits (Q, h, w), or embeds (Q, C) + features (C, h, w); any strides, fp32/fp16/bf16 (fp64 under the
-    interpreter). target (T, Ht, Wt) float / uint8 (bool viewed as uint8 by the caller), any strides, seen
-    as the top-left corner of a zero-padded (Hp, Wp) = ``padded_hw`` target. Q, T, h·w > 0 (checked by the op).
+
+def mask_costs(targets: list[torch.Tensor], padded_hw: tuple[int, int], *, logits: torch.Tensor | None = None,
+               embeds: torch.Tensor | None = None, features: torch.Tensor | None = None,
+               alpha: float = 0.25) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(focal, dice)] per image, each (Q, T_b) in fp32 (fp64 for fp64 inputs), for a batch: one launch of
+    each kernel.
+
+    logits (B, Q, h, w), or embeds (B, Q, C) + features (B, C, h, w); any strides, fp32/fp16/bf16 (fp64 under
+    the interpreter). targets: B tensors (T_b, H_b, W_b) of one dtype (float / integer; bool viewed as uint8 by
+    the caller) on the logits' device, any strides, each the top-left corner of a zero-padded (Hp, Wp) =
+    ``padded_hw`` target. Q, h·w > 0 and some T_b > 0 (checked by the op).
     """
     from_embed = logits is None
     ref = features if from_embed else logits
-    dtype = ref.dtype
-    h, w = ref.shape[-2:]
-    Q = embeds.shape[0] if from_embed else logits.shape[0]
-    C = embeds.shape[1] if from_embed else 1
-    T, Ht, Wt = target.shape
+    dtype, device = ref.dtype, ref.device
+    B, h, w = ref.shape[0], ref.shape[-2], ref.shape[-1]
+    Q = embeds.shape[1] if from_embed else logits.shape[1]
+    C = embeds.shape[2] if from_embed else 1
+    Ts = [t.shape[0] for t in targets]
     Hp, Wp = padded_hw
     acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-    on_gpu = ref.device.type != "cpu" and not interpreter_enabled()
-    logit_prec, cost_prec = precisions(dtype, on_gpu)
-    opd = _TL[dtype] if cost_prec == "split" else _TL[acc_t]
     interp = interpreter_enabled()
+    logit_prec, cost_prec = precisions(dtype, device.type != "cpu" and not interp)
+    opd = _TL[dtype] if cost_prec == "split" else _TL[acc_t]
     BLOCK_Q, BLOCK_P, BLOCK_C, warps = (32, 32, 32, 4) if interp else GPU_BLOCKS[from_embed]
-    BLOCK_T = max(16, min(32, triton.next_power_of_2(T)))  # 64 spills on sm_90 at BLOCK_Q = 128
+    BLOCK_T = max(16, min(32, triton.next_power_of_2(max(Ts))))  # 64 spills on sm_90 at BLOCK_Q = 128
     P = h * w
     n_pb = triton.cdiv(P, BLOCK_P)
-    tiles = triton.cdiv(Q, BLOCK_Q) * triton.cdiv(T, BLOCK_T)
-    S = _split_count(n_pb, BLOCK_P, tiles, ref.device)
+    n_tt = triton.cdiv(max(Ts), BLOCK_T)
+    n_qt = triton.cdiv(Q, BLOCK_Q)
+    busy = sum(n_qt * triton.cdiv(T, BLOCK_T) for T in Ts)
+    S = _split_count(n_pb, BLOCK_P, busy, device)
     per_split = triton.cdiv(n_pb, S)
     S = triton.cdiv(n_pb, per_split)
-    L = partial_layout(Q, T)
-    part = torch.empty(S, L, dtype=acc_t, device=ref.device)
+    rows, part_n, out_n = [], 0, 0
+    for t in targets:
+        T = t.shape[0]
+        rows.append([t.data_ptr(), T, t.shape[1], t.shape[2], *t.stride(), part_n, out_n])
+        part_n += S * partial_layout(Q, T)
+        out_n += Q * T
+    meta = (torch.empty(B, META_W, dtype=torch.int64, device=device) if device.type == "meta" else
+            torch.tensor(rows, dtype=torch.int64).to(device))
+    part = torch.empty(part_n, dtype=acc_t, device=device)
     if from_embed:
-        X, sx = embeds, (0, 0, 0)
+        X, sx = embeds, (0, 0, 0, 0)
         E, se, Fm, sf = embeds, embeds.stride(), features, features.stride()
     else:
         X, sx = logits, logits.stride()
-        E, se, Fm, sf = logits, (0, 0), logits, (0, 0, 0)
+        E, se, Fm, sf = logits, (0, 0, 0), logits, (0, 0, 0, 0)
+    TG = _TG[targets[0].dtype]
     record_launch("mask_cost")
-    _mask_cost_kernel[(S, tiles)](
-        X, E, Fm, target, part, Q, T, h, w, C, Ht, Wt, Hp, Wp, *sx, *se, *sf, *target.stride(),
-        nearest_scale(Hp, h), nearest_scale(Wp, w), n_pb, per_split, L,
-        FROM_EMBED=from_embed, LOGIT_PREC=logit_prec, COST_PREC=cost_prec, OPD=opd, ACC=_TL[acc_t],
+    _mask_cost_kernel[(S, n_qt * n_tt, B)](
+        X, E, Fm, meta, part, Q, h, w, C, Hp, Wp, *sx, *se, *sf,
+        nearest_scale(Hp, h), nearest_scale(Wp, w), n_pb, per_split, n_tt,
+        FROM_EMBED=from_embed, TG=TG, LOGIT_PREC=logit_prec, COST_PREC=cost_prec, OPD=opd, ACC=_TL[acc_t],
         ALPHA=float(alpha), BLOCK_Q=BLOCK_Q, BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
         num_warps=warps, num_stages=2)
-    focal = torch.empty(Q, T, dtype=acc_t, device=ref.device)
+    focal = torch.empty(out_n, dtype=acc_t, device=device)
     dice = torch.empty_like(focal)
     BLOCK = 256
     record_launch("mask_cost_finalize")
-    _mask_cost_finalize_kernel[(triton.cdiv(Q * T, BLOCK),)](part, focal, dice, Q, T, P, S, L, BLOCK=BLOCK,
-                                                             num_warps=4)
-    return focal, dice
+    _mask_cost_finalize_kernel[(triton.cdiv(Q * max(Ts), BLOCK), B)](part, meta, focal, dice, Q, P, S, TG=TG,
+                                                                     BLOCK=BLOCK, num_warps=4)
+    out, start = [], 0
+    for T in Ts:
+        out.append((focal[start:start + Q * T].view(Q, T), dice[start:start + Q * T].view(Q, T)))
+        start += Q * T
+    return out

@@ -94,14 +94,14 @@ def main():
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
 
     # MaskFormer matcher costs: from the logits and from embeddings x features (16-bit: hi/lo split dots)
-    mc = {"X": dt, "E": dt, "F": dt, "Tg": "u8", "Part": "fp32"}
+    mc = {"X": dt, "E": dt, "F": dt, "Meta": "i64", "Part": "fp32"}
     q, p, c, warps = mask_cost.GPU_BLOCKS[False]
     for emb in (False, True):
         compile_for_sm90(mask_cost._mask_cost_kernel, mc,
-                         dict(FROM_EMBED=emb, LOGIT_PREC="native", COST_PREC="split", OPD=tl.float16, ACC=tl.float32,
-                              ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
-    compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Focal": "fp32", "Dice": "fp32"},
-                     dict(BLOCK=256))
+                         dict(FROM_EMBED=emb, TG=tl.uint8, LOGIT_PREC="native", COST_PREC="split", OPD=tl.float16,
+                              ACC=tl.float32, ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
+    compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Meta": "i64", "Focal": "fp32",
+                                                            "Dice": "fp32"}, dict(TG=tl.uint8, BLOCK=256))
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastseg import _backend
 from fastseg.models.maskformer import MaskFormerMatcher, batch_sigmoid_focal_loss
 from fastseg.models.matcher import batch_dice_loss
-from fastseg.ops.mask_cost import matcher_mask_costs, matcher_mask_costs_from_embeddings
+from fastseg.ops.mask_cost import matcher_mask_costs, matcher_mask_costs_batch, matcher_mask_costs_from_embeddings
 
 from helpers import DTYPES_EXACT, EXACT
 
@@ -29,7 +29,7 @@ def _official(x, target, padded):
 def _check(got, want, dtype, name):
     for g, r, what in zip(got, want, ("focal", "dice")):
         assert g.shape == r.shape and g.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        err = (g.double() - r.double()).abs().max().item()
+        err = (g.double() - r.double()).abs().max().item() if g.numel() else 0.0
         assert err < TOL[dtype], f"{name} {what}: max abs error {err:.2e}"
 
 
@@ -74,6 +74,27 @@ def test_costs_from_embeddings(dtype, device, triton_launches):
     assert triton_launches["mask_cost"] == 1
 
 
+@pytest.mark.parametrize("embed", [False, True], ids=["logits", "embeddings"])
+def test_batch_in_one_launch(embed, device, triton_launches):
+    # images with different T (one without targets, one spanning two target tiles) and sizes, mixed target
+    # dtypes, padded to the batch's (max H, max W) as the official matcher
+    g = torch.Generator().manual_seed(7)
+    B, Q, C, h, w = 4, 10, 12, 7, 9
+    sizes = [(29, 35, 3), (31, 30, 0), (24, 37, 35), (30, 36, 1)]
+    targets = [(torch.rand(T, H, W, generator=g) > 0.5).to(device) for H, W, T in sizes]
+    targets[3] = targets[3].float()
+    x = (torch.randn(B, Q, h, w, generator=g, dtype=torch.float64) * 3).to(EXACT).to(device)
+    kw = dict(logits=x)
+    if embed:
+        e = torch.randn(B, Q, C, generator=g, dtype=torch.float64).to(EXACT).to(device)
+        feats = torch.randn(B, C, h, w, generator=g, dtype=torch.float64).to(EXACT).to(device)
+        x, kw = torch.einsum("bqc,bchw->bqhw", e, feats), dict(embeds=e, features=feats)
+    got = matcher_mask_costs_batch(targets, **kw)
+    assert len(got) == B and triton_launches["mask_cost"] == 1 and triton_launches["mask_cost_finalize"] == 1
+    for b, t in enumerate(targets):
+        _check(got[b], _official(x[b], t, (31, 37)), EXACT, f"image {b}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype, device, triton_launches):
     # 16-bit logits / embeddings: costs accumulated in fp32 from the 16-bit values. fp16 runs the GPU's path
@@ -104,7 +125,7 @@ def test_empty_and_bad_inputs(device):
         matcher_mask_costs(x.long(), torch.zeros(2, 10, 12, device=device))
     with pytest.raises(ValueError, match="no pixels"):
         matcher_mask_costs(x[:, :0], torch.zeros(2, 10, 12, device=device))
-    with pytest.raises(ValueError, match="same C"):
+    with pytest.raises(ValueError, match="same B and C"):
         matcher_mask_costs_from_embeddings(torch.randn(4, 3, device=device), x, torch.zeros(2, 10, 12, device=device))
 
 
@@ -131,11 +152,11 @@ def test_fused_matcher_matches_the_reference(device, triton_launches):
         assert a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=0, atol=20 * TOL[EXACT])
     for (qa, ta), (qb, tb) in zip(fused(outputs, targets), ref(outputs, targets)):
         assert torch.equal(qa, qb) and torch.equal(ta, tb)
-    assert triton_launches["mask_cost"] == 2 * 2  # images with targets, twice (costs + forward)
+    assert triton_launches["mask_cost"] == 2  # one launch per call for the whole batch (costs + forward)
     with _backend.use_backend("torch"):  # the plain-PyTorch path of the op (CPU without the interpreter)
         for (qa, ta), (qb, tb) in zip(fused(outputs, targets), ref(outputs, targets)):
             assert torch.equal(qa, qb) and torch.equal(ta, tb)
-    assert triton_launches["mask_cost"] == 2 * 2
+    assert triton_launches["mask_cost"] == 2
     # the embeddings layout: same assignments, no (B, Q, h, w) logits passed at all
     C = 16
     emb = torch.randn(3, 12, C, generator=g, dtype=torch.float64).to(EXACT).to(device)

@@ -452,28 +452,28 @@ def _upce_cases(preset: str):
 
 
 def _mask_cost_cases(preset: str):
-    """MaskFormer's fused matcher costs (one image; a launch per image in the matcher): Q=100, T=30 targets,
-    stride-4 logits of a 512² (ADE20K) and a 1024² (COCO) image, from the logits ("qhw") or from the mask
-    embeddings x mask features ("emb", C=256). fp32 also with TF32 allowed (layout suffix "-tf32")."""
+    """MaskFormer's fused matcher costs (one launch per batch): Q=100, T=30 targets per image, stride-4 logits
+    of 512² (ADE20K, B=8) and 1024² (COCO, B=2) images, from the logits ("qhw") or from the mask embeddings x
+    mask features ("emb", C=256). fp32 also with TF32 allowed (layout suffix "-tf32")."""
     from fastseg.kernels import mask_cost as K
 
-    shapes = [(100, 30, 512, 256)] + ([(100, 30, 1024, 256)] if preset != "default" else [])
-    for Q, T, S, C in shapes:
+    shapes = [(8, 100, 30, 512, 256)] + ([(2, 100, 30, 1024, 256)] if preset != "default" else [])
+    for B, Q, T, S, C in shapes:
         for dn, dt in DTYPES.items():
             for layout in ("qhw", "emb") + (("qhw-tf32", "emb-tf32") if dt == torch.float32 else ()):
-                def run(Q=Q, T=T, S=S, C=C, dt=dt, layout=layout):
+                def run(B=B, Q=Q, T=T, S=S, C=C, dt=dt, layout=layout):
                     h = S // 4
-                    tgt = torch.empty(T, S, S, dtype=torch.uint8, device="meta")
+                    tgts = [torch.empty(T, S, S, dtype=torch.uint8, device="meta") for _ in range(B)]
                     old = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = layout.endswith("tf32")
                     try:
                         if layout.startswith("emb"):
-                            K.mask_costs(tgt, (S, S), embeds=_meta((Q, C), dt), features=_meta((C, h, h), dt))
+                            K.mask_costs(tgts, (S, S), embeds=_meta((B, Q, C), dt), features=_meta((B, C, h, h), dt))
                         else:
-                            K.mask_costs(tgt, (S, S), logits=_meta((Q, h, h), dt))
+                            K.mask_costs(tgts, (S, S), logits=_meta((B, Q, h, h), dt))
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
-                yield Case("mask_cost", f"Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
+                yield Case("mask_cost", f"B={B} Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
 
 
 #: family -> case generator(preset). Add a family here when it gets kernels.

@@ -232,8 +232,8 @@ class MaskFormerMatcher(nn.Module):
     """MaskFormer's matcher: focal + dice costs on full masks (targets downsampled, nearest, to the
     prediction size).
 
-    ``fused=True`` computes the focal and dice costs with :func:`fastseg.ops.matcher_mask_costs` (one Triton
-    kernel per image: no padded / resized target, no (Q, h·w) focal terms; fp32 accumulation) from
+    ``fused=True`` computes the focal and dice costs with :func:`fastseg.ops.matcher_mask_costs_batch` (one
+    Triton launch for the batch: no padded / resized target, no (Q, h·w) focal terms; fp32 accumulation) from
     ``pred_masks``, or from ``pred_embeds`` (B, Q, C) + ``mask_features`` (B, C, h, w) when the outputs carry
     no ``pred_masks``. The assignment is scipy's ``linear_sum_assignment`` either way.
     """
@@ -266,20 +266,18 @@ class MaskFormerMatcher(nn.Module):
         return costs
 
     def _fused_cost_matrices(self, outputs, targets):
-        from fastseg.ops.mask_cost import matcher_mask_costs, matcher_mask_costs_from_embeddings
+        from fastseg.ops.mask_cost import matcher_mask_costs_batch
 
-        bs, num_queries = outputs["pred_logits"].shape[:2]
-        padded_size = (max(t["masks"].shape[1] for t in targets), max(t["masks"].shape[2] for t in targets))
+        ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
+        masks = [t["masks"].to(ref.device) for t in targets]  # a copy only across devices
+        if "pred_masks" in outputs:
+            mask_costs = matcher_mask_costs_batch(masks, logits=outputs["pred_masks"])
+        else:
+            mask_costs = matcher_mask_costs_batch(masks, embeds=outputs["pred_embeds"],
+                                                  features=outputs["mask_features"])
         costs = []
-        for b in range(bs):
-            out_prob = outputs["pred_logits"][b].softmax(-1)
-            masks = targets[b]["masks"].to(out_prob.device)  # a copy only across devices
-            if "pred_masks" in outputs:
-                focal, dice = matcher_mask_costs(outputs["pred_masks"][b], masks, padded_size)
-            else:
-                focal, dice = matcher_mask_costs_from_embeddings(outputs["pred_embeds"][b],
-                                                                 outputs["mask_features"][b], masks, padded_size)
-            cost_class = -out_prob[:, targets[b]["labels"]].to(focal.dtype)
+        for b, (focal, dice) in enumerate(mask_costs):
+            cost_class = -outputs["pred_logits"][b].softmax(-1)[:, targets[b]["labels"]].to(focal.dtype)
             costs.append(self.cost_mask * focal + self.cost_class * cost_class + self.cost_dice * dice)
         return costs
 

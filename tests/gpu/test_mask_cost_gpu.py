@@ -84,4 +84,4 @@ def test_fused_matcher_assignment_is_optimal(name, dtype, tf32, tf32_switch, tri
         assert len(i) == len(ri) == min(C.shape)
         got, best = C[i, j].sum().item(), C[ri, rj].sum().item()
         assert got <= best + SLACK[name] * len(i), (got, best)
-    assert triton_launches["mask_cost"] == sum(1 for t in targets if len(t["labels"]))
+    assert triton_launches["mask_cost"] == 1  # the whole batch in one launch
