@@ -276,8 +276,12 @@ def mask_costs(targets: list[torch.Tensor], padded_hw: tuple[int, int], *, logit
         rows.append([t.data_ptr(), T, t.shape[1], t.shape[2], *t.stride(), part_n, out_n])
         part_n += S * partial_layout(Q, T)
         out_n += Q * T
-    meta = (torch.empty(B, META_W, dtype=torch.int64, device=device) if device.type == "meta" else
-            torch.tensor(rows, dtype=torch.int64).to(device))
+    if device.type == "meta":
+        meta = torch.empty(B, META_W, dtype=torch.int64, device=device)
+    elif device.type == "cuda":  # pinned + non_blocking: no host sync (PyTorch keeps the pinned block alive)
+        meta = torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    else:
+        meta = torch.tensor(rows, dtype=torch.int64)
     part = torch.empty(part_n, dtype=acc_t, device=device)
     if from_embed:
         X, sx = embeds, (0, 0, 0, 0)
