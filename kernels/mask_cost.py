@@ -1,4 +1,5 @@
-"""Triton kernels for MaskFormer's matcher costs: the (Q, T) sigmoid-focal and dice cost matrices of one image.
+"""Triton kernels for MaskFormer's matcher costs: the (Q, T_b) sigmoid-focal and dice cost matrices of every
+image of a batch, in one launch of each kernel.
 
 With ``x`` the (Q, P = h·w) mask logits, ``t`` the (T, P) targets resized to (h, w) with nearest (PyTorch's
 ``F.interpolate(mode="nearest")`` index rule, ``floor(dst · float32(H/h))``, from the zero-padded target of
@@ -7,8 +8,10 @@ size (H, W)), σ = sigmoid(x), pos = α(1−σ)^2·softplus(−x), neg = (1−α
     focal[q, t] = (Σ_p (pos − neg)[q, p]·t[t, p] + Σ_p neg[q, p]) / P     (= (pos·tᵀ + neg·(1 − t)ᵀ) / P)
     dice[q, t]  = 1 − (2·Σ_p σ[q, p]·t[t, p] + 1) / (Σ_p σ[q, p] + Σ_p t[t, p] + 1)
 
-* ``_mask_cost_kernel``: GEMM-style; a program owns a (BLOCK_Q, BLOCK_T) tile of both matrices and one split
-  of the pixels. Per BLOCK_P pixels it forms the logits tile (loaded, or ``E·F`` with ``tl.dot`` over the
+* ``_mask_cost_kernel``: GEMM-style; grid (splits, query x target tiles, images): a program owns a
+  (BLOCK_Q, BLOCK_T) tile of both matrices of one image and one split of its pixels. The images' targets
+  (different T, sizes, strides, one dtype) are found through a per-image int64 table (address, T, H, W,
+  strides, output offsets); target tiles past an image's T do nothing. Per BLOCK_P pixels it forms the logits tile (loaded, or ``E·F`` with ``tl.dot`` over the
   channels when ``FROM_EMBED``), the sigmoid / focal terms in registers, reads the target tile *by index*
   from the full-resolution target (nothing resized or padded is materialised; rows / columns past the
   target's own size read 0, the padding), and accumulates (pos − neg)·tᵀ and σ·tᵀ with ``tl.dot`` plus the
