@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, mask_loss, masked_attention, mlp_dwconv, ms_deform_attn,
-                             msca, partial_sums, upsample_ce)
+from fastseg.kernels import (attention_mask, context_cluster, mask_cost, mask_loss, masked_attention, mlp_dwconv,
+                             ms_deform_attn, msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -103,6 +103,15 @@ def main():
     compile_for_sm90(L._mask_loss_bwd_kernel, {"x_ptr": dt, "t_ptr": "u8", "rows_ptr": "i64", "g_ptr": "fp32",
                                                "dx_ptr": dt}, dict(c, BI=32, BJ=32, BO=16), num_stages=1,
                      scalars={"alpha": "fp32"})
+    # MaskFormer matcher costs: from the logits and from embeddings x features (16-bit: hi/lo split dots)
+    mc = {"X": dt, "E": dt, "F": dt, "Meta": "i64", "Part": "fp32"}
+    q, p, c, warps = mask_cost.GPU_BLOCKS[False]
+    for emb in (False, True):
+        compile_for_sm90(mask_cost._mask_cost_kernel, mc,
+                         dict(FROM_EMBED=emb, TG=tl.uint8, LOGIT_PREC="native", COST_PREC="split", OPD=tl.float16,
+                              ACC=tl.float32, ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
+    compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Meta": "i64", "Focal": "fp32",
+                                                            "Dice": "fp32"}, dict(TG=tl.uint8, BLOCK=256))
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

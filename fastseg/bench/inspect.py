@@ -473,12 +473,35 @@ def _mask_loss_cases(preset: str):
                 K.mask_loss_fwd(x, t, rows, 0.25, 2.0)
                 K.mask_loss_bwd(x, t, rows, torch.empty(T, 3, device="meta"), 0.25, 2.0)
             yield Case("mask_loss", f"T={key[0]} {key[1]}x{key[2]}", dn, "nchw", run)
+def _mask_cost_cases(preset: str):
+    """MaskFormer's fused matcher costs (one launch per batch): Q=100, T=30 targets per image, stride-4 logits
+    of 512² (ADE20K, B=8) and 1024² (COCO, B=2) images, from the logits ("qhw") or from the mask embeddings x
+    mask features ("emb", C=256). fp32 also with TF32 allowed (layout suffix "-tf32")."""
+    from fastseg.kernels import mask_cost as K
+
+    shapes = [(8, 100, 30, 512, 256)] + ([(2, 100, 30, 1024, 256)] if preset != "default" else [])
+    for B, Q, T, S, C in shapes:
+        for dn, dt in DTYPES.items():
+            for layout in ("qhw", "emb") + (("qhw-tf32", "emb-tf32") if dt == torch.float32 else ()):
+                def run(B=B, Q=Q, T=T, S=S, C=C, dt=dt, layout=layout):
+                    h = S // 4
+                    tgts = [torch.empty(T, S, S, dtype=torch.uint8, device="meta") for _ in range(B)]
+                    old = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = layout.endswith("tf32")
+                    try:
+                        if layout.startswith("emb"):
+                            K.mask_costs(tgts, (S, S), embeds=_meta((B, Q, C), dt), features=_meta((B, C, h, h), dt))
+                        else:
+                            K.mask_costs(tgts, (S, S), logits=_meta((B, Q, h, h), dt))
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = old
+                yield Case("mask_cost", f"B={B} Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
 
 
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
          "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
-         "mask_loss": _mask_loss_cases}
+         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,
@@ -581,7 +604,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", help="only kernels whose name contains this")
     p.add_argument("--preset", default="default", help="benchmark preset whose shapes are used (default)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES))
-    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd"])
+    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd", "qhw", "emb", "qhw-tf32",
+                                                             "emb-tf32"])
     p.add_argument("--max-shapes", type=int, default=None, help="at most this many shapes per family")
     p.add_argument("--no-sass", action="store_true", help="skip nvdisasm (PTX counts only)")
     p.add_argument("--no-default", action="store_true", help="skip the FASTSEG_AUTOTUNE=0 configs")

@@ -227,20 +227,46 @@ def batch_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float 
     return loss / hw
 
 
+def _assign(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """scipy's linear_sum_assignment of each (Q, T_b) cost matrix (16-bit costs go through float32); one
+    device-to-host copy for the whole batch."""
+    if not costs:
+        return []
+    dtype = torch.float32 if costs[0].dtype in (torch.float16, torch.bfloat16) else costs[0].dtype
+    flat = torch.cat([C.to(dtype).flatten() for C in costs]).cpu()
+    out, start = [], 0
+    for C in costs:
+        block = flat[start:start + C.numel()].view(C.shape)
+        start += C.numel()
+        i, j = linear_sum_assignment(block)
+        out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+    return out
+
+
 class MaskFormerMatcher(nn.Module):
     """MaskFormer's matcher: focal + dice costs on full masks (targets downsampled, nearest, to the
-    prediction size)."""
+    prediction size).
 
-    def __init__(self, cost_class: float = 1, cost_mask: float = 1, cost_dice: float = 1):
+    ``fused=True`` computes the focal and dice costs with :func:`fastseg.ops.matcher_mask_costs_batch` (one
+    Triton launch for the batch: no padded / resized target, no (Q, h·w) focal terms; fp32 accumulation) from
+    ``pred_masks``, or from ``pred_embeds`` (B, Q, C) + ``mask_features`` (B, C, h, w) when the outputs carry
+    no ``pred_masks``. The assignment is scipy's ``linear_sum_assignment`` either way.
+    """
+
+    def __init__(self, cost_class: float = 1, cost_mask: float = 1, cost_dice: float = 1, fused: bool = False):
         super().__init__()
         assert cost_class != 0 or cost_mask != 0 or cost_dice != 0, "all costs cant be 0"
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+        self.fused = fused
 
     @torch.no_grad()
-    def forward(self, outputs, targets):
+    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
+        """The (Q, T_b) cost matrix of every image (on the outputs' device)."""
+        if self.fused:
+            return self._fused_cost_matrices(outputs, targets)
         bs, num_queries = outputs["pred_logits"].shape[:2]
         padded = pad_target_masks([t["masks"] for t in targets])
-        indices = []
+        costs = []
         for b in range(bs):
             out_prob = outputs["pred_logits"][b].softmax(-1)
             out_mask = outputs["pred_masks"][b]
@@ -251,9 +277,34 @@ class MaskFormerMatcher(nn.Module):
             out_flat, tgt_flat = out_mask.flatten(1), tgt_mask[:, 0].flatten(1)
             C = (self.cost_mask * batch_sigmoid_focal_loss(out_flat, tgt_flat) + self.cost_class * cost_class
                  + self.cost_dice * batch_dice_loss(out_flat, tgt_flat))
-            i, j = linear_sum_assignment(C.reshape(num_queries, -1).float().cpu())
-            indices.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
-        return indices
+            costs.append(C.reshape(num_queries, -1))
+        return costs
+
+    def _fused_cost_matrices(self, outputs, targets):
+        from fastseg.ops.mask_cost import matcher_mask_costs_batch
+
+        ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
+        masks = [t["masks"].to(ref.device) for t in targets]  # a copy only across devices
+        if "pred_masks" in outputs:
+            mask_costs = matcher_mask_costs_batch(masks, logits=outputs["pred_masks"])
+        else:
+            mask_costs = matcher_mask_costs_batch(masks, embeds=outputs["pred_embeds"],
+                                                  features=outputs["mask_features"])
+        costs = []
+        for b, (focal, dice) in enumerate(mask_costs):
+            cost_class = -outputs["pred_logits"][b].softmax(-1)[:, targets[b]["labels"]].to(focal.dtype)
+            costs.append(self.cost_mask * focal + self.cost_class * cost_class + self.cost_dice * dice)
+        return costs
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """outputs: pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w) (or, fused, pred_embeds + mask_features);
+        targets: per image {"labels": (T,), "masks": (T, H, W)}. Returns per image (query, target) indices."""
+        return _assign(self.cost_matrices(outputs, targets))
+
+    def __repr__(self):
+        return (f"MaskFormerMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+                f"cost_dice={self.cost_dice}, fused={self.fused})")
 
 
 class MaskFormerCriterion(SetCriterion):
