@@ -175,7 +175,7 @@ def _cos_fwd_kernel(f_ptr, q_ptr, rq_ptr, out_ptr, nf_ptr, K, C, P, sfb, sfc, sf
         acc += tl.dot(q, f, input_precision=PREC, out_dtype=ACC)
         fa = f.to(ACC)
         nf2 += tl.sum(fa * fa, 0)
-    nf = tl.sqrt(nf2)
+    nf = tl.where(pm, tl.sqrt(nf2), 1.0)  # 1 in masked lanes: no 1/0 there
     inv, coef = _inv_norm(nf, eps, CLAMP)
     rq = tl.load(rq_ptr + b.to(tl.int64) * srb + kk, mask=km, other=0.0)
     out = acc * (tau * rq)[:, None] * inv[None, :]
@@ -217,7 +217,7 @@ def _cos_bwd_df_kernel(f_ptr, q_ptr, rq_ptr, nf_ptr, g_ptr, o_ptr, df_ptr, t_ptr
         q = tl.load(qb + kk[:, None] * C + cc[None, :], mask=km[:, None] & cm[None, :], other=0.0).to(f.dtype)
         gb = (g * rq[:, None]).to(f.dtype)
         acc += tl.dot(tl.trans(gb), q, input_precision=PREC, out_dtype=ACC)  # (BP, BC)
-    nf = tl.load(nf_ptr + b.to(tl.int64) * P + pp, mask=pm, other=0.0)
+    nf = tl.load(nf_ptr + b.to(tl.int64) * P + pp, mask=pm, other=1.0)
     inv, coef = _inv_norm(nf, eps, CLAMP)
     df = acc * (tau * inv)[:, None] + f.to(ACC) * (coef * r)[:, None]
     tl.store(df_ptr + (b.to(tl.int64) * C + cc[None, :]) * P + pp[:, None], df.to(df_ptr.dtype.element_ty),
