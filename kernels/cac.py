@@ -69,10 +69,10 @@ def _probs(z_ptr, y_ptr, b, pp, pm, kk, km, P, szb, szk, szp, ignore_index, HARD
 def _proto_fwd_kernel(f_ptr, z_ptr, y_ptr, acc_ptr, den_ptr, lse_ptr, K, C, P, sfb, sfc, sfp, szb, szk, szp,
                       n_split, tps, ignore_index, HARD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                       KP: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-    pid = tl.program_id(0)
+    pc = tl.program_id(0)  # channel blocks fastest: the programs sharing a logits slice run together (L2)
+    pid = tl.program_id(1)
     b = pid // n_split
     s = pid % n_split
-    pc = tl.program_id(1)
     kk = tl.arange(0, KP)
     km = kk < K
     cc = pc * BC + tl.arange(0, BC)
@@ -156,11 +156,11 @@ def _inv_norm(n, eps, CLAMP: tl.constexpr):
 def _cos_fwd_kernel(f_ptr, q_ptr, rq_ptr, out_ptr, nf_ptr, K, C, P, sfb, sfc, sfp, sqb, srb, tau, eps,
                     CLAMP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
                     BC: tl.constexpr):
-    b = tl.program_id(0)
-    pk = tl.program_id(1)
+    pk = tl.program_id(0)  # class blocks fastest: the programs sharing a feature tile run together (L2)
+    b = tl.program_id(2)
     kk = pk * BK + tl.arange(0, BK)
     km = kk < K
-    pp = tl.program_id(2) * BP + tl.arange(0, BP)
+    pp = tl.program_id(1) * BP + tl.arange(0, BP)
     pm = pp < P
     fb = f_ptr + b.to(tl.int64) * sfb
     qb = q_ptr + b.to(tl.int64) * sqb
@@ -189,9 +189,9 @@ def _cos_fwd_kernel(f_ptr, q_ptr, rq_ptr, out_ptr, nf_ptr, K, C, P, sfb, sfc, sf
 def _cos_bwd_df_kernel(f_ptr, q_ptr, rq_ptr, nf_ptr, g_ptr, o_ptr, df_ptr, t_ptr, K, C, P, sfb, sfc, sfp, sqb, srb,
                        n_pt, tau, eps, CLAMP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BK: tl.constexpr,
                        BP: tl.constexpr, BC: tl.constexpr):
-    b = tl.program_id(0)
+    pc = tl.program_id(0)  # channel blocks fastest: the programs sharing G / out tiles run together (L2)
     pt = tl.program_id(1)
-    pc = tl.program_id(2)
+    b = tl.program_id(2)
     pp = pt * BP + tl.arange(0, BP)
     pm = pp < P
     cc = pc * BC + tl.arange(0, BC)
@@ -228,12 +228,12 @@ def _cos_bwd_df_kernel(f_ptr, q_ptr, rq_ptr, nf_ptr, g_ptr, o_ptr, df_ptr, t_ptr
 def _cos_bwd_dq_kernel(f_ptr, g_ptr, nf_ptr, acc_ptr, K, C, P, sfb, sfc, sfp, n_split, tps, eps,
                        CLAMP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
                        BC: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(2)  # (channel, class) blocks fastest: they share the G and feature tiles (L2)
     b = pid // n_split
     s = pid % n_split
     kk = tl.program_id(1) * BK + tl.arange(0, BK)
     km = kk < K
-    cc = tl.program_id(2) * BC + tl.arange(0, BC)
+    cc = tl.program_id(0) * BC + tl.arange(0, BC)
     cm = cc < C
     fb = f_ptr + b.to(tl.int64) * sfb
     acc = tl.zeros([BK, BC], ACC)
@@ -378,14 +378,15 @@ def _kp(K):
     return max(16, triton.next_power_of_2(K))
 
 
-#: block sizes (the interpreter uses small tiles so the tests cross tile and chunk edges)
-def _blocks(name: str, K: int):
+#: block sizes (the interpreter uses small tiles so the tests cross tile and chunk edges). GPU choices from
+#: ptxas for sm_90 at K = 150 / 171, C = 512 (``fastseg inspect --family cac``; not tuned on a GPU).
+def _blocks(name: str, K: int, dtype=torch.bfloat16):
     it = interpreter_enabled()
-    kp = _kp(K)
-    if name == "proto_fwd":  # (BP, BC, warps)
-        return (16, 16, 4) if it else (32, 64 if kp <= 128 else 32, 8)
-    if name == "proto_bwd":
-        return (16, 16, 4) if it else (32, 32, 8)
+    wide = dtype in (torch.float32, torch.float64)  # fp32 dots are FMA loops: more registers per element
+    if name == "proto_fwd":  # (BP, BC, warps): fp32 (32, 32, 16) 128 regs 72 B spill; bf16 (32, 32, 8) no spill
+        return (16, 16, 4) if it else (32, 32, 16 if wide else 8)
+    if name == "proto_bwd":  # fp32 (32, 32, 8) 8 B spill; bf16 (16, 32, 8) 247 regs, no spill
+        return (16, 16, 4) if it else ((32, 32, 8) if wide else (16, 32, 8))
     if name == "cos_fwd":  # (BK, BP, BC, warps)
         return (16, 16, 16, 4) if it else (64, 64, 32, 4)
     if name == "cos_df":  # (BK, BP, BC, warps)
@@ -393,7 +394,7 @@ def _blocks(name: str, K: int):
     if name == "cos_dq":  # (BK, BP, BC, warps)
         return (16, 16, 16, 4) if it else (64, 32, 64, 4)
     if name == "distill":  # (BK, BP, warps)
-        return (16, 16, 4) if it else (min(kp, 32), 64, 4)
+        return (16, 16, 4) if it else (min(_kp(K), 32), 64, 4)
     raise KeyError(name)
 
 
@@ -412,7 +413,7 @@ def _proto_fwd(feat, logits, labels, K, ignore_index):
     P = h * w
     hard = logits is None
     acc_tl, acc_t = _acc(feat.dtype)
-    BP, BC, warps = _blocks("proto_fwd", K)
+    BP, BC, warps = _blocks("proto_fwd", K, feat.dtype)
     KP = _kp(K)
     n_c = triton.cdiv(C, BC)
     S, tps = _splits(triton.cdiv(P, BP), B * n_c, feat.device)
@@ -423,7 +424,7 @@ def _proto_fwd(feat, logits, labels, K, ignore_index):
     szb, szk, szp = (0, 0, 0) if hard else _fstrides(logits)
     y = labels if hard else lse
     record_launch("cac_proto_fwd")
-    _proto_fwd_kernel[(B * S, n_c)](feat, z, y, part, den, lse, K, C, P, *_fstrides(feat), szb, szk, szp, S, tps,
+    _proto_fwd_kernel[(n_c, B * S)](feat, z, y, part, den, lse, K, C, P, *_fstrides(feat), szb, szk, szp, S, tps,
                                     ignore_index, HARD=hard, PREC=_prec(feat), ACC=acc_tl, KP=KP, BP=BP, BC=BC,
                                     num_warps=warps)
     return part, den, lse
@@ -448,7 +449,7 @@ def _proto_bwd(feat, logits, labels, lse, da, dd, K, ignore_index):
     P = h * w
     hard = logits is None
     acc_tl, _ = _acc(feat.dtype)
-    BP, BC, warps = _blocks("proto_bwd", K)
+    BP, BC, warps = _blocks("proto_bwd", K, feat.dtype)
     df = torch.empty(B, C, h, w, dtype=feat.dtype, device=feat.device)
     dz = None if hard else torch.empty(B, K, h, w, dtype=logits.dtype, device=feat.device)
     sdb = 0 if da.dim() == 2 else K * C
@@ -488,7 +489,7 @@ def cos_fwd(feat, q, rq, tau: float, eps: float, clamp: bool):
     sqb = 0 if q.shape[0] == 1 else K * C
     srb = 0 if rq.shape[0] == 1 else K
     record_launch("cac_cos_fwd")
-    _cos_fwd_kernel[(B, triton.cdiv(K, BK), triton.cdiv(P, BP))](
+    _cos_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(P, BP), B)](
         feat, q, rq, out, nf, K, C, P, *_fstrides(feat), sqb, srb, float(tau), float(eps), CLAMP=bool(clamp),
         PREC=_prec(feat), ACC=acc_tl, BK=BK, BP=BP, BC=BC, num_warps=warps)
     return out, nf
@@ -508,7 +509,7 @@ def cos_bwd(feat, q, rq, nf, out, g, tau: float, eps: float, clamp: bool):
     df = torch.empty(B, C, h, w, dtype=feat.dtype, device=feat.device)
     tpart = torch.empty(B, n_pt, K, dtype=acc_t, device=feat.device)
     record_launch("cac_cos_bwd_df")
-    _cos_bwd_df_kernel[(B, n_pt, triton.cdiv(C, BC))](
+    _cos_bwd_df_kernel[(triton.cdiv(C, BC), n_pt, B)](
         feat, q, rq, nf, g, out, df, tpart, K, C, P, *_fstrides(feat), sqb, srb, n_pt, float(tau), float(eps),
         CLAMP=bool(clamp), PREC=_prec(feat), ACC=acc_tl, BK=BK, BP=BP, BC=BC, num_warps=warps)
     BK, BP, BC, warps = _blocks("cos_dq", K)
@@ -516,7 +517,7 @@ def cos_bwd(feat, q, rq, nf, out, g, tau: float, eps: float, clamp: bool):
     S, tps = _splits(triton.cdiv(P, BP), B * n_k * n_c, feat.device)
     part = torch.empty(B, S, K, C, dtype=acc_t, device=feat.device)
     record_launch("cac_cos_bwd_dq")
-    _cos_bwd_dq_kernel[(B * S, n_k, n_c)](
+    _cos_bwd_dq_kernel[(n_c, n_k, B * S)](
         feat, g, nf, part, K, C, P, *_fstrides(feat), S, tps, float(eps), CLAMP=bool(clamp), PREC=_prec(feat),
         ACC=acc_tl, BK=BK, BP=BP, BC=BC, num_warps=warps)
     return df, part.sum(1), tpart.sum(1)

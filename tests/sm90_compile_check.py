@@ -13,18 +13,20 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
-                             partial_sums, upsample_ce)
+from fastseg.kernels import (attention_mask, cac, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn,
+                             msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
+_CAC_FLOATS = ("tau", "eps", "smooth", "ls_eps")
 
 
-def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                     floats=()):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap @triton.autotune
         fn = fn.fn
     sig = {a: "constexpr" if a in constexprs else ("*" + pointers[a] if a in pointers else
-                                                   ("fp32" if "scale" in a else "i32")) for a in fn.arg_names}
+                                                   ("fp32" if "scale" in a or a in floats else "i32")) for a in fn.arg_names}
     t = time.time()
     triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=constexprs), target=TARGET,
                    options={"num_warps": num_warps, "num_stages": num_stages})
@@ -92,6 +94,33 @@ def main():
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
     compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
+
+    # CAC's classifier at K = 150 (class tile 256), the GPU block sizes of kernels/cac.py for 16-bit features
+    Z = cac
+    bp, bc, warps = Z._blocks("proto_fwd", 150)
+    for hard in (False, True):
+        compile_for_sm90(Z._proto_fwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "acc_ptr": "fp32",
+                                               "den_ptr": "fp32", "lse_ptr": "fp32"},
+                         dict(HARD=hard, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, floats=_CAC_FLOATS)
+    bp, bc, warps = Z._blocks("proto_bwd", 150)
+    compile_for_sm90(Z._proto_bwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "lse_ptr": "fp32",
+                                           "da_ptr": "fp32", "dd_ptr": "fp32", "df_ptr": dt, "dz_ptr": dt},
+                     dict(HARD=False, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, floats=_CAC_FLOATS)
+    bk, bp, bc, warps = Z._blocks("cos_fwd", 150)
+    compile_for_sm90(Z._cos_fwd_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "out_ptr": dt, "nf_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, floats=_CAC_FLOATS)
+    bk, bp, bc, warps = Z._blocks("cos_df", 150)
+    compile_for_sm90(Z._cos_bwd_df_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "nf_ptr": "fp32", "g_ptr": dt,
+                                            "o_ptr": dt, "df_ptr": dt, "t_ptr": "fp32"},
+                     dict(CLAMP=True, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, floats=_CAC_FLOATS)
+    bk, bp, bc, warps = Z._blocks("cos_dq", 150)
+    compile_for_sm90(Z._cos_bwd_dq_kernel, {"f_ptr": dt, "g_ptr": dt, "nf_ptr": "fp32", "acc_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, floats=_CAC_FLOATS)
+    bk, bp, warps = Z._blocks("distill", 150)
+    compile_for_sm90(Z._distill_fwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "part_ptr": "fp32",
+                                             "stat_ptr": "fp32"}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, floats=_CAC_FLOATS)
+    compile_for_sm90(Z._distill_bwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "stat_ptr": "fp32",
+                                             "w_ptr": "fp32", "dx_ptr": dt}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, floats=_CAC_FLOATS)
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 
