@@ -219,3 +219,44 @@ def test_patch_swaps_a_cac_model(device, triton_launches):
     # all parameter gradients as one vector (the backbone biases' gradients are ~0: GroupNorm removes shifts)
     assert_close(torch.cat([a.flatten() for a in outs[1][2]]), torch.cat([b.flatten() for b in outs[0][2]]), 1e-4,
                  "parameter gradients")
+
+
+def test_torch_compile_fullgraph(triton_launches):
+    """torch.compile(fullgraph=True, backend="aot_eager") reaches the kernels through the fastseg::cac_* custom
+    ops: same logits, losses and gradients as eager; opcheck of the forward ops."""
+    from fastseg import _backend
+
+    if not _backend.interpreter_enabled():
+        pytest.skip("the kernels need TRITON_INTERPRET=1 on CPU")
+    torch.manual_seed(0)
+    clf = ContextAwareClassifier(C, K, dropout_ratio=0.0).double()
+    y = _labels(absent=(2,))
+
+    def run(x):
+        out = clf(x)
+        oracle = ops.oracle_logits(x, y, clf.classifier_weight, clf.apd_proj)
+        return out.square().mean() + ops.entropy_distill_loss(out, oracle.detach(), y) + oracle.mean()
+
+    x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    leaves = [x] + list(clf.parameters())
+    want = run(x)
+    g_want = torch.autograd.grad(want, leaves)
+    torch._dynamo.reset()
+    triton_launches.clear()
+    got = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    g_got = torch.autograd.grad(got, leaves)
+    torch._dynamo.reset()
+    assert {"cac_proto_fwd", "cac_proto_bwd", "cac_cos_fwd", "cac_cos_bwd_df", "cac_cos_bwd_dq", "cac_distill_fwd",
+            "cac_distill_bwd"} <= set(triton_launches)
+    assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item())
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        assert_close(a, b, 1e-12, f"gradient {i}")
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    f = torch.randn(1, C, 3, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(1, K, 3, 4, dtype=torch.float64, requires_grad=True)
+    yy = _labels(1, 3, 4).reshape(1, 12)
+    torch.library.opcheck(ops._soft_fwd_op, (f, z), test_utils=tests)
+    torch.library.opcheck(ops._label_fwd_op, (f, yy, K, 255), test_utils=tests)
+    q = torch.randn(1, K, C, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops._cos_fwd_op, (f, q, 15.0, 1e-12, True), test_utils=tests)
+    torch.library.opcheck(ops._distill_fwd_op, (z, z.detach(), yy, 0.5, 255, 0.0), test_utils=tests)
