@@ -260,3 +260,38 @@ def test_torch_compile_fullgraph(triton_launches):
     q = torch.randn(1, K, C, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(ops._cos_fwd_op, (f, q, 15.0, 1e-12, True), test_utils=tests)
     torch.library.opcheck(ops._distill_fwd_op, (z, z.detach(), yy, 0.5, 255, 0.0), test_utils=tests)
+
+
+_RULES = r"""
+import json
+from fastseg.bench import inspect as I
+print(json.dumps(I.inspect_kernels(["cac"], "default", dtypes=["bf16"], sass=False, max_shapes=1)))
+"""
+
+
+def test_sm90_resources_bf16():
+    """sm_90 (Triton's ptxas, no GPU): at ADE20K's shape (K = 150, C = 512) every CAC kernel compiles with no
+    spill in bf16, fits the shared memory, and every dot runs on tensor cores (wgmma / mma)."""
+    import os
+    import subprocess
+    import sys
+
+    from fastseg.bench import inspect as I
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"_proto_fwd_kernel", "_proto_bwd_kernel", "_cos_fwd_kernel",
+                                           "_cos_bwd_df_kernel", "_cos_bwd_dq_kernel", "_distill_fwd_kernel",
+                                           "_distill_bwd_kernel"}
+    assert I.violations(rows) == []
+    for r in rows:
+        if not r["kernel"].startswith("_distill"):
+            assert r["wgmma"] + r["mma"] > 0, r
