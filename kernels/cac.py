@@ -142,7 +142,8 @@ def _proto_bwd_kernel(f_ptr, z_ptr, y_ptr, lse_ptr, da_ptr, dd_ptr, df_ptr, dz_p
 # ------------------------------------------------------------------------------------------ cosine classifier
 @triton.jit
 def _inv_norm(n, eps, CLAMP: tl.constexpr):
-    """1/(n + eps), or 1/max(n, eps) (F.normalize), and ∂(1/…)/∂n divided by n times 1/(1/…) (0 where n == 0)."""
+    """(inv, coef): inv = 1/(n + eps), or 1/max(n, eps) (F.normalize); coef = (∂inv/∂n) / (n · inv), 0 where
+    undefined (the gradient factor of f's own direction)."""
     if CLAMP:
         inv = 1.0 / tl.maximum(n, eps)
         coef = tl.where(n > eps, -inv * inv, 0.0)
@@ -542,7 +543,7 @@ def distill_fwd(pred, teacher, labels, smoothness: float, ignore_index: int, eps
 
 
 def distill_bwd(pred, teacher, labels, stats, w, smoothness: float, ignore_index: int, eps: float):
-    """∂L/∂pred (B, K, h, w) in pred's dtype; w (K,) accumulation dtype: g · [present] / (Σ entropy + 1e-12) / n."""
+    """∂L/∂pred (B, K, h, w) in pred's dtype; w (K,) accumulation dtype: g·[present] / (Σ entropy + 1e-12) / n."""
     B, K, h, w_ = pred.shape
     P = h * w_
     acc_tl, _ = _acc(pred.dtype)

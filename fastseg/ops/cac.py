@@ -143,10 +143,16 @@ def oracle_class_prototypes(feat: torch.Tensor, labels: torch.Tensor, weight: to
     """(K, C): batch mean feature of the pixels labelled k (labels nearest-resized to the feature size), or
     ``weight[k]`` where class k has no pixel (see :func:`fastseg.reference.cac.oracle_class_prototypes`)."""
     _check_feat("oracle_class_prototypes", feat)
+    _backend.check_same_device("oracle_class_prototypes", feat=feat, labels=labels, weight=weight)
     if not _use_triton("oracle_class_prototypes", feat, weight):
         return ref.oracle_class_prototypes(feat, labels, weight, ignore_index)
     b, c, h, w = feat.shape
     k = weight.shape[0]
+    from fastseg.kernels.cac import MAX_CLASSES
+
+    if k > MAX_CLASSES:
+        raise NotImplementedError(f"oracle_class_prototypes: the Triton kernel keeps all classes of a pixel in "
+                                  f"registers and supports K <= {MAX_CLASSES}, got K = {k}")
     y = resize_labels(labels, (h, w), k, ignore_index).reshape(b, h * w).contiguous()
     if torch.compiler.is_compiling():
         a, count = _label_fwd_op(_fold(feat), y, k, int(ignore_index))
@@ -169,7 +175,7 @@ def _inv_norm(n, eps, clamp):
 
 
 def _cos_fwd_impl(feat, q3, tau, eps, clamp):
-    """q3 (B or 1, K, C) in feat's dtype → (out, 1/‖q‖ (B|1, K), ∂ coefficient of q (B|1, K), ‖f‖ (B, P))."""
+    """q3 (B|1, K, C) in feat's dtype → (out, 1/‖q‖, q's gradient coefficient (both (B|1, K)), ‖f‖ (B, P))."""
     from fastseg.kernels import cac as K
 
     q3 = q3.contiguous()
@@ -285,6 +291,7 @@ def entropy_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, labels: torc
     if not pred.is_floating_point() or teacher.dtype != pred.dtype:
         raise TypeError(f"entropy_distill_loss: pred and teacher must share a floating dtype, got {pred.dtype}, "
                         f"{teacher.dtype}")
+    _backend.check_same_device("entropy_distill_loss", pred=pred, teacher=teacher, labels=labels)
     if not _use_triton("entropy_distill_loss", pred, teacher):
         return ref.entropy_distill_loss(pred, teacher, labels, smoothness, ignore_index, eps)
     b, k, h, w = pred.shape
