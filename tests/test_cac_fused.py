@@ -222,8 +222,8 @@ def test_patch_swaps_a_cac_model(device, triton_launches):
 
 
 def test_torch_compile_fullgraph(triton_launches):
-    """torch.compile(fullgraph=True, backend="aot_eager") reaches the kernels through the fastseg::cac_* custom
-    ops: same logits, losses and gradients as eager; opcheck of the forward ops."""
+    """torch.compile(fullgraph=True, backend="aot_eager") of the training step reaches the kernels through the
+    fastseg::cac_* / upsample_ce custom ops: same loss and gradients as eager; opcheck of the forward ops."""
     from fastseg import _backend
 
     if not _backend.interpreter_enabled():
@@ -232,10 +232,8 @@ def test_torch_compile_fullgraph(triton_launches):
     clf = ContextAwareClassifier(C, K, dropout_ratio=0.0).double()
     y = _labels(absent=(2,))
 
-    def run(x):
-        out = clf(x)
-        oracle = ops.oracle_logits(x, y, clf.classifier_weight, clf.apd_proj)
-        return out.square().mean() + ops.entropy_distill_loss(out, oracle.detach(), y) + oracle.mean()
+    def run(x):  # the whole training loss (both classifiers, distillation, upsampled CEs) and the logits
+        return clf.forward_train(x, y)["loss_ce"] + clf(x).square().mean()
 
     x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
     leaves = [x] + list(clf.parameters())
@@ -247,7 +245,7 @@ def test_torch_compile_fullgraph(triton_launches):
     g_got = torch.autograd.grad(got, leaves)
     torch._dynamo.reset()
     assert {"cac_proto_fwd", "cac_proto_bwd", "cac_cos_fwd", "cac_cos_bwd_df", "cac_cos_bwd_dq", "cac_distill_fwd",
-            "cac_distill_bwd"} <= set(triton_launches)
+            "cac_distill_bwd", "upsample_ce_fwd", "upsample_ce_bwd"} <= set(triton_launches)
     assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item())
     for i, (a, b) in enumerate(zip(g_got, g_want)):
         assert_close(a, b, 1e-12, f"gradient {i}")
@@ -260,6 +258,9 @@ def test_torch_compile_fullgraph(triton_launches):
     q = torch.randn(1, K, C, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(ops._cos_fwd_op, (f, q, 15.0, 1e-12, True), test_utils=tests)
     torch.library.opcheck(ops._distill_fwd_op, (z, z.detach(), yy, 0.5, 255, 0.0), test_utils=tests)
+    from fastseg.ops import upsample_ce
+
+    torch.library.opcheck(upsample_ce._fwd_op, (z, _labels(1, 7, 6)[:, 0], True, 255), test_utils=tests)
 
 
 _RULES = r"""
