@@ -16,6 +16,9 @@ when its fastseg class is not in this build):
   DETR / Mask2Former ``MSDeformAttn`` -> :class:`fastseg.nn.MSDeformAttn`, Hugging Face's
   ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` -> :class:`fastseg.nn.MSDeformAttnHF`
   (:mod:`fastseg.records.ms_deform_attn`).
+* ``"cac"``: CAC's context-aware classifier (``conv_seg`` + ``proj`` + ``apd_proj``, :mod:`fastseg.records.cac`):
+  a classifier-only module -> :class:`fastseg.nn.ContextAwareClassifier`; fastseg's reference CAC heads -> a
+  copy with ``set_fused(True)``.
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
 
@@ -379,7 +382,8 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
             report.skipped.append(Skipped(path, rec.name, f"could not build fastseg.nn.{rec.nn_class} from it: "
                                           f"{type(done[id(child)]).__name__}: {done[id(child)]}"))
             continue
-        report.replaced.append(Replaced(path, rec.name, type(child).__name__, cls.__name__))
+        new_name = type(done[id(child)]).__name__ if id(child) in done else cls.__name__  # e.g. a fused CAC head
+        report.replaced.append(Replaced(path, rec.name, type(child).__name__, new_name))
         swapped.append((path, parent, name, child, rec, cls))
     for path, parent, name, child, rec, cls in ([] if dry_run else swapped):
         setattr(parent, name, done[id(child)])
@@ -394,7 +398,7 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
         new_ids = {id(child) for _, _, _, child, rec, _ in swapped if rec.name == "masked_attention"}
         patch_hf_decoders(model, new_ids, classes.get("masked_attention"), report, dry_run, verify)
         note_hf_attention_interface(model, report)
-    if any(hasattr(m, "set_fused") for m in model.modules()):
+    if any(hasattr(m, "set_fused") and not hasattr(m, "apd_proj") for m in model.modules()):  # not CAC heads
         report.notes.append("this model also has set_fused(True) (point-sampled losses, tiled inference, no "
                             "(B, Q, H/4, W/4) logits); not switched on by patch() because it changes the output "
                             "layout (pred_embeds + mask_features instead of pred_masks)")

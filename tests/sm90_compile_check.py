@@ -13,10 +13,11 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, mask_cost, mask_loss, masked_attention, mlp_dwconv,
+from fastseg.kernels import (attention_mask, cac, context_cluster, mask_cost, mask_loss, masked_attention, mlp_dwconv,
                              ms_deform_attn, msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
+_CAC_SCALARS = {n: "fp32" for n in ("tau", "eps", "smooth", "ls_eps")}
 
 
 def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
@@ -112,6 +113,33 @@ def main():
                               ACC=tl.float32, ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
     compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Meta": "i64", "Focal": "fp32",
                                                             "Dice": "fp32"}, dict(TG=tl.uint8, BLOCK=256))
+
+    # CAC's classifier at K = 150 (class tile 256), the GPU block sizes of kernels/cac.py for 16-bit features
+    Z = cac
+    bp, bc, warps = Z._blocks("proto_fwd", 150)
+    for hard in (False, True):
+        compile_for_sm90(Z._proto_fwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "acc_ptr": "fp32",
+                                               "den_ptr": "fp32", "lse_ptr": "fp32"},
+                         dict(HARD=hard, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bp, bc, warps = Z._blocks("proto_bwd", 150)
+    compile_for_sm90(Z._proto_bwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "lse_ptr": "fp32",
+                                           "da_ptr": "fp32", "dd_ptr": "fp32", "df_ptr": dt, "dz_ptr": dt},
+                     dict(HARD=False, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_fwd", 150)
+    compile_for_sm90(Z._cos_fwd_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "out_ptr": dt, "nf_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_df", 150)
+    compile_for_sm90(Z._cos_bwd_df_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "nf_ptr": "fp32", "g_ptr": dt,
+                                            "o_ptr": dt, "df_ptr": dt, "t_ptr": "fp32"},
+                     dict(CLAMP=True, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_dq", 150)
+    compile_for_sm90(Z._cos_bwd_dq_kernel, {"f_ptr": dt, "g_ptr": dt, "nf_ptr": "fp32", "acc_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, warps = Z._blocks("distill", 150)
+    compile_for_sm90(Z._distill_fwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "part_ptr": "fp32",
+                                             "stat_ptr": "fp32"}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, scalars=_CAC_SCALARS)
+    compile_for_sm90(Z._distill_bwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "stat_ptr": "fp32",
+                                             "w_ptr": "fp32", "dx_ptr": dt}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, scalars=_CAC_SCALARS)
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

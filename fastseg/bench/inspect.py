@@ -498,10 +498,43 @@ def _mask_cost_cases(preset: str):
                 yield Case("mask_cost", f"B={B} Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
 
 
+def _cac_cases(preset: str):
+    """CAC's fused classifier (kernels/cac.py): soft and label prototypes, cosine classifier, distillation,
+    forward and backward, at the CAC benchmark shapes."""
+    from fastseg.bench.ops.cac import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import cac as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"], s["C"], s["K"], s["H"], s["W"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt):
+                B, C, Kc, h, w = s["B"], s["C"], s["K"], s["H"], s["W"]
+                f = _meta((B, C, h, w), dt)
+                z = _meta((B, Kc, h, w), dt)
+                y = torch.empty(B, h * w, dtype=torch.int64, device="meta")
+                acc = torch.float32
+                a, d, lse = K.soft_proto_fwd(f, z)
+                K.soft_proto_bwd(f, z, lse, a, d)
+                a, _ = K.label_proto_fwd(f, y, Kc, 255)
+                K.label_proto_bwd(f, y, a, 255)
+                for q, clamp in ((_meta((B, Kc, C), dt), False), (_meta((1, Kc, C), dt), True)):
+                    rq = torch.empty(q.shape[0], Kc, dtype=acc, device="meta")
+                    out, nf = K.cos_fwd(f, q, rq, 15.0, 1e-12, clamp)
+                    K.cos_bwd(f, q, rq, nf, out, out, 15.0, 1e-12, clamp)
+                _, stats = K.distill_fwd(z, z, y, 0.5, 255, 0.0)
+                K.distill_bwd(z, z, y, stats, torch.empty(Kc, dtype=acc, device="meta"), 0.5, 255, 0.0)
+            yield Case("cac", f"B={s['B']} C={s['C']} K={s['K']} {s['H']}x{s['W']}", dn, "nchw", run)
+
+
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
          "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
-         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases}
+         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases, "cac": _cac_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,

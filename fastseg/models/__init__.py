@@ -9,7 +9,7 @@
 * SegNeXt: the MSCAN encoder (:func:`mscan_t` ...) and the light Hamburger head (:func:`segnext_t` ...);
   ``fused=True`` swaps in :class:`fastseg.nn.MSCA`, ``fused="all"`` also the fused MLP.
 * Context Cluster networks (:func:`coc_tiny` ...; ``fused=True`` swaps in the Triton modules).
-* CAC (context-aware classifier, reference only): :class:`FCNHeadCAC`, :class:`UPerHeadCAC`,
+* CAC (context-aware classifier; `head.set_fused(True)` runs it on fastseg.ops.cac): :class:`FCNHeadCAC`, :class:`UPerHeadCAC`,
   :class:`DepthwiseSeparableASPPHeadCAC`, :class:`LightHamHeadCAC`, :class:`CACSegmentor`, :func:`segnext_t_cac` ....
 * ECENet (reference only): :class:`ECENetHead`, :class:`ECENetSegmentor`, :func:`mscan_t_ecenet` ....
 * SegViT (reference): :func:`segvit_vit_t` / ``_s`` / ``_b`` / ``_l`` / :func:`build_segvit` (``structure=
