@@ -357,6 +357,7 @@ def _attention_cases(preset: str):
                 bits = torch.empty(B, 1, Q, math.ceil(P / 32), dtype=torch.int32, device="meta")
                 am = torch.empty(B, 1, Q, P, dtype=torch.bool, device="meta")
                 K.pack(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
+                K.pack_with_tile_lists(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
                 o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5)
                 K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5)
                 K.weights(q, kv, lse, bits, D ** -0.5, True)  # need_weights (averaged over heads)
