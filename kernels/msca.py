@@ -16,6 +16,10 @@ accumulation in fp32, or fp64 for fp64 inputs):
 * ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
 * ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
   and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients.
+* C <= 64 (``FUSED_FWD_MAX_C`` / ``PW_FUSED_MAX_C``; ``FASTSEG_MSCA_FUSED=0``: never):
+  ``_msca_fused_fwd_kernel`` is the whole forward, one spatial tile of every channel per item (s of each
+  channel as in the dw kernel, then the pointwise GEMM + gate of the tile from the s just written), and
+  ``_msca_pw_w3_bwd_kernel`` the pointwise backward and dW3 / db3 in one pass (per-program partials).
 Partial sums are reduced by one :func:`sum_rows` launch per gradient set, in a fixed order (deterministic, no
 atomics), straight into the parameters' dtype: the depthwise ones as a flat buffer, parameter after parameter.
 Tap loops are runtime loops (see the helpers' comment): the unrolled versions spilled kilobytes per thread.
