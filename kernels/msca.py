@@ -17,7 +17,8 @@ accumulation in fp32, or fp64 for fp64 inputs):
 * ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
   and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients.
 * C <= 64 (``FUSED_FWD_MAX_C`` / ``PW_FUSED_MAX_C``; ``FASTSEG_MSCA_FUSED=0``: never):
-  ``_msca_fused_fwd_kernel`` is the whole forward, one spatial tile of every channel per item (s of each
+  ``_msca_fused_fwd_kernel`` is the whole forward (on a GPU when the spatial tiles fill the SMs,
+  :func:`use_fused_fwd`), one spatial tile of every channel per item (s of each
   channel as in the dw kernel, then the pointwise GEMM + gate of the tile from the s just written), and
   ``_msca_pw_w3_bwd_kernel`` the pointwise backward and dW3 / db3 in one pass (per-program partials).
 Partial sums are reduced by one :func:`sum_rows` launch per gradient set, in a fixed order (deterministic, no
@@ -38,7 +39,7 @@ from fastseg._backend import interpreter_enabled, record_launch
 
 from .partial_sums import sum_rows
 
-__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_pw_w3_bwd",
+__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "use_fused_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_pw_w3_bwd",
            "msca_dw_bwd"]
 
 WPACK = 128
@@ -612,6 +613,30 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
 _FUSED = os.environ.get("FASTSEG_MSCA_FUSED", "1") != "0"  # "0": the unfused kernels at every C (A/B timing)
 #: largest channel count of the one-kernel forward (:func:`msca_fused_fwd`); larger C: dw + pw kernels.
 FUSED_FWD_MAX_C = 64 if _FUSED else 0
+
+
+#: on a GPU the one-kernel forward runs only when its items (spatial tiles, each all C channels) are at least
+#: this many per SM: below, SMs would sit idle (e.g. batch 1 at 128x128: 9 tiles), where the two-kernel path
+#: has C times more items (tiles x channels).
+FUSED_FWD_MIN_TILES_PER_SM = 1
+
+
+def use_fused_fwd(x: torch.Tensor) -> bool:
+    """Whether the op runs :func:`msca_fused_fwd` for x (N, C, H, W): C <= FUSED_FWD_MAX_C and, on CUDA, at
+    least FUSED_FWD_MIN_TILES_PER_SM spatial tiles per SM (always under the interpreter / on meta tensors)."""
+    N, C, H, W = x.shape
+    if C > FUSED_FWD_MAX_C:
+        return False
+    if x.device.type != "cuda":
+        return True
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return fused_fwd_tiles(N, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+
+
+def fused_fwd_tiles(N: int, H: int, W: int) -> int:
+    """Items (spatial tiles) of the one-kernel forward at (N, ., H, W) on a GPU."""
+    RH, RW, _ = _dw_config(H, W, 10, 10)
+    return N * triton.cdiv(H, RH - 20) * triton.cdiv(W, RW - 20)
 
 
 def msca_fused_fwd(x: torch.Tensor, wpack: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor):

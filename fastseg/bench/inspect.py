@@ -301,7 +301,7 @@ def _msca_cases(preset: str):
                     wp = torch.empty(C, K.WPACK, device="meta")
                     w3 = torch.empty(C, C, dtype=dt, device="meta")
                     b3 = torch.empty(C, device="meta")
-                    if C <= K.FUSED_FWD_MAX_C:  # the kernels the op dispatches to (fastseg.ops.msca)
+                    if K.use_fused_fwd(x):  # the kernels the op dispatches to (fastseg.ops.msca)
                         _, sm = K.msca_fused_fwd(x, wp, w3, b3)
                     else:
                         sm = K.msca_dw_fwd(x, wp)

@@ -69,9 +69,9 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(K, x, wp, w3m, b3a):
-    """(y, s): one kernel for C <= K.FUSED_FWD_MAX_C (s never re-read from DRAM by a second kernel), else the
-    depthwise kernel then the pointwise GEMM."""
-    if x.shape[1] <= K.FUSED_FWD_MAX_C:
+    """(y, s): one kernel for C <= K.FUSED_FWD_MAX_C when its spatial tiles fill the GPU (:func:`use_fused_fwd`;
+    s is then not re-read from DRAM by a second kernel), else the depthwise kernel then the pointwise GEMM."""
+    if K.use_fused_fwd(x):
         return K.msca_fused_fwd(x, wp, w3m, b3a)
     s = K.msca_dw_fwd(x, wp)
     return K.msca_pw_fwd(s, x, w3m, b3a), s
