@@ -58,7 +58,7 @@ def main():
     compile_for_sm90(K._pack_tile_list_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32", "Blocks": "i32",
                                                 "Counts": "i32", "Flags": "i8"},
                      dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_M=64, WORDS_PER_BLOCK=2,
-                          CHUNK=2))
+                          CHUNK=8), 8)
     compile_for_sm90(attention_mask._sign_pack_kernel, {"E": dt, "F": dt, "Bits": "i32", "Counts": "i32"},
                      dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
     compile_for_sm90(attention_mask._reset_empty_kernel, {"Bits": "i32", "Counts": "i32"}, dict(BLOCK_W=256))
