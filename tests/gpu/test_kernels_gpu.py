@@ -132,11 +132,11 @@ def test_mask_from_embeddings(dtype, triton_launches):
 # ------------------------------------------------------------------------------------------------ MSCA
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_msca(dtype, channels_last, fused, triton_launches, monkeypatch):
+@pytest.mark.parametrize("one_pass", [True, False], ids=["fused", "unfused"])
+def test_msca(dtype, channels_last, one_pass, triton_launches, monkeypatch):
     from fastseg.kernels import msca as K
 
-    if fused:  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
+    if one_pass:  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
         monkeypatch.setattr(K, "FUSED_FWD_MIN_TILES_PER_SM", 0)
     else:  # the kernels used above 64 channels, at this C
         monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 0)
@@ -167,7 +167,7 @@ def test_msca(dtype, channels_last, fused, triton_launches, monkeypatch):
     assert_close(x_f.grad, x_r.grad, TOL[dtype], "d x")
     for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
         assert_close(p.grad, p_ref.grad, TOL[dtype], f"d {name}")
-    want = ({"msca_fused_fwd", "msca_pw_w3_bwd"} if fused else
+    want = ({"msca_fused_fwd", "msca_pw_w3_bwd"} if one_pass else
             {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd"})
     assert want | {"msca_dw_bwd"} <= set(triton_launches)
 
