@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` replacements (same constructors and state_dicts as the originals)."""
+from .atm_attention import ATMAttention
 from .context_cluster import ContextCluster
 from .masked_attention import MaskedCrossAttention
 from .mlp_dwconv import MSCANMlp
@@ -6,5 +7,5 @@ from .ms_deform_attn import MSDeformAttn, MSDeformAttnHF
 from .msca import MSCA
 from .mscan_block import MSCANBlock
 
-__all__ = ["ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock",
+__all__ = ["ATMAttention", "ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock",
            "MSDeformAttn", "MSDeformAttnHF"]
