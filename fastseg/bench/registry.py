@@ -98,7 +98,7 @@ class OpSpec:
 
 
 _REGISTRY: dict[str, OpSpec] = {}
-_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn")
+_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "segvit")
 _loaded = False
 
 
