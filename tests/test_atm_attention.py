@@ -216,3 +216,20 @@ def test_torch_compile_and_opcheck(device, triton_launches):
     q, k, v = _qkv(1, 2, 5, 9, 8, EXACT, device)
     torch.library.opcheck(atm._fwd_op, (q, k, v, None, 0.3, 0.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_memprof_analytic_saved_bytes_match_autograd():
+    """The bench op's analytic memory model: its ``saved:`` parts are exactly what autograd saves in the
+    fused layer's training step, besides what the benchmark's loss saves (its two outputs, in fp32)."""
+    if not _backend.interpreter_enabled():
+        pytest.skip("the fused path's saved tensors are measured through its kernels (TRITON_INTERPRET=1)")
+    from fastseg.bench.measure import saved_for_backward_bytes
+    from fastseg.bench.ops import segvit
+
+    s = {**segvit.SHAPE_KEYS, "B": 2, "K": 7, "H": 5, "W": 9, "C": 24, "heads": 3}
+    for dtype in (torch.float32, torch.float64):
+        prepared = segvit.prep_fastseg(s, dtype, torch.device("cpu"), "fwdbwd")
+        got = saved_for_backward_bytes(prepared.forward, prepared.resident)
+        saved = sum(v for k, v in segvit.analytic_fused_bytes(s, dtype).items() if k.startswith("saved"))
+        loss = (s["K"] * s["B"] * s["C"] + s["B"] * s["K"] * s["H"] * s["W"]) * 4  # x, logits (fp32) squared
+        assert got == saved + loss, (dtype, got, saved, loss)

@@ -100,12 +100,15 @@ def prep_sdpa(s, dtype, device, mode) -> Prepared:
 
 def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
     """The fused layer's training-step memory from the shapes: {part: bytes}. ``saved: ...``: what the layer
-    keeps for backward (its input activations for the linears, the q / k / v projections, the attention output,
-    the fp32 row log-sum-exp, the fp32 logits are the op's output); the forward's transient partial results
-    (one per key block of the kernel, fp32) are counted as ``forward partials`` (freed before the backward)."""
+    keeps for backward (the q / k / v projections, the attention output — also the input of ``proj`` — the row
+    log-sum-exp and the dropout seed; the layer's inputs are inputs); the forward's transient partial results
+    (one per key block of the kernel) are counted as ``forward partials`` (freed before the backward), so the
+    sum is an upper bound of the peak. ``tests/test_atm_attention.py`` checks the saved parts against what
+    autograd really saves (interpreter)."""
     from fastseg.kernels.masked_attention import _atm_tile, _block_d
 
     el = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4  # lse, logits and partials: fp32 (fp64 for fp64 inputs)
     B, K, N, C, h = s["B"], s["K"], s["H"] * s["W"], s["C"], s["heads"]
     _, bn = _atm_tile(B, K, N, torch.device("meta"))
     inputs = (K + N) * B * C * el
@@ -116,10 +119,11 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: q projection": K * B * C * el,
         "saved: k, v projections": 2 * N * B * C * el,
         "saved: attention output (before proj)": K * B * C * el,
-        "saved: logsumexp (fp32)": B * h * K * 4,
+        "saved: logsumexp (fp32)": B * h * K * acc,
+        "saved: dropout seed": 8 if s["drop"] > 0 else 0,
         "output x": K * B * C * el,
-        "output logits (fp32)": B * K * N * 4,
-        "forward partials (fp32, transient)": math.ceil(N / bn) * B * h * K * (_block_d(C // h) + 2) * 4,
+        "output logits (fp32)": B * K * N * acc,
+        "forward partials (fp32, transient)": math.ceil(N / bn) * B * h * K * (_block_d(C // h) + 2) * acc,
         "gradients of inputs and weights": inputs + weights,
         "backward dq, dk, dv": (K + 2 * N) * B * C * el,
     }
