@@ -713,9 +713,10 @@ def _atm_configs() -> list[triton.Config]:
 
 
 def _prune_atm(configs, named_args, **kwargs):
-    """fp32 / fp64: 8 warps only (sm_90, 64 x 64 tile, head dim 32: 4 warps spill 632-752 B with exact fp32
-    dots; 8 warps: 0 B). fp16 / bf16: every config."""
-    if named_args["Q"].dtype.itemsize < 4:
+    """8 warps only for fp32 / fp64 and for the 128-key block (sm_90, head dim 32: with 4 warps the 64 x 64
+    tile spills 632-752 B in fp32 (exact dots), the 64 x 128 tile 124 B in fp16 / bf16; 8 warps: 0 B).
+    fp16 / bf16 with 64 keys: every config."""
+    if named_args["Q"].dtype.itemsize < 4 and kwargs.get("BLOCK_N", 64) <= 64:
         return configs
     return [c for c in configs if c.num_warps >= 8] or configs
 
@@ -1028,11 +1029,14 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
     return bits
 
 
-def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device) -> tuple[int, int]:
+def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of :func:`_atm_fwd_kernel`. A key block of 128 halves the partial results (and
-    the combine's reads) against 64; it is taken when it still gives ≥ 2 programs per SM."""
+    the combine's reads) against 64; it is taken without dropout when it still gives ≥ 2 programs per SM
+    (with dropout's Philox rounds the 64 x 128 tile spills on sm_90: 172 B in fp16 with 8 warps)."""
     if interpreter_enabled():
         return TILE
+    if dropout:
+        return 64, 64
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -1052,7 +1056,8 @@ def atm_forward(q, k, v, scale: float, seed=None, dropout_p: float = 0.0):
     N = k.shape[2]
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
-    bm, bn = _atm_tile(B, M, N, q.device)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    bm, bn = _atm_tile(B, M, N, q.device, dropout)
     n_kb = triton.cdiv(N, bn)
     acc = torch.empty((n_kb, B * H, M, BD), device=q.device, dtype=acc_t)
     mx = torch.empty((n_kb, B * H, M), device=q.device, dtype=acc_t)
@@ -1060,7 +1065,6 @@ def atm_forward(q, k, v, scale: float, seed=None, dropout_p: float = 0.0):
     logits = torch.empty((B, M, N), device=q.device, dtype=acc_t)
     o = torch.empty_like(q)
     lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
-    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
     record_launch("atm_attention_fwd")
     _atm_fwd_kernel[(triton.cdiv(M, bm), B, n_kb)](
         q, k, v, seed, acc, mx, lsum, logits, scale * LOG2E, scale / H, threshold,
