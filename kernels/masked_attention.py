@@ -380,7 +380,16 @@ def _dkdv_block(
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
+def _prune_dq(configs, named_args, **kwargs):
+    """ATM attention's logits gradient with dropout in fp32 / fp64: 8 warps only (sm_90, exact fp32 dots,
+    head dim 32: 4 warps spill 1048-1148 B, 8 warps 12 B). Everything else: every config."""
+    if named_args["Q"].dtype.itemsize < 4 or not (kwargs.get("LOGITS_GRAD") and kwargs.get("DROPOUT")):
+        return configs
+    return [c for c in configs if c.num_warps >= 8] or configs
+
+
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, O, LSE, Delta, Mask, Blocks, Counts, Seed, DQ, DL,
