@@ -39,6 +39,7 @@ PRESETS = {
     + [_ade(2, 512, VIT_L), _ade(2, 640, VIT_B), _ade(2, 640, WIDE), _ade(8, 640, WIDE)],
 }
 PRESETS["default"] = PRESETS["ade"][:4] + [_ade(2, 640, WIDE)]
+PRESETS["d64"] = [_ade(2, 640, WIDE), _ade(8, 640, WIDE)]  # head dim 64 only (e.g. fastseg inspect --preset d64)
 PRESETS["full"] = PRESETS["ade"] + [_ade(2, 640, VIT_L, 171), _ade(8, 512, VIT_B, 171)]
 
 
