@@ -233,3 +233,34 @@ def test_memprof_analytic_saved_bytes_match_autograd():
         saved = sum(v for k, v in segvit.analytic_fused_bytes(s, dtype).items() if k.startswith("saved"))
         loss = (s["K"] * s["B"] * s["C"] + s["B"] * s["K"] * s["H"] * s["W"]) * 4  # x, logits (fp32) squared
         assert got == saved + loss, (dtype, got, saved, loss)
+
+
+_RULES = r"""
+import json
+from fastseg.bench import inspect as I
+rows = I.inspect_kernels(["atm_attention"], "default", dtypes=["bf16"], sass=False, max_shapes=1, kernel="_atm_fwd")
+print(json.dumps(rows))
+"""
+
+
+def test_sm90_forward_resources_bf16():
+    """The ATM forward kernel compiled for sm_90 (child process, no interpreter) at the ViT-B 512² shape,
+    with and without dropout, every config the autotuner can pick: no spill, shared memory fits, wgmma."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
+    from fastseg.bench import inspect as I
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) >= 6 and {r["kernel"] for r in rows} == {"_atm_fwd_kernel"}, rows
+    assert I.violations(rows) == []
+    assert all(r["spill_bytes"] == 0 and r["wgmma"] > 0 for r in rows), rows
