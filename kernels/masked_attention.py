@@ -250,6 +250,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
     if named_args["Q"].dtype.itemsize < 4:
         return configs
     limit = 16 if kwargs.get("DROPOUT", False) else 32
+    if kwargs.get("LOGITS_GRAD") and kwargs.get("BLOCK_D", 32) >= 64:
+        limit = 16  # ATM attention, head dim 64: SUB_M = 32 spills 1716-1880 B with 4 warps, 16: <= 28 B
     kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= limit]
     return kept or configs
 
@@ -381,9 +383,11 @@ def _dkdv_block(
 
 
 def _prune_dq(configs, named_args, **kwargs):
-    """ATM attention's logits gradient with dropout in fp32 / fp64: 8 warps only (sm_90, exact fp32 dots,
-    head dim 32: 4 warps spill 1048-1148 B, 8 warps 12 B). Everything else: every config."""
-    if named_args["Q"].dtype.itemsize < 4 or not (kwargs.get("LOGITS_GRAD") and kwargs.get("DROPOUT")):
+    """ATM attention's logits gradient in fp32 / fp64 with dropout or head dim 64: 8 warps only (sm_90, exact
+    fp32 dots: 4 warps spill 1048-1148 B at head dim 32 with dropout, 2524-2596 B at 64; 8 warps 12-104 B).
+    Everything else: every config."""
+    wide = kwargs.get("DROPOUT") or kwargs.get("BLOCK_D", 32) >= 64
+    if named_args["Q"].dtype.itemsize < 4 or not (kwargs.get("LOGITS_GRAD") and wide):
         return configs
     return [c for c in configs if c.num_warps >= 8] or configs
 
@@ -722,10 +726,10 @@ def _atm_configs() -> list[triton.Config]:
 
 
 def _prune_atm(configs, named_args, **kwargs):
-    """8 warps only for fp32 / fp64 and for the 128-key block (sm_90, head dim 32: with 4 warps the 64 x 64
-    tile spills 632-752 B in fp32 (exact dots), the 64 x 128 tile 124 B in fp16 / bf16; 8 warps: 0 B).
-    fp16 / bf16 with 64 keys: every config."""
-    if named_args["Q"].dtype.itemsize < 4 and kwargs.get("BLOCK_N", 64) <= 64:
+    """8 warps only for fp32 / fp64, for the 128-key block and for head dims > 32 (sm_90: with 4 warps the
+    64 x 64 tile spills 632-752 B in fp32 (exact dots), the 64 x 128 tile 124 B in fp16 / bf16, head dim 64
+    with dropout 84 B in bf16; 8 warps: 0 B). fp16 / bf16, 64 keys, head dim <= 32: every config."""
+    if named_args["Q"].dtype.itemsize < 4 and kwargs.get("BLOCK_N", 64) <= 64 and kwargs.get("BLOCK_D", 32) <= 32:
         return configs
     return [c for c in configs if c.num_warps >= 8] or configs
 
@@ -1038,12 +1042,16 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
     return bits
 
 
-def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False) -> tuple[int, int]:
+def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False,
+              head_dim: int = 32, wide_dtype: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of :func:`_atm_fwd_kernel`. A key block of 128 halves the partial results (and
     the combine's reads) against 64; it is taken without dropout when it still gives ≥ 2 programs per SM
-    (with dropout's Philox rounds the 64 x 128 tile spills on sm_90: 172 B in fp16 with 8 warps)."""
+    (with dropout's Philox rounds the 64 x 128 tile spills on sm_90: 172 B in fp16 with 8 warps). fp32 /
+    fp64 (``wide_dtype``) with head dims > 32: 32 x 64 (64 x 64 spills 404-464 B with exact fp32 dots)."""
     if interpreter_enabled():
         return TILE
+    if wide_dtype and head_dim > 32:
+        return 32, 64
     if dropout:
         return 64, 64
     if device.type == "cuda":
@@ -1066,7 +1074,7 @@ def atm_forward(q, k, v, scale: float, seed=None, dropout_p: float = 0.0):
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
     seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
-    bm, bn = _atm_tile(B, M, N, q.device, dropout)
+    bm, bn = _atm_tile(B, M, N, q.device, dropout, D, q.element_size() >= 4)
     n_kb = triton.cdiv(N, bn)
     acc = torch.empty((n_kb, B * H, M, BD), device=q.device, dtype=acc_t)
     mx = torch.empty((n_kb, B * H, M), device=q.device, dtype=acc_t)

@@ -111,7 +111,7 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
     el = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4  # lse, logits and partials: fp32 (fp64 for fp64 inputs)
     B, K, N, C, h = s["B"], s["K"], s["H"] * s["W"], s["C"], s["heads"]
-    _, bn = _atm_tile(B, K, N, torch.device("meta"), s["drop"] > 0)  # a training step: dropout on
+    _, bn = _atm_tile(B, K, N, torch.device("meta"), s["drop"] > 0, C // h, el >= 4)  # training: dropout on
     inputs = (K + N) * B * C * el
     weights = (4 * C * C + 4 * C) * el
     return {
