@@ -256,7 +256,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
     return kept or configs
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"],
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K", "LOGITS_GRAD"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -392,7 +392,7 @@ def _prune_dq(configs, named_args, **kwargs):
     return [c for c in configs if c.num_warps >= 8] or configs
 
 
-@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"],
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K", "LOGITS_GRAD"],
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _bwd_dq_kernel(
@@ -734,7 +734,7 @@ def _prune_atm(configs, named_args, **kwargs):
     return [c for c in configs if c.num_warps >= 8] or configs
 
 
-@triton.autotune(configs=_atm_configs(), key=["N_Q", "BLOCK_D", "N_K", "H", "BLOCK_N"],
+@triton.autotune(configs=_atm_configs(), key=["N_Q", "BLOCK_D", "N_K", "H", "BLOCK_N", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_atm})
 @triton.jit
 def _atm_fwd_kernel(
