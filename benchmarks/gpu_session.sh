@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh convs          # MSCA and context cluster tables, their GPU tests
 #   bash benchmarks/gpu_session.sh mask2former    # issue 7: decoder memprof, training step + inference
 #   bash benchmarks/gpu_session.sh mask2former-model   # issue 7: whole Mask2Former + MSCAN-T, bench + memprof
+#   bash benchmarks/gpu_session.sh maskformer     # issue 16: MaskFormer head, fused training path, bench + memprof
 # (memprof/bench JSON is rewritten after every setting, so a call cut short keeps what it measured)
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -50,5 +51,15 @@ mask2former-model)
         --queries 100,200 --resolutions 512x512,1024x1024,1024x2048 --batch 2,8 --budget 80GB \
         --out "$OUT/memprof_m2f_model_train" --plot "$OUT/memprof_m2f_model_train.png"
     ;;
-*) echo "usage: $0 attention|convs|mask2former|mask2former-model" >&2; exit 2 ;;
+maskformer)
+    # MaskFormer head (FPN + DETR decoder + full-resolution focal/dice criterion, R50-shaped features), reference
+    # vs set_fused(True), bf16: kernel tests, bench (ADE20K 512² B=8, COCO 1024², Cityscapes 1024x2048 B=2), memprof
+    FASTSEG_AUTOTUNE=0 run timeout 120 python3 -m pytest -q -p no:warnings tests/test_mask_loss.py
+    run timeout 200 python3 -m fastseg bench maskformer --no-progress --dtype bf16 --preset default \
+        --out "$OUT/bench_maskformer"
+    run timeout 200 python3 -m fastseg memprof --op maskformer --no-progress --dtype bf16 --mode fwdbwd \
+        --queries 100,200 --resolutions 512x512,1024x1024,1024x2048 --batch 2,8 --budget 80GB \
+        --out "$OUT/memprof_maskformer_train" --plot "$OUT/memprof_maskformer_train.png"
+    ;;
+*) echo "usage: $0 attention|convs|mask2former|mask2former-model|maskformer" >&2; exit 2 ;;
 esac

@@ -16,6 +16,9 @@ when its fastseg class is not in this build):
   DETR / Mask2Former ``MSDeformAttn`` -> :class:`fastseg.nn.MSDeformAttn`, Hugging Face's
   ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` -> :class:`fastseg.nn.MSDeformAttnHF`
   (:mod:`fastseg.records.ms_deform_attn`).
+* ``"cac"``: CAC's context-aware classifier (``conv_seg`` + ``proj`` + ``apd_proj``, :mod:`fastseg.records.cac`):
+  a classifier-only module -> :class:`fastseg.nn.ContextAwareClassifier`; fastseg's reference CAC heads -> a
+  copy with ``set_fused(True)``.
 * ``"context_cluster"``: Context Clusters' ``Cluster`` (convs ``f``, ``v``, ``proj``, parameters
   ``sim_alpha``, ``sim_beta``, pooling ``centers_proposal``) -> :class:`fastseg.nn.ContextCluster`.
 
@@ -42,8 +45,10 @@ Deeper patch (``report.deeper``): where the model's own code allows it — this 
 (recognised by its ``packed_attn_masks`` switch and ``fused_attention_mask`` method, once all its
 cross-attentions are fastseg's) — the mask predictor is switched to produce the bit-packed attention masks
 straight from the query embeddings (``fastseg.ops.mask_from_embeddings``), with no (B·heads, Q, HW) tensor.
-Hugging Face's decoder post-processes the predictor's bool mask itself, so there the attention packs it
-(said in ``report.notes``).
+Hugging Face's ``Mask2FormerMaskedAttentionDecoder`` / ``OneFormerTransformerDecoder`` (found by structure,
+:mod:`fastseg.models.hf_decoders`) get a forward that follows Hugging Face's except that each layer's mask
+comes packed from the embeddings the same way (empty-row reset included), probed against Hugging Face's
+forward on a private copy first.
 
 Weights (state_dict), device, dtype, ``requires_grad`` and train/eval mode are kept; hooks registered on a
 replaced module are not carried over. Patched and unpatched models compute the same function (to float
@@ -377,7 +382,8 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
             report.skipped.append(Skipped(path, rec.name, f"could not build fastseg.nn.{rec.nn_class} from it: "
                                           f"{type(done[id(child)]).__name__}: {done[id(child)]}"))
             continue
-        report.replaced.append(Replaced(path, rec.name, type(child).__name__, cls.__name__))
+        new_name = type(done[id(child)]).__name__ if id(child) in done else cls.__name__  # e.g. a fused CAC head
+        report.replaced.append(Replaced(path, rec.name, type(child).__name__, new_name))
         swapped.append((path, parent, name, child, rec, cls))
     for path, parent, name, child, rec, cls in ([] if dry_run else swapped):
         setattr(parent, name, done[id(child)])
@@ -385,16 +391,14 @@ def patch(model: nn.Module, ops=None, dry_run: bool = False, verify: bool | str 
         report.notes.append("verify=False: modules swapped without a probe; that each drop-in computes the replaced "
                             "module's function is the caller's responsibility")
     if "masked_attention" in ops:
+        from .models.hf_decoders import note_hf_attention_interface, patch_hf_decoders
+
         _deeper_mask_predictors(model, swapped, report, dry_run)
         _hf_attention_weight_requests(model, swapped, report, dry_run)
-    if report.count("masked_attention") and any(hasattr(m, "mask_embedder") and hasattr(m, "num_heads")
-                                                for m in model.modules()):
-        report.notes.append("Hugging Face Mask2Former: its decoder post-processes the mask predictor's bool "
-                            "(B·heads, Q, HW) mask (empty-row reset by multiplication) before the attention, so "
-                            "the predictor cannot hand over packed masks without rewriting the decoder's forward; "
-                            "MaskedCrossAttention packs that mask once per layer (one pass, heads shared when "
-                            "the mask is expanded)")
-    if any(hasattr(m, "set_fused") for m in model.modules()):
+        new_ids = {id(child) for _, _, _, child, rec, _ in swapped if rec.name == "masked_attention"}
+        patch_hf_decoders(model, new_ids, classes.get("masked_attention"), report, dry_run, verify)
+        note_hf_attention_interface(model, report)
+    if any(hasattr(m, "set_fused") and not hasattr(m, "apd_proj") for m in model.modules()):  # not CAC heads
         report.notes.append("this model also has set_fused(True) (point-sampled losses, tiled inference, no "
                             "(B, Q, H/4, W/4) logits); not switched on by patch() because it changes the output "
                             "layout (pred_embeds + mask_features instead of pred_masks)")

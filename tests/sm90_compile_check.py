@@ -13,18 +13,22 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from fastseg.kernels import (attention_mask, context_cluster, masked_attention, mlp_dwconv, ms_deform_attn, msca,
-                             partial_sums, upsample_ce)
+from fastseg.kernels import (attention_mask, cac, context_cluster, mask_cost, mask_loss, masked_attention, mlp_dwconv,
+                             ms_deform_attn, msca, partial_sums, upsample_ce)
 
 TARGET = GPUTarget("cuda", 90, 32)
+_CAC_SCALARS = {n: "fp32" for n in ("tau", "eps", "smooth", "ls_eps")}
 
 
-def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_for_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                     scalars: dict | None = None):
     fn = kernel
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap @triton.autotune
         fn = fn.fn
+    scalars = scalars or {}
     sig = {a: "constexpr" if a in constexprs else ("*" + pointers[a] if a in pointers else
-                                                   ("fp32" if "scale" in a else "i32")) for a in fn.arg_names}
+                                                   scalars.get(a, "fp32" if "scale" in a else "i32"))
+           for a in fn.arg_names}
     t = time.time()
     triton.compile(triton.compiler.ASTSource(fn, sig, constexprs=constexprs), target=TARGET,
                    options={"num_warps": num_warps, "num_stages": num_stages})
@@ -95,6 +99,50 @@ def main():
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
     compile_for_sm90(U._upce_bwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "lse_ptr": "fp32", "g_ptr": "fp32",
                                           "dx_ptr": "fp32"}, dict(ALIGN=True, ACC=tl.float32, BP=64, BK=16))
+
+    L = mask_loss  # MaskFormer's upsample + focal + dice (targets uint8), at the launchers' GPU blocks
+    c = dict(USE_ALPHA=True, GAMMA=2.0, ACC=tl.float32)
+    compile_for_sm90(L._mask_loss_fwd_kernel, {"x_ptr": dt, "t_ptr": "u8", "rows_ptr": "i64", "part_ptr": "fp32"},
+                     dict(c, BP=1024), scalars={"alpha": "fp32"})
+    compile_for_sm90(L._mask_loss_bwd_kernel, {"x_ptr": dt, "t_ptr": "u8", "rows_ptr": "i64", "g_ptr": "fp32",
+                                               "dx_ptr": dt}, dict(c, BI=32, BJ=32, BO=16), num_stages=1,
+                     scalars={"alpha": "fp32"})
+    # MaskFormer matcher costs: from the logits and from embeddings x features (16-bit: hi/lo split dots)
+    mc = {"X": dt, "E": dt, "F": dt, "Meta": "i64", "Part": "fp32"}
+    q, p, c, warps = mask_cost.GPU_BLOCKS[False]
+    for emb in (False, True):
+        compile_for_sm90(mask_cost._mask_cost_kernel, mc,
+                         dict(FROM_EMBED=emb, TG=tl.uint8, LOGIT_PREC="native", COST_PREC="split", OPD=tl.float16,
+                              ACC=tl.float32, ALPHA=0.25, BLOCK_Q=q, BLOCK_T=32, BLOCK_P=p, BLOCK_C=c), warps, 2)
+    compile_for_sm90(mask_cost._mask_cost_finalize_kernel, {"Part": "fp32", "Meta": "i64", "Focal": "fp32",
+                                                            "Dice": "fp32"}, dict(TG=tl.uint8, BLOCK=256))
+
+    # CAC's classifier at K = 150 (class tile 256), the GPU block sizes of kernels/cac.py for 16-bit features
+    Z = cac
+    bp, bc, warps = Z._blocks("proto_fwd", 150)
+    for hard in (False, True):
+        compile_for_sm90(Z._proto_fwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "acc_ptr": "fp32",
+                                               "den_ptr": "fp32", "lse_ptr": "fp32"},
+                         dict(HARD=hard, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bp, bc, warps = Z._blocks("proto_bwd", 150)
+    compile_for_sm90(Z._proto_bwd_kernel, {"f_ptr": dt, "z_ptr": dt, "y_ptr": "i64", "lse_ptr": "fp32",
+                                           "da_ptr": "fp32", "dd_ptr": "fp32", "df_ptr": dt, "dz_ptr": dt},
+                     dict(HARD=False, PREC="ieee", ACC=tl.float32, KP=256, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_fwd", 150)
+    compile_for_sm90(Z._cos_fwd_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "out_ptr": dt, "nf_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_df", 150)
+    compile_for_sm90(Z._cos_bwd_df_kernel, {"f_ptr": dt, "q_ptr": dt, "rq_ptr": "fp32", "nf_ptr": "fp32", "g_ptr": dt,
+                                            "o_ptr": dt, "df_ptr": dt, "t_ptr": "fp32"},
+                     dict(CLAMP=True, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, bc, warps = Z._blocks("cos_dq", 150)
+    compile_for_sm90(Z._cos_bwd_dq_kernel, {"f_ptr": dt, "g_ptr": dt, "nf_ptr": "fp32", "acc_ptr": "fp32"},
+                     dict(CLAMP=False, PREC="ieee", ACC=tl.float32, BK=bk, BP=bp, BC=bc), warps, scalars=_CAC_SCALARS)
+    bk, bp, warps = Z._blocks("distill", 150)
+    compile_for_sm90(Z._distill_fwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "part_ptr": "fp32",
+                                             "stat_ptr": "fp32"}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, scalars=_CAC_SCALARS)
+    compile_for_sm90(Z._distill_bwd_kernel, {"x_ptr": dt, "t_ptr": dt, "y_ptr": "i64", "stat_ptr": "fp32",
+                                             "w_ptr": "fp32", "dx_ptr": dt}, dict(ACC=tl.float32, BK=bk, BP=bp), warps, scalars=_CAC_SCALARS)
 
     compile_for_sm90(partial_sums._sum_rows_kernel, {"part_ptr": "fp32", "out_ptr": dt}, dict(BR=8, BL=256))
 

@@ -279,13 +279,17 @@ def test_patch_official_encoder(device, triton_launches):
     assert triton_launches["ms_deform_attn_fwd"] == 2 and triton_launches["ms_deform_attn_bwd"] == 2
 
 
-def test_patch_hugging_face_module(device, triton_launches):
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mask2former import modeling_mask2former as hf
+@pytest.mark.parametrize("family", ["mask2former", "oneformer"])
+def test_patch_hugging_face_module(device, triton_launches, family):
+    # OneFormer's copy of the module is also called with the shapes as a tensor (`spatial_shapes`)
+    pytest.importorskip("transformers")
+    import importlib
 
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    cls = getattr(hf, f"{'Mask2Former' if family == 'mask2former' else 'OneFormer'}"
+                      "PixelDecoderEncoderMultiscaleDeformableAttention")
     torch.manual_seed(0)
-    attn = hf.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim=16, num_heads=2, n_levels=3,
-                                                                          n_points=4)
+    attn = cls(embed_dim=16, num_heads=2, n_levels=3, n_points=4)
     for lin in (attn.sampling_offsets, attn.attention_weights, attn.value_proj, attn.output_proj):
         nn.init.normal_(lin.weight, 0, 0.3)
         nn.init.normal_(lin.bias, 0, 0.3)
@@ -298,10 +302,12 @@ def test_patch_hugging_face_module(device, triton_launches):
     assert isinstance(new, MSDeformAttnHF) and report.verified == ["self_attn"]
     triton_launches.clear()  # the probe's
     from fastseg.records.ms_deform_attn import probe_inputs
-    query, refs, flat, shapes_list, _, starts = probe_inputs(ref, torch.device("cpu"), torch.float32,
-                                                             torch.Generator().manual_seed(0))
+    query, refs, flat, shapes_list, shapes, starts = probe_inputs(ref, torch.device("cpu"), torch.float32,
+                                                                  torch.Generator().manual_seed(0))
     kwargs = dict(hidden_states=query, encoder_hidden_states=flat, reference_points=refs,
                   spatial_shapes_list=shapes_list, level_start_index=starts)
+    if family == "oneformer":
+        kwargs["spatial_shapes"] = shapes
     mask = torch.zeros(2, flat.shape[1], dtype=torch.bool)
     mask[:, -3:] = True
     pos = torch.randn(query.shape)

@@ -11,7 +11,11 @@ versions of the project's models:
   cross-entropy (patch: MSCA);
 * ``"coc"``: a narrow ``coc_tiny`` (fork_feat) with a small head (1×1 conv per stage to a common width,
   upsampled to stride 4 and summed, 1×1 classifier; the official segmentation models use a semantic FPN
-  that fastseg does not have), cross-entropy (patch: context cluster).
+  that fastseg does not have), cross-entropy (patch: context cluster);
+* ``"hf-mask2former"``: Hugging Face transformers' ``Mask2FormerForUniversalSegmentation`` from a small
+  config (Swin backbone, random init, no download), its own loss (``outputs.loss``) on the present classes
+  (patch: whatever ``fastseg.patch`` finds in it: the masked cross-attentions, the pixel decoder's deformable
+  attention, the decoder's mask path). Needs ``transformers``.
 
 :func:`train` runs one curve; :func:`compare` both (patched / unpatched). Random draws inside the
 models (NMF bases, Mask2Former's point sampling) are reseeded before every step, identically for both.
@@ -28,16 +32,18 @@ from torch import nn
 
 __all__ = ["synthetic_batch", "build", "loss_fn", "train", "compare", "MODELS", "SIZES"]
 
-MODELS = ("mask2former", "segnext", "coc")
+MODELS = ("mask2former", "segnext", "coc", "hf-mask2former")
 
 #: per model and size: (image size, batch, model options)
 SIZES = {
     "ci": {"mask2former": (64, 2, dict(width=16, queries=4, dec_layers=2, points=32)),
            "segnext": (16, 2, dict(dims=(4, 8, 8, 8), ham=32, depths=(1, 0, 0, 0))),
-           "coc": (32, 1, dict(dims=(4, 4, 8, 8), heads=(1, 1, 1, 1), head_dim=(4, 4, 4, 4), fold=(2, 2, 1, 1)))},
+           "coc": (32, 1, dict(dims=(4, 4, 8, 8), heads=(1, 1, 1, 1), head_dim=(4, 4, 4, 4), fold=(2, 2, 1, 1))),
+           "hf-mask2former": (64, 2, dict(width=16, queries=4, dec_layers=2, points=32))},
     "bench": {"mask2former": (64, 4, dict(width=32, queries=8, dec_layers=3, points=256)),
               "segnext": (64, 4, dict(dims=(16, 32, 64, 64), ham=32)),
-              "coc": (64, 4, dict(dims=(16, 32, 48, 64), heads=(2, 2, 4, 4), head_dim=(8, 8, 8, 8)))},
+              "coc": (64, 4, dict(dims=(16, 32, 48, 64), heads=(2, 2, 4, 4), head_dim=(8, 8, 8, 8))),
+              "hf-mask2former": (64, 4, dict(width=32, queries=8, dec_layers=3, points=256))},
 }
 
 _COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.3, 0.95], [0.95, 0.85, 0.1]])
@@ -130,13 +136,37 @@ def build(name: str, num_classes: int = 4, size: str = "ci", seed: int = 0) -> n
         backbone = models.coc_tiny(fork_feat=True, layers=[1, 1, 1, 1], embed_dims=dims, heads=list(opts["heads"]),
                                    head_dim=list(opts["head_dim"]), fold_w=fold, fold_h=fold)
         return CoCSegmenter(backbone, dims, num_classes)
+    if name == "hf-mask2former":
+        return _hf_mask2former(num_classes, **opts)
     raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
 
 
+def _hf_mask2former(num_classes: int, width: int, queries: int, dec_layers: int, points: int) -> nn.Module:
+    """A small Hugging Face Mask2Former (Swin backbone at 64², random init, dropout 0 so both curves see the
+    same numbers)."""
+    try:
+        import transformers
+    except ImportError as e:  # a clear error, not a skipped model
+        raise RuntimeError("the hf-mask2former convergence model needs `transformers`") from e
+    swin = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=width, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 2, 2], window_size=2,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.Mask2FormerConfig(
+        backbone_config=swin, use_pretrained_backbone=False, hidden_dim=2 * width, mask_feature_size=2 * width,
+        feature_size=2 * width, num_queries=queries, encoder_layers=1, decoder_layers=dec_layers + 1,
+        num_attention_heads=2, dim_feedforward=4 * width, encoder_feedforward_dim=4 * width,
+        num_labels=num_classes, train_num_points=points, dropout=0.0)
+    return transformers.Mask2FormerForUniversalSegmentation(cfg)
+
+
 def loss_fn(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss: Mask2Former's weighted sum of losses, or pixel cross-entropy."""
+    """The training loss: Mask2Former's weighted sum of losses, HF's ``outputs.loss``, or pixel cross-entropy."""
     if name == "mask2former":
         return sum(model(images, mask_targets(labels, images.dtype)).values())
+    if name == "hf-mask2former":
+        targets = mask_targets(labels, images.dtype)
+        return model(pixel_values=images, mask_labels=[t["masks"] for t in targets],
+                     class_labels=[t["labels"] for t in targets]).loss
     return F.cross_entropy(model(images), labels)
 
 

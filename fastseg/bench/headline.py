@@ -90,6 +90,11 @@ STEPS: list[Step] = [
          shapes=[{"B": 2, "H": 1024, "W": 2048}, {"B": 8, "H": 512, "W": 512}],
          dry_shapes=[{"B": 1, "H": 64, "W": 64, "heads": 2, "D": 8, "points": 2}],
          impls=("fastseg", "eager", "compile")),
+    Step("cac", "bench", 40, "CAC context-aware classifier (decoder features -> logits; training: oracle, "
+         "distillation, upsampled CEs), ADE20K 512x512 batch 16 and COCO-Stuff 1024x2048 batch 2", op="cac",
+         shapes=[{"B": 16, "C": 512, "K": 150, "H": 64, "W": 64, "stride": 8},
+                 {"B": 2, "C": 512, "K": 171, "H": 128, "W": 256, "stride": 8}],
+         dry_shapes=[{"B": 1, "C": 8, "K": 5, "H": 4, "W": 4, "stride": 2}], impls=("fastseg", "eager", "compile")),
     Step("kernel-tests", "pytest", 100, "every kernel test file on the GPU (fp32, odd shapes), poisoned allocator",
          args=["-p", "poison", "tests/test_masked_attention.py", "tests/test_attention_mask.py",
                "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py",

@@ -451,6 +451,86 @@ def _upce_cases(preset: str):
             yield Case("upsample_ce", f"B={s['B']} K={s['K']} {s['H']}x{s['W']} x{s['stride']}", dn, "nchw", run)
 
 
+def _mask_loss_cases(preset: str):
+    """MaskFormer's fused mask losses (forward and backward) at the maskformer benchmark shapes: T = B·targets
+    matched pairs, stride-4 logits, targets (uint8) at the image size."""
+    from fastseg.bench.ops.maskformer import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import mask_loss as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"] * s["T"], s["H"], s["W"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt, key=key):
+                T, H, W = key
+                x = _meta((T, -(-H // 4), -(-W // 4)), dt)
+                t = torch.empty(T, H, W, dtype=torch.uint8, device="meta")
+                rows = torch.empty(T, dtype=torch.int64, device="meta")
+                K.mask_loss_fwd(x, t, rows, 0.25, 2.0)
+                K.mask_loss_bwd(x, t, rows, torch.empty(T, 3, device="meta"), 0.25, 2.0)
+            yield Case("mask_loss", f"T={key[0]} {key[1]}x{key[2]}", dn, "nchw", run)
+def _mask_cost_cases(preset: str):
+    """MaskFormer's fused matcher costs (one launch per batch): Q=100, T=30 targets per image, stride-4 logits
+    of 512² (ADE20K, B=8) and 1024² (COCO, B=2) images, from the logits ("qhw") or from the mask embeddings x
+    mask features ("emb", C=256). fp32 also with TF32 allowed (layout suffix "-tf32")."""
+    from fastseg.kernels import mask_cost as K
+
+    shapes = [(8, 100, 30, 512, 256)] + ([(2, 100, 30, 1024, 256)] if preset != "default" else [])
+    for B, Q, T, S, C in shapes:
+        for dn, dt in DTYPES.items():
+            for layout in ("qhw", "emb") + (("qhw-tf32", "emb-tf32") if dt == torch.float32 else ()):
+                def run(B=B, Q=Q, T=T, S=S, C=C, dt=dt, layout=layout):
+                    h = S // 4
+                    tgts = [torch.empty(T, S, S, dtype=torch.uint8, device="meta") for _ in range(B)]
+                    old = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = layout.endswith("tf32")
+                    try:
+                        if layout.startswith("emb"):
+                            K.mask_costs(tgts, (S, S), embeds=_meta((B, Q, C), dt), features=_meta((B, C, h, h), dt))
+                        else:
+                            K.mask_costs(tgts, (S, S), logits=_meta((B, Q, h, h), dt))
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = old
+                yield Case("mask_cost", f"B={B} Q={Q} T={T} {S // 4}x{S // 4} (image {S}²)", dn, layout, run)
+
+
+def _cac_cases(preset: str):
+    """CAC's fused classifier (kernels/cac.py): soft and label prototypes, cosine classifier, distillation,
+    forward and backward, at the CAC benchmark shapes."""
+    from fastseg.bench.ops.cac import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import cac as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"], s["C"], s["K"], s["H"], s["W"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt):
+                B, C, Kc, h, w = s["B"], s["C"], s["K"], s["H"], s["W"]
+                f = _meta((B, C, h, w), dt)
+                z = _meta((B, Kc, h, w), dt)
+                y = torch.empty(B, h * w, dtype=torch.int64, device="meta")
+                acc = torch.float32
+                a, d, lse = K.soft_proto_fwd(f, z)
+                K.soft_proto_bwd(f, z, lse, a, d)
+                a, _ = K.label_proto_fwd(f, y, Kc, 255)
+                K.label_proto_bwd(f, y, a, 255)
+                for q, clamp in ((_meta((B, Kc, C), dt), False), (_meta((1, Kc, C), dt), True)):
+                    rq = torch.empty(q.shape[0], Kc, dtype=acc, device="meta")
+                    out, nf = K.cos_fwd(f, q, rq, 15.0, 1e-12, clamp)
+                    K.cos_bwd(f, q, rq, nf, out, out, 15.0, 1e-12, clamp)
+                _, stats = K.distill_fwd(z, z, y, 0.5, 255, 0.0)
+                K.distill_bwd(z, z, y, stats, torch.empty(Kc, dtype=acc, device="meta"), 0.5, 255, 0.0)
+            yield Case("cac", f"B={s['B']} C={s['C']} K={s['K']} {s['H']}x{s['W']}", dn, "nchw", run)
+
+
 def _atm_cases(preset: str):
     """SegViT's ATM attention (forward with the head-mean logits, backward from both outputs, with and
     without attention dropout) at the atm-attention benchmark shapes."""
@@ -482,6 +562,7 @@ def _atm_cases(preset: str):
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
          "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
+         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases, "cac": _cac_cases,
          "atm_attention": _atm_cases}
 
 
@@ -585,7 +666,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", help="only kernels whose name contains this")
     p.add_argument("--preset", default="default", help="benchmark preset whose shapes are used (default)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES))
-    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd"])
+    p.add_argument("--layout", action="append", choices=["nchw", "cl", "bhmd", "nsmd", "qhw", "emb", "qhw-tf32",
+                                                             "emb-tf32"])
     p.add_argument("--max-shapes", type=int, default=None, help="at most this many shapes per family")
     p.add_argument("--no-sass", action="store_true", help="skip nvdisasm (PTX counts only)")
     p.add_argument("--no-default", action="store_true", help="skip the FASTSEG_AUTOTUNE=0 configs")

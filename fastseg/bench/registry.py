@@ -72,6 +72,8 @@ class OpSpec:
     issue: str = ""
     memprof: MemprofSpec | None = None
     notes: list = field(default_factory=list)
+    #: printed under a CPU run's table: how fastseg's plain-PyTorch path compares with eager, and why
+    cpu_note: str = ""
     heavy: bool = False  # whole models: on CPU only when named explicitly (minutes per step there)
 
     def full_shape(self, partial: dict) -> dict:
@@ -98,7 +100,8 @@ class OpSpec:
 
 
 _REGISTRY: dict[str, OpSpec] = {}
-_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "segvit")
+_BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "ecenet",
+            "maskformer", "segvit")
 _loaded = False
 
 

@@ -42,6 +42,8 @@ def run_bench(work: list[tuple[OpSpec, list[dict]]], dtypes: list[torch.dtype], 
     plan = []
     for spec, shapes in work:
         chosen = [i for i in spec.impls if impls is None or i.name in impls]
+        if device.type != "cuda" and spec.cpu_note:
+            notes.append(f"{spec.name} (CPU path): {spec.cpu_note}")
         if device.type != "cuda":
             skipped = [i.name for i in chosen if i.gpu_only]
             if skipped:

@@ -3,8 +3,8 @@
 ``model(images)`` → context-aware logits resized to the image (B, K, H, W) (mmseg's whole-image inference);
 ``model.forward_train(images, gt)`` → the head's losses prefixed ``decode.`` plus ``loss``, their total as
 mmseg's ``_parse_losses`` sums it (every key containing ``loss``: here ``decode.loss_ce``, which already holds
-CE + PreSelf CE + oracle CE + distillation). ``model.decode_head.set_fused(True)`` runs the three upsampled
-cross-entropies as a Triton op; a fused path for the rest of CAC's math is not built yet.
+CE + PreSelf CE + oracle CE + distillation). ``model.decode_head.set_fused(True)`` (or ``fastseg.patch(model)``) runs
+the head's classifier as fastseg's fused Triton ops (:mod:`fastseg.ops.cac`).
 """
 from __future__ import annotations
 

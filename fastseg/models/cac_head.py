@@ -6,9 +6,10 @@ Faithful to tianzhuotao/CAC ``mmseg/models/decode_heads/fcn_head_cac.py`` (``FCN
 ``convs.0.bn.*``, ``conv_cat.*``, ``psp_modules.0.1.conv.weight``, ``lateral_convs.*``,
 ``aspp_modules.1.depthwise_conv.*``, ``proj.*``, ``apd_proj.*``, ``conv_seg.*`` ...), so the official state_dicts
 load strictly.
-The math is in :mod:`fastseg.reference.cac`. A fused Triton path for CAC's prototype / cosine-classifier /
-distillation math is not built; ``head.set_fused(True)`` only runs the three full-resolution cross-entropies as
-the fused upsample + cross-entropy op (:func:`fastseg.ops.upsampled_cross_entropy`).
+The math is in :mod:`fastseg.reference.cac` (the losses: :func:`~fastseg.reference.cac.cac_train_losses`).
+``head.set_fused(True)`` runs the classifier as fastseg's fused Triton ops (:mod:`fastseg.ops.cac`: soft
+prototypes, cosine classifiers, oracle, distillation, and the three full-resolution cross-entropies as
+:func:`fastseg.ops.upsampled_cross_entropy`); ``fastseg.patch`` does that for a model (records/cac.py).
 
 * ``head(inputs)`` → the context-aware logits (B, K, h, w) at the feature size (the official ``forward_test``);
 * ``head.forward_train(inputs, gt)`` → the official loss dict: ``loss_ce`` is the total
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cosine_logits, entropy_distill_loss, oracle_logits,
-                             refine_logits)
+from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cac_train_losses, cosine_logits, mmseg_accuracy,
+                             oracle_logits, refine_logits)
 from .ham_head import LightHamHead
 
 __all__ = ["ConvModule", "DepthwiseSeparableConvModule", "CACHeadMixin", "FCNHeadCAC", "UPerHeadCAC",
@@ -72,13 +73,6 @@ class DepthwiseSeparableConvModule(nn.Module):
         return self.pointwise_conv(self.depthwise_conv(x))
 
 
-def mmseg_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mmseg's top-1 ``accuracy`` (in %) as the original's mmseg 0.19 computes it: over all pixels, an ignored
-    pixel counting as wrong. ``logits`` (B, K, H, W), ``labels`` (B, H, W)."""
-    correct = logits.argmax(1).eq(labels).float().sum()
-    return correct * (100.0 / labels.numel())
-
-
 class CACHeadMixin:
     """The context-aware classifier on top of any head that defines ``base_forward(inputs) -> (logits, feat)``
     and ``conv_seg`` (1x1 conv, K × C). Adds ``proj`` and ``apd_proj`` (official names) via :meth:`_init_cac`."""
@@ -98,11 +92,18 @@ class CACHeadMixin:
         self.fused = False
 
     def set_fused(self, fused: bool = True):
-        """``True``: the three full-resolution cross-entropies of ``forward_train`` run as
-        :func:`fastseg.ops.upsampled_cross_entropy` (Triton; the (B, K, H, W) upsampled logits are never stored).
-        Same losses and gradients; the prototypes, cosine classifier and distillation stay plain PyTorch."""
+        """``True``: the classifier runs as fastseg's fused ops (:mod:`fastseg.ops.cac`: Triton soft prototypes,
+        cosine classifiers, oracle prototypes, distillation, and the three full-resolution cross-entropies as
+        :func:`fastseg.ops.upsampled_cross_entropy`), in inference and training. Same results and gradients."""
         self.fused = bool(fused)
         return self
+
+    def _impl(self):
+        if not self.fused:
+            return None
+        from ..ops import cac
+
+        return cac
 
     @property
     def classifier_weight(self) -> torch.Tensor:
@@ -112,56 +113,19 @@ class CACHeadMixin:
     def forward(self, inputs) -> torch.Tensor:
         """The context-aware logits (B, K, h, w) at the feature size (official ``forward_test``)."""
         base, feat = self.base_forward(inputs)
-        return refine_logits(feat, base, self.classifier_weight, self.proj, self.tau, self.norm_eps)
+        impl = self._impl()
+        fn = refine_logits if impl is None else impl.refine_logits
+        return fn(feat, base, self.classifier_weight, self.proj, self.tau, self.norm_eps)
 
     forward_test = forward
 
     def forward_train(self, inputs, gt_semantic_seg: torch.Tensor) -> dict:
         """The official ``forward_train`` losses (see the module docstring); ``loss_ce`` is the total."""
-        y = gt_semantic_seg
-        if y.dim() == 3:
-            y = y.unsqueeze(1)
         base, feat = self.base_forward(inputs)
-        weight = self.classifier_weight
-        refined = refine_logits(feat, base, weight, self.proj, self.tau, self.norm_eps)
-        oracle = oracle_logits(feat, y, weight, self.apd_proj, self.tau, self.ignore_index)
-        kl_loss = entropy_distill_loss(refined, oracle.detach(), y, self.smoothness, self.ignore_index)
-        labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
-        if self.fused:
-            pre_self_loss, pre_loss, main, acc = self._fused_ce(base, oracle, refined, labels)
-        else:
-            # the original's extra cross-entropies: align_corners=True, mean over the labelled pixels
-            base_up = F.interpolate(base, size=y.shape[-2:], mode="bilinear", align_corners=True)
-            pre_self_loss = F.cross_entropy(base_up, labels, ignore_index=self.ignore_index)
-            oracle_up = F.interpolate(oracle, size=y.shape[-2:], mode="bilinear", align_corners=True)
-            pre_loss = F.cross_entropy(oracle_up, labels, ignore_index=self.ignore_index)
-            # BaseDecodeHead.losses: the head's align_corners, mmseg's CrossEntropyLoss (mean over ALL pixels)
-            refined_up = F.interpolate(refined, size=y.shape[-2:], mode="bilinear", align_corners=self.align_corners)
-            main = F.cross_entropy(refined_up, labels, ignore_index=self.ignore_index, reduction="none").mean()
-            acc = mmseg_accuracy(refined_up.detach(), labels)
-        main = main * self.loss_weight
-        return {
-            "loss_ce": main + pre_self_loss + pre_loss + kl_loss,
-            "acc_seg": acc,
-            "PreSelfLoss": pre_self_loss.detach(),
-            "PreLoss": pre_loss.detach(),
-            "KLLoss": kl_loss.detach(),
-            "MainLoss": main.detach(),
-        }
-
-    def _fused_ce(self, base, oracle, refined, labels):
-        from ..ops.upsample_ce import upsampled_cross_entropy
-
-        n_valid = (labels != self.ignore_index).sum()  # 0 gives NaN, as nn.CrossEntropyLoss
-        pre_self = upsampled_cross_entropy(base, labels, True, self.ignore_index).sum() / n_valid
-        pre = upsampled_cross_entropy(oracle, labels, True, self.ignore_index).sum() / n_valid
-        main = upsampled_cross_entropy(refined, labels, self.align_corners, self.ignore_index).mean()
-        with torch.no_grad():  # the logged accuracy, one image at a time
-            correct = sum(F.interpolate(refined[i:i + 1], size=labels.shape[-2:], mode="bilinear",
-                                        align_corners=self.align_corners).argmax(1).eq(labels[i:i + 1]).sum()
-                          for i in range(labels.shape[0]))
-            acc = correct.float() * (100.0 / labels.numel())
-        return pre_self, pre, main, acc
+        return cac_train_losses(base, feat, gt_semantic_seg, self.classifier_weight, self.proj, self.apd_proj,
+                                tau=self.tau, norm_eps=self.norm_eps, smoothness=self.smoothness,
+                                ignore_index=self.ignore_index, align_corners=self.align_corners,
+                                loss_weight=self.loss_weight, impl=self._impl())
 
     # the official method names, for readers comparing with the original
     def get_pred(self, x, proto):

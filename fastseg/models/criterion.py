@@ -122,6 +122,10 @@ class SetCriterion(nn.Module):
             raise ValueError(f"unknown loss {loss!r}")
         return loss_map[loss](outputs, targets, indices, num_masks)
 
+    def match(self, outputs: dict, targets: list[dict]):
+        """The matcher's indices for one prediction (``outputs`` without ``aux_outputs``)."""
+        return self.matcher(outputs, targets)
+
     def num_masks(self, targets, device) -> float:
         n = sum(len(t["labels"]) for t in targets)
         n = torch.as_tensor([n], dtype=torch.float, device=device)
@@ -134,14 +138,14 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
         """Unweighted losses {"loss_ce", "loss_mask", "loss_dice", and "<name>_<i>" per aux output}."""
         outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(outputs_without_aux, targets)
+        indices = self.match(outputs_without_aux, targets)
         all_indices = [indices]
         num_masks = self.num_masks(targets, outputs["pred_logits"].device)
         losses = {}
         for loss in self.losses:
             losses.update(self.get_loss(loss, outputs, targets, indices, num_masks))
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            indices = self.matcher(aux_outputs, targets)
+            indices = self.match(aux_outputs, targets)
             all_indices.append(indices)
             for loss in self.losses:
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_masks)

@@ -4,6 +4,12 @@ FPN pixel decoder (:class:`~fastseg.models.pixel_decoder.BasePixelDecoder`), DET
 decoder on the stride-32 feature ("res5"), class and mask heads, Hungarian matching and losses on full
 masks (sigmoid focal loss ×20, dice ×1, class CE ×1 with no-object weight 0.1), semantic inference.
 Cross-attention is DETR's ``multihead_attn`` (an ``nn.MultiheadAttention`` called by keyword).
+
+:meth:`MaskFormer.set_fused` switches to the fused training path with the same parameters: the predictor
+returns mask embeddings + mask features instead of the (L, B, Q, H/4, W/4) mask logits, the mask losses are
+:func:`fastseg.ops.mask_losses_from_embeddings` (upsample + focal + dice tile by tile, no (T, H, W) tensor),
+the matcher is told ``fused`` and the decoder's cross-attention runs fastseg's fused attention kernel
+(docs/models.md, "MaskFormer fused training").
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch import nn
 from .common import MLP, PositionEmbeddingSine, c2_xavier_fill, get_activation_fn
 from .criterion import SetCriterion, dice_loss, pad_target_masks
 from .inference import semantic_inference
-from .mask2former import as_feature_list, infer_channels
+from .mask2former import as_feature_list, infer_channels, semantic_inference_from_outputs
 from .matcher import batch_dice_loss
 from .pixel_decoder import BasePixelDecoder
 
@@ -172,12 +178,21 @@ class TransformerPredictor(nn.Module):
         self.aux_loss = deep_supervision
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        #: fused layout: "pred_embeds" (B, Q, mask_dim) + "mask_features" instead of "pred_masks"
+        self.fused = False
 
     def forward(self, x, mask_features):
         pos = self.pe_layer(x).to(x.dtype)
         hs, _ = self.transformer(self.input_proj(x), None, self.query_embed.weight, pos)
         outputs_class = self.class_embed(hs)
         out = {"pred_logits": outputs_class[-1]}
+        if self.fused:
+            embeds = self.mask_embed(hs if self.aux_loss else hs[-1:])
+            out.update(pred_embeds=embeds[-1], mask_features=mask_features)
+            if self.aux_loss:
+                out["aux_outputs"] = [{"pred_logits": a, "pred_embeds": e, "mask_features": mask_features}
+                                      for a, e in zip(outputs_class[:-1], embeds[:-1])]
+            return out
         if self.aux_loss:
             outputs_seg_masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hs), mask_features)
             out["pred_masks"] = outputs_seg_masks[-1]
@@ -212,20 +227,46 @@ def batch_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float 
     return loss / hw
 
 
+def _assign(costs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """scipy's linear_sum_assignment of each (Q, T_b) cost matrix (16-bit costs go through float32); one
+    device-to-host copy for the whole batch."""
+    if not costs:
+        return []
+    dtype = torch.float32 if costs[0].dtype in (torch.float16, torch.bfloat16) else costs[0].dtype
+    flat = torch.cat([C.to(dtype).flatten() for C in costs]).cpu()
+    out, start = [], 0
+    for C in costs:
+        block = flat[start:start + C.numel()].view(C.shape)
+        start += C.numel()
+        i, j = linear_sum_assignment(block)
+        out.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+    return out
+
+
 class MaskFormerMatcher(nn.Module):
     """MaskFormer's matcher: focal + dice costs on full masks (targets downsampled, nearest, to the
-    prediction size)."""
+    prediction size).
 
-    def __init__(self, cost_class: float = 1, cost_mask: float = 1, cost_dice: float = 1):
+    ``fused=True`` computes the focal and dice costs with :func:`fastseg.ops.matcher_mask_costs_batch` (one
+    Triton launch for the batch: no padded / resized target, no (Q, h·w) focal terms; fp32 accumulation) from
+    ``pred_masks``, or from ``pred_embeds`` (B, Q, C) + ``mask_features`` (B, C, h, w) when the outputs carry
+    no ``pred_masks``. The assignment is scipy's ``linear_sum_assignment`` either way.
+    """
+
+    def __init__(self, cost_class: float = 1, cost_mask: float = 1, cost_dice: float = 1, fused: bool = False):
         super().__init__()
         assert cost_class != 0 or cost_mask != 0 or cost_dice != 0, "all costs cant be 0"
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+        self.fused = fused
 
     @torch.no_grad()
-    def forward(self, outputs, targets):
+    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
+        """The (Q, T_b) cost matrix of every image (on the outputs' device)."""
+        if self.fused:
+            return self._fused_cost_matrices(outputs, targets)
         bs, num_queries = outputs["pred_logits"].shape[:2]
         padded = pad_target_masks([t["masks"] for t in targets])
-        indices = []
+        costs = []
         for b in range(bs):
             out_prob = outputs["pred_logits"][b].softmax(-1)
             out_mask = outputs["pred_masks"][b]
@@ -236,21 +277,61 @@ class MaskFormerMatcher(nn.Module):
             out_flat, tgt_flat = out_mask.flatten(1), tgt_mask[:, 0].flatten(1)
             C = (self.cost_mask * batch_sigmoid_focal_loss(out_flat, tgt_flat) + self.cost_class * cost_class
                  + self.cost_dice * batch_dice_loss(out_flat, tgt_flat))
-            i, j = linear_sum_assignment(C.reshape(num_queries, -1).float().cpu())
-            indices.append((torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
-        return indices
+            costs.append(C.reshape(num_queries, -1))
+        return costs
+
+    def _fused_cost_matrices(self, outputs, targets):
+        from fastseg.ops.mask_cost import matcher_mask_costs_batch
+
+        ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
+        masks = [t["masks"].to(ref.device) for t in targets]  # a copy only across devices
+        if "pred_masks" in outputs:
+            mask_costs = matcher_mask_costs_batch(masks, logits=outputs["pred_masks"])
+        else:
+            mask_costs = matcher_mask_costs_batch(masks, embeds=outputs["pred_embeds"],
+                                                  features=outputs["mask_features"])
+        costs = []
+        for b, (focal, dice) in enumerate(mask_costs):
+            cost_class = -outputs["pred_logits"][b].softmax(-1)[:, targets[b]["labels"]].to(focal.dtype)
+            costs.append(self.cost_mask * focal + self.cost_class * cost_class + self.cost_dice * dice)
+        return costs
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """outputs: pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w) (or, fused, pred_embeds + mask_features);
+        targets: per image {"labels": (T,), "masks": (T, H, W)}. Returns per image (query, target) indices."""
+        return _assign(self.cost_matrices(outputs, targets))
+
+    def __repr__(self):
+        return (f"MaskFormerMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+                f"cost_dice={self.cost_dice}, fused={self.fused})")
 
 
 class MaskFormerCriterion(SetCriterion):
     """MaskFormer's criterion: class CE + focal and dice losses on full masks (predictions upsampled
-    bilinearly to the target size)."""
+    bilinearly to the target size).
+
+    ``fused``: the mask losses come from :func:`fastseg.ops.mask_losses_from_embeddings` (fused outputs:
+    ``pred_embeds`` + ``mask_features``) or :func:`fastseg.ops.mask_losses` (``pred_masks``), computed tile by
+    tile at the target resolution (same formulas; fp32 accumulation, fp32 losses for fp16/bf16 logits).
+    A matcher without ``fused`` set gets fused outputs' stride-4 logits built under no_grad for the call."""
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses=("labels", "masks")):
         super().__init__(num_classes, matcher, weight_dict, eos_coef, losses)
+        self.fused = False
+        self._padded = None  # fused path: one padded copy of the targets for every layer of a forward
+
+    def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
+        try:
+            return super().forward(outputs, targets, return_indices)
+        finally:
+            self._padded = None
 
     def loss_masks(self, outputs, targets, indices, num_masks):
         src_idx = self._get_src_permutation_idx(indices)
         tgt_idx = self._get_tgt_permutation_idx(indices)
+        if self.fused or "pred_masks" not in outputs:
+            return self._fused_loss_masks(outputs, targets, src_idx, tgt_idx, num_masks)
         src_masks = outputs["pred_masks"][src_idx]
         target_masks = pad_target_masks([t["masks"] for t in targets]).to(src_masks)[tgt_idx]
         src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
@@ -258,6 +339,30 @@ class MaskFormerCriterion(SetCriterion):
         target_masks = target_masks.flatten(1).view(src_masks.shape)
         return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_masks),
                 "loss_dice": dice_loss(src_masks, target_masks, num_masks)}
+
+    def _fused_loss_masks(self, outputs, targets, src_idx, tgt_idx, num_masks):
+        from .. import ops
+
+        ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
+        if self._padded is None or self._padded[0] is not targets:
+            padded = pad_target_masks([t["masks"] for t in targets])  # (B, T_max, H, W), the masks' dtype
+            self._padded = (targets, padded.flatten(0, 1).to(ref.device), padded.shape[1])
+        _, flat, T_max = self._padded  # one copy for every layer (and what their losses save)
+        rows = tgt_idx[0] * T_max + tgt_idx[1]  # on the CPU (validated without a device sync)
+        if "pred_masks" in outputs:
+            loss_mask, loss_dice = ops.mask_losses(outputs["pred_masks"][src_idx], flat, num_masks, rows)
+        else:
+            embeds = outputs["pred_embeds"][src_idx]
+            loss_mask, loss_dice = ops.mask_losses_from_embeddings(embeds, outputs["mask_features"], src_idx[0],
+                                                                   flat, num_masks, rows)
+        return {"loss_mask": loss_mask, "loss_dice": loss_dice}
+
+    def match(self, outputs, targets):
+        if "pred_masks" not in outputs and not getattr(self.matcher, "fused", False):
+            with torch.no_grad():  # a reference matcher on fused outputs: the logits it needs, for this call only
+                masks = torch.einsum("bqc,bchw->bqhw", outputs["pred_embeds"], outputs["mask_features"])
+            outputs = {**outputs, "pred_masks": masks}
+        return self.matcher(outputs, targets)
 
 
 class MaskFormer(nn.Module):
@@ -272,7 +377,8 @@ class MaskFormer(nn.Module):
                  hidden_dim: int = 256, num_queries: int = 100, nheads: int = 8, dropout: float = 0.1,
                  dim_feedforward: int = 2048, enc_layers: int = 0, dec_layers: int = 6, pre_norm: bool = False,
                  deep_supervision: bool = True, conv_dim: int = 256, mask_dim: int = 256, norm: str = "GN",
-                 mask_weight: float = 20.0, dice_weight: float = 1.0, no_object_weight: float = 0.1):
+                 mask_weight: float = 20.0, dice_weight: float = 1.0, no_object_weight: float = 0.1,
+                 fused: bool = False):
         super().__init__()
         self.backbone = backbone
         in_channels = in_channels or infer_channels(backbone)
@@ -288,6 +394,48 @@ class MaskFormer(nn.Module):
             for i in range(dec_layers - 1):
                 weight_dict.update({k + f"_{i}": v for k, v in list(weight_dict.items())[:3]})
         self.criterion = MaskFormerCriterion(num_classes, matcher, weight_dict, no_object_weight)
+        if fused:
+            self.set_fused(True)
+
+    @property
+    def fused(self) -> bool:
+        return self.predictor.fused
+
+    def set_fused(self, fused: bool = True) -> "MaskFormer":
+        """Switch between the reference and the fused training path (same parameters, same random numbers
+        except the attention dropout's; see docs/models.md "MaskFormer fused training"):
+
+        * predictor outputs ``pred_embeds`` + ``mask_features`` instead of ``pred_masks`` (no (L, B, Q, H/4,
+          W/4) mask logits); the criterion's mask losses run :func:`fastseg.ops.mask_losses_from_embeddings`;
+          ``criterion.matcher.fused`` is set where the matcher has that attribute (its fused costs; a matcher
+          without it is handed the stride-4 logits, built under no_grad for the call).
+        * the decoder layers' cross-attention (``multihead_attn``) becomes :class:`fastseg.nn.MaskedCrossAttention`
+          in place (its class changes; the same parameter tensors, so optimizers keep them) with
+          ``need_weights_default = False`` (the layer discards the weights); attention dropout is fused (a
+          different random stream from ``nn.MultiheadAttention``'s). ``set_fused(False)`` restores the classes.
+        """
+        fused = bool(fused)
+        self.predictor.fused = fused
+        self.criterion.fused = fused
+        if hasattr(self.criterion.matcher, "fused"):  # a matcher without fused costs gets stride-4 logits
+            self.criterion.matcher.fused = fused
+        self._set_fused_attention(fused)
+        return self
+
+    def _set_fused_attention(self, fused: bool) -> None:
+        from ..nn import MaskedCrossAttention
+
+        for layer in self.predictor.transformer.decoder_layers:
+            mha = layer.multihead_attn
+            if fused and type(mha) is nn.MultiheadAttention:
+                if mha.bias_k is not None or mha.add_zero_attn or mha.dropout >= 1.0:
+                    raise NotImplementedError("fused attention: add_bias_kv, add_zero_attn and dropout=1 are not "
+                                              "supported")
+                mha.__class__ = MaskedCrossAttention
+                mha.need_weights_default = False
+            elif not fused and type(mha) is MaskedCrossAttention:
+                mha.__dict__.pop("need_weights_default", None)
+                mha.__class__ = nn.MultiheadAttention
 
     def forward_features(self, images):
         features = as_feature_list(self.backbone(images))
@@ -302,7 +450,11 @@ class MaskFormer(nn.Module):
         return {k: v * self.criterion.weight_dict[k] for k, v in losses.items() if k in self.criterion.weight_dict}
 
     @torch.no_grad()
-    def semantic_inference(self, outputs: dict, size: tuple[int, int]) -> list[torch.Tensor]:
+    def semantic_inference(self, outputs: dict, size: tuple[int, int], tile_rows: int | None = None
+                           ) -> list[torch.Tensor]:
+        """Per image (K, H, W) scores at ``size``; fused outputs are upsampled ``tile_rows`` rows at a time."""
+        if "pred_masks" not in outputs:
+            return semantic_inference_from_outputs(outputs, size, tile_rows)
         masks = F.interpolate(outputs["pred_masks"], size=size, mode="bilinear", align_corners=False)
         return [semantic_inference(c, m) for c, m in zip(outputs["pred_logits"], masks)]
 

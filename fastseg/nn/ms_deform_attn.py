@@ -85,7 +85,10 @@ class MSDeformAttn(ReferenceMSDeformAttn):
 class MSDeformAttnHF(MSDeformAttn):
     """Hugging Face's ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention(embed_dim, num_heads,
     n_levels, n_points)`` on the fused op: same parameters and state_dict, same keyword call, returns
-    ``(output (N, Lq, C), attention_weights (N, Lq, M, L, P))``."""
+    ``(output (N, Lq, C), attention_weights (N, Lq, M, L, P))``. Also OneFormer's
+    ``OneFormerPixelDecoderEncoderMultiscaleDeformableAttention`` (same module; its caller passes the shapes as a
+    tensor ``spatial_shapes`` besides ``spatial_shapes_list``: the list is used, the tensor only when there is no
+    list — ``.tolist()``, a host sync on CUDA)."""
 
     def __init__(self, embed_dim: int, num_heads: int, n_levels: int, n_points: int):
         super().__init__(embed_dim, n_levels, num_heads, n_points)
@@ -95,7 +98,11 @@ class MSDeformAttnHF(MSDeformAttn):
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 position_embeddings=None, reference_points=None, spatial_shapes_list=None, level_start_index=None,
-                output_attentions: bool = False):
+                output_attentions: bool = False, spatial_shapes=None):
+        if spatial_shapes_list is None:
+            if spatial_shapes is None:
+                raise ValueError("MSDeformAttnHF: pass spatial_shapes_list (or spatial_shapes)")
+            spatial_shapes_list = [tuple(s) for s in spatial_shapes.tolist()]
         if position_embeddings is not None:
             hidden_states = self.with_pos_embed(hidden_states, position_embeddings)
         _check_inputs(self, hidden_states, reference_points, encoder_hidden_states, len(spatial_shapes_list))

@@ -8,13 +8,19 @@ fold_h*proposal_h] with ``return_center``. Gradients flow to x (directly and thr
 ``normalizer``: "sim" (default; the official code since 2023-05-31: the aggregate is divided by the sum of the
 assigned points' similarities + 1, so gradients also flow through that sum) or "mask" (the code before it: the
 cluster size + 1), see :mod:`fastseg.reference.context_cluster`.
+
+On CPU tensors without the Triton interpreter the op runs :func:`_torch_core`: the official math with the two
+(b, M, N, c) broadcast products of the original replaced by a batched GEMM (aggregate) and a gather (dispatch:
+each point receives its one center), so nothing bigger than the (b, M, N) similarity is built, and the fold
+regions laid out once in the (b, N, c) order the GEMMs and the normalisation read.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._backend import check_same_device, select
-from ..reference.context_cluster import check_normalizer, cluster_core
+from ..reference.context_cluster import check_normalizer, pairwise_cos_sim
 
 __all__ = ["context_cluster", "context_cluster_packed", "effective_folds"]
 
@@ -179,6 +185,47 @@ def _backward(ctx, g, *unused):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _torch_core(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,
+                normalizer):
+    """The plain-PyTorch path: :func:`fastseg.reference.cluster_core`'s math (same shapes and dtypes, same
+    tie-breaking of the assignment), arranged for speed and memory: x and value are laid out once as
+    (b, N, c) points of each fold region (one copy each; the original copies each fold and then normalises
+    along a strided dim), the centers are pooled from that layout, aggregate ``sim @ value`` is a bmm and the
+    dispatch ``sim_max · center[argmax]`` a gather (the original's two (b, M, N, c) products are never built)."""
+    B, EC, W0, H0 = x.shape
+    c = EC // heads
+    fw, fh = (fold_w, fold_h) if fold_w > 1 and fold_h > 1 else (1, 1)
+    if W0 % fw or H0 % fh:
+        raise ValueError(f"Ensure the feature map size ({W0}*{H0}) can be divided by fold {fw}*{fh}")
+    w, h = W0 // fw, H0 // fh
+    b = B * heads * fw * fh
+
+    def points(t):  # [B, heads*c, W0, H0] -> [b, N = w*h, c]  ("(b e) c (f1 w) (f2 h) -> (b e f1 f2) (w h) c")
+        return t.reshape(B * heads, c, fw, w, fh, h).permute(0, 2, 4, 3, 5, 1).reshape(b, w * h, c)
+
+    def pool(t):  # [b, N, c] -> [b, M, c], the original's AdaptiveAvgPool2d on the [b, c, w, h] region
+        return F.adaptive_avg_pool2d(t.view(b, w, h, c).permute(0, 3, 1, 2), (proposal_w, proposal_h)) \
+            .flatten(2).transpose(1, 2)
+
+    xp, vp = points(x), points(value)
+    sim = torch.sigmoid(sim_beta + sim_alpha * pairwise_cos_sim(pool(xp), xp))  # [b, M, N]
+    sim_max, idx = sim.max(dim=1, keepdim=True)  # [b, 1, N]
+    mask = torch.zeros_like(sim).scatter_(1, idx, 1.0)
+    sim = sim * mask
+    dtype = torch.promote_types(sim.dtype, value.dtype)
+    norm = sim if normalizer == "sim" else mask
+    out = (torch.bmm(sim.to(dtype), vp.to(dtype)) + pool(vp)) / (norm.sum(dim=-1, keepdim=True) + 1.0)  # [b, M, c]
+    if return_center:
+        ww, hh = proposal_w, proposal_h
+        out = out.reshape(B * heads, fw, fh, ww, hh, c)
+    else:
+        ww, hh = w, h
+        out = torch.gather(out, 1, idx.transpose(1, 2).expand(-1, -1, c)) * sim_max.transpose(1, 2)  # [b, N, c]
+        out = out.reshape(B * heads, fw, fh, w, h, c)
+    # "(b e f1 f2) (w h) c -> b (e c) (f1 w) (f2 h)"
+    return out.permute(0, 5, 1, 3, 2, 4).reshape(B, heads * c, fw * ww, fh * hh)
+
+
 def _apply(x, value, sim_alpha, sim_beta, heads, folds, proposals, return_center, normalizer):
     if torch.compiler.is_compiling():
         return _fwd_op(x, value, sim_alpha, sim_beta, heads, *folds, *proposals, return_center, normalizer)[0]
@@ -191,8 +238,8 @@ def _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, propo
     device = check_same_device(_OP, x=x, sim_alpha=sim_alpha, sim_beta=sim_beta)
     folds = _check(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h)
     if select(_OP, device) == "torch":
-        out = cluster_core(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
-                           return_center, normalizer)
+        out = _torch_core(xs, vs, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h,
+                          return_center, normalizer)
         return out.to(x.dtype)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"{_OP}: unsupported dtype {x.dtype}; use float32, float16 or bfloat16")
@@ -216,7 +263,7 @@ def context_cluster(
     """The fused clustering step of Context Clusters (see the module docstring for shapes).
 
     Output dtype is x's dtype. On CPU without the Triton interpreter it runs the plain PyTorch math of
-    :func:`fastseg.reference.cluster_core` (cast to x's dtype).
+    :func:`fastseg.reference.cluster_core`'s math (:func:`_torch_core`, cast to x's dtype).
     """
     check_same_device(_OP, x=x, value=value)
     return _run(x, value, sim_alpha, sim_beta, heads, fold_w, fold_h, proposal_w, proposal_h, return_center,

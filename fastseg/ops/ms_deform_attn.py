@@ -17,17 +17,19 @@ with ``start + H·W > S``) but give meaningless numbers. grad_value is accumulat
 fp64), so it can differ between runs at rounding level (on CUDA the backward raises, or warns, under
 ``torch.use_deterministic_algorithms(True)``, as ``grid_sample``'s does); the other outputs are deterministic.
 Dispatch by :func:`fastseg._backend.select` (CUDA -> Triton; CPU -> Triton under the interpreter, else the
-official PyTorch core, :func:`fastseg.reference.ms_deform_attn_core_pytorch`).
+official core's math in plain PyTorch, ``_torch_core``: one layout of value for all levels, level views,
+the weighted sum accumulated per level; equal to :func:`fastseg.reference.ms_deform_attn_core_pytorch`).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .. import _backend
-from ..reference.ms_deform_attn import ms_deform_attn_core_pytorch, sampling_locations_from
+from ..reference.ms_deform_attn import sampling_locations_from
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_from_offsets", "shapes_tensor", "level_start_index_of"]
 
@@ -215,7 +217,7 @@ def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start
         P = sampling_offsets.shape[4]
         weights = attention_logits.flatten(3).softmax(-1).view(attention_logits.shape)
         locs = sampling_locations_from(reference_points, sampling_offsets, spatial_shapes, P)
-        return ms_deform_attn_core_pytorch(value, spatial_shapes, locs, weights)
+        return _torch_core(value, spatial_shapes, locs, weights)
     _check_dtypes(value=value, reference_points=reference_points, sampling_offsets=sampling_offsets,
                   attention_logits=attention_logits)
     if torch.compiler.is_compiling():
@@ -223,6 +225,35 @@ def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start
                        reference_points)[0]
     return _MSDeformAttnFromOffsets.apply(value, spatial_shapes.contiguous(), level_start_index.contiguous(),
                                           reference_points, sampling_offsets, attention_logits)
+
+
+def _torch_core(value: torch.Tensor, spatial_shapes, sampling_locations: torch.Tensor,
+                attention_weights: torch.Tensor) -> torch.Tensor:
+    """The plain-PyTorch path: the official core's math (bilinear ``grid_sample`` per level, zeros padding,
+    ``align_corners=False``), arranged for memory and for ``torch.compile``.
+
+    value (N, S, M, D) is laid out once as (N·M, D, S), so each level is a view (the official core copies each
+    level and ``cat``s their gradients — a pattern whose backward fails under ``torch.compile``'s aot_autograd,
+    "view size is not compatible"); the weighted sum is accumulated level by level instead of stacking the
+    (N·M, D, Lq, L·P) samples. Returns (N, Lq, M·D) in value's dtype.
+    """
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    v = value.permute(0, 2, 3, 1).reshape(N * M, D, S)
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (N·M, Lq, L, P, 2)
+    weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (N·M, Lq, L, P)
+    out = None
+    start = 0
+    for lid, (h, w) in enumerate(shapes):
+        v_l = v[:, :, start:start + h * w].view(N * M, D, h, w)
+        start += h * w
+        sampled = F.grid_sample(v_l, grids[:, :, lid], mode="bilinear", padding_mode="zeros", align_corners=False)
+        term = (sampled * weights[:, None, :, lid]).sum(-1)  # (N·M, D, Lq)
+        out = term if out is None else out + term
+    if out is None:
+        return value.new_zeros(N, Lq, M * D)
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
 
 
 def _check_dtypes(**tensors):
@@ -284,7 +315,7 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes, level_start_index, sampl
                                         attention_weights=attention_weights)
     empty = value.numel() == 0 or sampling_locations.numel() == 0
     if empty or _backend.select("ms_deform_attn", device) == "torch":  # empty: nothing to launch
-        return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+        return _torch_core(value, spatial_shapes, sampling_locations, attention_weights)
     _check_dtypes(value=value, sampling_locations=sampling_locations, attention_weights=attention_weights)
     if torch.compiler.is_compiling():
         return _fwd_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, None)[0]

@@ -1,7 +1,9 @@
-"""Record of Hugging Face's ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention``:
+"""Record of Hugging Face's ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` (and OneFormer's):
 ``fastseg.nn.MSDeformAttnHF`` (keyword call with ``spatial_shapes_list``, returns ``(output, weights)``).
 Recogniser and probe inputs shared with :mod:`.ms_deform_attn`; checked by its ``fastseg check`` entry."""
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -21,12 +23,14 @@ def _build(cls, m: nn.Module) -> nn.Module:
 
 
 def _probe(m: nn.Module, device, dtype, g: torch.Generator) -> list[Probe]:
-    query, refs, flat, shapes_list, _, starts = probe_inputs(m, device, dtype, g)
+    query, refs, flat, shapes_list, shapes, starts = probe_inputs(m, device, dtype, g)
+    # OneFormer's module reads the shapes tensor too (its caller passes both); Mask2Former's has no such argument
+    extra = {"spatial_shapes": shapes} if "spatial_shapes" in inspect.signature(m.forward).parameters else {}
 
     def call(mod, h, r, x):
         return mod(hidden_states=h, attention_mask=None, encoder_hidden_states=x, encoder_attention_mask=None,
                    position_embeddings=None, reference_points=r, spatial_shapes_list=shapes_list,
-                   level_start_index=starts)[0]
+                   level_start_index=starts, **extra)[0]
     return [Probe("hidden_states (2, 5, C), 2-coordinate reference points, levels (3+l, 4+2l)", (query, refs, flat),
                   call)]
 

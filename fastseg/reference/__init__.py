@@ -1,6 +1,8 @@
 """Faithful, readable PyTorch implementations that fastseg's kernels are tested against."""
 from .atm_attention import ATMAttention, atm_attention
-from .cac import cosine_logits, entropy_distill_loss, oracle_logits, refine_logits, soft_class_prototypes
+from .cac import (CACClassifier, cac_train_losses, cosine_logits, entropy_distill_loss, oracle_logits, refine_logits,
+                  soft_class_prototypes)
+from .ecenet import class_mask_fusion, diversity_loss, sau_attention
 from .context_cluster import Cluster, cluster_core, pairwise_cos_sim
 from .masked_attention import (
     ReferenceMaskedCrossAttention,
@@ -13,7 +15,9 @@ from .msca import AttentionModule, msca_reference
 
 __all__ = [
     "ATMAttention", "atm_attention",
-    "cosine_logits", "entropy_distill_loss", "oracle_logits", "refine_logits", "soft_class_prototypes",
+    "CACClassifier", "cac_train_losses", "cosine_logits", "entropy_distill_loss", "oracle_logits", "refine_logits",
+    "soft_class_prototypes",
+    "class_mask_fusion", "diversity_loss", "sau_attention",
     "Cluster", "cluster_core", "pairwise_cos_sim",
     "ReferenceMaskedCrossAttention", "masked_attention", "merge_masks", "multi_head_attention",
     "AttentionModule", "msca_reference",

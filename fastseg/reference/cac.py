@@ -10,17 +10,24 @@ Shapes: ``feat`` (B, C, h, w) pixel features; ``logits`` (B, K, h, w); classifie
 (B, H, W) or (B, 1, H, W) int64 with values in [0, K) or ``ignore_index``, nearest-resized to (h, w) as the
 original does. Any float dtype; fp16 / bf16 inputs have the pooled statistics of the oracle and the
 distillation (class counts and sums over up to B·h·w pixels, entropies, the per-class reductions) computed in
-float32 (in fp16 a class covering 65 505 pixels would count to inf). No fused (Triton) path exists for CAC yet —
-this is the reference only.
+float32 (in fp16 a class covering 65 505 pixels would count to inf).
+
+:func:`cac_train_losses` composes the official training losses from these blocks (or from the same-named fused
+ops of :mod:`fastseg.ops.cac`, its ``impl``); :class:`CACClassifier` is the classifier part of a CAC head as a
+module (``conv_seg``, ``dropout``, ``proj``, ``apd_proj``: the official names) on decoder features, the reference
+of the drop-in :class:`fastseg.nn.ContextAwareClassifier`.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TAU", "SMOOTHNESS", "cac_projector", "soft_class_prototypes", "cosine_logits", "refine_logits",
-           "resize_labels", "oracle_class_prototypes", "oracle_logits", "entropy_distill_loss"]
+           "resize_labels", "oracle_class_prototypes", "oracle_logits", "entropy_distill_loss", "mmseg_accuracy",
+           "cac_train_losses", "CACClassifier"]
 
 #: the cosine classifier's scale (``get_pred`` / ``get_adaptive_perspective`` multiply by 15)
 TAU = 15.0
@@ -97,7 +104,7 @@ def resize_labels(labels: torch.Tensor, size, num_classes: int | None = None,
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     out = F.interpolate(labels.float(), size=tuple(size), mode="nearest").squeeze(1).long()
-    if num_classes is not None:
+    if num_classes is not None and not torch.compiler.is_compiling():  # a host read: skipped while compiling
         bad = (out != ignore_index) & ((out < 0) | (out >= num_classes))
         if bad.any():
             raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}; "
@@ -174,3 +181,122 @@ def entropy_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, labels: torc
         return pred.new_zeros((), dtype=acc)
     per_class = (num / (den + 1e-12)).reshape(k)[present]
     return per_class.sum() / (present.sum().to(per_class.dtype) + 1e-12)  # float32 for fp16 / bf16 inputs
+
+
+def mmseg_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mmseg's top-1 ``accuracy`` (in %) as the original's mmseg 0.19 computes it: over all pixels, an ignored
+    pixel counting as wrong. ``logits`` (B, K, H, W), ``labels`` (B, H, W)."""
+    correct = logits.argmax(1).eq(labels).float().sum()
+    return correct * (100.0 / labels.numel())
+
+
+def cac_train_losses(base: torch.Tensor, feat: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor,
+                     proj: nn.Module, apd_proj: nn.Module, *, tau: float = TAU, norm_eps: float = _EPS,
+                     smoothness: float = SMOOTHNESS, ignore_index: int = 255, align_corners: bool = False,
+                     loss_weight: float = 1.0, impl=None) -> dict:
+    """The official ``forward_train`` losses of a CAC head from its base logits and features.
+
+    ``base`` (B, K, h, w) = ``conv_seg(dropout(feat))``, ``feat`` (B, C, h, w), ``gt`` (B, 1, H, W) or (B, H, W)
+    int64 labels at the image size, ``weight`` (K, C) the classifier's weights. Returns ``loss_ce`` (the total
+    ``CE(refined)·loss_weight + CE(base) + CE(oracle) + distillation``), ``acc_seg`` and the detached
+    ``PreSelfLoss`` / ``PreLoss`` / ``KLLoss`` / ``MainLoss``.
+
+    ``impl``: where ``refine_logits``, ``oracle_logits`` and ``entropy_distill_loss`` come from (None: this
+    module; :mod:`fastseg.ops.cac` for the fused ones). When ``impl`` has ``upsampled_cross_entropy``, the three
+    full-resolution cross-entropies use it (no (B, K, H, W) upsampled logits stored); else ``F.interpolate`` +
+    ``F.cross_entropy`` as the original.
+    """
+    impl = sys.modules[__name__] if impl is None else impl
+    y = gt.unsqueeze(1) if gt.dim() == 3 else gt
+    refined = impl.refine_logits(feat, base, weight, proj, tau, norm_eps)
+    oracle = impl.oracle_logits(feat, y, weight, apd_proj, tau, ignore_index)
+    kl_loss = impl.entropy_distill_loss(refined, oracle.detach(), y, smoothness, ignore_index)
+    labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
+    ce = getattr(impl, "upsampled_cross_entropy", None)
+    if ce is not None:
+        n_valid = (labels != ignore_index).sum()  # 0 gives NaN, as nn.CrossEntropyLoss
+        pre_self_loss = ce(base, labels, True, ignore_index).sum() / n_valid
+        pre_loss = ce(oracle, labels, True, ignore_index).sum() / n_valid
+        main = ce(refined, labels, align_corners, ignore_index).mean()
+        with torch.no_grad():  # the logged accuracy, one image at a time
+            correct = sum(F.interpolate(refined[i:i + 1], size=labels.shape[-2:], mode="bilinear",
+                                        align_corners=align_corners).argmax(1).eq(labels[i:i + 1]).sum()
+                          for i in range(labels.shape[0]))
+            acc = correct.float() * (100.0 / labels.numel())
+    else:
+        # the original's extra cross-entropies: align_corners=True, mean over the labelled pixels
+        base_up = F.interpolate(base, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        pre_self_loss = F.cross_entropy(base_up, labels, ignore_index=ignore_index)
+        oracle_up = F.interpolate(oracle, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        pre_loss = F.cross_entropy(oracle_up, labels, ignore_index=ignore_index)
+        # BaseDecodeHead.losses: the head's align_corners, mmseg's CrossEntropyLoss (mean over ALL pixels)
+        refined_up = F.interpolate(refined, size=y.shape[-2:], mode="bilinear", align_corners=align_corners)
+        main = F.cross_entropy(refined_up, labels, ignore_index=ignore_index, reduction="none").mean()
+        acc = mmseg_accuracy(refined_up.detach(), labels)
+    main = main * loss_weight
+    return {
+        "loss_ce": main + pre_self_loss + pre_loss + kl_loss,
+        "acc_seg": acc,
+        "PreSelfLoss": pre_self_loss.detach(),
+        "PreLoss": pre_loss.detach(),
+        "KLLoss": kl_loss.detach(),
+        "MainLoss": main.detach(),
+    }
+
+
+class CACClassifier(nn.Module):
+    """The classifier part of a CAC head on decoder features (reference, plain PyTorch).
+
+    Parameters with the official names: ``conv_seg`` (1×1 conv C → K, normal(0, 0.01) weights, zero bias as
+    mmseg), ``proj`` and ``apd_proj`` (:func:`cac_projector`); ``dropout`` (Dropout2d) before ``conv_seg``.
+    Its state_dict is that of ``FCNHeadCAC(in_channels=C, channels=C, num_convs=0, concat_input=False)``.
+
+    * ``forward(feat (B, C, h, w))`` → the context-aware logits (B, K, h, w) (``forward_test``);
+    * ``forward_train(feat, gt)`` → the official loss dict (:func:`cac_train_losses`);
+    * ``base_forward(feat)`` → (base logits, feat).
+
+    ``norm_eps``: ``get_pred``'s eps, 1e-12 (FCN, UPer heads) or 0 (ASPP, OCR heads).
+    """
+
+    #: where the classifier math comes from (:mod:`fastseg.ops.cac` in the fused drop-in); None = this module
+    impl = None
+
+    def __init__(self, channels: int = 512, num_classes: int = 150, dropout_ratio: float = 0.1,
+                 ignore_index: int = 255, align_corners: bool = False, loss_weight: float = 1.0, tau: float = TAU,
+                 smoothness: float = SMOOTHNESS, norm_eps: float = _EPS):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+        self.dropout = nn.Dropout2d(dropout_ratio)
+        self.proj = cac_projector(channels)
+        self.apd_proj = cac_projector(channels)
+        self.channels, self.num_classes = channels, num_classes
+        self.ignore_index, self.align_corners, self.loss_weight = ignore_index, align_corners, loss_weight
+        self.tau, self.smoothness, self.norm_eps = tau, smoothness, norm_eps
+
+    def _impl(self):
+        return sys.modules[__name__] if self.impl is None else self.impl
+
+    @property
+    def classifier_weight(self) -> torch.Tensor:
+        """``conv_seg.weight`` as (K, C)."""
+        return self.conv_seg.weight.flatten(1)
+
+    def base_forward(self, feat: torch.Tensor):
+        return self.conv_seg(self.dropout(feat)), feat
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        base, feat = self.base_forward(feat)
+        return self._impl().refine_logits(feat, base, self.classifier_weight, self.proj, self.tau, self.norm_eps)
+
+    def forward_train(self, feat: torch.Tensor, gt_semantic_seg: torch.Tensor) -> dict:
+        base, feat = self.base_forward(feat)
+        return cac_train_losses(base, feat, gt_semantic_seg, self.classifier_weight, self.proj, self.apd_proj,
+                                tau=self.tau, norm_eps=self.norm_eps, smoothness=self.smoothness,
+                                ignore_index=self.ignore_index, align_corners=self.align_corners,
+                                loss_weight=self.loss_weight, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_classes={self.num_classes}, tau={self.tau}, "
+                f"norm_eps={self.norm_eps}")

@@ -294,3 +294,72 @@ def test_ms_deform_attn_op(dtype, triton_launches):
     for name, u, w in zip(("value", "sampling_locations", "attention_weights"), got, want):
         assert_close(u, w, TOL[dtype], f"d {name}")
     assert triton_launches["ms_deform_attn_fwd"] >= 1 and triton_launches["ms_deform_attn_bwd"] >= 1
+
+
+# ------------------------------------------------------------------------- CAC context-aware classifier
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
+def test_cac_ops(dtype, triton_launches):
+    """CAC's fused ops (soft prototypes, oracle prototypes, both cosine classifiers, entropy distillation) at
+    ADE20K's shape on the same rounded inputs as the float64 reference: outputs and every gradient."""
+    from fastseg.ops import cac as cac_ops
+    from fastseg.reference import cac as R
+
+    B, C, K, H, W = big((2, 512, 150, 64, 64), (1, 12, 7, 5, 9))
+    g = gen("cac", dtype)
+    f, z, t = randn((B, C, H, W), dtype, g), randn((B, K, H, W), dtype, g, 3.0), randn((B, K, H, W), dtype, g, 2.0)
+    q, w = randn((B, K, C), dtype, g), randn((K, C), dtype, g)
+    y = torch.randint(0, K, (B, 1, 2 * H, 2 * W), generator=g, device=DEV)
+    y[y == 1] = 2  # class 1 absent
+    y[:, :, :3] = 255
+
+    def normalized(f, w):
+        return torch.einsum("kc,bchw->bkhw", F.normalize(w, 2, -1), F.normalize(f, 2, 1)) * 15
+
+    cases = [("soft prototypes", cac_ops.soft_class_prototypes, R.soft_class_prototypes, (f, z)),
+             ("cosine", cac_ops.cosine_logits, R.cosine_logits, (f, q)),
+             ("cosine (F.normalize, shared)", lambda f, w: cac_ops.cosine_logits(f, w, clamp=True), normalized, (f, w)),
+             ("oracle prototypes", lambda f, w: cac_ops.oracle_class_prototypes(f, y, w),
+              lambda f, w: R.oracle_class_prototypes(f, y, w), (f, w)),
+             ("distillation", lambda z: cac_ops.entropy_distill_loss(z, t, y),
+              lambda z: R.entropy_distill_loss(z, t.double(), y), (z,))]
+    for name, fused, ref, inputs in cases:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        ref_leaves = [x.double().requires_grad_() for x in inputs]
+        out, want = fused(*leaves), ref(*ref_leaves)
+        assert_close(out, want, TOL[dtype], f"{name}: out")
+        grad = randn(want.shape, torch.float32, gen("cacg", name, dtype))
+        got = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        exp = torch.autograd.grad(want, ref_leaves, grad.double())
+        for i, (u, e) in enumerate(zip(got, exp)):
+            assert_close(u, e, TOL[dtype], f"{name}: d input {i}")
+    for k in ("cac_proto_fwd", "cac_proto_bwd", "cac_cos_fwd", "cac_cos_bwd_df", "cac_cos_bwd_dq", "cac_distill_fwd",
+              "cac_distill_bwd"):
+        assert triton_launches[k] >= 1, k
+
+
+def test_cac_classifier_module_fp32(triton_launches):
+    """fastseg.nn.ContextAwareClassifier in fp32 against the reference block in float64: logits, the training
+    loss and every gradient (COCO-Stuff's 171 classes). Tolerance 1e-4: the whole head runs in fp32 (conv_seg,
+    projectors, reductions over B·H·W pixels), e.g. proj.2.bias's gradient sums cancelling terms."""
+    from fastseg.nn import ContextAwareClassifier
+    from fastseg.reference.cac import CACClassifier
+
+    B, C, K, H, W, s = big((2, 512, 171, 64, 64, 8), (1, 12, 7, 5, 9, 2))
+    g = gen("cacm")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g, device=DEV)))
+    ref = CACClassifier(C, K, dropout_ratio=0.0).to(DEV, torch.float64)
+    fused = ContextAwareClassifier(C, K, dropout_ratio=0.0).to(DEV)
+    fused.load_state_dict(ref.state_dict())
+    x = randn((B, C, H, W), torch.float32, g)
+    y = torch.randint(0, K, (B, 1, H * s, W * s), generator=g, device=DEV)
+    y[:, :, :s] = 255
+    assert_close(fused(x), ref(x.double()), 1e-4, "logits")
+    x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
+    lf, lr = fused.forward_train(x_f, y)["loss_ce"], ref.forward_train(x_r, y)["loss_ce"]
+    assert abs(lf.item() - lr.item()) <= 1e-4 * abs(lr.item())
+    lf.backward()
+    lr.backward()
+    assert_close(x_f.grad, x_r.grad, 1e-4, "d feat")
+    for (name, p_ref), p_f in zip(ref.named_parameters(), fused.parameters()):
+        assert_close(p_f.grad, p_ref.grad, 1e-4, f"d {name}")
+    assert triton_launches["cac_proto_bwd"] >= 1 and triton_launches["upsample_ce_bwd"] >= 1

@@ -116,6 +116,8 @@ register(OpSpec(
     name=OP,
     summary="Context Clusters cluster block (proposal, cosine sim, argmax, aggregate, dispatch)",
     issue="issue 5",
+    cpu_note="the official math with the fold regions laid out once as points, a bmm aggregate and a gather "
+             "dispatch instead of the original's two (b, M, N, c) broadcast products",
     shape_keys=SHAPE_KEYS,
     presets=PRESETS,
     label=label,

@@ -119,6 +119,9 @@ register(OpSpec(
     name=OP,
     summary="SegNeXt MSCA attention module (5x5 dw + 3 strip branches + 1x1 + gate)",
     issue="issue 4",
+    cpu_note="the reference's convolutions; in inference NCHW input runs channels_last inside (oneDNN's depthwise "
+             "convs are 2-3x faster so), in training it stays in the caller's layout (a channels_last copy would "
+             "be one more x-sized tensor saved for backward), so fwdbwd equals eager in the same layout",
     shape_keys=SHAPE_KEYS,
     presets=PRESETS,
     label=label,
@@ -174,6 +177,8 @@ register(OpSpec(
     name="mlp-dwconv",
     summary="SegNeXt MSCAN MLP (fc1, 3x3 depthwise + bias + GELU fused, fc2)",
     issue="issue 4",
+    cpu_note="the reference's convolutions and GELU, so it equals eager in the same layout (no cheaper PyTorch "
+             "formulation of a 3x3 depthwise conv + GELU found); use channels_last on a CPU",
     shape_keys={"B": 8, "C": 32, "hidden": 256, "H": 64, "W": 64},
     presets=MLP_PRESETS,
     label=lambda s: f"B={s['B']} C={s['C']}->{s['hidden']} {s['H']}x{s['W']}",

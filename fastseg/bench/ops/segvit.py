@@ -6,7 +6,8 @@ One ATM decoder layer's cross-attention as the official ``TPN_DecoderLayer`` cal
 logits (B, K, H·W), both used downstream (so the training step back-propagates a loss of both). ``fwdbwd``
 is a training step (attention dropout 0.1 on), ``fwd`` inference (eval mode). Official widths: ViT-B
 ``embed_dims`` 384 / 12 heads at 512², ViT-L 512 / 16 heads at 640² (head dim 32 in both); a head dim 64
-row (1024 / 16) too. The whole SegViT model is not benched here (its builder is another helper's work).
+row (1024 / 16) too. ``segvit``: the whole model (``fastseg.models.build_segvit``) with and without its ATM
+cross-attention layers patched.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..measure import Prepared
+from ..measure import Prepared, Unavailable, make_step
 from ..registry import Impl, MemprofSpec, OpSpec, register, require
 from .common import compiled, generator, module_step, randn, scalar_loss
 
@@ -161,6 +162,62 @@ register(OpSpec(
                     "stride 16, forward+backward",
         cpu_grid=("150", "256,512", "1"), quick_grid=("150,171", "512,640", "2"),
     ),
-    notes=["The whole SegViT model (fastseg.models.segvit) is not benched here: this op times one ATM layer's "
-           "cross-attention."],
+))
+
+
+# ------------------------------------------------------------------------------------- the whole SegViT model
+def _segvit_prep(fused: bool, compile_: bool = False):
+    """SegViT (``fastseg.models.build_segvit``, random init) at the input size; ``fused``: ``fastseg.patch`` swaps
+    its ATM decoder layers' ``multihead_attn`` for :class:`fastseg.nn.ATMAttention` (nothing else). Training step:
+    forward in train mode + backward of a scalar of the outputs (not ATMLoss); fp16 / bf16 under autocast with
+    fp32 parameters. ``fwd``: eval forward."""
+    def prepare(s, dtype, device, mode) -> Prepared:
+        import contextlib
+
+        build = require("fastseg.models", "build_segvit", "the SegViT models land with issue 18")
+        torch.manual_seed(0)
+        model = build(s["model"], num_classes=s["K"], img_size=s["img"])
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        model = model.to(device=device, dtype=param_dtype).train(mode == "fwdbwd")
+        if fused:
+            import fastseg
+
+            model, report = fastseg.patch(model, ops=["atm_attention"], verify=False)
+            if not report.replaced:
+                raise Unavailable("fastseg.patch found no ATM attention layer to swap")
+        x = randn((s["B"], 3, s["img"], s["img"]), param_dtype, device, generator(device))
+        fn = compiled(model) if compile_ else model
+        amp = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.float16, torch.bfloat16)
+               else contextlib.nullcontext())
+
+        def fwd():
+            with amp:
+                return scalar_loss(fn(x))
+        leaves = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(make_step(fwd, leaves, mode), resident=[x, model])
+    return prepare
+
+
+register(OpSpec(
+    name="segvit",
+    summary="SegViT (ViT + ATM head), whole model; fastseg = ATM cross-attention layers patched",
+    issue="issue 18",
+    heavy=True,
+    shape_keys={"model": "b", "B": 2, "img": 512, "K": 150},
+    presets={
+        "quick": [{"model": "t", "B": 1, "img": 256, "K": 150}],
+        "cpu": [{"model": "t", "B": 1, "img": 128, "K": 150}],
+        "default": [{"model": "b", "B": 4, "img": 512, "K": 150}, {"model": "l", "B": 2, "img": 640, "K": 150}],
+        "ade": [{"model": "b", "B": b, "img": 512, "K": 150} for b in (2, 8)]
+        + [{"model": "l", "B": b, "img": 640, "K": 150} for b in (2, 4)],
+    },
+    label=lambda s: f"SegViT-{s['model'].upper()} B={s['B']} {s['img']}x{s['img']} K={s['K']}",
+    impls=[
+        Impl("fastseg", _segvit_prep(True), fastseg=True,
+             description="build_segvit + fastseg.patch(ops=['atm_attention']): fused ATM cross-attention"),
+        Impl("eager", _segvit_prep(False), description="fastseg.models.build_segvit (official layers)"),
+        Impl("compile", _segvit_prep(False, True), gpu_only=True, description="torch.compile(build_segvit(...))"),
+    ],
+    notes=["segvit: only the ATM cross-attention is fused; the ViT backbone and the rest of the head are the "
+           "reference; the training step back-propagates a scalar of the outputs, not ATMLoss."],
 ))
