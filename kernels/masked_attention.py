@@ -676,6 +676,58 @@ def _tile_list_kernel(
 
 
 @triton.jit
+def _pack_tile_list_kernel(
+    AM, KPM, Bits, Blocks, Counts, Flags,
+    stride_ab, stride_ah, stride_aq, stride_an,
+    stride_kb, stride_kn,
+    H_OUT, N_Q, N_K, N_WORDS, N_QB, N_KB,
+    HAS_AM: tl.constexpr, AM_MASKED: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, WORDS_PER_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """:func:`_pack_kernel` and :func:`_tile_list_kernel` in one pass, for one (mask batch·head, query
+    block): reads the bool masks of BLOCK_M queries CHUNK key blocks at a time, writes their packed words
+    (Bits) and the block's non-empty key blocks (Flags, Blocks, Counts) from the words still in registers."""
+    row = tl.program_id(0)  # over Bm * Hm * N_QB
+    g = row // N_QB
+    b = g // H_OUT
+    h = g % H_OUT
+    offs_m = (row % N_QB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N_Q
+    bit = tl.arange(0, 32)
+    CW: tl.constexpr = CHUNK * WORDS_PER_BLOCK
+    base = tl.zeros([], tl.int32)
+    for c0 in range(0, N_KB, CHUNK):
+        offs_w = c0 * WORDS_PER_BLOCK + tl.arange(0, CW)
+        offs_n = offs_w[:, None] * 32 + bit[None, :]  # (CW, 32)
+        n_ok = offs_n < N_K
+        allowed = m_ok[:, None, None] & n_ok[None, :, :]  # (BLOCK_M, CW, 32)
+        if HAS_AM:
+            a = tl.load(AM + b * stride_ab + h * stride_ah + offs_m[:, None, None] * stride_aq
+                        + offs_n[None, :, :] * stride_an, mask=allowed, other=0)
+            if AM_MASKED:
+                allowed = allowed & (a == 0)
+            else:
+                allowed = allowed & (a != 0)
+        if HAS_KPM:
+            kp = tl.load(KPM + b * stride_kb + offs_n * stride_kn, mask=n_ok, other=0)
+            if KPM_MASKED:
+                allowed = allowed & (kp == 0)[None, :, :]
+            else:
+                allowed = allowed & (kp != 0)[None, :, :]
+        words = tl.sum(allowed.to(tl.int32) << bit[None, None, :], axis=2)  # (BLOCK_M, CW); distinct bits
+        tl.store(Bits + (g * N_Q + offs_m[:, None]) * N_WORDS + offs_w[None, :], words,
+                 mask=m_ok[:, None] & (offs_w < N_WORDS)[None, :])
+        nonzero = tl.max((words != 0).to(tl.int32), axis=0)  # (CW,)
+        flag = tl.max(tl.reshape(nonzero, [CHUNK, WORDS_PER_BLOCK]), axis=1)  # (CHUNK,)
+        kb = c0 + tl.arange(0, CHUNK)
+        pos = base + tl.cumsum(flag, 0) - 1
+        tl.store(Blocks + row * N_KB + pos, kb, mask=flag > 0)
+        tl.store(Flags + row * N_KB + kb, flag.to(tl.int8), mask=kb < N_KB)
+        base += tl.sum(flag, 0)
+    tl.store(Counts + row, base)
+
+
+@triton.jit
 def _pack_kernel(
     AM, KPM, Bits,
     stride_ab, stride_ah, stride_aq, stride_an,
@@ -871,17 +923,19 @@ def _dropout_args(seed: torch.Tensor | None, dropout_p: float, like: torch.Tenso
     return seed, min(round(dropout_p * 2**31), 2**31 - 1), 1.0 / (1.0 - dropout_p), True
 
 
-def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=None, dropout_p: float = 0.0):
+def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=None, dropout_p: float = 0.0,
+            lists=None):
     """Returns (o, lse, blocks, counts, flags): o like q (B, H, M, D) in q's dtype and memory layout, lse (B, H, M)
     fp32, and the tile lists of :func:`tile_lists` (reused by the backward pass). ``seed``: int64 (1,) tensor
-    on q's device, the Philox key of the attention dropout (used when dropout_p > 0)."""
+    on q's device, the Philox key of the attention dropout (used when dropout_p > 0). ``lists``: the
+    (blocks, counts, flags) of ``bits`` when already built (:func:`pack_with_tile_lists`), else built here."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     if bits is not None:
-        blocks, counts, flags = tile_lists(bits, M, N)
+        blocks, counts, flags = tile_lists(bits, M, N) if lists is None else lists
     else:  # every tile: the kernels do not read the (empty) lists
         blocks = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
         counts = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)
@@ -1040,6 +1094,43 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
         HAS_KPM=key_padding_mask is not None, KPM_MASKED=kpm_masked, BLOCK_W=block_w,
     )
     return bits
+
+
+def pack_with_tile_lists(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int,
+                         heads: int, n_q: int, n_k: int):
+    """:func:`pack` and :func:`tile_lists` of its result in one launch: returns (bits, (blocks, counts, flags))
+    with the shapes and meaning of those two functions (same arguments as :func:`pack`)."""
+    bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
+    hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
+    ref = attn_mask if attn_mask is not None else key_padding_mask
+    n_words = triton.cdiv(n_k, 32)
+    t_m, t_n = TILE
+    n_qb, n_kb = triton.cdiv(n_q, t_m), triton.cdiv(n_k, t_n)
+    dev = ref.device
+    bits = torch.empty((bm, hm, n_q, n_words), device=dev, dtype=torch.int32)
+    blocks = torch.empty((bm, hm, n_qb, n_kb), device=dev, dtype=torch.int32)
+    counts = torch.empty((bm, hm, n_qb), device=dev, dtype=torch.int32)
+    flags = torch.empty((bm, hm, n_qb, n_kb), device=dev, dtype=torch.int8)
+    if attn_mask is not None:
+        am = attn_mask.view(torch.uint8)
+        sa = [am.stride(i) if am.shape[i] > 1 else 0 for i in range(4)]
+    else:
+        am, sa = bits, [0, 0, 0, 0]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        sk = [kpm.stride(0), kpm.stride(1)]
+    else:
+        kpm, sk = bits, [0, 0]
+    record_launch("masked_attention_pack_tile_list")
+    _pack_tile_list_kernel[(bm * hm * n_qb,)](
+        am, kpm, bits, blocks, counts, flags, *sa, *sk, hm, n_q, n_k, n_words, n_qb, n_kb,
+        HAS_AM=attn_mask is not None, AM_MASKED=attn_masked,
+        HAS_KPM=key_padding_mask is not None, KPM_MASKED=kpm_masked,
+        # GPU: 8 key blocks (64 rows x 512 keys, 32 KB of bool mask) per step in flight; sm_90: 108-181 registers, 0 B spills
+        BLOCK_M=t_m, WORDS_PER_BLOCK=t_n // 32, CHUNK=2 if interpreter_enabled() else 8,
+        num_warps=1 if interpreter_enabled() else 8,
+    )
+    return bits, (blocks, counts, flags)
 
 
 def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False,

@@ -16,6 +16,11 @@ accumulation in fp32, or fp64 for fp64 inputs):
 * ``_msca_w3_bwd_kernel``: dW3 = q^T s and db3 = sum q, split over pixels into partial sums (no atomics).
 * ``_msca_dw_bwd_kernel``: recomputes a0 and T_k for tile + halo, back-propagates ds through the strips
   and the 5x5 to dx, and writes the tile's partial sums of all 103 depthwise weight and 7 bias gradients.
+* C <= 64 (``FUSED_FWD_MAX_C`` / ``PW_FUSED_MAX_C``; ``FASTSEG_MSCA_FUSED=0``: never):
+  ``_msca_fused_fwd_kernel`` is the whole forward (on a GPU when the spatial tiles fill the SMs,
+  :func:`use_fused_fwd`), one spatial tile of every channel per item (s of each
+  channel as in the dw kernel, then the pointwise GEMM + gate of the tile from the s just written), and
+  ``_msca_pw_w3_bwd_kernel`` the pointwise backward and dW3 / db3 in one pass (per-program partials).
 Partial sums are reduced by one :func:`sum_rows` launch per gradient set, in a fixed order (deterministic, no
 atomics), straight into the parameters' dtype: the depthwise ones as a flat buffer, parameter after parameter.
 Tap loops are runtime loops (see the helpers' comment): the unrolled versions spilled kilobytes per thread.
@@ -34,7 +39,8 @@ from fastseg._backend import interpreter_enabled, record_launch
 
 from .partial_sums import sum_rows
 
-__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"]
+__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "use_fused_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_pw_w3_bwd",
+           "msca_dw_bwd"]
 
 WPACK = 128
 #: column ranges in the packed per-channel parameter row.
@@ -189,6 +195,71 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
         sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
         tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+
+
+@triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("sdn", "sdc", "sdh")])
+def _msca_fused_fwd_kernel(x_ptr, s_ptr, y_ptr, wp_ptr, w3_ptr, b3_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, sxw,
+                           ssn, ssc, ssh, ssw, son, soc, soh, sow, n_cb, n_th, n_tw, total,
+                           BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, PH: tl.constexpr,
+                           PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr,
+                           CP: tl.constexpr, OWP: tl.constexpr, GR: tl.constexpr, PREC: tl.constexpr):
+    """The whole forward for C <= CP channels, one spatial tile (n, th, tw) per item: s of every channel
+    block as in :func:`_msca_dw_fwd_kernel` (written to s, which the backward reads), then, after a block
+    barrier, y = (W3 @ s + b3) * x over the tile's own pixels, GR rows of OWP (>= own width) columns at a
+    time, from the s just written (in L2 / L1) and x (read by the depthwise pass moments before)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cc = tl.arange(0, BC)[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    RWP: tl.constexpr = RW + 2 * M
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
+    pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
+    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    OH: tl.constexpr = RH - 2 * PH
+    OW: tl.constexpr = RW - 2 * PW
+    ch = tl.arange(0, CP)
+    chm = ch < C
+    pix = tl.arange(0, GR * OWP)
+    pr = pix // OWP
+    pc = pix % OWP
+    for item in range(pid, total, nprog):
+        tw = item % n_tw
+        r = item // n_tw
+        th = r % n_th
+        n = r // n_th
+        h = th * OH - PH + ii
+        w = tw * OW - PW + jj
+        for cb in range(0, n_cb):
+            c = cb * BC + cc
+            cm = c < C
+            in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+            xo = h * sxh + w * sxw
+            wb = wp_ptr + c * WP
+            tl.debug_barrier()  # previous block finished reading buffer 0
+            a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+            tl.store(pS, a0)
+            tl.debug_barrier()
+            sv = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+            sv += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+            sv += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+            sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
+            tl.store(sb + h * ssh + w * ssw, sv.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+        tl.debug_barrier()  # s of every channel of the tile written
+        w_co = tl.load(w3_ptr + ch[None, :] * C + ch[:, None], mask=chm[:, None] & chm[None, :], other=0.0)
+        bias = tl.load(b3_ptr + ch, mask=chm, other=0.0).to(ACC)
+        nb = n.to(tl.int64) * sxn  # x, s, y share strides (the launcher checks): one offset tensor
+        for r0 in range(0, OH, GR):
+            hh = th * OH + r0 + pr
+            ww = tw * OW + pc
+            pm = (pc < OW) & (r0 + pr < OH) & (hh < H) & (ww < W)
+            m2 = pm[:, None] & chm[None, :]
+            off = (hh * sxh + ww * sxw)[:, None] + ch[None, :] * sxc  # 32-bit in-image offsets
+            s_t = tl.load(s_ptr + nb + off, mask=m2, other=0.0)
+            at = tl.dot(s_t, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
+            xv = tl.load(x_ptr + nb + off, mask=m2, other=0.0).to(ACC)
+            tl.store(y_ptr + nb + off, ((at + bias[None, :]) * xv).to(y_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -347,6 +418,66 @@ def _msca_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, C, H
     tl.store(dxd_ptr + off, (gj * (acc_at + bias[None, :])).to(dxd_ptr.dtype.element_ty), mask=m2)
 
 
+def _pw_w3_configs():
+    """Pixel blocks of the fused pointwise + W3 backward (all C <= PW_FUSED_MAX_C channels in one block)."""
+    if interpreter_enabled():
+        return [triton.Config({"BP": 32}, num_warps=4)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BP": 64}, num_warps=8, num_stages=3)]  # 0 B spills in every dtype / layout
+    return [triton.Config({"BP": bp}, num_warps=w, num_stages=st)
+            for bp, w, st in [(64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 4)]]
+
+
+def _prune_pw_w3(configs, named_args, **kwargs):
+    """fp32 / fp64: at most 16 elements of a (BP, CP) tile per thread (sm_90: at CP = 64, BP = 64 on 4 warps
+    spilled 396-492 B and BP = 128 on 8 warps 592-640 B; the kept ones <= 52 B). fp16 / bf16: all (0 B)."""
+    if named_args["x_ptr"].dtype.itemsize < 4:
+        return configs
+    cp = kwargs["CP"]
+    kept = [c for c in configs if c.kwargs["BP"] * cp <= 16 * 32 * c.num_warps]
+    return kept or configs
+
+
+@triton.autotune(configs=_pw_w3_configs(), key=["C", "HW", "PREC"],
+                 prune_configs_by={"early_config_prune": _prune_pw_w3})
+@triton.jit
+def _msca_pw_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, part_ptr, C, HW, N,
+                           sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, sdn, sdc, sdp,
+                           PREC: tl.constexpr, ACC: tl.constexpr, CP: tl.constexpr, BP: tl.constexpr):
+    """:func:`_msca_pw_bwd_kernel` and :func:`_msca_w3_bwd_kernel` in one pass over g, x, s, for C <= CP
+    channels (every channel of a pixel block in registers): per pixel block q = g*x, ds = q @ W3,
+    dx_direct = g * (s @ W3^T + b3), and this program's running dW3 += q^T s, db3 += sum q over its pixel
+    blocks (persistent grid), written once as a (C + 1, C) partial (rows dW3, then db3)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ch = tl.arange(0, CP)
+    chm = ch < C
+    w_oc = tl.load(w_ptr + ch[:, None] * C + ch[None, :], mask=chm[:, None] & chm[None, :], other=0.0)  # W3[o, c]
+    w_co = tl.trans(w_oc)  # W3^T[c, o]
+    bias = tl.load(b_ptr + ch, mask=chm, other=0.0).to(ACC)
+    acc_w = tl.zeros([CP, CP], ACC)
+    acc_b = tl.zeros([CP], ACC)
+    n_pb = tl.cdiv(HW, BP)
+    for blk in range(pid, N * n_pb, nprog):
+        n = (blk // n_pb).to(tl.int64)
+        p = (blk % n_pb) * BP + tl.arange(0, BP)
+        m2 = (p < HW)[:, None] & chm[None, :]
+        gv = tl.load(g_ptr + n * sgn + p[:, None] * sgp + ch[None, :] * sgc, mask=m2, other=0.0)
+        xv = tl.load(x_ptr + n * sxn + p[:, None] * sxp + ch[None, :] * sxc, mask=m2, other=0.0)
+        sv = tl.load(s_ptr + n * ssn + p[:, None] * ssp + ch[None, :] * ssc, mask=m2, other=0.0)
+        q = (gv.to(ACC) * xv.to(ACC)).to(xv.dtype)
+        ds = tl.dot(q, w_oc, input_precision=PREC)  # ds[p, c] = sum_o q[p, o] W3[o, c]
+        at = tl.dot(sv, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
+        off = n * sdn + p[:, None] * sdp + ch[None, :] * sdc
+        tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
+        tl.store(dxd_ptr + off, (gv.to(ACC) * (at + bias[None, :])).to(dxd_ptr.dtype.element_ty), mask=m2)
+        acc_w += tl.dot(tl.trans(q), sv, input_precision=PREC)
+        acc_b += tl.sum(q.to(ACC), axis=0)
+    pk = part_ptr + pid.to(tl.int64) * (C + 1) * C
+    tl.store(pk + ch[:, None] * C + ch[None, :], acc_w, mask=chm[:, None] & chm[None, :])
+    tl.store(pk + C * C + ch, acc_b, mask=chm)
+
+
 def _w3_configs():
     if interpreter_enabled():
         return [triton.Config({"BO": 32, "BC": 32, "BM": 32}, num_warps=4)]
@@ -479,6 +610,65 @@ def msca_dw_fwd(x: torch.Tensor, wpack: torch.Tensor) -> torch.Tensor:
     return s
 
 
+_FUSED = os.environ.get("FASTSEG_MSCA_FUSED", "1") != "0"  # "0": the unfused kernels at every C (A/B timing)
+#: largest channel count of the one-kernel forward (:func:`msca_fused_fwd`); larger C: dw + pw kernels.
+FUSED_FWD_MAX_C = 64 if _FUSED else 0
+
+
+#: on a GPU the one-kernel forward runs only when its items (spatial tiles, each all C channels) are at least
+#: this many per SM: below, SMs would sit idle (e.g. batch 1 at 128x128: 9 tiles), where the two-kernel path
+#: has C times more items (tiles x channels).
+FUSED_FWD_MIN_TILES_PER_SM = 1
+
+
+def use_fused_fwd(x: torch.Tensor) -> bool:
+    """Whether the op runs :func:`msca_fused_fwd` for x (N, C, H, W): C <= FUSED_FWD_MAX_C and, on CUDA, at
+    least FUSED_FWD_MIN_TILES_PER_SM spatial tiles per SM (always under the interpreter / on meta tensors)."""
+    N, C, H, W = x.shape
+    if C > FUSED_FWD_MAX_C:
+        return False
+    if x.device.type != "cuda":
+        return True
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return fused_fwd_tiles(N, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+
+
+def fused_fwd_tiles(N: int, H: int, W: int) -> int:
+    """Items (spatial tiles) of the one-kernel forward at (N, ., H, W) on a GPU."""
+    RH, RW, _ = _dw_config(H, W, 10, 10)
+    return N * triton.cdiv(H, RH - 20) * triton.cdiv(W, RW - 20)
+
+
+def msca_fused_fwd(x: torch.Tensor, wpack: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor):
+    """(y, s) of :func:`msca_dw_fwd` + :func:`msca_pw_fwd` in one launch, for C <= FUSED_FWD_MAX_C: a program
+    computes s of every channel of a spatial tile, then y of the tile from it. Same shapes / dtypes."""
+    N, C, H, W = x.shape
+    if C > FUSED_FWD_MAX_C:
+        raise ValueError(f"msca_fused_fwd: C={C} > FUSED_FWD_MAX_C={FUSED_FWD_MAX_C}")
+    acc_tl, _ = _acc_dtype(x)
+    PH = PW = 10
+    RH, RW, warps = _dw_config(H, W, PH, PW)
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_th * n_tw
+    nprog = _nprog(total, x.device)
+    scratch = _scratch(nprog, 2, BC, RH, RW, wpack.dtype, x.device)
+    s = torch.empty_like(x)
+    y = torch.empty_like(x)
+    assert x.stride() == s.stride() == y.stride(), "x, s, y must share strides"
+    owp = triton.next_power_of_2(RW - 2 * PW)
+    # GEMM steps of 128 pixels (rows of the own width padded to a power of two); at 16 warps every dtype /
+    # layout compiles within 128 registers with 0 B spills (fp32 channels_last C=64: 52 B); 64 pixels or
+    # 8 warps spilled 4-388 B in bf16 (benchmarks/results/notes/msca_bytes.md)
+    gr = max(1, 128 // owp)
+    record_launch("msca_fused_fwd")
+    _msca_fused_fwd_kernel[(nprog,)](x, s, y, wpack, w3, b3, scratch, C, H, W, *x.stride(), *s.stride(),
+                                     *y.stride(), n_cb, n_th, n_tw, total, BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+                                     WP=WPACK, ACC=acc_tl, M=MARGIN, CP=max(16, triton.next_power_of_2(C)),
+                                     OWP=owp, GR=gr, PREC=_prec(x), num_warps=warps)
+    return y, s
+
+
 def msca_pw_fwd(s: torch.Tensor, x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
     """y = (W3 @ s + b3) * x; w3 (C, C) in x's dtype, b3 (C,) fp32 (fp64 for fp64 x)."""
     N, C, H, W = x.shape
@@ -506,6 +696,38 @@ def msca_pw_bwd(g, x, s, w3, b3):
     _msca_pw_bwd_kernel[grid](g, x, s, w3, b3, ds, dxd, C, HW, *_pix_strides(g), *_pix_strides(x),
                               *_pix_strides(s), *_pix_strides(ds), PREC=_prec(x), ACC=acc_tl)
     return ds, dxd
+
+
+#: largest channel count of the fused pointwise + W3 backward (its (C, C) dW3 accumulator and three (BP, C)
+#: tiles stay in registers; larger C takes msca_pw_bwd + msca_w3_bwd). Tests lower it to run both paths.
+PW_FUSED_MAX_C = 64 if _FUSED else 0
+
+
+def msca_pw_w3_bwd(g, x, s, w3, b3, dtype=None):
+    """:func:`msca_pw_bwd` and :func:`msca_w3_bwd` in one pass over g, x, s (C <= PW_FUSED_MAX_C): returns
+    (ds, dx_direct, (C + 1, C) dW3 rows then db3 in ``dtype``); two launches (the kernel, the fixed-order
+    reduction of its per-program partials)."""
+    N, C, H, W = x.shape
+    if C > PW_FUSED_MAX_C:
+        raise ValueError(f"msca_pw_w3_bwd: C={C} > PW_FUSED_MAX_C={PW_FUSED_MAX_C}")
+    HW = H * W
+    acc_tl, acc_t = _acc_dtype(x)
+    gdt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t
+    ds = torch.empty_like(x, dtype=gdt)
+    dxd = torch.empty_like(x, dtype=gdt)
+    bp_min = 32  # smallest BP of the configs: enough programs for it, the others just loop less
+    n_blocks_min = N * triton.cdiv(HW, bp_min)
+    if x.device.type == "cuda":
+        nprog = max(1, min(n_blocks_min, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    else:
+        nprog = max(1, min(n_blocks_min, 4))
+    part = torch.empty(nprog, C + 1, C, dtype=acc_t, device=x.device)
+    record_launch("msca_pw_w3_bwd")
+    _msca_pw_w3_bwd_kernel[(nprog,)](g, x, s, w3, b3, ds, dxd, part, C, HW, N,
+                                     *_pix_strides(g), *_pix_strides(x), *_pix_strides(s), *_pix_strides(ds),
+                                     PREC=_prec(x), ACC=acc_tl, CP=max(16, triton.next_power_of_2(C)))
+    g3 = sum_rows(part.view(nprog, (C + 1) * C), dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
+    return ds, dxd, g3
 
 
 def msca_w3_bwd(g, x, s, dtype=None):

@@ -62,6 +62,10 @@ def main():
                      dict(BLOCK_M=64, WORDS_PER_BLOCK=2, CHUNK=64))
     compile_for_sm90(K._pack_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32"},
                      dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_W=64))
+    compile_for_sm90(K._pack_tile_list_kernel, {"AM": "u8", "KPM": "u8", "Bits": "i32", "Blocks": "i32",
+                                                "Counts": "i32", "Flags": "i8"},
+                     dict(HAS_AM=True, AM_MASKED=True, HAS_KPM=True, KPM_MASKED=True, BLOCK_M=64, WORDS_PER_BLOCK=2,
+                          CHUNK=8), 8)
     compile_for_sm90(attention_mask._sign_pack_kernel, {"E": dt, "F": dt, "Bits": "i32", "Counts": "i32"},
                      dict(PRECISION="ieee", ACC=tl.float32, BLOCK_Q=64, BLOCK_W=4, BLOCK_C=32))
     compile_for_sm90(attention_mask._reset_empty_kernel, {"Bits": "i32", "Counts": "i32"}, dict(BLOCK_W=256))
@@ -94,6 +98,13 @@ def main():
                      dict(PREC="ieee", ACC=tl.float32, BP=64, BJ=128, BK=64))
     compile_for_sm90(M._msca_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "part_ptr": "fp32"},
                      dict(PREC="ieee", ACC=tl.float32, BO=128, BC=128, BM=32), 8)
+    compile_for_sm90(M._msca_fused_fwd_kernel, {"x_ptr": dt, "s_ptr": dt, "y_ptr": dt, "wp_ptr": "fp32",
+                                                "w3_ptr": dt, "b3_ptr": "fp32", "scr_ptr": "fp32"},
+                     dict(BC=1, RH=64, RW=64, PH=10, PW=10, WP=128, ACC=tl.float32, M=10, CP=32, OWP=64, GR=2,
+                          PREC="ieee", sxw=1, ssw=1, sow=1), 16)
+    compile_for_sm90(M._msca_pw_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "w_ptr": dt, "b_ptr": "fp32",
+                                                "ds_ptr": dt, "dxd_ptr": dt, "part_ptr": "fp32"},
+                     dict(PREC="ieee", ACC=tl.float32, CP=64, BP=64), 8)
     U = upsample_ce
     compile_for_sm90(U._upce_fwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"},
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))

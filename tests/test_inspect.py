@@ -16,8 +16,12 @@ from fastseg.bench import inspect as I
 _RULES = r"""
 import json, sys
 from fastseg.bench import inspect as I
-rows = I.inspect_kernels(["msca", "mlp_dwconv"], "default", dtypes=["bf16"], layouts=sys.argv[1].split(","),
-                         sass=False, max_shapes=1, kernel=None)
+# MSCA: the first 3 default shapes (C = 32, 64: the fused forward / pointwise-backward kernels; C = 160: the
+# depthwise + pointwise kernels the op dispatches to above 64 channels)
+rows = I.inspect_kernels(["msca"], "default", dtypes=["bf16"], layouts=sys.argv[1].split(","),
+                         sass=False, max_shapes=3, kernel=None)
+rows += I.inspect_kernels(["mlp_dwconv"], "default", dtypes=["bf16"], layouts=sys.argv[1].split(","),
+                          sass=False, max_shapes=1, kernel=None)
 print(json.dumps(rows))
 """
 
@@ -50,9 +54,10 @@ def test_rules_msca_mlp_bf16():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     names = {r["kernel"] for r in rows}
     assert {"_msca_dw_fwd_kernel", "_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel",
-            "_msca_dw_bwd_kernel", "_dwgelu_fwd_kernel",
+            "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel", "_msca_dw_bwd_kernel", "_dwgelu_fwd_kernel",
             "_dwgelu_bwd_dz_kernel", "_dwgelu_bwd_dx_kernel", "_sum_rows_kernel"} <= names, names
     assert I.violations(rows) == []
     for r in rows:  # every bf16 GEMM on tensor cores
-        if r["kernel"] in ("_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel"):
+        if r["kernel"] in ("_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel",
+                           "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel"):
             assert r["wgmma"] + r["mma"] > 0, r

@@ -131,6 +131,28 @@ def test_pack_kernel_matches_torch_pack(device, triton_launches):
                          num_keys=N).bits.shape[:2] == (B, H)
 
 
+def test_fused_pack_and_tile_lists_match_the_two_kernels(device, triton_launches):
+    """The bool-mask forward packs and lists the non-empty tiles in one kernel: same words, same lists as
+    pack + tile_lists (odd sizes, key padding, both conventions, a head-shared and a per-head mask)."""
+    from fastseg.kernels import masked_attention as kern
+
+    B, H, M, N = 2, 3, 37, 133
+    kpm = torch.rand(B, N, device=device) < 0.3
+    per_head = torch.rand(B, H, M, N, device=device) < 0.02  # sparse: some tiles empty
+    per_head[:, :, :, 40:100] = False
+    shared = torch.rand(1, 1, M, N, device=device) < 0.5
+    for am, kp, masked in ((per_head, None, False), (shared, kpm, True), (None, kpm, False), (shared, None, True)):
+        kw = dict(attn_masked=masked, kpm_masked=masked, batch=B, heads=H, n_q=M, n_k=N)
+        triton_launches.clear()
+        bits, (blocks, counts, flags) = kern.pack_with_tile_lists(am, kp, **kw)
+        assert dict(triton_launches) == {"masked_attention_pack_tile_list": 1}
+        want = kern.pack(am, kp, **kw)
+        w_blocks, w_counts, w_flags = kern.tile_lists(want, M, N)
+        assert torch.equal(bits, want) and torch.equal(counts, w_counts) and torch.equal(flags, w_flags)
+        for c, got_row, want_row in zip(counts.flatten(), blocks.flatten(0, 2), w_blocks.flatten(0, 2)):
+            assert torch.equal(got_row[:c], want_row[:c])
+
+
 def test_packed_mask_input(device, triton_launches):
     q, k, v = _qkv(2, 2, 12, 40, 16, EXACT, device)
     allowed = torch.rand(2, 1, 12, 40, device=device) < 0.5
@@ -630,7 +652,7 @@ class _DeviceWork:
 
 
 def test_device_launch_counts(device, monkeypatch):
-    """masked_attention: <= 3 device kernels forward (packed or no mask) and <= 3 backward;
+    """masked_attention: <= 3 device kernels forward (packed, bool or no mask) and <= 3 backward;
     mask_from_embeddings: <= 3. No host sync (aten._local_scalar_dense / item) anywhere."""
     if device != "cpu":
         pytest.skip("counts the interpreter's launches")
@@ -638,8 +660,10 @@ def test_device_launch_counts(device, monkeypatch):
     B, H, M, N, D = 1, 2, 20, 70, 16
     q, k, v = _qkv(B, H, M, N, D, torch.float32, device)
     packed = ops.pack_mask(torch.rand(B, 1, M, N, device=device) < 0.5, batch=B, heads=H, num_queries=M, num_keys=N)
-    for mask in (packed, None):
-        n, launches, aten, out = work.count(lambda: ops.masked_attention(q, k, v, mask, num_splits=2))
+    bool_mask = torch.rand(B, H, M, N, device=device) < 0.5
+    kpm = torch.rand(B, N, device=device) < 0.2
+    for mask, key_pad in ((packed, None), (None, None), (bool_mask, None), (bool_mask, kpm), (None, kpm)):
+        n, launches, aten, out = work.count(lambda: ops.masked_attention(q, k, v, mask, key_pad, num_splits=2))
         assert n <= 3, (launches, aten)
         grad = torch.randn_like(out)
         n, launches, aten, _ = work.count(lambda: torch.autograd.grad(out, (q, k, v), grad))

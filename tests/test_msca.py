@@ -14,7 +14,14 @@ from helpers import EXACT, TOL, assert_close
 
 
 
-KERNELS = {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd", "msca_w3_reduce", "msca_dw_reduce"}
+KERNELS = {"msca_dw_bwd", "msca_w3_reduce", "msca_dw_reduce"}
+
+
+def _kernels(x):
+    """The Triton launches of one forward + backward of x (the dispatch rules of fastseg.ops.msca)."""
+    fwd = {"msca_fused_fwd"} if K.use_fused_fwd(x) else {"msca_dw_fwd", "msca_pw_fwd"}
+    bwd = {"msca_pw_w3_bwd"} if x.shape[1] <= K.PW_FUSED_MAX_C else {"msca_pw_bwd", "msca_w3_bwd"}
+    return KERNELS | fwd | bwd
 
 
 def _pair(C, dtype, device):
@@ -29,6 +36,7 @@ def _pair(C, dtype, device):
 
 def _check(N, C, H, W, channels_last, dtype, device, launches, tol=None):
     tol = tol or TOL[dtype]
+    launches.clear()
     ref, fused = _pair(C, EXACT if dtype in (torch.float16, torch.bfloat16) else dtype, device)
     fused.to(dtype)
     x = torch.randn(N, C, H, W, device=device, dtype=dtype)
@@ -49,7 +57,7 @@ def _check(N, C, H, W, channels_last, dtype, device, launches, tol=None):
     named = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         assert_close(p.grad, named[name].grad, tol, f"grad {name}")
-    assert KERNELS <= set(launches), f"Triton kernels not all launched: {dict(launches)}"
+    assert _kernels(x) == set(launches), f"Triton kernels not all launched: {dict(launches)}"
 
 
 @pytest.mark.parametrize("N,C,H,W,channels_last", [
@@ -64,6 +72,24 @@ def test_msca_exact(N, C, H, W, channels_last, device, triton_launches):
 def test_msca_fp32_many_channels(device, triton_launches):
     # C = 37 > the GEMM blocks: several channel blocks in all three pointwise kernels
     _check(1, 37, 6, 7, True, torch.float32, device, triton_launches)
+
+
+def test_msca_unfused_pointwise_backward(device, triton_launches, monkeypatch):
+    # above FUSED_FWD_MAX_C / PW_FUSED_MAX_C channels the forward is the depthwise + pointwise kernels and the
+    # pointwise backward and dW3 are two kernels: run those paths at a small C (and one fused, one not)
+    monkeypatch.setattr(K, "PW_FUSED_MAX_C", 2)
+    monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 2)
+    _check(1, 5, 9, 13, True, EXACT, device, triton_launches)
+    _check(2, 3, 7, 6, False, torch.float32, device, triton_launches)
+    monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 8)
+    _check(1, 5, 9, 13, False, EXACT, device, triton_launches)
+
+
+def test_msca_fused_forward_dispatch():
+    # on a GPU the one-kernel forward needs a spatial tile per SM (132 on an H100): not at batch 1
+    assert K.fused_fwd_tiles(16, 128, 128) == 144 and K.fused_fwd_tiles(1, 128, 128) == 9
+    assert K.use_fused_fwd(torch.empty(1, 64, 8, 8, device="meta"))  # no GPU: C decides
+    assert not K.use_fused_fwd(torch.empty(1, 65, 8, 8, device="meta"))
 
 
 def test_msca_several_tiles(device, triton_launches, monkeypatch):
@@ -158,14 +184,14 @@ def test_msca_weights_changed_in_place(device, triton_launches):
 
 
 def test_msca_launches_per_step(device, triton_launches):
-    # one forward + backward: 2 + 5 Triton launches and no other torch op (weights packed once per version)
+    # one forward + backward: 1 + 4 Triton launches and no other torch op (weights packed once per version)
     from fastseg.bench.opcount import count
 
     _, fused = _pair(4, torch.float32, device)
     x = torch.randn(1, 4, 5, 6, device=device, requires_grad=True)
     res = count(lambda: fused(x), [x, *fused.parameters()])
     fwd, bwd = res["forward"], res["backward"]
-    assert fwd["kernels"] == {"msca_dw_fwd": 1, "msca_pw_fwd": 1}, fwd
-    assert set(bwd["kernels"]) == {"msca_pw_bwd", "msca_w3_bwd", "msca_w3_reduce", "msca_dw_bwd", "msca_dw_reduce"}
+    assert set(fwd["kernels"]) | set(bwd["kernels"]) == _kernels(x), (fwd, bwd)
+    assert fwd["kernels"] == ({"msca_fused_fwd": 1} if K.use_fused_fwd(x) else {"msca_dw_fwd": 1, "msca_pw_fwd": 1})
     assert fwd["aten"] == {} and bwd["aten"] == {}, (fwd["aten"], bwd["aten"])
     assert fwd["launches"] + bwd["launches"] <= 8

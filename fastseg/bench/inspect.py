@@ -301,10 +301,16 @@ def _msca_cases(preset: str):
                     wp = torch.empty(C, K.WPACK, device="meta")
                     w3 = torch.empty(C, C, dtype=dt, device="meta")
                     b3 = torch.empty(C, device="meta")
-                    sm = K.msca_dw_fwd(x, wp)
-                    K.msca_pw_fwd(sm, x, w3, b3)
-                    ds, dxd = K.msca_pw_bwd(x, x, sm, w3, b3)
-                    K.msca_w3_bwd(x, x, sm)
+                    if K.use_fused_fwd(x):  # the kernels the op dispatches to (fastseg.ops.msca)
+                        _, sm = K.msca_fused_fwd(x, wp, w3, b3)
+                    else:
+                        sm = K.msca_dw_fwd(x, wp)
+                        K.msca_pw_fwd(sm, x, w3, b3)
+                    if C <= K.PW_FUSED_MAX_C:
+                        ds, dxd, _ = K.msca_pw_w3_bwd(x, x, sm, w3, b3)
+                    else:
+                        ds, dxd = K.msca_pw_bwd(x, x, sm, w3, b3)
+                        K.msca_w3_bwd(x, x, sm)
                     K.msca_dw_bwd(x, ds, dxd, wp)
                 yield Case("msca", f"B={s['B']} C={s['C']} {s['H']}x{s['W']}", dn, layout, run)
 
@@ -357,6 +363,7 @@ def _attention_cases(preset: str):
                 bits = torch.empty(B, 1, Q, math.ceil(P / 32), dtype=torch.int32, device="meta")
                 am = torch.empty(B, 1, Q, P, dtype=torch.bool, device="meta")
                 K.pack(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
+                K.pack_with_tile_lists(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
                 o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5)
                 K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5)
                 K.weights(q, kv, lse, bits, D ** -0.5, True)  # need_weights (averaged over heads)

@@ -80,6 +80,18 @@ def pack_mask(
     ``masked=True``: True means "masked out" (``nn.MultiheadAttention``); default: True means "allowed".
     A mask shared across heads (2-D, or size-1 / stride-0 head dimension) is packed once.
     """
+    am, kpm = _pack_inputs(attn_mask, key_padding_mask, batch, heads, num_queries, num_keys)
+    ref = am if am is not None else kpm
+    if _backend.select(_OP, ref.device) == "triton":
+        pack = _pack_op if torch.compiler.is_compiling() else _pack_impl
+        return PackedMask(pack(am, kpm, masked, batch, heads, num_queries, num_keys), num_keys)
+    allowed = _allowed_torch(am, kpm, masked, batch, num_keys)
+    return PackedMask(_pack_torch(allowed), num_keys)
+
+
+def _pack_inputs(attn_mask, key_padding_mask, batch: int, heads: int, num_queries: int, num_keys: int):
+    """Checked 4-D attn_mask (a head / batch dimension broadcast by stride 0 reduced to size 1) and
+    key_padding_mask, for the pack kernels."""
     if attn_mask is None and key_padding_mask is None:
         raise ValueError("pack_mask needs attn_mask or key_padding_mask")
     am = kpm = None
@@ -93,12 +105,7 @@ def pack_mask(
         kpm = _bool_mask(key_padding_mask, "key_padding_mask")
         if kpm.shape != (batch, num_keys):
             raise ValueError(f"key_padding_mask must have shape ({batch}, {num_keys}), got {tuple(kpm.shape)}")
-    ref = am if am is not None else kpm
-    if _backend.select(_OP, ref.device) == "triton":
-        pack = _pack_op if torch.compiler.is_compiling() else _pack_impl
-        return PackedMask(pack(am, kpm, masked, batch, heads, num_queries, num_keys), num_keys)
-    allowed = _allowed_torch(am, kpm, masked, batch, num_keys)
-    return PackedMask(_pack_torch(allowed), num_keys)
+    return am, kpm
 
 
 def _allowed_torch(am, kpm, masked: bool, batch: int, n_k: int) -> torch.Tensor:
@@ -155,8 +162,8 @@ def _pack_fake(am, kpm, masked, batch, heads, n_q, n_k):
 
 class _MaskedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bits, seed, scale, num_splits, dropout_p):
-        o, lse, *lists = _kernels().forward(q, k, v, bits, scale, num_splits or None, seed, dropout_p)
+    def forward(ctx, q, k, v, bits, seed, scale, num_splits, dropout_p, tile_lists=None):
+        o, lse, *lists = _kernels().forward(q, k, v, bits, scale, num_splits or None, seed, dropout_p, tile_lists)
         ctx.save_for_backward(q, k, v, o, lse, bits, seed, *lists)
         ctx.scale, ctx.num_splits, ctx.dropout_p = scale, num_splits, dropout_p
         ctx.mark_non_differentiable(lse)
@@ -168,7 +175,7 @@ class _MaskedAttention(torch.autograd.Function):
         q, k, v, o, lse, bits, seed, *lists = ctx.saved_tensors
         dq, dk, dv = _kernels().backward(do, q, k, v, o, lse, bits, *lists, ctx.scale, ctx.num_splits or None,
                                          seed, ctx.dropout_p)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @torch.library.custom_op("fastseg::masked_attention_fwd", mutates_args=())
@@ -426,8 +433,16 @@ def masked_attention(
             return out
         return out, (w.mean(1) if average_weights else w)
 
+    lists = None
     if packed is None and (attn_mask is not None or key_padding_mask is not None):
-        packed = pack_mask(attn_mask, key_padding_mask, batch=B, heads=H, num_queries=M, num_keys=N, masked=masked)
+        if torch.compiler.is_compiling():
+            packed = pack_mask(attn_mask, key_padding_mask, batch=B, heads=H, num_queries=M, num_keys=N,
+                               masked=masked)
+        else:  # eager: pack and build the tile lists in one launch
+            am, kpm = _pack_inputs(attn_mask, key_padding_mask, B, H, M, N)
+            bits, lists = _kernels().pack_with_tile_lists(am, kpm, attn_masked=masked, kpm_masked=masked, batch=B,
+                                                          heads=H, n_q=M, n_k=N)
+            packed = PackedMask(bits, N)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bits = None if packed is None else packed.bits
     seed = None
@@ -439,7 +454,7 @@ def masked_attention(
     if torch.compiler.is_compiling():
         o, lse = _fwd_op(q, k, v, *args)[:2]
     else:
-        o, lse = _MaskedAttention.apply(q, k, v, *args)
+        o, lse = _MaskedAttention.apply(q, k, v, *args, lists)
     if not return_weights:
         return o
     return o, _weights_op(q, k, lse, bits, seed, float(scale), bool(average_weights), dropout_p)

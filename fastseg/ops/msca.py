@@ -82,6 +82,24 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _forward(K, x, wp, w3m, b3a):
+    """(y, s): one kernel for C <= K.FUSED_FWD_MAX_C when its spatial tiles fill the GPU (:func:`use_fused_fwd`;
+    s is then not re-read from DRAM by a second kernel), else the depthwise kernel then the pointwise GEMM."""
+    if K.use_fused_fwd(x):
+        return K.msca_fused_fwd(x, wp, w3m, b3a)
+    s = K.msca_dw_fwd(x, wp)
+    return K.msca_pw_fwd(s, x, w3m, b3a), s
+
+
+def _pw_backward(K, g, x, s, w3m, b3a, w3_dtype):
+    """(ds, dx_direct, (C + 1, C) dW3 / db3): one fused pass over g, x, s for C <= K.PW_FUSED_MAX_C, else
+    the GEMM kernel and the split dW3 kernel (each reading g, x, s)."""
+    if x.shape[1] <= K.PW_FUSED_MAX_C:
+        return K.msca_pw_w3_bwd(g, x, s, w3m, b3a, w3_dtype)
+    ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
+    return ds, dxd, K.msca_w3_bwd(g, x, s, w3_dtype)
+
+
 class _MSCAFunction(torch.autograd.Function):
     """Inputs: x, w3 (C, C, 1, 1) or (C, C), b3, then the 7 depthwise weights and the 7 biases (their grads are
     slices of one flat buffer, written by a single reduction launch in the parameters' dtype)."""
@@ -93,8 +111,7 @@ class _MSCAFunction(torch.autograd.Function):
         x = _dense(x)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
-        s = K.msca_dw_fwd(x, wp)
-        y = K.msca_pw_fwd(s, x, w3m, b3a)
+        y, s = _forward(K, x, wp, w3m, b3a)
         ctx.save_for_backward(x, s, wp, w3m, b3a)
         ctx.meta = (w3.shape, w3.dtype, b3.dtype, [(t.shape, t.dtype) for t in dw])
         return y
@@ -109,8 +126,7 @@ class _MSCAFunction(torch.autograd.Function):
         C = x.shape[1]
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         g = g.contiguous(memory_format=fmt).to(x.dtype)
-        ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
-        g3 = K.msca_w3_bwd(g, x, s, w3_dtype)  # (C + 1, C): dW3 rows, then db3
+        ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3_dtype)  # g3 (C + 1, C): dW3 rows, then db3
         dw_dtype = dw_meta[0][1]
         dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw_dtype)  # flat, parameter after parameter (PACK order)
         grads, off = [], 0
@@ -138,8 +154,7 @@ def _msca_grads(g, x, s, w3, b3, dw):
     C = x.shape[1]
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     g = g.contiguous(memory_format=fmt).to(x.dtype)
-    ds, dxd = K.msca_pw_bwd(g, x, s, w3m, b3a)
-    g3 = K.msca_w3_bwd(g, x, s, w3.dtype)
+    ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3.dtype)
     dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw[0].dtype)
     grads, off = [], 0
     for t in dw:
@@ -160,8 +175,7 @@ def _fwd_op(x: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, dw: list[torch.
     x = _dense(x)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
-    s = K.msca_dw_fwd(x, wp)
-    return K.msca_pw_fwd(s, x, w3m, b3a), s
+    return _forward(K, x, wp, w3m, b3a)
 
 
 @_fwd_op.register_fake
