@@ -83,11 +83,13 @@ def main():
             ptrs = {"Q": dt, "K": dt, "V": dt, "DO": dt, "DK": dt, "DV": dt, "Mask": "i32", "Seed": "i64",
                     "Blocks": "i32", "Counts": "i32", "Flags": "i8", "Acc": "fp32", "Mx": "fp32", "Lsum": "fp32",
                     "LSE": "fp32", "Delta": "fp32", "O": dt, "DQP": "fp32",
-                    "DQ": dt if name == "_bwd_dkdv_kernel" else "fp32"}
+                    "DQ": dt if name == "_bwd_dkdv_kernel" else "fp32", "DL": "fp32"}
             for kw, w, st in configs(kernel):
                 prec = os.environ.get("FP32_PRECISION", "ieee") if dname == "fp32" else "ieee"
                 c = dict(HAS_MASK=True, DROPOUT=os.environ.get("DROPOUT", "0") == "1", PRECISION=prec,
                          ACC=tl.float32, BLOCK_D=32, **kw)
+                if name != "_fwd_kernel":
+                    c["LOGITS_GRAD"] = False
                 t = time.time()
                 regs, sp_st, sp_ld, shared = resources(compile_sm90(kernel, ptrs, c, w, st))
                 sub = f" SUB_M={kw['SUB_M']}" if "SUB_M" in kw else ""

@@ -250,16 +250,18 @@ def _prune_dkdv(configs, named_args, **kwargs):
     if named_args["Q"].dtype.itemsize < 4:
         return configs
     limit = 16 if kwargs.get("DROPOUT", False) else 32
+    if kwargs.get("LOGITS_GRAD") and kwargs.get("BLOCK_D", 32) >= 64:
+        limit = 16  # ATM attention, head dim 64: SUB_M = 32 spills 1716-1880 B with 4 warps, 16: <= 28 B
     kept = [c for c in configs if c.kwargs.get("SUB_M", 0) <= limit]
     return kept or configs
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K"],
+@triton.autotune(configs=_configs("dkdv"), key=["N_Q", "BLOCK_D", "N_K", "LOGITS_GRAD"],
                  prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DQP, DQ,
-    qk_scale, sm_scale, drop_threshold, keep_scale,
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DQP, DQ, DL,
+    qk_scale, sm_scale, drop_threshold, keep_scale, dl_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -269,21 +271,23 @@ def _bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
+    stride_lb, stride_lm,
     H, N_Q, N_K, HEAD_DIM, N_KB, NUM_SPLITS,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
 ):
     """Programs (key block < N_KB, batch·head): dk, dv (:func:`_dkdv_block`). Programs (N_KB + query block,
     batch·head): dq = scale · Σ_s dq_part[s] cast to q's dtype (the dq kernel ran before: stream order)."""
     if tl.program_id(0) < N_KB:
-        _dkdv_block(Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
-                    qk_scale, sm_scale, drop_threshold, keep_scale,
+        _dkdv_block(Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DL,
+                    qk_scale, sm_scale, drop_threshold, keep_scale, dl_scale,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                    stride_mb, stride_mh, stride_mm, stride_cb, stride_ch,
+                    stride_mb, stride_mh, stride_mm, stride_cb, stride_ch, stride_lb, stride_lm,
                     H, N_Q, N_K, HEAD_DIM, N_KB,
-                    HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_D, BLOCK_M, BLOCK_N, SUB_M)
+                    HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_D, BLOCK_M, BLOCK_N, SUB_M, LOGITS_GRAD)
     else:
         pid_m = tl.program_id(0) - N_KB
         pid_bh = tl.program_id(1)
@@ -302,8 +306,8 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dkdv_block(
-    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV,
-    qk_scale, sm_scale, drop_threshold, keep_scale,
+    Q, K, V, DO, LSE, Delta, Mask, Flags, Seed, DK, DV, DL,
+    qk_scale, sm_scale, drop_threshold, keep_scale, dl_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -312,12 +316,15 @@ def _dkdv_block(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
+    stride_lb, stride_lm,
     H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
 ):
     """One (key block, batch·head): dk, dv over all queries, in the transposed (key-major) form. With
-    DROPOUT (keep mask Z regenerated): dv = (P∘Z)ᵀ dO / (1 − p), dS = P ∘ (Z ∘ dO Vᵀ / (1 − p) − delta)."""
+    DROPOUT (keep mask Z regenerated): dv = (P∘Z)ᵀ dO / (1 − p), dS = P ∘ (Z ∘ dO Vᵀ / (1 − p) − delta).
+    LOGITS_GRAD: dS += dl_scale · DL[b]ᵀ (ATM attention's head-mean logits gradient, DL (B, N_Q, N_K))."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -361,6 +368,10 @@ def _dkdv_block(
                 else:
                     dv += _dot(p_t.to(do.dtype), do, PRECISION)
                 ds_t = p_t * (dp_t - delta[None, :])
+                if LOGITS_GRAD:
+                    ds_t += dl_scale * tl.load(DL + b * stride_lb + offs_m[None, :] * stride_lm + offs_n[:, None],
+                                               mask=(offs_m[None, :] < N_Q) & (offs_n[:, None] < N_K),
+                                               other=0.0).to(ACC)
                 dk += _dot(ds_t.to(q.dtype), q, PRECISION)
     dk *= sm_scale
     if DROPOUT:
@@ -371,11 +382,22 @@ def _dkdv_block(
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K"])
+def _prune_dq(configs, named_args, **kwargs):
+    """ATM attention's logits gradient in fp32 / fp64 with dropout or head dim 64: 8 warps only (sm_90, exact
+    fp32 dots: 4 warps spill 1048-1148 B at head dim 32 with dropout, 2524-2596 B at 64; 8 warps 12-104 B).
+    Everything else: every config."""
+    wide = kwargs.get("DROPOUT") or kwargs.get("BLOCK_D", 32) >= 64
+    if named_args["Q"].dtype.itemsize < 4 or not (kwargs.get("LOGITS_GRAD") and wide):
+        return configs
+    return [c for c in configs if c.num_warps >= 8] or configs
+
+
+@triton.autotune(configs=_configs("dq"), key=["N_Q", "BLOCK_D", "N_K", "LOGITS_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, O, LSE, Delta, Mask, Blocks, Counts, Seed, DQ,
-    qk_scale, drop_threshold, keep_scale,
+    Q, K, V, DO, O, LSE, Delta, Mask, Blocks, Counts, Seed, DQ, DL,
+    qk_scale, drop_threshold, keep_scale, dl_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -383,12 +405,15 @@ def _bwd_dq_kernel(
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm,
     stride_cb, stride_ch,
+    stride_lb, stride_lm,
     H, N_Q, N_K, HEAD_DIM, N_KB,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOGITS_GRAD: tl.constexpr,
 ):
     """One (query block, batch·head, split): partial dq (unscaled) into (S, B*H, N_Q, BLOCK_D). Computes
-    delta = rowsum(dO ∘ O) itself (split 0 stores it for the dk/dv kernel, launched next)."""
+    delta = rowsum(dO ∘ O) itself (split 0 stores it for the dk/dv kernel, launched next). LOGITS_GRAD (ATM
+    attention): dS += dl_scale · DL[b] with DL (B, N_Q, N_K) the gradient of the head-mean logits."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -428,6 +453,9 @@ def _bwd_dq_kernel(
             keep = _dropout_keep(seed, pid_bh * N_Q + offs_m, offs_n, drop_threshold, False)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if LOGITS_GRAD:
+            ds += dl_scale * tl.load(DL + b * stride_lb + offs_m[:, None] * stride_lm + offs_n[None, :],
+                                     mask=m_ok[:, None] & (offs_n[None, :] < N_K), other=0.0).to(ACC)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     row = (pid_s * tl.num_programs(1) + pid_bh) * N_Q + offs_m
     tl.store(DQ + row[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None])
@@ -736,6 +764,85 @@ def _pack_kernel(
     tl.store(Bits + row * N_WORDS + offs_w, words, mask=offs_w < N_WORDS)
 
 
+# ------------------------------------------------------------ ATM attention (SegViT): head-mean logits
+
+
+def _atm_configs() -> list[triton.Config]:
+    """Warps / pipeline depth of :func:`_atm_fwd_kernel` (its tile is chosen by the launcher,
+    :func:`_atm_tile`: the key block sets the number of partial results)."""
+    if interpreter_enabled():
+        return [triton.Config({}, num_warps=1, num_stages=1)]
+    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
+        return [triton.Config({}, num_warps=8, num_stages=2)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))]
+
+
+def _prune_atm(configs, named_args, **kwargs):
+    """8 warps only for fp32 / fp64, for the 128-key block and for head dims > 32 (sm_90: with 4 warps the
+    64 x 64 tile spills 632-752 B in fp32 (exact dots), the 64 x 128 tile 124 B in fp16 / bf16, head dim 64
+    with dropout 84 B in bf16; 8 warps: 0 B). fp16 / bf16, 64 keys, head dim <= 32: every config."""
+    if named_args["Q"].dtype.itemsize < 4 and kwargs.get("BLOCK_N", 64) <= 64 and kwargs.get("BLOCK_D", 32) <= 32:
+        return configs
+    return [c for c in configs if c.num_warps >= 8] or configs
+
+
+@triton.autotune(configs=_atm_configs(), key=["N_Q", "BLOCK_D", "N_K", "H", "BLOCK_N", "DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_atm})
+@triton.jit
+def _atm_fwd_kernel(
+    Q, K, V, Seed, Acc, Mx, Lsum, Logits,
+    qk_scale, logit_scale, drop_threshold,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_lb, stride_lm,
+    H, N_Q, N_K, HEAD_DIM,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One (query block, batch, key block): every head in turn (fixed order), so the head sum of the
+    raw scores stays in registers and the head-mean logits ``logit_scale · Σ_h q_h k_hᵀ`` (logit_scale =
+    scale / H) are written once, (B, N_Q, N_K) in ACC. Per head it writes the key block's unnormalised
+    partial output, row max and row sum (log2 units) as split ``pid_n`` of :func:`_combine_kernel`'s input
+    (S = number of key blocks). DROPOUT: the keep mask of :func:`_dropout_keep` (row (b·H + h)·N_Q + m) on
+    the partial output, not on the row sum nor the logits."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    BH = tl.num_programs(1) * H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_Q
+    n_ok = offs_n < N_K
+    d_ok = offs_d < HEAD_DIM
+    if DROPOUT:
+        seed = tl.load(Seed)
+    logits = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for h in range(0, H):
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION)
+        logits += s
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # every key block has a key: finite max
+        m_i = tl.max(s, axis=1)
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, (b * H + h) * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
+        acc = _dot(p.to(v.dtype), v, PRECISION)
+        row = (pid_n * BH + b * H + h) * N_Q + offs_m
+        tl.store(Acc + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
+        tl.store(Mx + row, m_i, mask=m_ok)
+        tl.store(Lsum + row, l_i, mask=m_ok)
+    tl.store(Logits + b * stride_lb + offs_m[:, None] * stride_lm + offs_n[None, :], logits * logit_scale,
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------- launch
 
 
@@ -858,10 +965,11 @@ def forward(q, k, v, bits, scale: float, num_splits: int | None = None, seed=Non
 
 
 def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num_splits: int | None = None,
-             seed=None, dropout_p: float = 0.0):
+             seed=None, dropout_p: float = 0.0, dlogits=None):
     """Returns (dq, dk, dv), each like its input (dtype and memory layout); seed / dropout_p as in forward.
     Two launches: the dq kernel (partial dq per key split, and delta), then the dk/dv kernel, whose extra
-    programs sum the dq splits."""
+    programs sum the dq splits. ``dlogits``: (B, M, N) gradient of the head-mean logits of :func:`atm_forward`
+    (added to every head's dS / H), or None."""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
@@ -876,21 +984,24 @@ def backward(do, q, k, v, o, lse, bits, blocks, counts, flags, scale: float, num
     n_qb, n_kb = triton.cdiv(M, TILE[0]), triton.cdiv(N, TILE[1])
     splits = _num_splits(B * H, n_qb, n_kb, q.device, num_splits)
     dq_part = torch.empty((splits, B * H, M, BD), device=q.device, dtype=acc_t)
+    if dlogits is not None and dlogits.stride(-1) != 1:
+        dlogits = dlogits.contiguous()
+    dl, dls = (dlogits, dlogits.stride()[:2]) if dlogits is not None else (q, (0, 0))  # dummy pointer, never read
     record_launch("masked_attention_bwd_dq")
     _bwd_dq_kernel[(n_qb, B * H, splits)](
-        q, k, v, do, o, lse, delta, mask, blocks, counts, seed, dq_part, scale * LOG2E, threshold, inv_keep,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3], *ms,
-        *_list_strides(counts), H, M, N, D, n_kb,
-        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+        q, k, v, do, o, lse, delta, mask, blocks, counts, seed, dq_part, dl, scale * LOG2E, threshold, inv_keep,
+        1.0 / H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3], *ms,
+        *_list_strides(counts), *dls, H, M, N, D, n_kb,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD, LOGITS_GRAD=dlogits is not None,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     record_launch("masked_attention_bwd_dkdv")  # also reduces the dq splits (extra programs)
     _bwd_dkdv_kernel[(n_kb + n_qb, B * H)](
-        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, dq_part, dq, scale * LOG2E, scale, threshold, inv_keep,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *ms, *_list_strides(counts),
+        q, k, v, do, lse, delta, mask, flags, seed, dk, dv, dq_part, dq, dl, scale * LOG2E, scale, threshold, inv_keep,
+        1.0 / H, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], *ms, *_list_strides(counts), *dls,
         H, M, N, D, n_kb, splits,
-        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD,
+        HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, ACC=acc_tl, BLOCK_D=BD, LOGITS_GRAD=dlogits is not None,
     )
     return dq, dk, dv
 
@@ -1020,3 +1131,71 @@ def pack_with_tile_lists(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_
         num_warps=1 if interpreter_enabled() else 8,
     )
     return bits, (blocks, counts, flags)
+
+
+def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False,
+              head_dim: int = 32, wide_dtype: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of :func:`_atm_fwd_kernel`. A key block of 128 halves the partial results (and
+    the combine's reads) against 64; it is taken without dropout when it still gives ≥ 2 programs per SM
+    (with dropout's Philox rounds the 64 x 128 tile spills on sm_90: 172 B in fp16 with 8 warps). fp32 /
+    fp64 (``wide_dtype``) with head dims > 32: 32 x 64 (64 x 64 spills 404-464 B with exact fp32 dots)."""
+    if interpreter_enabled():
+        return TILE
+    if wide_dtype and head_dim > 32:
+        return 32, 64
+    if dropout:
+        return 64, 64
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 132  # H100 / H200 (meta tensors of `fastseg inspect`)
+    wide = triton.cdiv(n_q, 64) * batch * triton.cdiv(n_k, 128) >= 2 * sms
+    return 64, 128 if wide else 64
+
+
+def atm_forward(q, k, v, scale: float, seed=None, dropout_p: float = 0.0):
+    """SegViT's ATM attention. q: (B, H, M, D); k, v: (B, H, N, D). Returns ``(o, lse, logits)``: o like q
+    (``dropout(softmax(q kᵀ · scale)) v``), lse (B, H, M) row log-sum-exp (base 2, as :func:`forward`'s,
+    for :func:`backward`), logits (B, M, N) = the head mean of ``q kᵀ · scale`` (before softmax and
+    dropout), fp32 (fp64 for fp64 inputs), contiguous. Two launches: :func:`_atm_fwd_kernel` (one program per
+    query block, batch and key block, looping over the heads) and :func:`_combine_kernel` over the key blocks.
+    No (B, H, M, N) tensor; transient partial results (N / BLOCK_N, B·H, M, BLOCK_D) in ACC."""
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    BD = _block_d(D)
+    acc_t, acc_tl = _acc(q.dtype)
+    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
+    bm, bn = _atm_tile(B, M, N, q.device, dropout, D, q.element_size() >= 4)
+    n_kb = triton.cdiv(N, bn)
+    acc = torch.empty((n_kb, B * H, M, BD), device=q.device, dtype=acc_t)
+    mx = torch.empty((n_kb, B * H, M), device=q.device, dtype=acc_t)
+    lsum = torch.empty_like(mx)
+    logits = torch.empty((B, M, N), device=q.device, dtype=acc_t)
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
+    record_launch("atm_attention_fwd")
+    _atm_fwd_kernel[(triton.cdiv(M, bm), B, n_kb)](
+        q, k, v, seed, acc, mx, lsum, logits, scale * LOG2E, scale / H, threshold,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *logits.stride()[:2], H, M, N, D,
+        DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn,
+    )
+    cm = 16 if interpreter_enabled() else 64
+    record_launch("atm_attention_combine")
+    _combine_kernel[(triton.cdiv(M, cm), B * H)](
+        acc, mx, lsum, o, lse, inv_keep, *o.stride()[:3], H, M, D, n_kb, B * H,
+        ACC=acc_tl, BLOCK_D=BD, BLOCK_M=cm, num_warps=4,
+    )
+    return o, lse, logits
+
+
+def atm_backward(do, dlogits, q, k, v, o, lse, scale: float, seed=None, dropout_p: float = 0.0):
+    """Gradients (dq, dk, dv) of :func:`atm_forward` from ``do`` (like o, or None) and ``dlogits`` ((B, M, N),
+    or None): :func:`backward` without mask, whose kernels add ``dlogits / H`` to every head's dS. Two
+    launches."""
+    if do is None:
+        do = torch.zeros_like(o)
+    n_qb = triton.cdiv(q.shape[2], TILE[0])
+    blocks = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int32)  # no mask: lists never read
+    flags = torch.empty((1, 1, n_qb, 0), device=q.device, dtype=torch.int8)
+    return backward(do, q, k, v, o, lse, None, blocks, blocks, flags, scale, None, seed, dropout_p,
+                    dlogits=dlogits)

@@ -408,10 +408,12 @@ def test_check_covers_every_fused_op():
     from fastseg import _backend
 
     assert set(check_mod.CHECKS) == {"masked-attention", "mask-from-embeddings", "msca", "mlp-dwconv",
-                                     "context-cluster", "upsample-ce", "ms-deform-attn", "mask-loss", "cac"}
+                                     "context-cluster", "upsample-ce", "ms-deform-attn", "mask-loss", "cac",
+                                     "atm-attention"}
     if not _backend.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1 to run the kernels on CPU")
-    entries = check_mod.run_checks(["mask-from-embeddings", "mlp-dwconv"], torch.device("cpu"), [torch.float32])
+    entries = check_mod.run_checks(["mask-from-embeddings", "mlp-dwconv", "atm-attention"], torch.device("cpu"),
+                                   [torch.float32])
     for e in entries:
         assert e["status"] == "ok" and e["backend"] == "triton" and e["launches"] > 0, e
 

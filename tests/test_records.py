@@ -26,12 +26,12 @@ def test_every_tool_reads_the_records():
 def test_probes_are_tiny_and_on_the_module_device_and_dtype():
     """Each patchable record's probe inputs: drawn from the given generator only, in the module's dtype."""
     from fastseg.nn import MSDeformAttnHF
-    from fastseg.reference import AttentionModule, CACClassifier, Cluster, ReferenceMSDeformAttn
+    from fastseg.reference import ATMAttention, AttentionModule, CACClassifier, Cluster, ReferenceMSDeformAttn
 
     examples = {"masked_attention": nn.MultiheadAttention(16, 2, batch_first=True),
                 "msca": AttentionModule(4), "context_cluster": Cluster(8, 8, heads=2, head_dim=4, fold_w=2, fold_h=2),
                 "ms_deform_attn": ReferenceMSDeformAttn(16, 2, 2, 2), "ms_deform_attn_hf": MSDeformAttnHF(16, 2, 2, 2),
-                "cac": CACClassifier(8, 5)}
+                "cac": CACClassifier(8, 5), "atm_attention": ATMAttention(16, 2)}
     assert set(examples) == {r.name for r in records.RECORDS if r.patchable}
     for name, m in examples.items():
         rec = records.get(name)

@@ -538,10 +538,39 @@ def _cac_cases(preset: str):
             yield Case("cac", f"B={s['B']} C={s['C']} K={s['K']} {s['H']}x{s['W']}", dn, "nchw", run)
 
 
+def _atm_cases(preset: str):
+    """SegViT's ATM attention (forward with the head-mean logits, backward from both outputs, with and
+    without attention dropout) at the atm-attention benchmark shapes."""
+    from fastseg.bench.ops.segvit import PRESETS, SHAPE_KEYS
+    from fastseg.kernels import masked_attention as K
+
+    seen = set()
+    for s in PRESETS.get(preset, PRESETS["default"]):
+        s = {**SHAPE_KEYS, **s}
+        key = (s["B"], s["K"], s["H"], s["W"], s["C"], s["heads"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for dn, dt in DTYPES.items():
+            def run(s=s, dt=dt):
+                B, Kc, h = s["B"], s["K"], s["heads"]
+                N, D = s["H"] * s["W"], s["C"] // s["heads"]
+                q = _meta((B, h, Kc, D), dt)
+                kv = _meta((B, h, N, D), dt)
+                dl = torch.empty(B, Kc, N, dtype=torch.float32, device="meta")
+                seed = torch.empty(1, dtype=torch.int64, device="meta")
+                for sd, p in ((None, 0.0), (seed, 0.1)):
+                    o, lse, _ = K.atm_forward(q, kv, kv, D ** -0.5, sd, p)
+                    K.atm_backward(o, dl, q, kv, kv, o, lse, D ** -0.5, sd, p)
+            yield Case("atm_attention", f"B={s['B']} K={s['K']} {s['H']}x{s['W']} C={s['C']}/{s['heads']}h",
+                       dn, "bhmd", run)
+
+
 #: family -> case generator(preset). Add a family here when it gets kernels.
 CASES = {"msca": _msca_cases, "mlp_dwconv": _mlp_cases, "masked_attention": _attention_cases,
          "context_cluster": _cc_cases, "ms_deform_attn": _msda_cases, "upsample_ce": _upce_cases,
-         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases, "cac": _cac_cases}
+         "mask_loss": _mask_loss_cases, "mask_cost": _mask_cost_cases, "cac": _cac_cases,
+         "atm_attention": _atm_cases}
 
 
 def inspect_kernels(families=None, preset: str = "default", dtypes=None, kernel: str | None = None,

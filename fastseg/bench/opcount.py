@@ -188,12 +188,24 @@ def _case_context_cluster(dtype):
     return (lambda: context_cluster(x, v, a, b, 2, 2, 2, 2, 2)), [x, v, a, b]
 
 
+def _case_atm_attention(dtype):
+    """Both outputs are used (summed, so the counts include two sums and an add)."""
+    from fastseg.ops import atm_attention
+
+    q, k, v = _rand(1, 3, 5, 8, dtype=dtype), _rand(1, 3, 11, 8, dtype=dtype), _rand(1, 3, 11, 8, dtype=dtype)
+
+    def fwd():
+        out, logits = atm_attention(q, k, v)
+        return out.sum() + logits.sum()
+    return fwd, [q, k, v]
+
+
 #: name -> (builder(dtype) -> (forward callable, leaf tensors), differentiable)
 CASES = {
     "op msca": (_case_msca_op, True), "module fastseg.nn.MSCA": (_case_msca, True),
     "op dwconv3x3_gelu": (_case_mlp_op, True), "module fastseg.nn.MSCANMlp": (_case_mlp, True),
     "op masked_attention": (_case_attention, True), "op mask_from_embeddings": (_case_mask_from_embeddings, False),
-    "op context_cluster": (_case_context_cluster, True),
+    "op context_cluster": (_case_context_cluster, True), "op atm_attention": (_case_atm_attention, True),
 }
 
 

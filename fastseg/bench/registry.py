@@ -101,7 +101,7 @@ class OpSpec:
 
 _REGISTRY: dict[str, OpSpec] = {}
 _BUILTIN = ("masked_attention", "msca", "context_cluster", "models", "cac", "ms_deform_attn", "ecenet",
-            "maskformer")
+            "maskformer", "segvit")
 _loaded = False
 
 

@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` replacements (same constructors and state_dicts as the originals)."""
+from .atm_attention import ATMAttention
 from .cac import ContextAwareClassifier
 from .context_cluster import ContextCluster
 from .masked_attention import MaskedCrossAttention
@@ -7,5 +8,5 @@ from .ms_deform_attn import MSDeformAttn, MSDeformAttnHF
 from .msca import MSCA
 from .mscan_block import MSCANBlock
 
-__all__ = ["ContextAwareClassifier", "ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock",
+__all__ = ["ATMAttention", "ContextAwareClassifier", "ContextCluster", "MaskedCrossAttention", "MSCA", "MSCANMlp", "MSCANBlock",
            "MSDeformAttn", "MSDeformAttnHF"]

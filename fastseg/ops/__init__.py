@@ -1,5 +1,6 @@
 """Differentiable fused ops (autograd over the Triton kernels, dispatched by :mod:`fastseg._backend`)."""
 from . import cac
+from .atm_attention import atm_attention
 from .context_cluster import context_cluster, context_cluster_packed
 from .mask_cost import matcher_mask_costs, matcher_mask_costs_batch, matcher_mask_costs_from_embeddings
 from .masked_attention import PackedMask, mask_from_embeddings, masked_attention, pack_mask, unpack_mask
@@ -17,4 +18,5 @@ __all__ = [
     "upsampled_cross_entropy", "cac", "ms_deform_attn", "ms_deform_attn_from_offsets",
     "mask_losses", "mask_losses_from_embeddings",
     "matcher_mask_costs", "matcher_mask_costs_from_embeddings", "matcher_mask_costs_batch",
+    "atm_attention",
 ]

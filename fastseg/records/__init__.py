@@ -13,7 +13,7 @@ from .fused_op import FusedOp, Probe, finish, randn, tolerance, where
 __all__ = ["FusedOp", "Probe", "RECORDS", "get", "tolerance", "where", "randn", "finish"]
 
 _MODULES = ("masked_attention", "mask_from_embeddings", "msca", "mlp_dwconv", "context_cluster", "upsample_ce",
-            "ms_deform_attn", "ms_deform_attn_hf", "mask_loss", "cac")
+            "ms_deform_attn", "ms_deform_attn_hf", "mask_loss", "cac", "atm_attention")
 
 RECORDS: tuple[FusedOp, ...] = tuple(importlib.import_module(f"{__name__}.{m}").RECORD for m in _MODULES)
 
