@@ -28,36 +28,11 @@ from torch import nn
 
 from ..reference.cac import (SMOOTHNESS, TAU, cac_projector, cac_train_losses, cosine_logits, mmseg_accuracy,
                              oracle_logits, refine_logits)
+from ..reference.conv_module import ConvModule
 from .ham_head import LightHamHead
 
 __all__ = ["ConvModule", "DepthwiseSeparableConvModule", "CACHeadMixin", "FCNHeadCAC", "UPerHeadCAC",
            "DepthwiseSeparableASPPHeadCAC", "LightHamHeadCAC", "mmseg_accuracy"]
-
-
-class ConvModule(nn.Module):
-    """mmcv's ``ConvModule`` (conv → BatchNorm → ReLU; submodules ``conv``, ``bn``, ``activate``).
-
-    As mmcv: the conv has a bias only without norm; kaiming-normal (fan_out, ReLU) conv init, unit BN.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1,
-                 groups: int = 1, norm: bool = True, act: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation,
-                              groups=groups, bias=not norm)
-        self.bn = nn.BatchNorm2d(out_channels) if norm else None
-        self.activate = nn.ReLU(inplace=True) if act else None
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        if self.activate is not None:
-            x = self.activate(x)
-        return x
 
 
 class DepthwiseSeparableConvModule(nn.Module):
@@ -66,7 +41,8 @@ class DepthwiseSeparableConvModule(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1):
         super().__init__()
-        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, padding, dilation, groups=in_channels)
+        self.depthwise_conv = ConvModule(in_channels, in_channels, kernel_size, padding=padding, dilation=dilation,
+                                          groups=in_channels)
         self.pointwise_conv = ConvModule(in_channels, out_channels, 1)
 
     def forward(self, x):
@@ -172,10 +148,10 @@ class FCNHeadCAC(CACHeadMixin, nn.Module):
             self.convs = nn.Identity()
         else:
             self.convs = nn.Sequential(*[
-                ConvModule(in_channels if i == 0 else channels, channels, kernel_size, pad, dilation)
+                ConvModule(in_channels if i == 0 else channels, channels, kernel_size, padding=pad, dilation=dilation)
                 for i in range(num_convs)])
         if concat_input:
-            self.conv_cat = ConvModule(in_channels + channels, channels, kernel_size, kernel_size // 2)
+            self.conv_cat = ConvModule(in_channels + channels, channels, kernel_size, padding=kernel_size // 2)
         self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness)
 
     def base_forward(self, inputs):
@@ -210,10 +186,10 @@ class UPerHeadCAC(CACHeadMixin, nn.Module):
         # mmseg's PPM: a ModuleList of (AdaptiveAvgPool2d, ConvModule 1x1)
         self.psp_modules = nn.ModuleList([
             nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels[-1], channels, 1)) for s in self.pool_scales])
-        self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * channels, channels, 3, 1)
+        self.bottleneck = ConvModule(in_channels[-1] + len(self.pool_scales) * channels, channels, 3, padding=1)
         self.lateral_convs = nn.ModuleList([ConvModule(c, channels, 1) for c in in_channels[:-1]])
-        self.fpn_convs = nn.ModuleList([ConvModule(channels, channels, 3, 1) for _ in in_channels[:-1]])
-        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, 1)
+        self.fpn_convs = nn.ModuleList([ConvModule(channels, channels, 3, padding=1) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, padding=1)
         self.dropout = nn.Dropout2d(dropout_ratio)
         self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness)
 
@@ -262,11 +238,11 @@ class DepthwiseSeparableASPPHeadCAC(CACHeadMixin, nn.Module):
         self.aspp_modules = nn.ModuleList([
             ConvModule(in_channels, channels, 1) if d == 1 else DepthwiseSeparableConvModule(
                 in_channels, channels, 3, padding=d, dilation=d) for d in self.dilations])
-        self.bottleneck = ConvModule((len(self.dilations) + 1) * channels, channels, 3, 1)
+        self.bottleneck = ConvModule((len(self.dilations) + 1) * channels, channels, 3, padding=1)
         self.c1_bottleneck = ConvModule(c1_in_channels, c1_channels, 1) if c1_in_channels > 0 else None
         c1 = c1_channels if c1_in_channels > 0 else 0
-        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1, channels, 3, 1),
-                                            DepthwiseSeparableConvModule(channels, channels, 3, 1))
+        self.sep_bottleneck = nn.Sequential(DepthwiseSeparableConvModule(channels + c1, channels, 3, padding=1),
+                                            DepthwiseSeparableConvModule(channels, channels, 3, padding=1))
         self.dropout = nn.Dropout2d(dropout_ratio)
         self._init_cac(channels, num_classes, ignore_index, align_corners, loss_weight, tau, smoothness, norm_eps=0.0)
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_module import ConvModule
+
 __all__ = ["ConvModule", "FeatureReconstruction", "diversity_maps", "diversity_loss", "ClassEmbedding",
            "ClassEmbeddingUpdater", "sau_attention", "SemanticsAttention", "SemanticsAttentionLayer",
            "GhostUpscale", "class_mask_fusion", "class_mask_targets", "mask_focal_loss", "mask_dice_loss",
@@ -43,32 +45,6 @@ __all__ = ["ConvModule", "FeatureReconstruction", "diversity_maps", "diversity_l
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """fp16 / bf16 → float32 for the loss reductions (sums over up to H·W pixels); other dtypes unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class ConvModule(nn.Module):
-    """The port's ``ConvModule``: conv → BatchNorm (``bn``) → ReLU (``activate``), conv bias only without norm.
-
-    mmcv's init (kaiming-normal fan_out / ReLU conv weights, zero bias, unit BN).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, norm: bool = True, act: bool = True, bias: bool | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
-                              bias=(not norm) if bias is None else bias)
-        self.bn = nn.BatchNorm2d(out_channels) if norm else None
-        self.activate = nn.ReLU(inplace=True) if act else None
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        if self.activate is not None:
-            x = self.activate(x)
-        return x
 
 
 # ----------------------------------------------------------------------------------------------------- FR
