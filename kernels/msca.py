@@ -152,6 +152,28 @@ def _strip_bwd(pS, wb, cm, pt, C, c1, pm, dsb, do, sdh, h, W_ok, H, in_img, own,
     return r
 
 
+@triton.jit
+def _dw_block(x_ptr, s_ptr, wp_ptr, pS, n, c, h, w, own_t, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc, ssh, ssw,
+              BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr,
+              SB: tl.constexpr, RWP: tl.constexpr):
+    """s = a0 + the three strip branches (a0 = the 5x5 conv) of one (image n, channel block c, spatial block
+    h x w), through the program's scratch pS; stored at the block's own pixels (own_t)."""
+    cm = c < C
+    in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    xo = h * sxh + w * sxw
+    wb = wp_ptr + c * WP
+    tl.debug_barrier()  # the previous block finished reading buffer 0
+    a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+    tl.store(pS, a0)
+    tl.debug_barrier()
+    s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+    s += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+    s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+    sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
+    tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+
+
 # ------------------------------------------------------------------------------------- depthwise kernels
 # shape-like ints are not specialised (one compile serves every stage shape); the w-strides are (1 vs C)
 _DW_NOSPEC = ["C", "H", "W", "sxn", "sxc", "sxh", "ssn", "ssc", "ssh", "sdn", "sdc", "sdh", "son", "soc", "soh",
@@ -178,23 +200,10 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
         r = r // n_th
         cb = r % n_cb
         n = r // n_cb
-        c = cb * BC + cc
-        cm = c < C
         h = th * (RH - 2 * PH) - PH + ii
         w = tw * (RW - 2 * PW) - PW + jj
-        in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-        xo = h * sxh + w * sxw
-        wb = wp_ptr + c * WP
-        tl.debug_barrier()  # previous item finished reading buffer 0
-        a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
-        tl.store(pS, a0)
-        tl.debug_barrier()
-        s = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        s += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-        sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
-        tl.store(sb + h * ssh + w * ssw, s.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+        _dw_block(x_ptr, s_ptr, wp_ptr, pS, n, cb * BC + cc, h, w, own_t, C, H, W, sxn, sxc, sxh, sxw, ssn, ssc,
+                  ssh, ssw, BC, RH, RW, WP, ACC, SB, RWP)
 
 
 @triton.jit(do_not_specialize=[a for a in _DW_NOSPEC if a not in ("sdn", "sdc", "sdh")])
@@ -231,21 +240,8 @@ def _msca_fused_fwd_kernel(x_ptr, s_ptr, y_ptr, wp_ptr, w3_ptr, b3_ptr, scr_ptr,
         h = th * OH - PH + ii
         w = tw * OW - PW + jj
         for cb in range(0, n_cb):
-            c = cb * BC + cc
-            cm = c < C
-            in_img = cm & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            xb = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-            xo = h * sxh + w * sxw
-            wb = wp_ptr + c * WP
-            tl.debug_barrier()  # previous block finished reading buffer 0
-            a0 = tl.where(in_img, _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
-            tl.store(pS, a0)
-            tl.debug_barrier()
-            sv = a0 + _strip_fwd(pS, wb, cm, in_img, 7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-            sv += _strip_fwd(pS, wb, cm, in_img, 11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-            sv += _strip_fwd(pS, wb, cm, in_img, 21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-            sb = s_ptr + n.to(tl.int64) * ssn + c.to(tl.int64) * ssc
-            tl.store(sb + h * ssh + w * ssw, sv.to(s_ptr.dtype.element_ty), mask=in_img & own_t)
+            _dw_block(x_ptr, s_ptr, wp_ptr, pS, n, cb * BC + cc, h, w, own_t, C, H, W, sxn, sxc, sxh, sxw, ssn,
+                      ssc, ssh, ssw, BC, RH, RW, WP, ACC, SB, RWP)
         tl.debug_barrier()  # s of every channel of the tile written
         w_co = tl.load(w3_ptr + ch[None, :] * C + ch[:, None], mask=chm[:, None] & chm[None, :], other=0.0)
         bias = tl.load(b3_ptr + ch, mask=chm, other=0.0).to(ACC)
