@@ -1063,14 +1063,10 @@ def keep_mask(seed: torch.Tensor, rows: int, n_k: int, dropout_p: float) -> torc
     return keep.view(torch.bool)
 
 
-def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,
-         n_q: int, n_k: int) -> torch.Tensor:
-    """Bit-pack masks into (Bm, Hm, n_q, ceil(n_k / 32)) int32 words (bit 1 = allowed).
-
-    attn_mask: bool (Ba, Ha, n_q, n_k) with Ba in {1, batch}, Ha in {1, heads}, any strides, or None.
-    key_padding_mask: bool (batch, n_k) or None. ``*_masked``: True means "True = masked out"
-    (nn.MultiheadAttention's convention); False means "True = allowed" (SDPA's).
-    """
+def _pack_args(attn_mask, key_padding_mask, batch: int, heads: int, n_q: int, n_k: int):
+    """What the pack kernels take: (bm, hm, n_words, bits (bm, hm, n_q, n_words) int32 to fill, the attn mask as
+    uint8 + its 4 strides (0 on broadcast dims), the key-padding mask as uint8 + its 2 strides); an absent mask
+    is replaced by ``bits`` (never read) and zero strides."""
     ref = attn_mask if attn_mask is not None else key_padding_mask
     bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
     hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
@@ -1086,6 +1082,18 @@ def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, ba
         sk = [kpm.stride(0), kpm.stride(1)]
     else:
         kpm, sk = bits, [0, 0]
+    return bm, hm, n_words, bits, am, sa, kpm, sk
+
+
+def pack(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_masked: bool, batch: int, heads: int,
+         n_q: int, n_k: int) -> torch.Tensor:
+    """Bit-pack masks into (Bm, Hm, n_q, ceil(n_k / 32)) int32 words (bit 1 = allowed).
+
+    attn_mask: bool (Ba, Ha, n_q, n_k) with Ba in {1, batch}, Ha in {1, heads}, any strides, or None.
+    key_padding_mask: bool (batch, n_k) or None. ``*_masked``: True means "True = masked out"
+    (nn.MultiheadAttention's convention); False means "True = allowed" (SDPA's).
+    """
+    bm, hm, n_words, bits, am, sa, kpm, sk = _pack_args(attn_mask, key_padding_mask, batch, heads, n_q, n_k)
     block_w = 4 if interpreter_enabled() else 64
     record_launch("masked_attention_pack")
     _pack_kernel[(bm * hm * n_q, triton.cdiv(n_words, block_w))](
@@ -1100,27 +1108,13 @@ def pack_with_tile_lists(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_
                          heads: int, n_q: int, n_k: int):
     """:func:`pack` and :func:`tile_lists` of its result in one launch: returns (bits, (blocks, counts, flags))
     with the shapes and meaning of those two functions (same arguments as :func:`pack`)."""
-    bm = batch if (key_padding_mask is not None or attn_mask.shape[0] > 1) else 1
-    hm = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else 1
-    ref = attn_mask if attn_mask is not None else key_padding_mask
-    n_words = triton.cdiv(n_k, 32)
+    bm, hm, n_words, bits, am, sa, kpm, sk = _pack_args(attn_mask, key_padding_mask, batch, heads, n_q, n_k)
     t_m, t_n = TILE
     n_qb, n_kb = triton.cdiv(n_q, t_m), triton.cdiv(n_k, t_n)
-    dev = ref.device
-    bits = torch.empty((bm, hm, n_q, n_words), device=dev, dtype=torch.int32)
+    dev = bits.device
     blocks = torch.empty((bm, hm, n_qb, n_kb), device=dev, dtype=torch.int32)
     counts = torch.empty((bm, hm, n_qb), device=dev, dtype=torch.int32)
     flags = torch.empty((bm, hm, n_qb, n_kb), device=dev, dtype=torch.int8)
-    if attn_mask is not None:
-        am = attn_mask.view(torch.uint8)
-        sa = [am.stride(i) if am.shape[i] > 1 else 0 for i in range(4)]
-    else:
-        am, sa = bits, [0, 0, 0, 0]
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
-        sk = [kpm.stride(0), kpm.stride(1)]
-    else:
-        kpm, sk = bits, [0, 0]
     record_launch("masked_attention_pack_tile_list")
     _pack_tile_list_kernel[(bm * hm * n_qb,)](
         am, kpm, bits, blocks, counts, flags, *sa, *sk, hm, n_q, n_k, n_words, n_qb, n_kb,
