@@ -7,12 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.atm_attention import atm_attention
+from ..reference.atm_attention import ATMAttention as ReferenceATMAttention
 
 __all__ = ["ATMAttention"]
 
 
-class ATMAttention(nn.Module):
-    """SegViT's ``Attention`` with the same constructor, submodules (``q``, ``k``, ``v``, ``attn_drop``,
+class ATMAttention(ReferenceATMAttention):
+    """SegViT's ``Attention`` (the reference, subclassed) with the same constructor, submodules (``q``, ``k``, ``v``, ``attn_drop``,
     ``proj``, ``proj_drop``), attributes (``num_heads``, ``scale``) and state_dict, computed by the fused ATM
     attention (:func:`fastseg.ops.atm_attention`): no (B, heads, Nq, Nk) scores or probabilities in memory.
 
@@ -27,18 +28,9 @@ class ATMAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim ** -0.5  # the original's `or`: qk_scale=0 means the default
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
 
     @classmethod
     def from_module(cls, m: nn.Module) -> "ATMAttention":
