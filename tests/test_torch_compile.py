@@ -140,3 +140,40 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(da._fwd_op, (value, shapes, starts, locs, w, None), test_utils=tests)
     refs = torch.rand(1, 3, 2, 2, dtype=F64).requires_grad_()
     torch.library.opcheck(da._fwd_op, (value, shapes, starts, _leaf(1, 3, 2, 2, 2, 2), w, refs), test_utils=tests)
+
+
+@pytest.mark.parametrize("name", ["segnext", "coc", "mask2former"])
+def test_patched_model_compiles_fullgraph(name):
+    """A whole patched model (the convergence tests' small ones) under torch.compile(fullgraph=True): inference
+    for all three, and a training step (forward + backward) for SegNeXt and CoC (Mask2Former's training loss runs
+    scipy's Hungarian matching, a graph break by nature). Same numbers as eager."""
+    from fastseg.bench.convergence import build, synthetic_batch
+
+    dtype = torch.float32 if name == "segnext" else F64  # the Ham head's NMF is float32-only (as the original)
+    model = build(name, 4, "ci").to(dtype)
+    model, report = fastseg.patch(model, verify=False)
+    assert report.count() > 0
+    x, _ = synthetic_batch(2, 16 if name == "segnext" else 32, 4, torch.Generator().manual_seed(0), dtype)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def run(m, train):
+        m.train(train)
+        torch.manual_seed(0)  # the Ham head draws random NMF bases every call
+        with torch.set_grad_enabled(train):
+            out = m(x)
+        out = out["pred_masks"] if isinstance(out, dict) else out
+        if not train:
+            return out, []
+        model.zero_grad()
+        out.square().mean().backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for train in ([False] if name == "mask2former" else [False, True]):
+        want, gw = run(model, train)
+        got, gg = run(compiled, train)
+        assert_close(got, want, tol, f"{name} output (train={train})")
+        assert len(gg) == len(gw)
+        if gw:  # one relative error over all gradients: a conv bias followed by BatchNorm has a ~0 gradient
+            assert_close(torch.cat([g.flatten() for g in gg]), torch.cat([g.flatten() for g in gw]), tol * 10,
+                         f"{name} gradients")
