@@ -177,3 +177,31 @@ def test_patched_model_compiles_fullgraph(name):
         if gw:  # one relative error over all gradients: a conv bias followed by BatchNorm has a ~0 gradient
             assert_close(torch.cat([g.flatten() for g in gg]), torch.cat([g.flatten() for g in gw]), tol * 10,
                          f"{name} gradients")
+
+
+def test_mask_losses_compile_and_opcheck(triton_launches):
+    """MaskFormer's fused mask losses (the logits variant) under torch.compile(fullgraph=True): the custom ops,
+    same losses and gradient as eager; and torch.library.opcheck of the forward op."""
+    if not _backend.interpreter_enabled():
+        pytest.skip("the kernels need TRITON_INTERPRET=1 on CPU")
+    from fastseg.ops import mask_loss as ml
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 6, dtype=F64, generator=g).requires_grad_()
+    targets = torch.rand(3, 17, 22, generator=g) > 0.5
+
+    def f(x):
+        focal, dice = ml.mask_losses(x, targets, 2.0)
+        return focal + 2 * dice
+
+    want = f(logits)
+    (gw,) = torch.autograd.grad(want, logits)
+    triton_launches.clear()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(logits)
+    (gg,) = torch.autograd.grad(got, logits)
+    assert_close(got, want, 1e-12, "compiled mask losses")
+    assert_close(gg, gw, 1e-12, "compiled gradient")
+    assert triton_launches["mask_loss_fwd"] >= 1 and triton_launches["mask_loss_bwd"] >= 1
+    rows = torch.arange(3)
+    torch.library.opcheck(ml._sums_fwd_op, (logits, targets, rows, 0.25, 2.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

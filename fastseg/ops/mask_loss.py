@@ -98,6 +98,49 @@ class _Sums(torch.autograd.Function):
         return K.mask_loss_bwd(logits, targets, rows, g, *ctx.args), None, None, None, None
 
 
+# Eager calls use _Sums; under torch.compile the same kernels are reached through these custom ops (no graph
+# break). The from-embeddings variant has none: it groups the pairs by image on the host (batch_idx is read),
+# and it runs after the matcher's scipy assignment, itself a graph break.
+@torch.library.custom_op("fastseg::mask_loss_sums_fwd", mutates_args=())
+def _sums_fwd_op(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, alpha: float,
+                 gamma: float) -> torch.Tensor:
+    from fastseg.kernels import mask_loss as K
+
+    return K.mask_loss_fwd(logits, targets, rows, alpha, gamma)
+
+
+@_sums_fwd_op.register_fake
+def _(logits, targets, rows, alpha, gamma):
+    return logits.new_empty((logits.shape[0], 4), dtype=_acc_dtype(logits.dtype))
+
+
+@torch.library.custom_op("fastseg::mask_loss_sums_bwd", mutates_args=())
+def _sums_bwd_op(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, alpha: float,
+                 gamma: float) -> torch.Tensor:
+    from fastseg.kernels import mask_loss as K
+
+    return K.mask_loss_bwd(logits, targets, rows, g[:, :3].to(_acc_dtype(logits.dtype)).contiguous(), alpha, gamma)
+
+
+@_sums_bwd_op.register_fake
+def _(logits, targets, rows, g, alpha, gamma):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _sums_setup(ctx, inputs, output):
+    logits, targets, rows, alpha, gamma = inputs
+    ctx.save_for_backward(logits, targets, rows)
+    ctx.args = (alpha, gamma)
+
+
+def _sums_backward(ctx, g):
+    logits, targets, rows = ctx.saved_tensors
+    return _sums_bwd_op(logits, targets, rows, g, *ctx.args), None, None, None, None
+
+
+_sums_fwd_op.register_autograd(_sums_backward, setup_context=_sums_setup)
+
+
 class _SumsFromEmbeddings(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeds, features, groups, targets, rows, alpha, gamma):
@@ -150,7 +193,7 @@ def _check_targets(op, targets, T, target_rows, device):
         rows = torch.as_tensor(target_rows).long().reshape(-1)
         if rows.numel() != T:
             raise ValueError(f"{op}: target_rows must have one entry per pair ({T}), got {rows.numel()}")
-        if T and (int(rows.min()) < 0 or int(rows.max()) >= targets.shape[0]):
+        if T and not torch.compiler.is_compiling() and (int(rows.min()) < 0 or int(rows.max()) >= targets.shape[0]):
             raise ValueError(f"{op}: target_rows must be in [0, {targets.shape[0]})")
         rows = rows.to(device)
     return rows.contiguous()
@@ -208,6 +251,8 @@ def mask_loss_sums(logits: torch.Tensor, targets: torch.Tensor, target_rows=None
             raise ValueError(f"{op}: empty logit maps {tuple(logits.shape)} cannot be upsampled to {(H, W)}")
         return _plain_sums(logits, targets, rows, alpha, gamma)
     _triton_ok(op, logits)
+    if torch.compiler.is_compiling():
+        return _sums_fwd_op(logits, targets, rows, float(alpha), float(gamma))
     return _Sums.apply(logits, targets, rows, float(alpha), float(gamma))
 
 
