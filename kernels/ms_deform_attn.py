@@ -85,6 +85,17 @@ def _corners(vbase, h0, w0, H, W, inside, stride_s, d, dm):
     return o1, o2, o3, o4, k1, k2, k3, k4
 
 
+@triton.jit
+def _level(Shapes, Starts, lvl, vrow, stride_s, S, ACC: tl.constexpr):
+    """Level ``lvl``'s (H, W) as int32 and as ACC floats, its value offset (vrow + start · stride_s, int64) and
+    whether it lies inside value (inconsistent shapes: a level past S is skipped, never read)."""
+    H = tl.load(Shapes + 2 * lvl).to(tl.int32)
+    W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
+    start = tl.load(Starts + lvl).to(tl.int32)
+    level_ok = (start >= 0) & (start + H * W <= S)
+    return H, W, H.to(ACC), W.to(ACC), vrow + start.to(tl.int64) * stride_s, level_ok
+
+
 @triton.jit(do_not_specialize=_NOSPEC)
 def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Ref, Stats, Out, R, Lq, S, M, L, D: tl.constexpr,
                      P: tl.constexpr, FUSED: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -100,13 +111,7 @@ def _msda_fwd_kernel(V, Shapes, Starts, Loc, Attn, Ref, Stats, Out, R, Lq, S, M,
     mx = tl.full((BLOCK_Q,), float("-inf"), ACC)  # FUSED: online softmax over the L·P logits of a row
     den = tl.zeros((BLOCK_Q,), ACC)
     for lvl in range(L):
-        H = tl.load(Shapes + 2 * lvl).to(tl.int32)
-        W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(Starts + lvl).to(tl.int32)
-        vbase = vrow + start.to(tl.int64) * stride_s
-        Hf = H.to(ACC)
-        Wf = W.to(ACC)
-        level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
+        H, W, Hf, Wf, vbase, level_ok = _level(Shapes, Starts, lvl, vrow, stride_s, S, ACC)
         for p in range(P):
             lp = (row * L + lvl) * P + p
             a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
@@ -155,13 +160,7 @@ def _msda_bwd_kernel(V, Shapes, Starts, Loc, Attn, Ref, Stats, GO, GV, GLoc, GAt
         inv = 1.0 / tl.load(Stats + 2 * row + 1, mask=q_mask, other=1.0)
     dot = tl.zeros((BLOCK_Q,), ACC)  # FUSED: Σ a · dL/da over the row (softmax backward)
     for lvl in range(L):
-        H = tl.load(Shapes + 2 * lvl).to(tl.int32)
-        W = tl.load(Shapes + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(Starts + lvl).to(tl.int32)
-        vbase = vrow + start.to(tl.int64) * stride_s
-        Hf = H.to(ACC)
-        Wf = W.to(ACC)
-        level_ok = (start >= 0) & (start + H * W <= S)  # inconsistent shapes: never outside value
+        H, W, Hf, Wf, vbase, level_ok = _level(Shapes, Starts, lvl, vrow, stride_s, S, ACC)
         for p in range(P):
             lp = (row * L + lvl) * P + p
             a = tl.load(Attn + lp, mask=q_mask, other=0.0).to(ACC)
