@@ -535,6 +535,24 @@ def _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, cols, qk_scale, dr
 
 
 @triton.jit
+def _weights_row_tile(q, k_base, mask_base, dw_base, lse, seed, rows, offs_m, m_ok, offs_d, d_ok, n0,
+                      stride_kn, stride_mm, stride_gm, N_Q, N_K, qk_scale, drop_threshold, g_scale,
+                      HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the dq kernel's two passes: the k tile of keys n0 .. n0 + BLOCK_N and (P, dP) of the (query block,
+    key block) tile, from k, the mask tile and the dW tile."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_K
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
+    dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                 other=0.0).to(ACC)
+    p, dp = _weights_grad_tile(q, k, lse, allowed, dw, 0, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
+                               False, DROPOUT, PRECISION)
+    return k, p, dp
+
+
+@triton.jit
 def _weights_bwd_dq_kernel(
     Q, K, LSE, Mask, Seed, DW, R, DQ,
     qk_scale, sm_scale, drop_threshold, g_scale,
@@ -568,25 +586,15 @@ def _weights_bwd_dq_kernel(
         seed = tl.load(Seed)
     r = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, N_K, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_K
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
-        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(ACC)
-        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
-                                   False, DROPOUT, PRECISION)
+        k, p, dp = _weights_row_tile(q, k_base, mask_base, dw_base, lse, seed, rows, offs_m, m_ok, offs_d, d_ok, n0,
+                                     stride_kn, stride_mm, stride_gm, N_Q, N_K, qk_scale, drop_threshold, g_scale,
+                                     HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_M, BLOCK_N)
         r += tl.sum(p * dp, axis=1)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for n0 in range(0, N_K, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N_K
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        allowed, _ = _mask_tile(mask_base, offs_m, n0, stride_mm, N_Q, N_K, HAS_MASK, False, BLOCK_M, BLOCK_N)
-        dw = tl.load(dw_base + offs_m[:, None] * stride_gm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(ACC)
-        p, dp = _weights_grad_tile(q, k, lse, allowed, dw, r, seed, rows, offs_n, qk_scale, drop_threshold, g_scale,
-                                   False, DROPOUT, PRECISION)
+        k, p, dp = _weights_row_tile(q, k_base, mask_base, dw_base, lse, seed, rows, offs_m, m_ok, offs_d, d_ok, n0,
+                                     stride_kn, stride_mm, stride_gm, N_Q, N_K, qk_scale, drop_threshold, g_scale,
+                                     HAS_MASK, DROPOUT, PRECISION, ACC, BLOCK_M, BLOCK_N)
         ds = p * (dp - r[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(R + rows, r, mask=m_ok)
