@@ -1055,7 +1055,11 @@ def weights_backward(dw, q, k, lse, bits, scale: float, average: bool, seed=None
     args = (scale * LOG2E, scale, threshold, inv_keep / H if average else inv_keep,
             *q.stride()[:3], *k.stride()[:3], *ms, *sg, H, M, N, D)
     meta = dict(HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=_block_d(D),
-                BLOCK_M=TILE[0], BLOCK_N=TILE[1], num_warps=1 if interpreter_enabled() else 4)
+                BLOCK_M=TILE[0], BLOCK_N=TILE[1])
+    # sm_90, 64 x 64 tiles, head dim 32: 4 warps / 3 stages spilled 180 B (fp16, dropout) and 652-1112 B (exact
+    # fp32) in the dq kernel; 8 warps / 2 stages: 0 B in fp16 / bf16, <= 208 B in fp32
+    warps, stages = (1, 1) if interpreter_enabled() else (8, 2)
+    meta.update(num_warps=warps, num_stages=stages)
     record_launch("masked_attention_weights_bwd_dq")
     _weights_bwd_dq_kernel[(triton.cdiv(M, TILE[0]), B * H)](q, k, lse, mask, seed, dw, r, dq, *args, **meta)
     record_launch("masked_attention_weights_bwd_dk")

@@ -54,7 +54,7 @@ def main():
         w = {"Q": dt, "K": dt, "LSE": "fp32", "Mask": "i32", "Seed": "i64"}
         compile_for_sm90(K._weights_kernel, {**w, "W": dt}, dict(c, AVERAGE=has_mask))
         for kern in (K._weights_bwd_dq_kernel, K._weights_bwd_dk_kernel):
-            compile_for_sm90(kern, {**w, "DW": dt, "R": "fp32", "DQ": dt, "DK": dt}, c)
+            compile_for_sm90(kern, {**w, "DW": dt, "R": "fp32", "DQ": dt, "DK": dt}, c, 8, 2)  # as launched
     compile_for_sm90(K._combine_kernel, {"Acc": "fp32", "Mx": "fp32", "Lsum": "fp32", "O": dt, "LSE": "fp32"},
                      dict(ACC=tl.float32, BLOCK_D=32, BLOCK_M=64))
     compile_for_sm90(K._keep_mask_kernel, {"Seed": "i64", "Keep": "i8"}, dict(BLOCK_M=64, BLOCK_N=64))
