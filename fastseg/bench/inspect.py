@@ -283,16 +283,23 @@ def _meta(shape, dtype, channels_last=False):
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
 
 
+def _distinct(shapes, key, defaults: dict | None = None):
+    """(shape, key(shape)) for each shape dict of ``shapes`` (``defaults`` filled in) whose key was not seen
+    before: the benchmark presets repeat shapes the kernels compile identically for."""
+    seen = set()
+    for s in shapes:
+        s = {**(defaults or {}), **s}
+        k = key(s)
+        if k not in seen:
+            seen.add(k)
+            yield s, k
+
+
 def _msca_cases(preset: str):
     from fastseg.bench.ops.msca import PRESETS
     from fastseg.kernels import msca as K
 
-    seen = set()
-    for s in PRESETS[preset]:
-        key = (s["C"], s["H"], s["W"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS[preset], lambda s: (s["C"], s["H"], s["W"])):
         for dn, dt in DTYPES.items():
             for layout in ("nchw", "cl"):
                 def run(s=s, dt=dt, cl=layout == "cl"):
@@ -319,12 +326,7 @@ def _mlp_cases(preset: str):
     from fastseg.bench.ops.msca import MLP_PRESETS
     from fastseg.kernels import mlp_dwconv as K
 
-    seen = set()
-    for s in MLP_PRESETS[preset]:
-        key = (s["hidden"], s["H"], s["W"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(MLP_PRESETS[preset], lambda s: (s["hidden"], s["H"], s["W"])):
         for dn, dt in DTYPES.items():
             for layout in ("nchw", "cl"):
                 def run(s=s, dt=dt, cl=layout == "cl"):
@@ -346,13 +348,8 @@ def _attention_cases(preset: str):
     from fastseg.kernels import attention_mask as AM
     from fastseg.kernels import masked_attention as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["Q"], s["H"], s["W"], s["E"], s["heads"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["Q"], s["H"], s["W"], s["E"], s["heads"]), SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt):
                 B, Q, E, h = s["B"], s["Q"], s["E"], s["heads"]
@@ -382,13 +379,9 @@ def _cc_cases(preset: str):
     from fastseg.kernels import context_cluster as K
     from fastseg.ops.context_cluster import effective_folds
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["heads"], s["head_dim"], s["H"], s["W"], s["fold"], s["proposal"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["heads"], s["head_dim"], s["H"], s["W"], s["fold"], s["proposal"]),
+                            SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt):
                 B, h, c = s["B"], s["heads"], s["head_dim"]
@@ -408,14 +401,9 @@ def _msda_cases(preset: str):
     from fastseg.bench.ops.ms_deform_attn import PRESETS, SHAPE_KEYS, level_shapes
     from fastseg.kernels import ms_deform_attn as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
+    for s, _ in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                          lambda s: (s["B"], tuple(level_shapes(s)), s["heads"], s["D"], s["points"]), SHAPE_KEYS):
         shapes = level_shapes(s)
-        key = (s["B"], tuple(shapes), s["heads"], s["D"], s["points"])
-        if key in seen:
-            continue
-        seen.add(key)
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt, shapes=shapes):
                 N, M, D, P, L = s["B"], s["heads"], s["D"], s["points"], len(shapes)
@@ -441,13 +429,8 @@ def _upce_cases(preset: str):
     from fastseg.bench.ops.cac import PRESETS, SHAPE_KEYS
     from fastseg.kernels import upsample_ce as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["B"], s["K"], s["H"], s["W"], s["stride"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["B"], s["K"], s["H"], s["W"], s["stride"]), SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt):
                 B, Kc, h, w = s["B"], s["K"], s["H"], s["W"]
@@ -464,13 +447,8 @@ def _mask_loss_cases(preset: str):
     from fastseg.bench.ops.maskformer import PRESETS, SHAPE_KEYS
     from fastseg.kernels import mask_loss as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["B"] * s["T"], s["H"], s["W"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["B"] * s["T"], s["H"], s["W"]), SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt, key=key):
                 T, H, W = key
@@ -511,13 +489,8 @@ def _cac_cases(preset: str):
     from fastseg.bench.ops.cac import PRESETS, SHAPE_KEYS
     from fastseg.kernels import cac as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["B"], s["C"], s["K"], s["H"], s["W"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["B"], s["C"], s["K"], s["H"], s["W"]), SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt):
                 B, C, Kc, h, w = s["B"], s["C"], s["K"], s["H"], s["W"]
@@ -544,13 +517,8 @@ def _atm_cases(preset: str):
     from fastseg.bench.ops.segvit import PRESETS, SHAPE_KEYS
     from fastseg.kernels import masked_attention as K
 
-    seen = set()
-    for s in PRESETS.get(preset, PRESETS["default"]):
-        s = {**SHAPE_KEYS, **s}
-        key = (s["B"], s["K"], s["H"], s["W"], s["C"], s["heads"])
-        if key in seen:
-            continue
-        seen.add(key)
+    for s, key in _distinct(PRESETS.get(preset, PRESETS["default"]),
+                            lambda s: (s["B"], s["K"], s["H"], s["W"], s["C"], s["heads"]), SHAPE_KEYS):
         for dn, dt in DTYPES.items():
             def run(s=s, dt=dt):
                 B, Kc, h = s["B"], s["K"], s["heads"]
