@@ -1,10 +1,12 @@
-"""``fastseg inspect``: launch capture + sm_90 compile on a CPU, and the MSCA / MLP dwconv resource rules.
+"""``fastseg inspect``: launch capture + sm_90 compile on a CPU, every kernel covered by an inspect case, and
+the MSCA / MLP dwconv resource rules.
 
 The rules (issue 12), at a benchmark shape: every config an autotuner can pick and every default spills 0 B
 in bf16 (<= 256 B in fp32), fits 227 KB of shared memory, and every bf16 GEMM kernel uses tensor cores
 (wgmma / mma). Compiled in a child process (TRITON_INTERPRET must be off to build for the GPU)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +26,72 @@ rows += I.inspect_kernels(["mlp_dwconv"], "default", dtypes=["bf16"], layouts=sy
                           sass=False, max_shapes=1, kernel=None)
 print(json.dumps(rows))
 """
+
+
+#: Kernels no inspect case launches, each with the reason (so the report cannot silently lose one). Empty:
+#: every ``*_kernel`` of fastseg.kernels is launched at the default preset.
+NOT_IN_REPORT: dict[str, str] = {}
+
+_COVERAGE = r"""
+import importlib, json, pkgutil
+import fastseg.kernels as KP
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import JITFunction
+from fastseg.bench import inspect as I
+
+def jit_of(v):  # a JITFunction, or an autotune / heuristics wrapper around one -> the JITFunction
+    while isinstance(v, (Autotuner, Heuristics)):
+        v = v.fn
+    return v if isinstance(v, JITFunction) else None
+
+kernels, files = {}, {}
+for m in pkgutil.iter_modules(KP.__path__):
+    mod = importlib.import_module("fastseg.kernels." + m.name)
+    files[mod.__name__] = mod.__file__
+    for v in vars(mod).values():
+        f = jit_of(v)
+        if f is not None and f.__module__ == mod.__name__ and f.__name__.endswith("_kernel"):
+            kernels[f"{mod.__name__}.{f.__name__}"] = mod.__name__
+launched, errors = {}, []
+for fam, gen in I.CASES.items():
+    for case in gen("default"):
+        if case is None:
+            continue
+        try:
+            with I.capture() as launches:
+                case.run()
+        except Exception as e:
+            errors.append(f"{fam} {case.shape} {case.dtype} {case.layout}: {type(e).__name__}: {e}")
+            continue
+        for l in launches:
+            launched.setdefault(f"{l.jit_fn.__module__}.{l.name}", []).append(fam)
+print(json.dumps({"kernels": kernels, "files": files, "launched": launched, "errors": errors}))
+"""
+
+
+def test_every_kernel_is_in_the_report():
+    # every @triton.jit *_kernel of fastseg.kernels is launched by some inspect case (capture only, no
+    # compiling), with the launchers' GPU paths (TRITON_INTERPRET off, as `fastseg inspect` runs them)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COVERAGE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["errors"] == []  # a launcher an inspect case cannot call would be an error row of the report
+    # the introspection finds what the sources define: each `@triton.jit...` + `def *_kernel(` of each module
+    in_source = set()
+    for mod, path in got["files"].items():
+        with open(path) as f:
+            src = f.read()
+        in_source |= {f"{mod}.{n}" for n in re.findall(r"@triton\.jit\b[^\n]*\ndef (\w+_kernel)\(", src)}
+    kernels = set(got["kernels"])
+    assert kernels == in_source and "fastseg.kernels.masked_attention._weights_bwd_dq_kernel" in kernels, \
+        (kernels ^ in_source)
+    launched = set(got["launched"])
+    assert launched <= kernels, launched - kernels  # only module-level *_kernel objects are launched
+    allowed = {f"fastseg.kernels.{k}" for k in NOT_IN_REPORT}
+    assert allowed <= kernels - launched, allowed - (kernels - launched)  # no stale allow-list entry
+    missing = kernels - launched - allowed
+    assert not missing, f"kernels no fastseg.bench.inspect case launches (add a case): {sorted(missing)}"
 
 
 def _nvidia_backend():

@@ -340,7 +340,8 @@ def _mlp_cases(preset: str):
 
 
 def _attention_cases(preset: str):
-    """Masked attention (forward, backward, tile lists, mask packing) and the sign-pack mask kernel. These
+    """Masked attention (forward, backward, tile lists, mask packing, need_weights' weights and their backward,
+    the dropout keep mask) and the sign-pack mask kernels (with the empty-row reset). These
     call the kernel modules' public launchers; a launcher whose signature changed shows up as an error row."""
     import math
 
@@ -363,13 +364,17 @@ def _attention_cases(preset: str):
                 K.pack_with_tile_lists(am, None, attn_masked=True, kpm_masked=True, batch=B, heads=h, n_q=Q, n_k=P)
                 o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5)
                 K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5)
-                K.weights(q, kv, lse, bits, D ** -0.5, True)  # need_weights (averaged over heads)
                 seed = torch.empty(1, dtype=torch.int64, device="meta")  # attention dropout variants
+                for sd, p in ((None, 0.0), (seed, 0.1)):  # need_weights: weights + their backward
+                    for avg in (True, False):  # averaged over the heads (B, Q, P) or per head (B, h, Q, P)
+                        w = K.weights(q, kv, lse, bits, D ** -0.5, avg, sd, p)
+                        K.weights_backward(w, q, kv, lse, bits, D ** -0.5, avg, sd, p)
                 o, lse, blocks, counts, flags = K.forward(q, kv, kv, bits, D ** -0.5, seed=seed, dropout_p=0.1)
                 K.backward(o, q, kv, kv, o, lse, bits, blocks, counts, flags, D ** -0.5, seed=seed, dropout_p=0.1)
+                K.keep_mask(seed, B * h * Q, P, 0.1)  # fastseg.ops.dropout_keep_mask
                 emb = _meta((B, Q, E), dt)
                 feat = _meta((B, E, P), dt)
-                AM.sign_pack(emb, feat, "ieee" if dt != torch.float32 else "tf32")
+                AM.sign_pack(emb, feat, "ieee" if dt != torch.float32 else "tf32", reset_empty=True)
             yield Case("masked_attention", f"B={s['B']} Q={s['Q']} {s['H']}x{s['W']} E={s['E']}/{s['heads']}h",
                        dn, "bhmd", run)
 
