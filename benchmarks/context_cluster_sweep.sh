@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 5 (Context Clusters) GPU sweep, one command:
+# Context Clusters GPU sweep (issue 5), one command:
 #
 #   python3 -m pip install --no-build-isolation --no-deps -e .      # once, on the GPU machine
-#   bash benchmarks/sweep_issue5.sh                 # every step below, every dtype
-#   DTYPES=bf16 bash benchmarks/sweep_issue5.sh module-224   # a part (e.g. to fit a 10-minute call)
+#   bash benchmarks/context_cluster_sweep.sh                 # every step below, every dtype
+#   DTYPES=bf16 bash benchmarks/context_cluster_sweep.sh module-224   # a part (e.g. to fit a 10-minute call)
 #
 # Steps (each dtype of $DTYPES is a separate command under `timeout $LIMIT`, default 540 s):
 #   module-224  fastseg.nn.ContextCluster vs the eager reference Cluster vs torch.compile(Cluster), forward
@@ -18,10 +18,10 @@
 # A failing case (torch.compile failing inside Inductor, e.g. the bf16 adaptive_avg_pool2d backward of the
 # reference on torch 2.11; out of memory) is a row with status error/OOM and the sweep goes on; every
 # command writes its CSV/JSON after each case, so a step cut by its time limit keeps what it measured.
-# Results: ${OUT:-benchmarks/results/issue5}/{module_224,module_512,model}_<dtype>.{csv,json,png}, sweep.log.
+# Results: ${OUT:-benchmarks/results/context-cluster-sweep}/{module_224,module_512,model}_<dtype>.{csv,json,png}, sweep.log.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/issue5}
+OUT=${OUT:-benchmarks/results/context-cluster-sweep}
 DTYPES=${DTYPES:-fp16,bf16,fp32}
 LIMIT=${LIMIT:-540}
 PRESET224=${PRESET224:-imagenet}
