@@ -7,7 +7,8 @@ launch is then compiled for sm_90 for each autotune config it can pick (after ``
 its ``FASTSEG_AUTOTUNE=0`` default, through Triton's own binder, so pointer / integer arguments get the same
 divisibility-by-16 (and ``== 1``) specialisation as a real launch. Per compiled variant it reports registers,
 spill bytes (ptxas -v), shared memory, wgmma / mma counts (PTX; SASS HGMMA / HMMA when nvdisasm runs) and
-compile seconds. Identical binaries (same specialisation and options) are compiled once.
+compile seconds. Identical binaries (same specialisation and options) are compiled once. Every ``*_kernel`` of
+``fastseg.kernels`` is launched by some case (tests/test_inspect.py checks it: add a case with a new kernel).
 
 ``--counts`` adds launch and torch-op counts per fused op and module, forward and backward, measured under
 the Triton interpreter (a child process with TRITON_INTERPRET=1) with a TorchDispatchMode that records every
