@@ -136,3 +136,23 @@ def test_msca_ab_step_runs_the_unfused_kernels(tmp_path, monkeypatch):
         assert ran["0"][mode] and ran["1"][mode] and ran["0"][mode] != ran["1"][mode], ran
     assert {"msca_dw_fwd", "msca_pw_fwd"} <= ran["0"]["fwd"], ran  # the two-kernel forward
     assert "msca_dw_fwd" not in ran["1"]["fwd"], ran  # the one-kernel forward at C <= 64
+
+
+def test_group_rows_get_ratios_and_verdicts():
+    """Rows of a step that joins another's group (the MSCA A/B) are compared with that group's fastseg row:
+    speedup = t_unfused / t_fused, and the A/B target reads it (synthetic rows, no timing involved)."""
+    from fastseg.bench.headline import TARGETS, add_ratios, evaluate_targets
+
+    def row(step, impl, t, peak, fastseg):
+        return {"step": step, "group": "msca", "op": "msca", "shape": "B=16 C=32 128x128", "mode": "fwdbwd",
+                "impl": impl, "fastseg": fastseg, "status": "ok", "time_ms": t, "peak_bytes": peak, "note": ""}
+    rows = [row("msca", "fastseg", 2.0, 100, True), row("msca", "eager", 8.0, 400, False),
+            row("msca-unfused", "fastseg-unfused", 3.0, 150, False)]
+    add_ratios(rows)
+    assert rows[2]["vs"] == "fastseg" and rows[2]["speedup"] == 1.5 and rows[2]["mem_ratio"] == 1.5
+    ab = [t for t in TARGETS if t.baseline == "fastseg-unfused" and t.mode == "fwdbwd"]
+    assert len(ab) == 1
+    assert [v["verdict"] for v in evaluate_targets(rows, ab, dry=False)] == ["met"]
+    rows[2]["time_ms"] = 1.0  # the unfused kernels faster: the target is missed
+    add_ratios(rows)
+    assert [v["verdict"] for v in evaluate_targets(rows, ab, dry=False)] == ["MISSED"]

@@ -1,6 +1,6 @@
 """The headline GPU check: GPU tests + the headline benchmark table in one command under a global time budget.
 
-``python -m fastseg.bench.headline [--dry-run] [--out DIR] [--budget S] [--only a,b] [--list]``
+``python -m fastseg.bench.headline [--dry-run] [--out DIR] [--budget S] [--only a,b] [--skip a,b] [--list]``
 (``benchmarks/gpu_check.sh`` installs the project and calls this). Each entry of :data:`STEPS` runs in its own
 subprocess under its own time limit (so a stuck compile costs one step, not the call); a bench step appends
 its rows to ``rows.jsonl`` after every case, and each case also has a SIGALRM limit. Failures, OOM and
@@ -609,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 470)),
                    help="seconds for all steps together (default 470, or $GPU_CHECK_BUDGET_S)")
     p.add_argument("--only", help="comma-separated step names")
+    p.add_argument("--skip", help="comma-separated step names not to run (e.g. to leave the budget to later steps)")
     p.add_argument("--list", action="store_true", help="list the steps and targets")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -644,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     for pth in (rows_path, test_log):
         if os.path.exists(pth):
             os.remove(pth)
-    chosen = [s for s in STEPS if not args.only or s.name in args.only.split(",")]
+    skip = set(args.skip.split(",")) if args.skip else set()
+    chosen = [s for s in STEPS if (not args.only or s.name in args.only.split(",")) and s.name not in skip]
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
     cache_before = _cache_entries(cache_dir)
     if cache_before:
