@@ -15,7 +15,9 @@ built by this venv's Python 3.11 Triton could never hit on the GPU machine's Pyt
 (a Python 3.12 that imports the same Triton 3.6.0 wheel, cp312 build) gives the GPU machine's
 ``triton_key()``, used in place of this one's: the two builds produce byte-identical PTX and cubin (checked
 by ``--check-identical``), only the key's libtriton hash differs. The GPU run (headline.py) prints how many
-compiles hit the cache, and whether its own key matches the manifest's.
+compiles hit the cache, and whether its own key matches the manifest's. Bench steps with an ``env`` of their
+own (e.g. ``FASTSEG_MSCA_FUSED=0``, ``FASTSEG_AUTOTUNE=0``: read when the kernel modules are imported) are
+compiled in a process with that env, as the check runs them.
 """
 from __future__ import annotations
 
@@ -238,6 +240,17 @@ def workload_bench(model_batch: int, only: set | None = None):
                           f"({time.time() - t:.1f} s)", flush=True)
 
 
+def bench_env_groups(only: set | None = None) -> list[tuple[dict, list[str]]]:
+    """The check's bench steps (``only``: these) grouped by their ``env``: [(env, step names)], no-env first."""
+    from fastseg.bench.headline import STEPS
+
+    groups: dict = {}
+    for step in STEPS:
+        if step.kind == "bench" and (not only or step.name in only):
+            groups.setdefault(tuple(sorted(step.env.items())), []).append(step.name)
+    return [(dict(k), v) for k, v in sorted(groups.items(), key=lambda kv: len(kv[0]))]
+
+
 def child(args):
     os.environ.pop("TRITON_INTERPRET", None)
     triton = install_fake_cuda()
@@ -305,23 +318,33 @@ def main():
     old = os.path.join(args.cache_dir, "manifest.json")
     if os.path.exists(old):  # an update of an existing cache (e.g. --steps): keep what it recorded
         manifest["workloads"] = json.load(open(old)).get("workloads", {})
+    runs = []  # (workload, extra env, --steps or None): the bench steps in one process per distinct step env
     for w in args.workloads.split(","):
+        if w != "bench":
+            runs.append((w, {}, args.steps))
+            continue
+        for extra, names in bench_env_groups(set(args.steps.split(",")) if args.steps else None):
+            runs.append((w, extra, ",".join(names)))
+    for i, (w, extra, steps) in enumerate(runs):
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSEG_AUTOTUNE")}
         env["TRITON_CACHE_DIR"] = os.path.abspath(args.cache_dir)
         if w == "tests":
             env["FASTSEG_AUTOTUNE"] = "0"  # as the check's pytest steps
-        log = os.path.join(args.cache_dir, f".log_{w}.json")
+        env.update(extra)
+        tag = " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
+        log = os.path.join(args.cache_dir, f".log_{w}_{i}.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", w, "--log", log,
                "--model-batch", str(args.model_batch)] + (["--key-file", key_file] if key_file else []) \
-            + (["--steps", args.steps] if args.steps else [])
+            + (["--steps", steps] if steps else [])
         t = time.time()
         subprocess.run(cmd, env=env, cwd=ROOT)
         doc = json.load(open(log)) if os.path.exists(log) else {"compiles": []}
         miss = [c for c in doc["compiles"] if not c["hit"]]
-        manifest["workloads"][w + (f" ({args.steps})" if args.steps else "")] = {"wall_s": round(time.time() - t, 1), "compile_calls": len(doc["compiles"]),
-                                    "compiled": len(miss), "compile_s": round(sum(c["s"] for c in miss), 1),
-                                    "slowest": sorted(miss, key=lambda c: -c["s"])[:8]}
-        print(f"prebuild: {w}: {doc.get('wall_s')} s, {len(miss)} kernels compiled", flush=True)
+        key = w + (f" ({steps})" if steps and (args.steps or tag) else "") + (f" [{tag}]" if tag else "")
+        manifest["workloads"][key] = {"wall_s": round(time.time() - t, 1), "compile_calls": len(doc["compiles"]),
+                                      "compiled": len(miss), "compile_s": round(sum(c["s"] for c in miss), 1),
+                                      "slowest": sorted(miss, key=lambda c: -c["s"])[:8]}
+        print(f"prebuild: {key}: {doc.get('wall_s')} s, {len(miss)} kernels compiled", flush=True)
     from fastseg.bench.triton_cache import relocate
 
     full = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.cache_dir) for f in fs)

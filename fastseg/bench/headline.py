@@ -1,6 +1,6 @@
 """The headline GPU check: GPU tests + the headline benchmark table in one command under a global time budget.
 
-``python -m fastseg.bench.headline [--dry-run] [--out DIR] [--budget S] [--only a,b] [--list]``
+``python -m fastseg.bench.headline [--dry-run] [--out DIR] [--budget S] [--only a,b] [--skip a,b] [--list]``
 (``benchmarks/gpu_check.sh`` installs the project and calls this). Each entry of :data:`STEPS` runs in its own
 subprocess under its own time limit (so a stuck compile costs one step, not the call); a bench step appends
 its rows to ``rows.jsonl`` after every case, and each case also has a SIGALRM limit. Failures, OOM and
@@ -36,7 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class Step:
     """One entry of the check. ``kind`` "bench": ``op`` at ``shapes`` (``dry_shapes`` in a dry run), bf16,
     ``modes``, ``impls`` (compiled baselines are run after all the others, so a slow compile only loses its own
-    rows). ``kind`` "pytest": ``args`` (``dry_args`` in a dry run; ``None`` = skipped there)."""
+    rows). ``kind`` "pytest": ``args`` (``dry_args`` in a dry run; ``None`` = skipped there). ``env``: set in
+    the step's process (a step with an ``env`` runs in a process of its own in a dry run too). ``rename``:
+    registry impl name -> the impl name of its rows (a renamed row is a baseline, never its group's fastseg
+    row); ``group``: the step whose rows these rows join for the ratios and the table (e.g. the same kernels
+    under another ``env``: an A/B in two processes)."""
 
     name: str
     kind: str
@@ -51,6 +55,11 @@ class Step:
     args: list = field(default_factory=list)
     dry_args: list | None = None
     env: dict = field(default_factory=dict)
+    rename: dict = field(default_factory=dict)
+    group: str = ""
+
+    def row_impl(self, impl: str) -> str:
+        return self.rename.get(impl, impl)
 
 
 COMPILED = ("flex", "compile")  # baselines whose first call compiles (run last within a step)
@@ -68,7 +77,7 @@ STEPS: list[Step] = [
     Step("msca", "bench", 80, "MSCA at MSCAN-T stage 1 and MSCAN-B stage 3 (512x512, batch 16)", op="msca",
          shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}, {"B": 16, "C": 320, "H": 32, "W": 32}],
          dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
-         impls=("fastseg", "fastseg-cl", "eager", "eager-cl", "compile")),
+         impls=("fastseg", "fastseg-cl", "eager", "eager-cl", "compile"), env={"FASTSEG_MSCA_FUSED": "1"}),
     Step("context-cluster", "bench", 50, "context cluster at coc_tiny stage 1 (224x224, batch 128)",
          op="context-cluster",
          shapes=[{"B": 128, "dim": 32, "H": 56, "W": 56, "proposal": 2, "fold": 8, "heads": 4, "head_dim": 24}],
@@ -103,6 +112,47 @@ STEPS: list[Step] = [
                    "tests/test_msca.py", "tests/test_mlp_dwconv.py", "tests/test_context_cluster.py",
                    "tests/test_ms_deform_attn.py"],
          env={**_TEST_ENV, "PYTHONPATH": "tests/gpu"}),
+    # ---- added after the headline steps, each small, so the steps above run first. GPU-second estimates
+    # (H100/H200, no prebuilt Triton cache; a process start with the torch import and CUDA init is ~6 s;
+    # compile times from benchmarks/prebuild_triton_cache.py for sm_90 on the project's CPU, 2026-12-02):
+    # MSCA unfused at MSCAN-T stage 1, rows joining the msca step's (their ratio is the fused/unfused A/B).
+    # ~15 s: start 6 s; the unfused kernels' 16 autotune configs (dw fwd, pw fwd / bwd, w3 bwd, dw bwd)
+    # compile in 9.6 s if the msca step's C=320 rows (the same kernels) did not already; autotuning + 2 cases
+    # ~2 s.
+    Step("msca-unfused", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_FUSED=0 (the unfused kernels) "
+         "as row fastseg-unfused next to the msca step's fastseg row (=1): the fused / unfused A/B",
+         op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
+         impls=("fastseg",), rename={"fastseg": "fastseg-unfused"}, group="msca", case_limit_s=20,
+         env={"FASTSEG_MSCA_FUSED": "0"}),
+    # ~18 s: start 6 s; FASTSEG_AUTOTUNE=0, one config per kernel: 10 compiles (fwd with / without dropout,
+    # dq, dk/dv, at both shapes) 7.4 s; 12 cases (sub-ms to few-ms ops: build + do_bench) ~4 s. With
+    # autotuning it would be ~4x the compiles. No torch.compile row (Inductor alone would be ~30-60 s).
+    Step("atm-attention", "bench", 30, "SegViT ATM cross-attention (output + head-mean logits), one decoder "
+         "layer, ADE20K: ViT-B 384/12 at 512x512 batch 8, ViT-L 512/16 at 640x640 batch 2 (dropout 0.1 in "
+         "training), vs the official layer and SDPA + logits matmul; default kernel configs",
+         op="atm-attention",
+         shapes=[{"B": 8, "K": 150, "H": 32, "W": 32, "C": 384, "heads": 12},
+                 {"B": 2, "K": 150, "H": 40, "W": 40, "C": 512, "heads": 16}],
+         dry_shapes=[{"B": 1, "K": 5, "H": 4, "W": 4, "C": 16, "heads": 2}],
+         impls=("fastseg", "eager", "sdpa"), case_limit_s=20, env={"FASTSEG_AUTOTUNE": "0"}),
+    # ~15 s: start 6 s; the ATM kernels mostly hit the Triton cache written by atm-attention (same env, bf16
+    # under autocast, head dim 32, dropout), else ~1 s a kernel; 2 ViT-B builds ~3 s; ~20 steps of ~50 ms.
+    Step("segvit", "bench", 25, "SegViT-B training step (512x512, batch 4): ATM cross-attention layers patched "
+         "vs the official layers (default kernel configs)", op="segvit", modes=("fwdbwd",),
+         shapes=[{"model": "b", "B": 4, "img": 512, "K": 150}],
+         dry_shapes=[{"model": "t", "B": 1, "img": 64, "K": 5}], impls=("fastseg", "eager"), case_limit_s=20,
+         env={"FASTSEG_AUTOTUNE": "0"}),
+    # ~35 s: start 6 s; FASTSEG_AUTOTUNE=0: fused attention with dropout (fwd, dq, dk/dv), mask loss fwd / bwd,
+    # matcher costs, ~10 compiles at ~1 s; 4 model builds ~5 s; ~9 training steps a case (warm-up, do_bench's
+    # 5-run estimate + 1-2 reps, the memory run) of ~0.1-0.5 s, ~10 s.
+    Step("maskformer", "bench", 55, "MaskFormer head training step (R50-shaped features, 6 decoder layers, "
+         "Hungarian matcher, full-resolution focal + dice on every layer): Cityscapes 1024x2048 Q=100 B=2 and "
+         "ADE20K 512x512 B=8, set_fused(True) vs the reference (default kernel configs)",
+         op="maskformer", modes=("fwdbwd",), case_limit_s=30,
+         shapes=[{"B": 2, "Q": 100, "H": 1024, "W": 2048, "T": 30, "K": 19},
+                 {"B": 8, "Q": 100, "H": 512, "W": 512, "T": 20, "K": 150}],
+         dry_shapes=[{"B": 1, "Q": 8, "H": 32, "W": 32, "T": 2, "K": 5}], impls=("fastseg", "reference"),
+         env={"FASTSEG_AUTOTUNE": "0"}),
 ]
 
 
@@ -139,6 +189,23 @@ TARGETS: list[Target] = [
            shape="1024x2048"),
     Target("MSDeformAttn fwd+bwd >= 5x the grid_sample path", "ms-deform-attn", "eager", "speedup", 5),
     Target("MSDeformAttn peak memory <= 1/4 of the grid_sample path", "ms-deform-attn", "eager", "mem", 4),
+    # issue 16's targets (training step at 1024x2048 Q=100 B=2 and 512x512 B=8)
+    Target("MaskFormer training step peak memory <= 1/3 of the reference", "maskformer", "reference", "mem", 3),
+    Target("MaskFormer training step at least as fast as the reference", "maskformer", "reference", "speedup", 1),
+    # issues 12 / 17 / 18 set no number for these: 1x = the fused path is not slower (not larger) than the one
+    # it replaces
+    Target("MSCA fused kernels fwd+bwd >= 1x the unfused (FASTSEG_MSCA_FUSED=0; no issue number)", "msca",
+           "fastseg-unfused", "speedup", 1),
+    Target("MSCA fused kernels fwd >= 1x the unfused (FASTSEG_MSCA_FUSED=0; no issue number)", "msca",
+           "fastseg-unfused", "speedup", 1, mode="fwd"),
+    Target("ATM attention fwd+bwd >= 1x the official layer (no issue number)", "atm-attention", "eager",
+           "speedup", 1),
+    Target("ATM attention peak memory <= the official layer's (no issue number)", "atm-attention", "eager",
+           "mem", 1),
+    Target("CAC classifier training step >= 1x the reference block (no issue number)", "cac", "eager",
+           "speedup", 1),
+    Target("CAC classifier training step peak memory <= the reference's (no issue number)", "cac", "eager",
+           "mem", 1),
 ]
 
 
@@ -150,18 +217,26 @@ def _alarm(seconds: int):
     signal.alarm(seconds)
 
 
-def _row(spec, shape, dtype, mode, impl, m, device, backend) -> dict:
+def _row(spec, shape, dtype, mode, impl, m, device, backend, step: Step, kernels: str = "") -> dict:
     from .registry import DTYPE_NAMES
 
     status = m.status
     if status == "error" and m.note.startswith("TimeoutError"):
         status = "timeout"
+    name = step.row_impl(impl.name)
     return {"op": spec.name, "shape": spec.shape_label(shape), "params": json.dumps(shape, sort_keys=True),
-            "dtype": DTYPE_NAMES[dtype], "mode": mode, "impl": impl.name, "fastseg": impl.fastseg,
+            "dtype": DTYPE_NAMES[dtype], "mode": mode, "impl": name, "fastseg": impl.fastseg and name == impl.name,
             "backend": backend if impl.name.startswith("fastseg") else "pytorch", "status": status,
             "time_ms": m.time_ms, "peak_bytes": m.peak_bytes,
             "peak_mib": None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 3), "note": m.note,
-            "device": str(device)}
+            "device": str(device), "group": step.group or step.name, "env": _env_label(step, actual=True),
+            "kernels": kernels}
+
+
+def _env_label(step: Step, actual: bool = False) -> str:
+    """``K=V ...`` of the step's env (``actual``: the values this process really has)."""
+    return " ".join(f"{k}={os.environ.get(k) if actual else v}" for k, v in sorted(step.env.items())
+                    if k != "PYTHONPATH")
 
 
 def run_bench_step(step: Step, dry: bool, rows_path: str) -> int:
@@ -173,6 +248,8 @@ def run_bench_step(step: Step, dry: bool, rows_path: str) -> int:
 
     if not dry:
         install_listener(step.name)
+
+    from fastseg._backend import launches
 
     from .measure import Measurement, measure
     from .registry import DTYPES, all_ops
@@ -188,14 +265,16 @@ def run_bench_step(step: Step, dry: bool, rows_path: str) -> int:
             f.write(json.dumps(row, default=str) + "\n")
         t = "-" if row["time_ms"] is None else f"{row['time_ms']:.3f} ms"
         p = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f} MiB"
+        k = f" [kernels: {row['kernels']}]" if step.env and row.get("kernels") else ""
         print(f"  {row['op']} | {row['shape']} | {row['mode']} | {row['impl']}: {row['status']} {t} {p} "
-              f"{row['note'][:120]}", flush=True)
+              f"{row['note'][:120]}{k}", flush=True)
 
     if step.op not in ops:
-        emit({"op": step.op, "shape": "-", "params": "{}", "dtype": "-", "mode": "-", "impl": "fastseg",
-              "fastseg": True, "backend": "-", "status": "unavailable", "time_ms": None, "peak_bytes": None,
-              "peak_mib": None, "note": f"op {step.op!r} is not registered in fastseg.bench in this build",
-              "device": str(device)})
+        emit({"op": step.op, "shape": "-", "params": "{}", "dtype": "-", "mode": "-",
+              "impl": step.row_impl("fastseg"), "fastseg": not step.rename, "backend": "-", "status": "unavailable",
+              "time_ms": None, "peak_bytes": None, "peak_mib": None,
+              "note": f"op {step.op!r} is not registered in fastseg.bench in this build", "device": str(device),
+              "group": step.group or step.name, "env": _env_label(step, actual=True), "kernels": ""})
         return 0
     spec = ops[step.op]
     backend = fastseg_backend(device)
@@ -206,6 +285,7 @@ def run_bench_step(step: Step, dry: bool, rows_path: str) -> int:
     for impl in order:
         for shape in shapes:
             for mode in step.modes:
+                before = dict(launches)
                 if impl.gpu_only and device.type != "cuda":
                     m = Measurement("skipped", note="GPU-only baseline (compiled); skipped on CPU")
                 else:
@@ -217,7 +297,9 @@ def run_bench_step(step: Step, dry: bool, rows_path: str) -> int:
                         m = Measurement("timeout", note=f"TimeoutError: {exc}")
                     finally:
                         signal.alarm(0)
-                emit(_row(spec, shape, dtype, mode, impl, m, device, backend))
+                # the fastseg kernels this case launched (fastseg.launches): which path really ran, e.g. an A/B
+                ran = " ".join(sorted(k for k, n in launches.items() if n > before.get(k, 0)))
+                emit(_row(spec, shape, dtype, mode, impl, m, device, backend, step, ran))
     return 0
 
 
@@ -389,23 +471,26 @@ def _fill_missing(step: Step, rows: list[dict], dry: bool, reason: str) -> list[
         label = spec.shape_label(spec.full_shape(s))
         for mode in step.modes:
             for impl in (step.impls or [i.name for i in spec.impls]):
-                if (label, mode, impl) not in have:
+                name = step.row_impl(impl)
+                if (label, mode, name) not in have:
                     out.append({"step": step.name, "op": step.op, "shape": label,
                                 "params": json.dumps(spec.full_shape(s), sort_keys=True), "dtype": "bf16",
-                                "mode": mode, "impl": impl, "fastseg": impl == "fastseg", "backend": "-",
+                                "mode": mode, "impl": name, "fastseg": name == "fastseg", "backend": "-",
                                 "status": reason, "time_ms": None, "peak_bytes": None, "peak_mib": None,
-                                "note": f"step {step.name} {reason} before this case", "device": "-"})
+                                "note": f"step {step.name} {reason} before this case", "device": "-",
+                                "group": step.group or step.name, "env": _env_label(step), "kernels": ""})
     return out
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup / mem_ratio of each row against fastseg's, within (step, shape, mode), as ``fastseg bench``
-    computes them (:func:`fastseg.bench.runner._add_ratios`); fastseg's own rows carry none."""
+    """speedup / mem_ratio of each row against fastseg's, within (group, shape, mode) (a step's group is the
+    step itself unless :attr:`Step.group` names another), as ``fastseg bench`` computes them
+    (:func:`fastseg.bench.runner._add_ratios`); fastseg's own rows carry none."""
     from .runner import _add_ratios
 
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r.get("step"), r["shape"], r["mode"]), []).append(r)
+        groups.setdefault((r.get("group") or r.get("step"), r["shape"], r["mode"]), []).append(r)
     for group in groups.values():
         _add_ratios(group)
         for r in group:
@@ -427,7 +512,8 @@ def evaluate_targets(rows: list[dict], targets: list[Target], dry: bool) -> list
             v = r.get(key)
             if v is None:
                 verdict, why = "NOT MEASURED", f"{t.baseline}: {r['status']} {r['note'][:80]}".strip()
-                fast = [x for x in rows if x.get("step") == r.get("step") and x["shape"] == r["shape"]
+                grp = r.get("group") or r.get("step")
+                fast = [x for x in rows if (x.get("group") or x.get("step")) == grp and x["shape"] == r["shape"]
                         and x["mode"] == r["mode"] and x["impl"] == "fastseg"]
                 if fast and fast[0]["status"] != "ok":
                     why = f"fastseg: {fast[0]['status']} {fast[0]['note'][:80]}".strip()
@@ -523,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 470)),
                    help="seconds for all steps together (default 470, or $GPU_CHECK_BUDGET_S)")
     p.add_argument("--only", help="comma-separated step names")
+    p.add_argument("--skip", help="comma-separated step names not to run (e.g. to leave the budget to later steps)")
     p.add_argument("--list", action="store_true", help="list the steps and targets")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -532,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench_step(steps[args.child], args.dry_run, args.rows)
     if args.list:
         for s in STEPS:
-            print(f"{s.name:22s} {s.kind:6s} limit {s.limit_s:4d} s  {s.what}")
+            tag = f" [{_env_label(s)}]" if _env_label(s) else ""
+            print(f"{s.name:22s} {s.kind:6s} limit {s.limit_s:4d} s  {s.what}{tag}")
         for t in TARGETS:
             print(f"target: {t.text}")
         return 0
@@ -557,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     for pth in (rows_path, test_log):
         if os.path.exists(pth):
             os.remove(pth)
-    chosen = [s for s in STEPS if not args.only or s.name in args.only.split(",")]
+    skip = set(args.skip.split(",")) if args.skip else set()
+    chosen = [s for s in STEPS if (not args.only or s.name in args.only.split(",")) and s.name not in skip]
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
     cache_before = _cache_entries(cache_dir)
     if cache_before:
@@ -577,8 +666,10 @@ def main(argv: list[str] | None = None) -> int:
             step_results[step.name] = {"status": "skipped", "note": "global budget spent", "limit_s": 0}
             console.print(f"[yellow]### {step.name}: skipped, global budget spent[/]")
             continue
-        console.print(f"### {step.name} ({step.kind}, limit {limit:.0f} s): {step.what}", highlight=False)
-        if dry and step.kind == "bench" and step is not first_bench:
+        tag = f" [{_env_label(step)}]" if _env_label(step) else ""
+        console.print(f"### {step.name} ({step.kind}, limit {limit:.0f} s): {step.what}{tag}", highlight=False,
+                      markup=False)
+        if dry and step.kind == "bench" and step is not first_bench and not step.env:
             res = _run_in_process(step, rows_path)
         else:
             res = _run_child(step, dry, limit, out, rows_path, test_log)
@@ -591,15 +682,17 @@ def main(argv: list[str] | None = None) -> int:
         if step.kind == "bench" and res.get("status") != "ok":
             rows += _fill_missing(step, rows, dry, res.get("status", "skipped"))
     order = {s.name: i for i, s in enumerate(STEPS)}
-    impl_order = {}
+    impl_order = {}  # (group, row impl) -> position: a group's impls in step order, then each step's impls
     for s in STEPS:
-        for i, name in enumerate(s.impls or ()):
-            impl_order[(s.name, name)] = i
+        for name in s.impls or ():
+            key = (s.group or s.name, s.row_impl(name))
+            impl_order.setdefault(key, sum(1 for k in impl_order if k[0] == key[0]))
     shape_order = {}
     for r in rows:
-        shape_order.setdefault((r.get("step"), r["shape"]), len(shape_order))
-    rows.sort(key=lambda r: (order.get(r.get("step"), 99), shape_order[(r.get("step"), r["shape"])],
-                             r["mode"] != "fwd", impl_order.get((r.get("step"), r["impl"]), 99)))
+        r.setdefault("group", r.get("step"))
+        shape_order.setdefault((r["group"], r["shape"]), len(shape_order))
+    rows.sort(key=lambda r: (order.get(r["group"], 99), shape_order[(r["group"], r["shape"])],
+                             r["mode"] != "fwd", impl_order.get((r["group"], r["impl"]), 99)))
     add_ratios(rows)
     verdicts = evaluate_targets(rows, TARGETS, dry)
     cache = None

@@ -184,7 +184,9 @@ def _segvit_prep(fused: bool, compile_: bool = False):
 
             model, report = fastseg.patch(model, ops=["atm_attention"], verify=False)
             if not report.replaced:
-                raise Unavailable("fastseg.patch found no ATM attention layer to swap")
+                why = "; ".join(sorted({sk.reason for sk in report.skipped}))[:200]
+                raise Unavailable("fastseg.patch found no ATM attention layer to swap"
+                                  + (f" (skipped: {why})" if why else ""))
         x = randn((s["B"], 3, s["img"], s["img"]), param_dtype, device, generator(device))
         fn = compiled(model) if compile_ else model
         amp = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.float16, torch.bfloat16)
