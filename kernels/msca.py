@@ -39,8 +39,8 @@ from fastseg._backend import interpreter_enabled, record_launch
 
 from .partial_sums import sum_rows
 
-__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "use_fused_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_pw_w3_bwd",
-           "msca_dw_bwd"]
+__all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "use_fused_fwd", "msca_pw_bwd", "msca_w3_bwd",
+           "msca_pw_w3_bwd", "msca_dw_bwd", "msca_fused_bwd", "use_fused_bwd"]
 
 WPACK = 128
 #: column ranges in the packed per-channel parameter row.
@@ -273,15 +273,56 @@ def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, 
     return n, cb, th, tw, c, h, w
 
 
+@triton.jit
+def _dw_bwd_block(xb, xo, sh, sw, dsb, do, sdh, dxdb, dxb, wb, pS, pt, C, c1b, pm, cm, h, w, H, W, own_t,
+                  BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, SB: tl.constexpr,
+                  RWP: tl.constexpr):
+    """Depthwise backward of one (image, channel block, spatial block): x at xb + xo (in-plane offsets xo,
+    strides sh / sw; dx_direct at dxdb + xo, dx written at dxb + xo), ds at dsb + do (row stride sdh).
+    Recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight / bias
+    partials at pt), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)
+    on the block's own pixels (own_t)."""
+    W_ok = cm & (w >= 0) & (w < W)
+    in_img = W_ok & (h >= 0) & (h < H)
+    own = in_img & own_t
+    tl.debug_barrier()  # previous block finished reading the scratch
+    a0 = tl.where(in_img, _conv5x5(xb, xo, sh, sw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
+    tl.store(pS, a0)
+    ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
+    dso = tl.where(own, ds_c, 0.0)
+    tl.debug_barrier()
+    da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+                            7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
+    da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+                      11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
+    da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sdh, h, W_ok, H, in_img, own, dso,
+                      21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
+    tl.debug_barrier()  # everyone finished reading a0 from buffer 0 (the 5x5 weight grads read x)
+    tl.store(pS, tl.where(in_img, da0, 0.0))
+    da0o = tl.where(own, da0, 0.0)
+    _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
+    for u in range(5):
+        mh = own & (h >= 2 - u) & (h < H + 2 - u)
+        for v in range(5):
+            m = mh & (w >= 2 - v) & (w < W + 2 - v)
+            xv = tl.load(xb + (xo + ((u - 2) * sh + (v - 2) * sw)), mask=m, other=0.0)
+            _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
+    tl.debug_barrier()  # da0 of the whole block in buffer 0
+    dx = tl.load(dxdb + xo, mask=own, other=0.0).to(ACC)
+    for u in range(5):
+        for v in range(5):
+            dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
+    tl.store(dxb + xo, dx.to(dxb.dtype.element_ty), mask=own)
+
+
 @triton.jit(do_not_specialize=["C", "H", "W", "sn", "sc", "sh", "n_cb", "n_th", "n_tw", "total"])
 def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_ptr, C, H, W, sn, sc, sh, sw,
                         n_cb, n_th, n_tw, total, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr,
                         ACC: tl.constexpr, M: tl.constexpr):
     """x, ds, dxd and dx share one set of strides (s*: one in-plane offset tensor serves all); partials:
-    (N * n_th * n_tw, NP * C) parameter-major.
-    Per tile: recompute a0 (scratch buffer 0), the three strip branches back to da0 (with their 90 weight /
-    bias partials), then da0 replaces a0 in buffer 0 for the 5x5's 26 partials and dx = dxd + conv5x5^T(da0)."""
+    (N * n_th * n_tw, NP * C) parameter-major. One (n, channel block, spatial tile) per item:
+    :func:`_dw_bwd_block` with ds read from global memory."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c1 = tl.arange(0, BC)
@@ -294,46 +335,103 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
     own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
-        cm = c < C
         c1b = cb * BC + c1
-        pm = c1b < C
-        W_ok = cm & (w >= 0) & (w < W)
-        in_img = W_ok & (h >= 0) & (h < H)
-        own = in_img & own_t
         base = n.to(tl.int64) * sn + c.to(tl.int64) * sc
-        xb = x_ptr + base
-        dsb = ds_ptr + base
         do = h * sh + w * sw
-        wb = wp_ptr + c * WP
         pt = part_ptr + ((n * n_th + th) * n_tw + tw).to(tl.int64) * (NP * C)
-        tl.debug_barrier()  # previous item finished reading the scratch
-        a0 = tl.where(in_img, _conv5x5(xb, do, sh, sw, h, w, H, W, wb, cm, BC, RH, RW, ACC), 0.0)
-        tl.store(pS, a0)
-        ds_c = tl.load(dsb + do, mask=in_img, other=0.0).to(ACC)
-        dso = tl.where(own, ds_c, 0.0)
-        tl.debug_barrier()
-        da0 = ds_c + _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
-                                7, 25, 32, 104, 105, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
-                          11, 39, 50, 106, 107, BC, RH, RW, ACC, SB, RWP)
-        da0 += _strip_bwd(pS, wb, cm, pt, C, c1b, pm, dsb, do, sh, h, W_ok, H, in_img, own, dso,
-                          21, 61, 82, 108, 109, BC, RH, RW, ACC, SB, RWP)
-        tl.debug_barrier()  # everyone finished reading a0 from buffer 0 (the 5x5 weight grads read x)
-        tl.store(pS, tl.where(in_img, da0, 0.0))
-        da0o = tl.where(own, da0, 0.0)
-        _pstore(pt, C, c1b, pm, 103, 1, 0, _psum(da0o))
-        for u in range(5):
-            mh = own & (h >= 2 - u) & (h < H + 2 - u)
-            for v in range(5):
-                m = mh & (w >= 2 - v) & (w < W + 2 - v)
-                xv = tl.load(xb + (do + ((u - 2) * sh + (v - 2) * sw)), mask=m, other=0.0)
-                _pstore(pt, C, c1b, pm, 0, 25, u * 5 + v, _psum(da0o * xv.to(ACC)))
-        tl.debug_barrier()  # da0 of the whole block in buffer 0
-        dx = tl.load(dxd_ptr + base + do, mask=own, other=0.0).to(ACC)
-        for u in range(5):
-            for v in range(5):
-                dx += tl.load(wb + u * 5 + v, mask=cm, other=0.0) * _ld(pS, 0, 2 - u, 2 - v, SB, RWP)
-        tl.store(dx_ptr + base + do, dx.to(dx_ptr.dtype.element_ty), mask=own)
+        _dw_bwd_block(x_ptr + base, do, sh, sw, ds_ptr + base, do, sh, dxd_ptr + base, dx_ptr + base,
+                      wp_ptr + c * WP, pS, pt, C, c1b, c1b < C, c < C, h, w, H, W, own_t, BC, RH, RW, ACC, SB, RWP)
+
+
+@triton.jit(do_not_specialize=["H", "W", "sn", "sc", "sh", "dsc", "dband", "dk", "n_th", "n_tw", "total"])
+def _msca_fused_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, w3_ptr, b3_ptr, wp_ptr, part_ptr, part3_ptr, scr_ptr,
+                           dscr_ptr, H, W, sn, sc, sh, sw, dsc, dband, dk, n_th, n_tw, total,
+                           C: tl.constexpr, n_cb: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, PH: tl.constexpr,
+                           PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr,
+                           M: tl.constexpr, CP: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
+    """The whole backward for C <= CP channels, one spatial tile (n, th, tw) of every channel per item
+    (g, x, s, dx share strides). Phase 1, GP pixels of the block at a time on tensor cores: q = g*x and
+    ds = q @ W3 over the block's in-image pixels (tile + halo) into this program's ds scratch, and on the
+    tile's own pixels dx_direct = g * (s @ W3^T + b3) into dx and the tile's dW3 / db3 partial (part3 row:
+    (C + 1) * C). Phase 2, channel block by channel block: :func:`_dw_bwd_block` with ds from the scratch,
+    adding into dx. The ds scratch is a window of x's own layout (rows h0 - M .. h0 + RH + M of the block, in
+    x's in-plane strides, channel stride dsc), so x, ds and dx share one offset tensor: dk programs share a
+    band of dband elements side by side (RW columns each); the window's rows beyond the block are never
+    written and feed only halo pixels that no output reads."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c1 = tl.arange(0, BC)
+    cc = c1[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    RHP: tl.constexpr = RH + 2 * M
+    RWP: tl.constexpr = RW + 2 * M
+    SB: tl.constexpr = BC * RHP * RWP
+    pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * RHP + ii + M) * RWP + jj + M)
+    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    OH: tl.constexpr = RH - 2 * PH
+    OW: tl.constexpr = RW - 2 * PW
+    ch = tl.arange(0, CP)
+    chm = ch < C
+    pix = tl.arange(0, GP)
+    # one flat loop over (tile, channel block) of this program's tiles: nothing but the counter is carried
+    # from one channel block to the next (a nested channel loop kept the tile's tensors live and spilled them)
+    n_mine = tl.cdiv(total - pid, nprog)
+    for k in range(0, n_mine * n_cb):
+        cb = k % n_cb
+        item = pid + (k // n_cb) * nprog
+        tw = item % n_tw
+        r = item // n_tw
+        th = r % n_th
+        n = r // n_th
+        h0 = th * OH - PH
+        w0 = tw * OW - PW
+        nb = n.to(tl.int64) * sn
+        slot = (pid // dk).to(tl.int64) * dband + (pid % dk) * (RW * sw)
+        dsp = dscr_ptr + (slot - ((h0 - M) * sh + w0 * sw))  # ds of pixel p: dsp + p's offset
+        row = item.to(tl.int64)
+        if cb == 0:  # the tile's GEMM phase
+            w_oc = tl.load(w3_ptr + ch[:, None] * C + ch[None, :], mask=chm[:, None] & chm[None, :], other=0.0)
+            w_co = tl.trans(w_oc)
+            bias = tl.load(b3_ptr + ch, mask=chm, other=0.0).to(ACC)
+            acc_w = tl.zeros([CP, CP], ACC)
+            acc_b = tl.zeros([CP], ACC)
+            tl.debug_barrier()  # the previous tile's depthwise phase finished reading the ds scratch
+            for p0 in range(0, RH * RW, GP):  # GP pixels of the block (row-major) at a time
+                pr = (p0 + pix) // RW
+                pc = (p0 + pix) % RW
+                hh = h0 + pr
+                ww = w0 + pc
+                in_img = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                own = in_img & (pr >= PH) & (pr < RH - PH) & (pc >= PW) & (pc < RW - PW)
+                m2 = in_img[:, None] & chm[None, :]
+                po = hh * sh + ww * sw  # 32-bit in-image offsets
+                off = po[:, None] + ch[None, :] * sc
+                gv = tl.load(g_ptr + nb + off, mask=m2, other=0.0)
+                xv = tl.load(x_ptr + nb + off, mask=m2, other=0.0)
+                q = (gv.to(ACC) * xv.to(ACC)).to(xv.dtype)
+                ds = tl.dot(q, w_oc, input_precision=PREC)  # ds[p, c] = sum_o q[p, o] W3[o, c]
+                tl.store(dsp + (po[:, None] + ch[None, :] * dsc), ds.to(dscr_ptr.dtype.element_ty), mask=m2)
+                mo = own[:, None] & chm[None, :]
+                sv = tl.load(s_ptr + nb + off, mask=mo, other=0.0)
+                at = tl.dot(sv, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
+                tl.store(dx_ptr + nb + off, (gv.to(ACC) * (at + bias[None, :])).to(dx_ptr.dtype.element_ty),
+                         mask=mo)
+                acc_w += tl.dot(tl.trans(q), sv, input_precision=PREC)  # s is 0 off the own pixels
+                acc_b += tl.sum(tl.where(mo, q, 0.0).to(ACC), axis=0)
+            p3 = part3_ptr + row * ((C + 1) * C)
+            tl.store(p3 + ch[:, None] * C + ch[None, :], acc_w, mask=chm[:, None] & chm[None, :])
+            tl.store(p3 + C * C + ch, acc_b, mask=chm)
+            tl.debug_barrier()  # ds of the block and dx_direct of the own pixels written
+        h = h0 + ii
+        w = w0 + jj
+        xo = h * sh + w * sw
+        c = cb * BC + cc
+        c1b = cb * BC + c1
+        base = nb + c.to(tl.int64) * sc
+        _dw_bwd_block(x_ptr + base, xo, sh, sw, dsp + c * dsc, xo, sh, dx_ptr + base, dx_ptr + base,
+                      wp_ptr + c * WP, pS, part_ptr + row * (NP * C), C, c1b, c1b < C, c < C, h, w, H, W, own_t,
+                      BC, RH, RW, ACC, SB, RWP)
 
 
 # ------------------------------------------------------------------------------------- pointwise kernels
@@ -580,6 +678,25 @@ def _scratch(nprog: int, nbuf: int, BC: int, RH: int, RW: int, dtype, device) ->
     return buf
 
 
+def _flat_scratch(n: int, dtype, device) -> torch.Tensor:
+    """A cached flat buffer of at least n elements, zero when first made (later: what the last call left)."""
+    key = (device, dtype, "flat")
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[key] = torch.zeros(n, dtype=dtype, device=device)
+    return buf
+
+
+def _layout(x: torch.Tensor):
+    """"nchw" / "cl" when x (N, C, H, W) has exactly the contiguous strides of that format, else None."""
+    N, C, H, W = x.shape
+    if x.stride() == (C * H * W, H * W, W, 1):
+        return "nchw"
+    if x.stride() == (H * W * C, 1, W * C, C):
+        return "cl"
+    return None
+
+
 def _pix_strides(t: torch.Tensor):
     """(n, c, p) strides of a (N, C, H, W) tensor whose (h, w) dims flatten to one index p = h*W + w."""
     sn, sc, sh, sw = t.stride()
@@ -742,6 +859,90 @@ def msca_w3_bwd(g, x, s, dtype=None):
     _msca_w3_bwd_kernel[grid](g, x, s, part, C, HW, M, chunk, *_pix_strides(g), *_pix_strides(x),
                               *_pix_strides(s), PREC=_prec(x), ACC=acc_tl)
     return sum_rows(part.view(split, (C + 1) * C), dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
+
+
+#: largest channel count of the one-kernel backward (:func:`msca_fused_bwd`: its ds scratch holds every channel
+#: of a block); larger C, or too few tiles on a GPU: msca_pw_w3_bwd / msca_pw_bwd + msca_w3_bwd, then msca_dw_bwd.
+#: Opt-in (FASTSEG_MSCA_FUSED_BWD=1, or set this to 64) until a GPU timing decides: it moves 4T + partials
+#: instead of 9T when its re-reads hit L2, but a program's live data (~1.1 MB at C = 32) is three times an SM's
+#: share of H100's L2, so those re-reads may come from DRAM (benchmarks/results/notes/msca_bytes.md).
+FUSED_BWD_MAX_C = 64 if _FUSED and os.environ.get("FASTSEG_MSCA_FUSED_BWD", "0") == "1" else 0
+FUSED_BWD_CAP_C = 64  # what msca_fused_bwd itself takes (its register budget was checked up to C = 64)
+_BWD_HALO = 12  # the fused backward's tile halo in rows and columns: ds of the own rows +- 12 lives in its block
+
+
+def fused_bwd_tiles(N: int, H: int, W: int) -> int:
+    """Items (spatial tiles) of the one-kernel backward at (N, ., H, W) on a GPU."""
+    RH, RW, _ = _dw_config(H, W, _BWD_HALO, _BWD_HALO)
+    return N * triton.cdiv(H, RH - 2 * _BWD_HALO) * triton.cdiv(W, RW - 2 * _BWD_HALO)
+
+
+def use_fused_bwd(x: torch.Tensor) -> bool:
+    """Whether the op runs :func:`msca_fused_bwd` for x (N, C, H, W): C <= FUSED_BWD_MAX_C and, on CUDA, at
+    least one spatial tile per SM (FUSED_FWD_MIN_TILES_PER_SM, as the forward); always under the interpreter.
+    x must have the exact NCHW or channels_last strides (the ds scratch is a window of that layout)."""
+    N, C, H, W = x.shape
+    if C > FUSED_BWD_MAX_C or _layout(x) is None:
+        return False
+    if x.device.type != "cuda":
+        return True
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return fused_bwd_tiles(N, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+
+
+def msca_fused_bwd(g, x, s, wpack, w3, b3, w3_dtype=None, dw_dtype=None):
+    """The whole backward in one kernel (+ two fixed-order reductions) for C <= FUSED_BWD_CAP_C: returns
+    (dx in x's dtype / strides, (C + 1, C) dW3 rows then db3 in ``w3_dtype``, the flat depthwise gradients of
+    :func:`msca_dw_bwd` in ``dw_dtype``); g, x, s share strides, w3 (C, C) in x's dtype, b3 (C,) fp32 (fp64).
+    A program takes a spatial tile of every channel: ds of the tile + halo from a GEMM into its scratch, then
+    the depthwise backward from there, so ds and dx_direct never become full tensors."""
+    N, C, H, W = x.shape
+    if C > FUSED_BWD_CAP_C:
+        raise ValueError(f"msca_fused_bwd: C={C} > {FUSED_BWD_CAP_C} channels")
+    acc_tl, acc_t = _acc_dtype(x)
+    PH = PW = _BWD_HALO
+    RH, RW, warps = _dw_config(H, W, PH, PW)
+    if not (_ENV_BLOCK and not interpreter_enabled()):
+        warps = max(4, warps // 2)  # as msca_dw_bwd: 16 pixels per thread in the depthwise phase
+    BC = _channel_block(C, RH, RW)
+    n_cb, n_th, n_tw = triton.cdiv(C, BC), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    total = N * n_th * n_tw
+    if x.device.type == "cuda":  # one 8-warp program per SM holds the register file; the scratch stays small
+        nprog = max(1, min(total, torch.cuda.get_device_properties(x.device).multi_processor_count))
+    else:
+        nprog = max(1, min(total, 4))
+    CP = max(16, triton.next_power_of_2(C))
+    gdt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t
+    sn, sc, sh, sw = x.stride()
+    layout = _layout(x)
+    if layout is None:
+        raise ValueError(f"msca_fused_bwd: x must be NCHW- or channels_last-contiguous, got strides {x.stride()}")
+    # the ds scratch: a program's window is RH + 2 * MARGIN rows of x's in-plane strides by RW columns (all
+    # channels: channel stride 1 in channels_last, one such band per channel in NCHW); dk = W // RW programs
+    # sit side by side in one band, so the buffer is about nprog * (RH + 2 * MARGIN) * RW * C elements
+    dk = max(1, W // RW)
+    band = (RH + 2 * MARGIN) * sh
+    plane = triton.cdiv(nprog, dk) * band + RW * sw  # every program's window (NCHW: of one channel)
+    dsc, n_el = (1, plane) if layout == "cl" else (plane, C * plane)
+    scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
+    dscratch = _flat_scratch(n_el, gdt, x.device)
+    part = torch.empty(total, NPACK * C, dtype=acc_t, device=x.device)
+    part3 = torch.empty(total, (C + 1) * C, dtype=acc_t, device=x.device)
+    dx = torch.empty_like(x)
+    assert x.stride() == g.stride() == s.stride() == dx.stride(), "g, x, s, dx must share strides"
+    # GEMM steps of GP pixels: the interpreter takes the whole block at once (it costs per operation, not per
+    # element); on a GPU small enough for the GEMM phase to fit beside the depthwise phase's registers
+    # (sm_90, 8 warps, C = 32 / 64, every dtype / layout: 0 B spills at 32 pixels in 16-bit, <= 4 B in fp32;
+    # 64 pixels spilled up to 212-684 B at C = 64, 128 pixels 280-1396 B; benchmarks/results/notes/msca_bytes.md)
+    gp = RH * RW if interpreter_enabled() else 32
+    record_launch("msca_fused_bwd")
+    _msca_fused_bwd_kernel[(nprog,)](g, x, s, dx, w3, b3, wpack, part, part3, scratch, dscratch, H, W,
+                                     sn, sc, sh, sw, dsc, band, dk, n_th, n_tw, total, C=C, n_cb=n_cb, BC=BC,
+                                     RH=RH, RW=RW,
+                                     PH=PH, PW=PW, NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, CP=CP, GP=gp,
+                                     PREC=_prec(x), num_warps=warps)
+    g3 = sum_rows(part3, w3_dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
+    return dx, g3, sum_rows(part, dw_dtype or acc_t, "msca_dw_reduce")
 
 
 def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):

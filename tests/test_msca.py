@@ -14,14 +14,17 @@ from helpers import EXACT, TOL, assert_close
 
 
 
-KERNELS = {"msca_dw_bwd", "msca_w3_reduce", "msca_dw_reduce"}
+REDUCTIONS = {"msca_w3_reduce", "msca_dw_reduce"}
 
 
 def _kernels(x):
     """The Triton launches of one forward + backward of x (the dispatch rules of fastseg.ops.msca)."""
     fwd = {"msca_fused_fwd"} if K.use_fused_fwd(x) else {"msca_dw_fwd", "msca_pw_fwd"}
-    bwd = {"msca_pw_w3_bwd"} if x.shape[1] <= K.PW_FUSED_MAX_C else {"msca_pw_bwd", "msca_w3_bwd"}
-    return KERNELS | fwd | bwd
+    if K.use_fused_bwd(x):
+        bwd = {"msca_fused_bwd"}
+    else:
+        bwd = {"msca_dw_bwd"} | ({"msca_pw_w3_bwd"} if x.shape[1] <= K.PW_FUSED_MAX_C else {"msca_pw_bwd", "msca_w3_bwd"})
+    return REDUCTIONS | fwd | bwd
 
 
 def _pair(C, dtype, device):
@@ -83,6 +86,28 @@ def test_msca_unfused_pointwise_backward(device, triton_launches, monkeypatch):
     _check(2, 3, 7, 6, False, torch.float32, device, triton_launches)
     monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 8)
     _check(1, 5, 9, 13, False, EXACT, device, triton_launches)
+
+
+@pytest.mark.parametrize("N,C,H,W,channels_last,dtype", [
+    (2, 5, 9, 13, False, EXACT),
+    (1, 3, 5, 4, True, EXACT),
+    (1, 6, 23, 1, False, torch.float32),
+    (1, 3, 17, 70, True, EXACT),   # 32-wide blocks below: several tiles, two programs per ds scratch band
+    (1, 2, 19, 66, False, torch.float32),
+])
+def test_msca_fused_backward(N, C, H, W, channels_last, dtype, device, triton_launches, monkeypatch):
+    # the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1); its ds scratch poisoned with NaN first: the
+    # rows it never writes this call must reach no output or gradient
+    monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 64)
+    if W > 60:
+        if device != "cpu":
+            pytest.skip("the small-block case is for the interpreter")
+        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    for key, buf in K._SCRATCH.items():
+        if key[2] == "flat":
+            buf.fill_(float("nan"))
+    _check(N, C, H, W, channels_last, dtype, device, triton_launches)
+    assert triton_launches["msca_fused_bwd"] == 1
 
 
 def test_msca_fused_forward_dispatch():

@@ -314,6 +314,8 @@ def _msca_cases(preset: str):
                     else:
                         sm = K.msca_dw_fwd(x, wp)
                         K.msca_pw_fwd(sm, x, w3, b3)
+                    if C <= K.FUSED_BWD_CAP_C:  # the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1)
+                        K.msca_fused_bwd(x, x, sm, wp, w3, b3)
                     if C <= K.PW_FUSED_MAX_C:
                         ds, dxd, _ = K.msca_pw_w3_bwd(x, x, sm, w3, b3)
                     else:

@@ -100,6 +100,17 @@ def _pw_backward(K, g, x, s, w3m, b3a, w3_dtype):
     return ds, dxd, K.msca_w3_bwd(g, x, s, w3_dtype)
 
 
+def _backward_kernels(K, g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype):
+    """(dx, (C + 1, C) dW3 rows then db3 in w3_dtype, flat depthwise gradients in dw_dtype): the one-kernel
+    backward where :func:`use_fused_bwd` says so (g sharing x's strides), else the pointwise then the
+    depthwise backward kernels."""
+    if K.use_fused_bwd(x) and g.stride() == x.stride() == s.stride():
+        return K.msca_fused_bwd(g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
+    ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3_dtype)
+    dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw_dtype)  # flat, parameter after parameter (PACK order)
+    return dx, g3, gflat
+
+
 class _MSCAFunction(torch.autograd.Function):
     """Inputs: x, w3 (C, C, 1, 1) or (C, C), b3, then the 7 depthwise weights and the 7 biases (their grads are
     slices of one flat buffer, written by a single reduction launch in the parameters' dtype)."""
@@ -126,9 +137,8 @@ class _MSCAFunction(torch.autograd.Function):
         C = x.shape[1]
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         g = g.contiguous(memory_format=fmt).to(x.dtype)
-        ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3_dtype)  # g3 (C + 1, C): dW3 rows, then db3
         dw_dtype = dw_meta[0][1]
-        dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw_dtype)  # flat, parameter after parameter (PACK order)
+        dx, g3, gflat = _backward_kernels(K, g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
         grads, off = [], 0
         for shape, dt in dw_meta:
             n = shape.numel()
@@ -154,8 +164,7 @@ def _msca_grads(g, x, s, w3, b3, dw):
     C = x.shape[1]
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     g = g.contiguous(memory_format=fmt).to(x.dtype)
-    ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3.dtype)
-    dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw[0].dtype)
+    dx, g3, gflat = _backward_kernels(K, g, x, s, wp, w3m, b3a, w3.dtype, dw[0].dtype)
     grads, off = [], 0
     for t in dw:
         n = t.numel()

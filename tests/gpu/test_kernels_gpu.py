@@ -132,15 +132,18 @@ def test_mask_from_embeddings(dtype, triton_launches):
 # ------------------------------------------------------------------------------------------------ MSCA
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("one_pass", [True, False], ids=["fused", "unfused"])
-def test_msca(dtype, channels_last, one_pass, triton_launches, monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "split", "unfused"])
+def test_msca(dtype, channels_last, path, triton_launches, monkeypatch):
     from fastseg.kernels import msca as K
 
-    if one_pass:  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
+    if path != "unfused":  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
         monkeypatch.setattr(K, "FUSED_FWD_MIN_TILES_PER_SM", 0)
-    else:  # the kernels used above 64 channels, at this C
+    if path == "split":  # C <= 64 with too few tiles: the fused pointwise + dW3 backward, then the depthwise one
+        monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 0)
+    if path == "unfused":  # the kernels used above 64 channels, at this C
         monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 0)
         monkeypatch.setattr(K, "PW_FUSED_MAX_C", 0)
+        monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 0)
     N, C, H, W = big((2, 64, 67, 45), (1, 6, 9, 11))
     g = gen("msca", dtype, channels_last)
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g, device=DEV)))
@@ -167,9 +170,10 @@ def test_msca(dtype, channels_last, one_pass, triton_launches, monkeypatch):
     assert_close(x_f.grad, x_r.grad, TOL[dtype], "d x")
     for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
         assert_close(p.grad, p_ref.grad, TOL[dtype], f"d {name}")
-    want = ({"msca_fused_fwd", "msca_pw_w3_bwd"} if one_pass else
-            {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd"})
-    assert want | {"msca_dw_bwd"} <= set(triton_launches)
+    want = {"fused": {"msca_fused_fwd", "msca_fused_bwd"},
+            "split": {"msca_fused_fwd", "msca_pw_w3_bwd", "msca_dw_bwd"},
+            "unfused": {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}}[path]
+    assert want <= set(triton_launches)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
