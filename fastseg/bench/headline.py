@@ -78,6 +78,25 @@ STEPS: list[Step] = [
          shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}, {"B": 16, "C": 320, "H": 32, "W": 32}],
          dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
          impls=("fastseg", "fastseg-cl", "eager", "eager-cl", "compile"), env={"FASTSEG_MSCA_FUSED": "1"}),
+    # ---- the MSCA A/B steps run right after the msca step (their rows join its group)
+    # MSCA unfused at MSCAN-T stage 1, rows joining the msca step's (their ratio is the fused/unfused A/B).
+    # ~15 s: start 6 s; the unfused kernels' 16 autotune configs (dw fwd, pw fwd / bwd, w3 bwd, dw bwd)
+    # compile in 9.6 s if the msca step's C=320 rows (the same kernels) did not already; autotuning + 2 cases
+    # ~2 s.
+    Step("msca-unfused", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_FUSED=0 (the unfused kernels) "
+         "as row fastseg-unfused next to the msca step's fastseg row (=1): the fused / unfused A/B",
+         op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
+         impls=("fastseg",), rename={"fastseg": "fastseg-unfused"}, group="msca", case_limit_s=20,
+         env={"FASTSEG_MSCA_FUSED": "0"}),
+    # The opt-in one-kernel MSCA backward (FASTSEG_MSCA_FUSED_BWD=1) at the same shape, rows joining the msca
+    # step's: whether it may become the default (benchmarks/results/notes/msca_bytes.md: 1.52x the minimum
+    # bytes if its re-reads hit L2, up to 6.1x if not; the default split backward 3.15x). No target: a decision
+    # row. ~12 s: start 6 s; 4 kernels (fused fwd / bwd, two reductions) compile in ~5 s; 2 cases ~1 s.
+    Step("msca-fused-bwd", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_FUSED_BWD=1 (the one-kernel "
+         "backward) as row fastseg-fused-bwd next to the msca step's fastseg row (split backward)",
+         op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
+         impls=("fastseg",), rename={"fastseg": "fastseg-fused-bwd"}, group="msca", case_limit_s=20,
+         env={"FASTSEG_MSCA_FUSED": "1", "FASTSEG_MSCA_FUSED_BWD": "1"}),
     Step("context-cluster", "bench", 50, "context cluster at coc_tiny stage 1 (224x224, batch 128)",
          op="context-cluster",
          shapes=[{"B": 128, "dim": 32, "H": 56, "W": 56, "proposal": 2, "fold": 8, "heads": 4, "head_dim": 24}],
@@ -115,15 +134,6 @@ STEPS: list[Step] = [
     # ---- added after the headline steps, each small, so the steps above run first. GPU-second estimates
     # (H100/H200, no prebuilt Triton cache; a process start with the torch import and CUDA init is ~6 s;
     # compile times from benchmarks/prebuild_triton_cache.py for sm_90 on the project's CPU, 2026-12-02):
-    # MSCA unfused at MSCAN-T stage 1, rows joining the msca step's (their ratio is the fused/unfused A/B).
-    # ~15 s: start 6 s; the unfused kernels' 16 autotune configs (dw fwd, pw fwd / bwd, w3 bwd, dw bwd)
-    # compile in 9.6 s if the msca step's C=320 rows (the same kernels) did not already; autotuning + 2 cases
-    # ~2 s.
-    Step("msca-unfused", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_FUSED=0 (the unfused kernels) "
-         "as row fastseg-unfused next to the msca step's fastseg row (=1): the fused / unfused A/B",
-         op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
-         impls=("fastseg",), rename={"fastseg": "fastseg-unfused"}, group="msca", case_limit_s=20,
-         env={"FASTSEG_MSCA_FUSED": "0"}),
     # ~18 s: start 6 s; FASTSEG_AUTOTUNE=0, one config per kernel: 10 compiles (fwd with / without dropout,
     # dq, dk/dv, at both shapes) 7.4 s; 12 cases (sub-ms to few-ms ops: build + do_bench) ~4 s. With
     # autotuning it would be ~4x the compiles. No torch.compile row (Inductor alone would be ~30-60 s).

@@ -377,7 +377,9 @@ def _attention_cases(preset: str):
                 K.keep_mask(seed, B * h * Q, P, 0.1)  # fastseg.ops.dropout_keep_mask
                 emb = _meta((B, Q, E), dt)
                 feat = _meta((B, E, P), dt)
-                AM.sign_pack(emb, feat, "ieee" if dt != torch.float32 else "tf32", reset_empty=True)
+                # fp32: both precisions the op can pick (exact by default, TF32 when matmuls allow it)
+                for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+                    AM.sign_pack(emb, feat, prec, reset_empty=True)
             yield Case("masked_attention", f"B={s['B']} Q={s['Q']} {s['H']}x{s['W']} E={s['E']}/{s['heads']}h",
                        dn, "bhmd", run)
 

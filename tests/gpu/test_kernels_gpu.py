@@ -138,12 +138,12 @@ def test_msca(dtype, channels_last, path, triton_launches, monkeypatch):
 
     if path != "unfused":  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
         monkeypatch.setattr(K, "FUSED_FWD_MIN_TILES_PER_SM", 0)
-    if path == "split":  # C <= 64 with too few tiles: the fused pointwise + dW3 backward, then the depthwise one
-        monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 0)
+    # "fused": the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1); "split" (the default at C <= 64): the
+    # fused pointwise + dW3 backward, then the depthwise one
+    monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 64 if path == "fused" else 0)
     if path == "unfused":  # the kernels used above 64 channels, at this C
         monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 0)
         monkeypatch.setattr(K, "PW_FUSED_MAX_C", 0)
-        monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 0)
     N, C, H, W = big((2, 64, 67, 45), (1, 6, 9, 11))
     g = gen("msca", dtype, channels_last)
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g, device=DEV)))
