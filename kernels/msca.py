@@ -82,6 +82,23 @@ def _pstore(pt, C, c1, pm, O: tl.constexpr, KW: tl.constexpr, j, val):
 
 
 @triton.jit
+def _block_frame(scr_ptr, NBUF: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                 PH: tl.constexpr, PW: tl.constexpr, M: tl.constexpr):
+    """(c1, cc, ii, jj, pS, own_t) of a program's depthwise blocks: channel (1-D and 3-D), row and column
+    indices, the pointers of its scratch slot (NBUF buffers of BC x (RH + 2M) x (RW + 2M), see _ld) at each
+    block position, and the own-pixel mask (PH / PW halo rows / columns excluded)."""
+    c1 = tl.arange(0, BC)
+    cc = c1[:, None, None]
+    ii = tl.arange(0, RH)[None, :, None]
+    jj = tl.arange(0, RW)[None, None, :]
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
+    pS = scr_ptr + tl.program_id(0).to(tl.int64) * (NBUF * SB) + ((cc * (RH + 2 * M) + ii + M) * (RW + 2 * M)
+                                                                   + jj + M)
+    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    return c1, cc, ii, jj, pS, own_t
+
+
+@triton.jit
 def _conv5x5(xb, xo, sxh, sxw, h, w, H, W, wb, cm, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
              ACC: tl.constexpr):
     """a0 = b0 + 5x5 depthwise conv of zero-padded planes; xb + xo points at (h, w) of each block position
@@ -186,13 +203,9 @@ def _msca_dw_fwd_kernel(x_ptr, s_ptr, wp_ptr, scr_ptr, C, H, W, sxn, sxc, sxh, s
                         PH: tl.constexpr, PW: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr, M: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cc = tl.arange(0, BC)[:, None, None]
-    ii = tl.arange(0, RH)[None, :, None]
-    jj = tl.arange(0, RW)[None, None, :]
+    _, cc, ii, jj, pS, own_t = _block_frame(scr_ptr, 2, BC, RH, RW, PH, PW, M)
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
-    pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
-    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         tw = item % n_tw
         r = item // n_tw
@@ -218,13 +231,9 @@ def _msca_fused_fwd_kernel(x_ptr, s_ptr, y_ptr, wp_ptr, w3_ptr, b3_ptr, scr_ptr,
     time, from the s just written (in L2 / L1) and x (read by the depthwise pass moments before)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cc = tl.arange(0, BC)[:, None, None]
-    ii = tl.arange(0, RH)[None, :, None]
-    jj = tl.arange(0, RW)[None, None, :]
+    _, cc, ii, jj, pS, own_t = _block_frame(scr_ptr, 2, BC, RH, RW, PH, PW, M)
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
-    pS = scr_ptr + pid.to(tl.int64) * (2 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
-    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     OH: tl.constexpr = RH - 2 * PH
     OW: tl.constexpr = RW - 2 * PW
     ch = tl.arange(0, CP)
@@ -325,14 +334,9 @@ def _msca_dw_bwd_kernel(x_ptr, ds_ptr, dxd_ptr, dx_ptr, wp_ptr, part_ptr, scr_pt
     :func:`_dw_bwd_block` with ds read from global memory."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    c1 = tl.arange(0, BC)
-    cc = c1[:, None, None]
-    ii = tl.arange(0, RH)[None, :, None]
-    jj = tl.arange(0, RW)[None, None, :]
+    c1, cc, ii, jj, pS, own_t = _block_frame(scr_ptr, 3, BC, RH, RW, PH, PW, M)
     RWP: tl.constexpr = RW + 2 * M
     SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
-    pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * (RH + 2 * M) + ii + M) * RWP + jj + M)
-    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
     for item in range(pid, total, nprog):
         n, cb, th, tw, c, h, w = _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC, RH, RW, PH, PW)
         c1b = cb * BC + c1
@@ -360,15 +364,9 @@ def _msca_fused_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, w3_ptr, b3_ptr, wp_ptr, 
     written and feed only halo pixels that no output reads."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    c1 = tl.arange(0, BC)
-    cc = c1[:, None, None]
-    ii = tl.arange(0, RH)[None, :, None]
-    jj = tl.arange(0, RW)[None, None, :]
-    RHP: tl.constexpr = RH + 2 * M
+    c1, cc, ii, jj, pS, own_t = _block_frame(scr_ptr, 3, BC, RH, RW, PH, PW, M)
     RWP: tl.constexpr = RW + 2 * M
-    SB: tl.constexpr = BC * RHP * RWP
-    pS = scr_ptr + pid.to(tl.int64) * (3 * SB) + ((cc * RHP + ii + M) * RWP + jj + M)
-    own_t = (ii >= PH) & (ii < RH - PH) & (jj >= PW) & (jj < RW - PW)
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
     OH: tl.constexpr = RH - 2 * PH
     OW: tl.constexpr = RW - 2 * PW
     ch = tl.arange(0, CP)
