@@ -56,7 +56,7 @@ def _sign_pack_kernel(
         e = tl.load(E + b * stride_eb + offs_q[:, None] * stride_eq + (c0 + offs_c)[None, :] * stride_ec,
                     mask=q_ok[:, None] & c_ok[None, :], other=0.0)
         f = tl.load(F + b * stride_fb + (c0 + offs_c)[:, None] * stride_fc + offs_p[None, :] * stride_fp,
-                    mask=c_ok[:, None] & p_ok[None, :], other=0.0)
+                    mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(E.dtype.element_ty)  # as feat.to(emb.dtype)
         logits += _dot(e, f, PRECISION)
     allowed = ((logits >= 0) & p_ok[None, :]).to(tl.int32)
     bits = tl.reshape(allowed, (BLOCK_Q, BLOCK_W, 32)) << tl.arange(0, 32)[None, None, :]
@@ -81,8 +81,10 @@ def _reset_empty_kernel(Bits, Counts, N_WORDS, N_P, BLOCK_W: tl.constexpr):
 def sign_pack(emb: torch.Tensor, feat: torch.Tensor, precision: str,
               reset_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """emb (B, Q, C), feat (B, C, P) -> bits (B, 1, Q, ceil(P / 32)) int32, counts (B, Q) int32 (allowed
-    pixels per row before the reset). ``reset_empty``: rows with none allowed get every bit (a second
-    small kernel). Launches: counts' zero fill, the GEMM-and-pack kernel, the reset kernel."""
+    pixels per row before the reset). feat may have another float dtype than emb (e.g. fp32 level features,
+    bf16 embeddings): it is rounded to emb's dtype in registers, as ``feat.to(emb.dtype)`` would, without that
+    copy. ``reset_empty``: rows with none allowed get every bit (a second small kernel). Launches: counts'
+    zero fill, the GEMM-and-pack kernel, the reset kernel."""
     B, Q, C = emb.shape
     P = feat.shape[2]
     n_words = triton.cdiv(P, 32)

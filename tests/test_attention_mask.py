@@ -39,6 +39,24 @@ def test_packed_mask_matches_mask2former_recipe(device, triton_launches, dtype):
         assert torch.equal(ops.mask_from_embeddings(emb, level).bits, packed.bits)
 
 
+def test_packed_mask_mixed_dtypes(device, triton_launches):
+    # fp32 level features with lower-precision embeddings (Mask2Former under autocast): the kernel rounds the
+    # features to the embeddings' dtype itself, bit for bit as feat.to(emb.dtype), and launches no cast
+    from fastseg.bench.opcount import count
+
+    B, Q, C, h, w = 2, 9, 24, 5, 13
+    emb = torch.randn(B, Q, C, device=device, dtype=torch.float16)
+    level = torch.randn(B, C, h, w, device=device, dtype=torch.float32)
+    packed = ops.mask_from_embeddings(emb, level)
+    cast = ops.mask_from_embeddings(emb, level.to(torch.float16))
+    assert torch.equal(packed.bits, cast.bits)
+    res = count(lambda: ops.mask_from_embeddings(emb, level).bits, [], grad=False)
+    assert res["forward"]["aten"].get("_to_copy", 0) == 0, res["forward"]
+    assert res["forward"]["launches"] + sum(res["forward"]["aten"].values()) <= 3, res["forward"]  # issue 12
+    with fastseg.use_backend("torch"):
+        assert torch.equal(ops.mask_from_embeddings(emb, level).bits, packed.bits)
+
+
 def test_packed_mask_feeds_attention(device, triton_launches):
     B, Q, C, h, w, E, H = 2, 10, 8, 7, 9, 16, 2
     emb = torch.randn(B, Q, C, device=device, dtype=EXACT)

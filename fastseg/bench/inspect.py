@@ -380,6 +380,8 @@ def _attention_cases(preset: str):
                 # fp32: both precisions the op can pick (exact by default, TF32 when matmuls allow it)
                 for prec in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
                     AM.sign_pack(emb, feat, prec, reset_empty=True)
+                if dt != torch.float32:  # fp32 level features with 16-bit embeddings (rounded in the kernel)
+                    AM.sign_pack(emb, _meta((B, E, P), torch.float32), "ieee", reset_empty=True)
             yield Case("masked_attention", f"B={s['B']} Q={s['Q']} {s['H']}x{s['W']} E={s['E']}/{s['heads']}h",
                        dn, "bhmd", run)
 

@@ -503,14 +503,14 @@ def mask_from_embeddings(mask_embed: torch.Tensor, features: torch.Tensor, *, re
     feat = features.flatten(2)
     n_k = feat.shape[2]
     mask_embed, feat = mask_embed.detach(), feat.detach()
-    if feat.dtype != mask_embed.dtype:
-        feat = feat.to(mask_embed.dtype)
-    if _backend.select("mask_from_embeddings", device) == "triton":
+    if not feat.is_floating_point() or not mask_embed.is_floating_point():
+        raise TypeError(f"mask_from_embeddings: float tensors expected, got {mask_embed.dtype} and {feat.dtype}")
+    if _backend.select("mask_from_embeddings", device) == "triton":  # feat rounded to mask_embed's dtype inside
         if mask_embed.dtype == torch.float64 and device.type == "cuda":
             raise TypeError("fp64 runs under the Triton interpreter only")
         bits, _ = (_sign_pack_op if torch.compiler.is_compiling() else _sign_pack_impl)(mask_embed, feat, reset_empty)
         return PackedMask(bits, n_k)
-    allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat) >= 0
+    allowed = torch.einsum("bqc,bcp->bqp", mask_embed, feat.to(mask_embed.dtype)) >= 0
     bits = _pack_torch(allowed).unsqueeze(1)
     if reset_empty:
         bits = torch.where(~allowed.any(-1)[:, None, :, None], _full_words(n_k, device), bits)
