@@ -3,9 +3,10 @@
 x: (N, C, H, W) NCHW or channels_last strides, fp32/fp16/bf16 (fp64 under the interpreter); weight (C, 9) and
 bias (C,) in the accumulation dtype (fp32, fp64 for fp64 x). Blocks are (BC channels, BP pixels of one image).
 * ``_dwgelu_fwd_kernel``: 9 shifted loads, bias, GELU, store (the pre-activation is not kept).
-* ``_dwgelu_bwd_dz_kernel``: recomputes z, dz = gy * GELU'(z) (stored fp32), and per-block partial sums of
-  dW (9 taps) and db, reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no
-  atomics) straight into the parameters' dtype and layout.
+* ``_dwgelu_bwd_dz_kernel``: recomputes z, dz = gy * GELU'(z) (stored in x's dtype for fp16 / bf16, as MSCA's
+  ds, else fp32; the weight partials use the fp32 value), and per-block partial sums of dW (9 taps) and db,
+  reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no atomics) straight
+  into the parameters' dtype and layout.
 All shifted accesses are ``p + scalar offset`` from one pointer tensor per operand, in runtime tap loops:
 fully unrolled, every tap's addresses were computed up front and held (the channels_last backward spilled).
 * ``_dwgelu_bwd_dx_kernel``: dx = transposed 3x3 depthwise conv of dz.
@@ -139,7 +140,8 @@ def dwconv3x3_gelu_bwd(x, gy, weight, bias, dtype=None):
     N, C, H, W = x.shape
     BC, BP, n_pb = _blocks(x)
     acc_tl, acc_t = _acc(x)
-    dz = torch.empty_like(x, dtype=acc_t)
+    # dz in x's dtype for fp16 / bf16 (halves its write and read: bytes_conv_and_gather.md finding 6)
+    dz = torch.empty_like(x, dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t)
     if gy.stride() != dz.stride():  # gy and dz share one set of strides in the kernel
         gy = torch.empty_like(dz, dtype=gy.dtype).copy_(gy)
     part = torch.empty(N * n_pb, 10 * C, dtype=acc_t, device=x.device)

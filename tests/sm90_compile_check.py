@@ -85,8 +85,8 @@ def main():
     compile_for_sm90(D._dwgelu_fwd_kernel, {"x_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32", "y_ptr": dt},
                      dict(ACC=tl.float32, **nchw))
     compile_for_sm90(D._dwgelu_bwd_dz_kernel, {"x_ptr": dt, "gy_ptr": dt, "w_ptr": "fp32", "b_ptr": "fp32",
-                                               "dz_ptr": "fp32", "part_ptr": "fp32"}, dict(ACC=tl.float32, **nchw))
-    compile_for_sm90(D._dwgelu_bwd_dx_kernel, {"dz_ptr": "fp32", "w_ptr": "fp32", "dx_ptr": dt},
+                                               "dz_ptr": dt, "part_ptr": "fp32"}, dict(ACC=tl.float32, **nchw))
+    compile_for_sm90(D._dwgelu_bwd_dx_kernel, {"dz_ptr": dt, "w_ptr": "fp32", "dx_ptr": dt},
                      dict(ACC=tl.float32, **nchw))
     M = msca
     compile_for_sm90(M._msca_dw_fwd_kernel, {"x_ptr": dt, "s_ptr": dt, "wp_ptr": "fp32", "scr_ptr": "fp32"},

@@ -43,6 +43,26 @@ def test_dwconv3x3_gelu(N, C, H, W, channels_last, dtype, device, triton_launche
     assert KERNELS <= set(triton_launches)
 
 
+def test_dwconv3x3_gelu_half(device, triton_launches):
+    # fp16: dz is kept in fp16 between the two backward kernels; against the fp64 reference of the same inputs
+    N, C, H, W = 1, 6, 9, 11
+    x = torch.randn(N, C, H, W, device=device, dtype=torch.float16)
+    w = (torch.randn(C, 1, 3, 3, device=device) * 0.5).half()
+    b = (torch.randn(C, device=device) * 0.5).half()
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    half = [t.clone().requires_grad_() for t in (x, w, b)]
+    y_ref = F.gelu(F.conv2d(ref[0], ref[1], ref[2], padding=1, groups=C))
+    y = dwconv3x3_gelu(*half)
+    assert y.dtype == torch.float16
+    assert_close(y, y_ref, TOL[torch.float16], "forward")
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y.backward(g.half())
+    for a, r, name in zip(half, ref, ("x", "weight", "bias")):
+        assert_close(a.grad, r.grad, TOL[torch.float16], f"grad {name}")
+    assert KERNELS <= set(triton_launches)
+
+
 def test_mscan_mlp_dropin(device, triton_launches):
     ref = Mlp(4, 12).to(device=device, dtype=EXACT)
     fused = MSCANMlp(4, 12).to(device=device, dtype=EXACT)
