@@ -167,13 +167,19 @@ class _SumsFromEmbeddings(torch.autograd.Function):
             del logits
             B, C, h, w = features.shape
             d_embeds = torch.zeros_like(embeds) if ctx.needs_input_grad[0] else None
-            d_feat = torch.zeros_like(features) if ctx.needs_input_grad[1] else None
+            d_feat = None
+            if ctx.needs_input_grad[1]:  # each image's gradient written once by its GEMM (no zero fill, no copy)
+                d_feat = torch.empty(features.shape, dtype=features.dtype, device=features.device)
+                with_pairs = {b for b, _ in ctx.groups}
+                for b in range(B):
+                    if b not in with_pairs:
+                        d_feat[b].zero_()
             for b, sel in ctx.groups:
                 dl = dlogits[sel].reshape(-1, h * w)
                 if d_embeds is not None:
                     d_embeds[sel] = dl @ features[b].reshape(C, h * w).transpose(0, 1)
                 if d_feat is not None:
-                    d_feat[b] = (embeds[sel].transpose(0, 1) @ dl).view(C, h, w)
+                    torch.mm(embeds[sel].transpose(0, 1), dl, out=d_feat[b].view(C, h * w))
         return d_embeds, d_feat, None, None, None, None, None
 
 
