@@ -64,7 +64,7 @@ def _sign_pack_kernel(
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     tl.store(Bits + (b * N_Q + offs_q[:, None]) * N_WORDS + offs_w[None, :], words,
              mask=q_ok[:, None] & (offs_w[None, :] < N_WORDS))
-    tl.atomic_add(Counts + b * N_Q + offs_q, tl.sum(allowed, axis=1), mask=q_ok)
+    tl.atomic_add(Counts + b * N_Q + offs_q, tl.sum(allowed, axis=1), mask=q_ok, sem="relaxed")
 
 
 @triton.jit

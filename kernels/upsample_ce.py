@@ -119,10 +119,10 @@ def _upce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, K, h, w, H, W, sxb, s
         r1 = (y1 * w)[:, None]
         c0 = x0[:, None]
         c1 = x1[:, None]
-        tl.atomic_add(db + kof + r0 + c0, dz * (1.0 - lyc) * (1.0 - lxc), mask=m)
-        tl.atomic_add(db + kof + r0 + c1, dz * (1.0 - lyc) * lxc, mask=m)
-        tl.atomic_add(db + kof + r1 + c0, dz * lyc * (1.0 - lxc), mask=m)
-        tl.atomic_add(db + kof + r1 + c1, dz * lyc * lxc, mask=m)
+        tl.atomic_add(db + kof + r0 + c0, dz * (1.0 - lyc) * (1.0 - lxc), mask=m, sem="relaxed")
+        tl.atomic_add(db + kof + r0 + c1, dz * (1.0 - lyc) * lxc, mask=m, sem="relaxed")
+        tl.atomic_add(db + kof + r1 + c0, dz * lyc * (1.0 - lxc), mask=m, sem="relaxed")
+        tl.atomic_add(db + kof + r1 + c1, dz * lyc * lxc, mask=m, sem="relaxed")
 
 
 def _acc(x):
