@@ -44,8 +44,9 @@ def _configs(kind: str) -> list[triton.Config]:
     if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
         sub = {"SUB_M": 16} if kind == "dkdv" else {}  # no spill in any dtype, with or without dropout
         # dq: 8 warps (with 4 the ATM logits-gradient variant spills 1148-2524 B in exact fp32; a single
-        # config is never pruned, so the default itself must fit every variant)
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **sub}, num_warps=8 if kind == "dq" else 4,
+        # config is never pruned, so the default itself must fit every variant); fwd: 8 warps (4 spilled
+        # 1128-1712 B in exact fp32 at head dim 64)
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, **sub}, num_warps=8 if kind in ("dq", "fwd") else 4,
                               num_stages=2)]
     if kind == "dkdv":
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SUB_M": sub}, num_warps=w, num_stages=s)
@@ -144,7 +145,16 @@ def _dropout_keep(seed, rows, cols, threshold, TRANSPOSED: tl.constexpr):
     return (r >> 1).to(tl.int32) >= threshold
 
 
-@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"])
+def _prune_fwd(configs, named_args, **kwargs):
+    """fp32 / fp64 with head dims > 32 (SegViT ViT-L's 64): 8 warps only (sm_90, exact fp32 dots, 64 x 64 tile:
+    4 warps spilled 672-1836 B, 8 warps <= 32 B). Otherwise every config (0 B)."""
+    if named_args["Q"].dtype.itemsize < 4 or kwargs.get("BLOCK_D", 32) <= 32:
+        return configs
+    return [c for c in configs if c.num_warps >= 8] or configs
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N_Q", "BLOCK_D", "N_K"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Mask, Blocks, Counts, Seed, Acc, Mx, Lsum,
@@ -778,78 +788,35 @@ def _pack_kernel(
 # ------------------------------------------------------------ ATM attention (SegViT): head-mean logits
 
 
-def _atm_configs() -> list[triton.Config]:
-    """Warps / pipeline depth of :func:`_atm_fwd_kernel` (its tile is chosen by the launcher,
-    :func:`_atm_tile`: the key block sets the number of partial results)."""
-    if interpreter_enabled():
-        return [triton.Config({}, num_warps=1, num_stages=1)]
-    if os.environ.get("FASTSEG_AUTOTUNE", "1") == "0":
-        return [triton.Config({}, num_warps=8, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (8, 3))]
-
-
-def _prune_atm(configs, named_args, **kwargs):
-    """8 warps only for fp32 / fp64, for the 128-key block and for head dims > 32 (sm_90: with 4 warps the
-    64 x 64 tile spills 632-752 B in fp32 (exact dots), the 64 x 128 tile 124 B in fp16 / bf16, head dim 64
-    with dropout 84 B in bf16; 8 warps: 0 B). fp16 / bf16, 64 keys, head dim <= 32: every config."""
-    if named_args["Q"].dtype.itemsize < 4 and kwargs.get("BLOCK_N", 64) <= 64 and kwargs.get("BLOCK_D", 32) <= 32:
-        return configs
-    return [c for c in configs if c.num_warps >= 8] or configs
-
-
-@triton.autotune(configs=_atm_configs(), key=["N_Q", "BLOCK_D", "N_K", "H", "BLOCK_N", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _prune_atm})
 @triton.jit
-def _atm_fwd_kernel(
-    Q, K, V, Seed, Acc, Mx, Lsum, Logits,
-    qk_scale, logit_scale, drop_threshold,
+def _atm_logits_kernel(
+    Q, K, Logits, logit_scale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
     stride_lb, stride_lm,
     H, N_Q, N_K, HEAD_DIM,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """One (query block, batch, key block): every head in turn (fixed order), so the head sum of the
-    raw scores stays in registers and the head-mean logits ``logit_scale · Σ_h q_h k_hᵀ`` (logit_scale =
-    scale / H) are written once, (B, N_Q, N_K) in ACC. Per head it writes the key block's unnormalised
-    partial output, row max and row sum (log2 units) as split ``pid_n`` of :func:`_combine_kernel`'s input
-    (S = number of key blocks). DROPOUT: the keep mask of :func:`_dropout_keep` (row (b·H + h)·N_Q + m) on
-    the partial output, not on the row sum nor the logits."""
+    """The head-mean logits ``logit_scale · Σ_h q_h k_hᵀ`` (logit_scale = scale / H) of one (query block, key
+    block, batch), heads summed in a fixed order in registers, written once, (B, N_Q, N_K) in ACC: a GEMM over
+    the C = H · HEAD_DIM channels (the attention output comes from :func:`_fwd_kernel`)."""
     pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    BH = tl.num_programs(1) * H
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_Q
     n_ok = offs_n < N_K
     d_ok = offs_d < HEAD_DIM
-    if DROPOUT:
-        seed = tl.load(Seed)
     logits = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for h in range(0, H):
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION)
-        logits += s
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))  # every key block has a key: finite max
-        m_i = tl.max(s, axis=1)
-        p = tl.exp2(s - m_i[:, None])
-        l_i = tl.sum(p, axis=1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(seed, (b * H + h) * N_Q + offs_m, offs_n, drop_threshold, False), p, 0.0)
-        acc = _dot(p.to(v.dtype), v, PRECISION)
-        row = (pid_n * BH + b * H + h) * N_Q + offs_m
-        tl.store(Acc + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
-        tl.store(Mx + row, m_i, mask=m_ok)
-        tl.store(Lsum + row, l_i, mask=m_ok)
+        logits += _dot(q, tl.trans(k), PRECISION)
     tl.store(Logits + b * stride_lb + offs_m[:, None] * stride_lm + offs_n[None, :], logits * logit_scale,
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -1142,57 +1109,27 @@ def pack_with_tile_lists(attn_mask, key_padding_mask, *, attn_masked: bool, kpm_
     return bits, (blocks, counts, flags)
 
 
-def _atm_tile(batch: int, n_q: int, n_k: int, device: torch.device, dropout: bool = False,
-              head_dim: int = 32, wide_dtype: bool = False) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of :func:`_atm_fwd_kernel`. A key block of 128 halves the partial results (and
-    the combine's reads) against 64; it is taken without dropout when it still gives ≥ 2 programs per SM
-    (with dropout's Philox rounds the 64 x 128 tile spills on sm_90: 172 B in fp16 with 8 warps). fp32 /
-    fp64 (``wide_dtype``) with head dims > 32: 32 x 64 (64 x 64 spills 404-464 B with exact fp32 dots)."""
-    if interpreter_enabled():
-        return TILE
-    if wide_dtype and head_dim > 32:
-        return 32, 64
-    if dropout:
-        return 64, 64
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 132  # H100 / H200 (meta tensors of `fastseg inspect`)
-    wide = triton.cdiv(n_q, 64) * batch * triton.cdiv(n_k, 128) >= 2 * sms
-    return 64, 128 if wide else 64
-
-
 def atm_forward(q, k, v, scale: float, seed=None, dropout_p: float = 0.0):
     """SegViT's ATM attention. q: (B, H, M, D); k, v: (B, H, N, D). Returns ``(o, lse, logits)``: o like q
     (``dropout(softmax(q kᵀ · scale)) v``), lse (B, H, M) row log-sum-exp (base 2, as :func:`forward`'s,
     for :func:`backward`), logits (B, M, N) = the head mean of ``q kᵀ · scale`` (before softmax and
-    dropout), fp32 (fp64 for fp64 inputs), contiguous. Two launches: :func:`_atm_fwd_kernel` (one program per
-    query block, batch and key block, looping over the heads) and :func:`_combine_kernel` over the key blocks.
-    No (B, H, M, N) tensor; transient partial results (N / BLOCK_N, B·H, M, BLOCK_D) in ACC."""
+    dropout), fp32 (fp64 for fp64 inputs), contiguous. Three launches: :func:`forward` without a mask
+    (flash-style over all keys, its few splits combined) and :func:`_atm_logits_kernel`. No (B, H, M, N)
+    tensor. (The first version took one program per key block, looping over the heads, so that the logits came
+    out of the same scores; its per-key-block partial results were 3/4 of its bytes:
+    benchmarks/results/notes/bytes_attention_and_losses.md, F1.)"""
     B, H, M, D = q.shape
     N = k.shape[2]
     BD = _block_d(D)
     acc_t, acc_tl = _acc(q.dtype)
-    seed, threshold, inv_keep, dropout = _dropout_args(seed, dropout_p, q)
-    bm, bn = _atm_tile(B, M, N, q.device, dropout, D, q.element_size() >= 4)
-    n_kb = triton.cdiv(N, bn)
-    acc = torch.empty((n_kb, B * H, M, BD), device=q.device, dtype=acc_t)
-    mx = torch.empty((n_kb, B * H, M), device=q.device, dtype=acc_t)
-    lsum = torch.empty_like(mx)
+    o, lse, *_ = forward(q, k, v, None, scale, seed=seed, dropout_p=dropout_p)
     logits = torch.empty((B, M, N), device=q.device, dtype=acc_t)
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, M), device=q.device, dtype=acc_t)
-    record_launch("atm_attention_fwd")
-    _atm_fwd_kernel[(triton.cdiv(M, bm), B, n_kb)](
-        q, k, v, seed, acc, mx, lsum, logits, scale * LOG2E, scale / H, threshold,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *logits.stride()[:2], H, M, N, D,
-        DROPOUT=dropout, PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn,
-    )
-    cm = 16 if interpreter_enabled() else 64
-    record_launch("atm_attention_combine")
-    _combine_kernel[(triton.cdiv(M, cm), B * H)](
-        acc, mx, lsum, o, lse, inv_keep, *o.stride()[:3], H, M, D, n_kb, B * H,
-        ACC=acc_tl, BLOCK_D=BD, BLOCK_M=cm, num_warps=4,
+    bm, bn = TILE if interpreter_enabled() else (64, 64)
+    record_launch("atm_attention_logits")
+    _atm_logits_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), B)](
+        q, k, logits, scale / H, *q.stride()[:3], *k.stride()[:3], *logits.stride()[:2], H, M, N, D,
+        PRECISION=_precision(q.dtype), ACC=acc_tl, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=1 if interpreter_enabled() else 4,
     )
     return o, lse, logits
 

@@ -49,8 +49,8 @@ def main():
         compile_for_sm90(K._bwd_dq_kernel, {**bwd, "Blocks": "i32", "Counts": "i32", "DQ": "fp32"}, lg)
         compile_for_sm90(K._bwd_dkdv_kernel, {**bwd, "Flags": "i8", "DK": dt, "DV": dt, "DQP": "fp32", "DQ": dt},
                          dict(lg, SUB_M=32))
-        compile_for_sm90(K._atm_fwd_kernel, {**qkv, "Acc": "fp32", "Mx": "fp32", "Lsum": "fp32", "Logits": "fp32"},
-                         {k_: c[k_] for k_ in ("DROPOUT", "PRECISION", "ACC", "BLOCK_D", "BLOCK_M")} | {"BLOCK_N": 128})
+        compile_for_sm90(K._atm_logits_kernel, {"Q": dt, "K": dt, "Logits": "fp32"},
+                         {k_: c[k_] for k_ in ("PRECISION", "ACC", "BLOCK_D", "BLOCK_M", "BLOCK_N")})
         w = {"Q": dt, "K": dt, "LSE": "fp32", "Mask": "i32", "Seed": "i64"}
         compile_for_sm90(K._weights_kernel, {**w, "W": dt}, dict(c, AVERAGE=has_mask))
         for kern in (K._weights_bwd_dq_kernel, K._weights_bwd_dk_kernel):

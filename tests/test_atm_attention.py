@@ -10,7 +10,7 @@ from fastseg import _backend, ops
 from fastseg.nn import ATMAttention
 from fastseg.reference import ATMAttention as ReferenceATMAttention, atm_attention as ref_atm
 
-FWD = {"atm_attention_fwd": 1, "atm_attention_combine": 1}
+FWD = {"masked_attention_fwd": 1, "masked_attention_combine": 1, "atm_attention_logits": 1}
 BWD = {"masked_attention_bwd_dq": 1, "masked_attention_bwd_dkdv": 1}
 
 
@@ -33,7 +33,7 @@ def test_op_matches_reference(device, triton_launches, dtype, B, H, M, N, D):
     q, k, v = _qkv(B, H, M, N, D, dtype, device)
     scale = D ** -0.5
     out, logits = ops.atm_attention(q, k, v, scale)
-    assert dict(triton_launches) == FWD, dict(triton_launches)  # the Triton path, 2 launches
+    assert dict(triton_launches) == FWD, dict(triton_launches)  # the Triton path, 3 launches
     assert logits.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert logits.shape == (B, M, N) and out.shape == q.shape
     r_out, r_logits = ref_atm(q, k, v, scale)
@@ -101,7 +101,7 @@ def test_module_matches_official(device, triton_launches, dtype):
     xk = torch.randn(2, 13, 24, dtype=dtype, device=device, requires_grad=True)
     xv = torch.randn(2, 13, 24, dtype=dtype, device=device, requires_grad=True)
     x, logits = mod(xq, xk, xv)
-    assert triton_launches["atm_attention_fwd"] == 1
+    assert triton_launches["atm_attention_logits"] == 1
     r_x, r_logits = ref(xq, xk, xv)
     tol = TOL[dtype]
     assert x.shape == r_x.shape == (7, 2, 24) and logits.shape == r_logits.shape == (2, 7, 13)
@@ -209,7 +209,7 @@ def test_torch_compile_and_opcheck(device, triton_launches):
     want = run(mod)
     triton_launches.clear()
     got = run(torch.compile(mod, fullgraph=True, backend="aot_eager"))
-    assert "atm_attention_fwd" in triton_launches and "masked_attention_bwd_dkdv" in triton_launches
+    assert "atm_attention_logits" in triton_launches and "masked_attention_bwd_dkdv" in triton_launches
     for i, (a, b) in enumerate(zip(got, want)):
         assert_close(a, b, 1e-12, f"compiled {i}")
     torch._dynamo.reset()
@@ -238,7 +238,10 @@ def test_memprof_analytic_saved_bytes_match_autograd():
 _RULES = r"""
 import json
 from fastseg.bench import inspect as I
-rows = I.inspect_kernels(["atm_attention"], "default", dtypes=["bf16"], sass=False, max_shapes=1, kernel="_atm_fwd")
+rows = I.inspect_kernels(["atm_attention"], "default", dtypes=["bf16"], sass=False, max_shapes=1,
+                         kernel="_atm_logits")
+rows += [r for r in I.inspect_kernels(["atm_attention"], "default", dtypes=["bf16"], sass=False, max_shapes=1,
+                                      kernel="_fwd_kernel")]
 print(json.dumps(rows))
 """
 
@@ -261,7 +264,7 @@ def test_sm90_forward_resources_bf16():
     proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) >= 6 and {r["kernel"] for r in rows} == {"_atm_fwd_kernel"}, rows
+    assert {r["kernel"] for r in rows} == {"_atm_logits_kernel", "_fwd_kernel"}, rows
     assert I.violations(rows) == []
     assert all(r["spill_bytes"] == 0 and r["wgmma"] > 0 for r in rows), rows
 
@@ -282,5 +285,5 @@ def test_patch_segvit_model(device, triton_launches):
     triton_launches.clear()
     with torch.no_grad():
         got = model(x)
-    assert triton_launches["atm_attention_fwd"] == 6
+    assert triton_launches["atm_attention_logits"] == 6
     assert_close(got, want, TOL[EXACT], "segvit output")

@@ -40,5 +40,5 @@ def test_atm_attention_op(dtype, p, triton_launches):
     want = torch.autograd.grad((r_out, r_logits), ref_leaves, (go.double(), gl.double()))
     for name, a, b in zip("qkv", got, want):
         assert_close(a, b, TOL[dtype], f"d{name}")
-    assert {"atm_attention_fwd", "atm_attention_combine", "masked_attention_bwd_dq",
+    assert {"masked_attention_fwd", "masked_attention_combine", "atm_attention_logits", "masked_attention_bwd_dq",
             "masked_attention_bwd_dkdv"} <= set(triton_launches)

@@ -104,15 +104,18 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
     """The fused layer's training-step memory from the shapes: {part: bytes}. ``saved: ...``: what the layer
     keeps for backward (the q / k / v projections, the attention output — also the input of ``proj`` — the row
     log-sum-exp and the dropout seed; the layer's inputs are inputs); the forward's transient partial results
-    (one per key block of the kernel) are counted as ``forward partials`` (freed before the backward), so the
+    (one per key split of the flash-style forward) are counted as ``forward partials`` (freed before the backward), so the
     sum is an upper bound of the peak. ``tests/test_atm_attention.py`` checks the saved parts against what
     autograd really saves (interpreter)."""
-    from fastseg.kernels.masked_attention import _atm_tile, _block_d
+    from fastseg.kernels.masked_attention import TILE, _block_d
 
     el = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4  # lse, logits and partials: fp32 (fp64 for fp64 inputs)
     B, K, N, C, h = s["B"], s["K"], s["H"] * s["W"], s["C"], s["heads"]
-    _, bn = _atm_tile(B, K, N, torch.device("meta"), s["drop"] > 0, C // h, el >= 4)  # training: dropout on
+    # the flash-style forward's key splits on an H100 / H200 (~4 programs per SM, fastseg.kernels.
+    # masked_attention._num_splits with 132 SMs)
+    n_qb, n_kb = math.ceil(K / TILE[0]), math.ceil(N / TILE[1])
+    splits = max(1, min(math.ceil(4 * 132 / (B * h * n_qb)), n_kb))
     inputs = (K + N) * B * C * el
     weights = (4 * C * C + 4 * C) * el
     return {
@@ -125,7 +128,7 @@ def analytic_fused_bytes(s: dict, dtype: torch.dtype) -> dict:
         "saved: dropout seed": 8 if s["drop"] > 0 else 0,
         "output x": K * B * C * el,
         "output logits (fp32)": B * K * N * acc,
-        "forward partials (fp32, transient)": math.ceil(N / bn) * B * h * K * (_block_d(C // h) + 2) * acc,
+        "forward partials (fp32, transient)": splits * B * h * K * (_block_d(C // h) + 2) * acc,
         "gradients of inputs and weights": inputs + weights,
         "backward dq, dk, dv": (K + 2 * N) * B * C * el,
     }
