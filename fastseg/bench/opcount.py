@@ -335,6 +335,16 @@ def _case_cac_cosine_clamp(dtype):
     return (lambda: cosine_logits(f, q, clamp=True)), [f, q]
 
 
+def _case_cac_train(dtype):
+    """The fused classifier's training losses (refine, oracle, distillation, three upsampled CEs, accuracy)."""
+    from fastseg.nn import ContextAwareClassifier
+
+    m = ContextAwareClassifier(6, 4, dropout_ratio=0.0).to(dtype)
+    x = _rand(2, 6, 3, 5, dtype=dtype)
+    y = _labels(2, 6, 10, 4)[:, None]
+    return (lambda: m.forward_train(x, y)["loss_ce"]), [x, *m.parameters()]
+
+
 def _case_cac_distill(dtype):
     from fastseg.ops.cac import entropy_distill_loss
 
@@ -363,6 +373,7 @@ CASES = {
     "op cac.cosine_logits": (_case_cac_cosine, True),
     "op cac.cosine_logits (clamp)": (_case_cac_cosine_clamp, True),
     "op cac.entropy_distill_loss": (_case_cac_distill, True),
+    "module fastseg.nn.ContextAwareClassifier (forward_train)": (_case_cac_train, True),
 }
 
 

@@ -106,8 +106,10 @@ def _check(logits, target, ignore_index):
 
 def _check_labels_host(target, K, ignore_index):
     """The plain path on CPU only (a host read, free there; on CUDA it would wait for the GPU)."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= K))
-    if target.device.type == "cpu" and not torch.compiler.is_compiling() and bad.any():
+    if bad.any():
         raise ValueError(f"upsampled_cross_entropy: target values must be in [0, {K}) or ignore_index="
                          f"{ignore_index}; found {target[bad].unique().tolist()[:8]}")
 
