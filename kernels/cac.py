@@ -23,6 +23,10 @@ Three families; ``f`` = pixel features (B, C, P) (P = h·w, any strides), ``z`` 
   for the tile (a (3, K) partial per tile, reduced by the caller in a fixed order). ``_distill_bwd_kernel``:
   ``dx = coef_p · (softmax(x) − target)``, ``coef_p = g · entropy_p · w[label_p]``.
 
+Labels outside [0, K) that are not ``ignore_index`` are never used as an index: they make the label
+prototypes (all classes), the distillation loss and those pixels' gradients NaN (no host check: it would make
+every call wait for the GPU).
+
 Dtypes: fp32 / fp16 / bf16 (fp64 under the interpreter), accumulation fp32 (fp64 for fp64). 16-bit dots take
 16-bit operands (the probabilities / gradients are rounded to the feature dtype, as PyTorch's bf16 bmm does);
 fp32 dots are IEEE unless ``torch.backends.cuda.matmul.allow_tf32``.
@@ -46,12 +50,15 @@ _NOSPEC = ["K", "C", "P", "sfb", "sfc", "sfp", "szb", "szk", "szp", "sqb", "srb"
 
 # --------------------------------------------------------------------------------------------- prototypes
 @triton.jit
-def _probs(z_ptr, y_ptr, b, pp, pm, kk, km, P, szb, szk, szp, ignore_index, HARD: tl.constexpr,
+def _probs(z_ptr, y_ptr, b, pp, pm, kk, km, K, P, szb, szk, szp, ignore_index, HARD: tl.constexpr,
            ACC: tl.constexpr):
     """(KP, BP) weights of a pixel tile (softmax over the classes, or the label's onehot) and the logsumexp."""
-    if HARD:
-        y = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index).to(tl.int32)
-        w = ((kk[:, None] == y[None, :]) & (y != ignore_index)[None, :] & pm[None, :]).to(ACC)
+    if HARD:  # a label outside [0, K) (not ignore_index): a NaN weight for every class (loud, never indexed)
+        y64 = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index)
+        bad = pm & (y64 != ignore_index) & ((y64 < 0) | (y64 >= K))
+        y = y64.to(tl.int32)
+        w = ((kk[:, None] == y[None, :]) & (y64 != ignore_index)[None, :] & pm[None, :]).to(ACC)
+        w = tl.where(bad[None, :], float("nan"), w)
         lse = tl.zeros(pp.shape, ACC)
     else:
         m = km[:, None] & pm[None, :]
@@ -85,7 +92,7 @@ def _proto_fwd_kernel(f_ptr, z_ptr, y_ptr, acc_ptr, den_ptr, lse_ptr, K, C, P, s
     for p0 in range(p_lo, p_hi, BP):
         pp = p0 + tl.arange(0, BP)
         pm = pp < p_hi
-        w, lse = _probs(z_ptr, y_ptr, b, pp, pm, kk, km, P, szb, szk, szp, ignore_index, HARD, ACC)
+        w, lse = _probs(z_ptr, y_ptr, b, pp, pm, kk, km, K, P, szb, szk, szp, ignore_index, HARD, ACC)
         if not HARD:
             if pc == 0:
                 tl.store(lse_ptr + b.to(tl.int64) * P + pp, lse, mask=pm)
@@ -109,7 +116,7 @@ def _proto_bwd_kernel(f_ptr, z_ptr, y_ptr, lse_ptr, da_ptr, dd_ptr, df_ptr, dz_p
     kk = tl.arange(0, KP)
     km = kk < K
     if HARD:
-        w, lse = _probs(z_ptr, y_ptr, b, pp, pm, kk, km, P, szb, szk, szp, ignore_index, HARD, ACC)
+        w, lse = _probs(z_ptr, y_ptr, b, pp, pm, kk, km, K, P, szb, szk, szp, ignore_index, HARD, ACC)
     else:
         m = km[:, None] & pm[None, :]
         z = tl.load(z_ptr + b.to(tl.int64) * szb + kk[:, None].to(tl.int64) * szk + pp[None, :].to(tl.int64) * szp,
@@ -270,8 +277,10 @@ def _distill_fwd_kernel(x_ptr, t_ptr, y_ptr, part_ptr, stat_ptr, K, P, sxb, sxk,
     pt = tl.program_id(1)
     pp = pt * BP + tl.arange(0, BP)
     pm = pp < P
-    y = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index).to(tl.int32)
-    valid = pm & (y != ignore_index)
+    y64 = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index)
+    valid = pm & (y64 != ignore_index)
+    bad = valid & ((y64 < 0) | (y64 >= K))  # outside [0, K): NaN (never used as an index)
+    y = y64.to(tl.int32)
     xb = x_ptr + b.to(tl.int64) * sxb
     tb = t_ptr + b.to(tl.int64) * stb
     mx = tl.full([BP], float("-inf"), ACC)
@@ -306,7 +315,7 @@ def _distill_fwd_kernel(x_ptr, t_ptr, y_ptr, part_ptr, stat_ptr, K, P, sxb, sxk,
         loss += tl.sum(tl.where(m, tgt * (lx[None, :] - x), 0.0), 0)
         ent -= tl.sum(soft * tl.log(soft + 1e-12), 0)
     ent = tl.where(valid, ent, 0.0)
-    wl = ent * loss
+    wl = tl.where(bad, float("nan"), ent * loss)  # a bad label: NaN in every class's sum, so in the loss
     so = b.to(tl.int64) * P + pp
     tl.store(stat_ptr + so, lx, mask=pm)  # stats (3, B, P): lse(student), lse(teacher), entropy
     tl.store(stat_ptr + so + tl.num_programs(0).to(tl.int64) * P, lt, mask=pm)
@@ -315,7 +324,7 @@ def _distill_fwd_kernel(x_ptr, t_ptr, y_ptr, part_ptr, stat_ptr, K, P, sxb, sxk,
     for k0 in range(0, K, BK):  # per-class sums of this tile
         kk = k0 + tl.arange(0, BK)
         km = kk < K
-        oh = (kk[:, None] == y[None, :]) & valid[None, :]
+        oh = ((kk[:, None] == y[None, :]) | bad[None, :]) & valid[None, :]
         tl.store(pb + kk, tl.sum(tl.where(oh, wl[None, :], 0.0), 1), mask=km)
         tl.store(pb + K + kk, tl.sum(tl.where(oh, ent[None, :], 0.0), 1), mask=km)
         tl.store(pb + 2 * K + kk, tl.sum(oh.to(ACC), 1), mask=km)
@@ -327,14 +336,18 @@ def _distill_bwd_kernel(x_ptr, t_ptr, y_ptr, stat_ptr, w_ptr, dx_ptr, K, P, sxb,
     b = tl.program_id(0)
     pp = tl.program_id(1) * BP + tl.arange(0, BP)
     pm = pp < P
-    y = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index).to(tl.int32)
-    valid = pm & (y != ignore_index)
+    y64 = tl.load(y_ptr + b.to(tl.int64) * P + pp, mask=pm, other=ignore_index)
+    valid = pm & (y64 != ignore_index)
+    bad = valid & ((y64 < 0) | (y64 >= K))  # outside [0, K): NaN (never used as an index)
+    y = y64.to(tl.int32)
     so = b.to(tl.int64) * P + pp
     nB = tl.num_programs(0).to(tl.int64)
     lx = tl.load(stat_ptr + so, mask=pm, other=0.0)
     lt = tl.load(stat_ptr + so + nB * P, mask=pm, other=0.0)
     ent = tl.load(stat_ptr + so + 2 * nB * P, mask=pm, other=0.0)
-    wy = tl.load(w_ptr + tl.where(valid, y, 0), mask=valid, other=0.0)  # g / (Σ entropy of the class + 1e-12) / n
+    ok = valid & ~bad
+    wy = tl.load(w_ptr + tl.where(ok, y, 0), mask=ok, other=0.0)  # g / (Σ entropy of the class + 1e-12) / n
+    wy = tl.where(bad, float("nan"), wy)
     coef = tl.where(valid, ent * wy, 0.0)
     xb = x_ptr + b.to(tl.int64) * sxb
     tb = t_ptr + b.to(tl.int64) * stb

@@ -21,7 +21,8 @@ BO × BO chunks, and contracts ``dx_tile += Wyᵀ · dz · Wx`` with the chunk's
 atomics, deterministic. Output pixels in the halo between tiles are recomputed by both neighbours.
 
 x: (T, h, w) any strides, fp32/fp16/bf16 (fp64 under the interpreter); targets (N, H, W) any strides, uint8
-(bool viewed as uint8) or float; rows (T,) int32/int64 target row per pair. Accumulation in fp32 (fp64 for
+(bool viewed as uint8) or float; rows (T,) int32/int64 target row per pair (a row outside [0, N) is never read:
+that pair's sums and gradient are NaN; no host check). Accumulation in fp32 (fp64 for
 fp64 logits).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .upsample_ce import _source
 
 __all__ = ["mask_loss_fwd", "mask_loss_bwd"]
 
-_NOSPEC = ["h", "w", "H", "W", "sxt", "sxh", "sxw", "stn", "sth", "stw", "n_tiles", "n_ti", "n_tj"]
+_NOSPEC = ["N", "h", "w", "H", "W", "sxt", "sxh", "sxw", "stn", "sth", "stw", "n_tiles", "n_ti", "n_tj"]
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def _upsampled(xt, r0, r1, ly, c0, c1, lx, m, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _mask_loss_fwd_kernel(x_ptr, t_ptr, rows_ptr, part_ptr, h, w, H, W, sxt, sxh, sxw, stn, sth, stw, n_tiles,
+def _mask_loss_fwd_kernel(x_ptr, t_ptr, rows_ptr, part_ptr, N, h, w, H, W, sxt, sxh, sxw, stn, sth, stw, n_tiles,
                           alpha, USE_ALPHA: tl.constexpr, GAMMA: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr):
     t = tl.program_id(0)
     tile = tl.program_id(1)
@@ -98,16 +99,18 @@ def _mask_loss_fwd_kernel(x_ptr, t_ptr, rows_ptr, part_ptr, h, w, H, W, sxt, sxh
     xt = x_ptr + t.to(tl.int64) * sxt
     z = _upsampled(xt, y0 * sxh, y1 * sxh, ly, x0 * sxw, x1 * sxw, lx, inside, ACC)
     row = tl.load(rows_ptr + t).to(tl.int64)
-    tt = t_ptr + row * stn
-    y = tl.load(tt + oy.to(tl.int64) * sth + ox * stw, mask=inside, other=0).to(ACC)
+    bad = (row < 0) | (row >= N)  # a row outside [0, N): never read, NaN sums
+    tt = t_ptr + tl.where(bad, 0, row) * stn
+    y = tl.load(tt + oy.to(tl.int64) * sth + ox * stw, mask=inside & ~bad, other=0).to(ACC)
     focal, prob, _ = _pixel_terms(z, y, alpha, USE_ALPHA, GAMMA, False)
     focal = tl.where(inside, focal, 0.0)
     prob = tl.where(inside, prob, 0.0)
+    nan = tl.where(bad, float("nan"), 0.0)
     out = part_ptr + (t.to(tl.int64) * n_tiles + tile) * 4
-    tl.store(out, tl.sum(focal, 0))
-    tl.store(out + 1, tl.sum(prob * y, 0))
-    tl.store(out + 2, tl.sum(prob, 0))
-    tl.store(out + 3, tl.sum(y, 0))
+    tl.store(out, tl.sum(focal, 0) + nan)
+    tl.store(out + 1, tl.sum(prob * y, 0) + nan)
+    tl.store(out + 2, tl.sum(prob, 0) + nan)
+    tl.store(out + 3, tl.sum(y, 0) + nan)
 
 
 @triton.jit
@@ -134,7 +137,7 @@ def _taps(o, lo_valid, hi_valid, idx, n_in, n_out, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _mask_loss_bwd_kernel(x_ptr, t_ptr, rows_ptr, g_ptr, dx_ptr, h, w, H, W, sxt, sxh, sxw, stn, sth, stw,
+def _mask_loss_bwd_kernel(x_ptr, t_ptr, rows_ptr, g_ptr, dx_ptr, N, h, w, H, W, sxt, sxh, sxw, stn, sth, stw,
                           n_ti, n_tj, alpha, USE_ALPHA: tl.constexpr, GAMMA: tl.constexpr, ACC: tl.constexpr,
                           BI: tl.constexpr, BJ: tl.constexpr, BO: tl.constexpr):
     t = tl.program_id(0)
@@ -146,8 +149,9 @@ def _mask_loss_bwd_kernel(x_ptr, t_ptr, rows_ptr, g_ptr, dx_ptr, h, w, H, W, sxt
     ox_lo, ox_hi = _out_range(c, BJ, w, W)
     xt = x_ptr + t.to(tl.int64) * sxt
     row = tl.load(rows_ptr + t).to(tl.int64)
-    tt = t_ptr + row * stn
-    gf = tl.load(g_ptr + t * 3).to(ACC)
+    bad = (row < 0) | (row >= N)  # a row outside [0, N): never read, NaN gradient
+    tt = t_ptr + tl.where(bad, 0, row) * stn
+    gf = tl.load(g_ptr + t * 3).to(ACC) + tl.where(bad, float("nan"), 0.0)
     gi = tl.load(g_ptr + t * 3 + 1).to(ACC)
     gp = tl.load(g_ptr + t * 3 + 2).to(ACC)
     acc = tl.zeros([BI, BJ], ACC)
@@ -160,7 +164,7 @@ def _mask_loss_bwd_kernel(x_ptr, t_ptr, rows_ptr, g_ptr, dx_ptr, h, w, H, W, sxt
             m = vy[:, None] & vx[None, :]
             z = _upsampled(xt, (y0 * sxh)[:, None], (y1 * sxh)[:, None], ly[:, None], (x0 * sxw)[None, :],
                            (x1 * sxw)[None, :], lx[None, :], m, ACC)
-            y = tl.load(tt + oy.to(tl.int64)[:, None] * sth + ox[None, :] * stw, mask=m, other=0).to(ACC)
+            y = tl.load(tt + oy.to(tl.int64)[:, None] * sth + ox[None, :] * stw, mask=m & ~bad, other=0).to(ACC)
             _, prob, dfocal = _pixel_terms(z, y, alpha, USE_ALPHA, GAMMA, True)
             dz = gf * dfocal + prob * (1.0 - prob) * (gi * y + gp)
             dz = tl.where(m, dz, 0.0)
@@ -208,7 +212,7 @@ def mask_loss_fwd(x, targets, rows, alpha: float, gamma: float):
     part = torch.empty(T, n_tiles, 4, dtype=acc_t, device=x.device)
     tg = _target_view(targets)
     record_launch("mask_loss_fwd")
-    _mask_loss_fwd_kernel[(T, n_tiles)](x, tg, rows, part, h, w, H, W, *x.stride(), *tg.stride(), n_tiles,
+    _mask_loss_fwd_kernel[(T, n_tiles)](x, tg, rows, part, tg.shape[0], h, w, H, W, *x.stride(), *tg.stride(), n_tiles,
                                         float(alpha), USE_ALPHA=alpha >= 0, GAMMA=float(gamma), ACC=acc_tl, BP=BP,
                                         num_warps=4)
     return part.sum(1)
@@ -225,7 +229,7 @@ def mask_loss_bwd(x, targets, rows, g, alpha: float, gamma: float, out_dtype=Non
     dx = torch.empty(T, h, w, dtype=out_dtype or x.dtype, device=x.device)
     tg = _target_view(targets)
     record_launch("mask_loss_bwd")
-    _mask_loss_bwd_kernel[(T, n_ti, n_tj)](x, tg, rows, g, dx, h, w, H, W, *x.stride(), *tg.stride(), n_ti,
+    _mask_loss_bwd_kernel[(T, n_ti, n_tj)](x, tg, rows, g, dx, tg.shape[0], h, w, H, W, *x.stride(), *tg.stride(), n_ti,
                                            n_tj, float(alpha), USE_ALPHA=alpha >= 0, GAMMA=float(gamma), ACC=acc_tl,
                                            BI=BI, BJ=BJ, BO=BO, num_warps=4, num_stages=stages)
     return dx

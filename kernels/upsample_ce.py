@@ -2,7 +2,8 @@
 
 ``loss[b, p] = logsumexp_k z[b, k, p] − z[b, t_p, p]`` with ``z = bilinear_resize(x, (H, W))`` (PyTorch's
 ``F.interpolate(mode="bilinear")`` index and weight rules, ``align_corners`` either way), 0 where
-``t_p == ignore_index``. The (B, K, H, W) upsampled logits are never stored.
+``t_p == ignore_index``, NaN (loss and the gradient it sends back) where ``t_p`` is neither ``ignore_index`` nor
+in [0, K) (the kernels never index with it; no host check). The (B, K, H, W) upsampled logits are never stored.
 
 x: (B, K, h, w) any strides, fp32/fp16/bf16 (fp64 under the interpreter); target (B, H, W) int64.
 * ``_upce_fwd_kernel``: one block = BP output pixels of one image; loops over classes in chunks of BK,
@@ -72,7 +73,9 @@ def _upce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, K, h, w, H, W, sxb, sxk, s
                      ALIGN: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     b, p, inside, y0, y1, ly, x0, x1, lx = _pixels(pid, n_pb, h, w, H, W, ALIGN, ACC, BP)
-    t = tl.load(t_ptr + b.to(tl.int64) * H * W + p, mask=inside, other=0).to(tl.int32)
+    t64 = tl.load(t_ptr + b.to(tl.int64) * H * W + p, mask=inside, other=0)
+    bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= K))  # compared in int64: no wrap-around into [0, K)
+    t = t64.to(tl.int32)
     xb = x_ptr + b.to(tl.int64) * sxb
     mx = tl.full([BP], float("-inf"), ACC)
     s = tl.zeros([BP], ACC)
@@ -90,7 +93,8 @@ def _upce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, K, h, w, H, W, sxb, sxk, s
     lse = tl.where(inside, mx + tl.log(tl.where(inside, s, 1.0)), 0.0)
     keep = inside & (t != ignore_index)
     out = b.to(tl.int64) * H * W + p
-    tl.store(loss_ptr + out, tl.where(keep, lse - zt, 0.0), mask=inside)
+    loss = tl.where(keep, lse - zt, 0.0)
+    tl.store(loss_ptr + out, tl.where(bad, float("nan"), loss), mask=inside)  # a label outside [0, K): NaN
     tl.store(lse_ptr + out, lse, mask=inside)
 
 
@@ -100,10 +104,13 @@ def _upce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, K, h, w, H, W, sxb, s
     pid = tl.program_id(0)
     b, p, inside, y0, y1, ly, x0, x1, lx = _pixels(pid, n_pb, h, w, H, W, ALIGN, ACC, BP)
     out = b.to(tl.int64) * H * W + p
-    t = tl.load(t_ptr + out, mask=inside, other=0).to(tl.int32)
-    keep = inside & (t != ignore_index)
+    t64 = tl.load(t_ptr + out, mask=inside, other=0)
+    bad = (t64 != ignore_index) & ((t64 < 0) | (t64 >= K))
+    t = t64.to(tl.int32)
+    keep = inside & (t64 != ignore_index)
     lse = tl.load(lse_ptr + out, mask=inside, other=0.0)
     g = tl.load(g_ptr + out, mask=keep, other=0.0).to(ACC)
+    g = tl.where(bad, float("nan"), g)  # a label outside [0, K): NaN gradient at its 4 source pixels
     xb = x_ptr + b.to(tl.int64) * sxb
     # dx is contiguous (B, K, h, w)
     db = dx_ptr + b.to(tl.int64) * K * h * w

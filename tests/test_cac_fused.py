@@ -147,9 +147,28 @@ def test_bad_inputs(device):
         ops.soft_class_prototypes(f, torch.randn(1, 300, 3, 4, device=device))
     with pytest.raises(ValueError, match=r"must be \(K, 12\)"):
         ops.cosine_logits(f, torch.randn(K, 5, device=device))
-    with pytest.raises(ValueError, match="labels must be in"):
+    with fastseg.use_backend("torch"), pytest.raises(ValueError, match="labels must be in"):  # the reference
         ops.entropy_distill_loss(torch.randn(1, K, 3, 4, device=device), torch.randn(1, K, 3, 4, device=device),
                                  torch.full((1, 3, 4), K, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize("bad", [K, -3, 2 ** 32 + 1])  # the last one would wrap to 1 as an int32
+def test_out_of_range_labels_are_nan(bad, device, triton_launches):
+    """No host check on the Triton path (it would make every call wait for the GPU): a label outside [0, K) is
+    never used as an index and makes the results NaN; the same labels without it are finite."""
+    f = torch.randn(B, C, H, W, device=device, dtype=torch.float64, requires_grad=True)
+    pred = torch.randn(B, K, H, W, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(K, C, device=device, dtype=torch.float64)
+    for y, loud in ((_labels().to(device), False), (_labels().to(device), True)):
+        if loud:
+            y[1, 0, 2 * (H - 1), 4] = bad  # one pixel: (H - 1, 2) after the nearest resize by 2
+        table = ops.oracle_class_prototypes(f, y, weight)
+        loss = ops.entropy_distill_loss(pred, torch.randn_like(pred), y)
+        gf, gp = torch.autograd.grad(table.sum() + loss, (f, pred))
+        for name, t in (("table", table), ("loss", loss), ("dfeat", gf), ("dpred", gp)):
+            assert t.isnan().any() == loud, f"{name} bad={bad} loud={loud}"
+    assert triton_launches["cac_proto_fwd"] == 2 and triton_launches["cac_distill_bwd"] == 2
+    assert gp[1, :, H - 1, 2].isnan().all() and gp[0].isfinite().all()  # NaN gradient at that pixel only
 
 
 def test_classifier_state_dict_and_training_step(device, triton_launches):

@@ -133,6 +133,37 @@ def test_from_embeddings(device, triton_launches):
         assert_close(a, b, TOL[EXACT], name)
     assert out_g[0][1].abs().max() == 0
     assert triton_launches["mask_loss_fwd"] == 1 and triton_launches["mask_loss_bwd"] == 1
+    # host counts instead of batch_idx (pairs sorted by image): the same numbers, no tensor read to group them
+    order = torch.argsort(batch_idx, stable=True)
+    rows = order.clone()  # pair t of the sorted order uses target row order[t]
+    for backend in ("auto", "torch"):
+        fc = [feats.clone().requires_grad_(), embeds.clone().requires_grad_()]
+        with _backend.use_backend(backend):
+            cnt = mask_losses_from_embeddings(fc[1][order], fc[0], None, targets, 1.5, rows,
+                                              pairs_per_image=[1, 0, 3])
+        cnt_g = torch.autograd.grad(cnt[0] * 0.7 + cnt[1] * 1.3, fc)
+        for name, a, b in zip(("loss_mask", "loss_dice", "d features", "d embeds"), (*cnt, *cnt_g), (*ref, *ref_g)):
+            assert_close(a, b, TOL[EXACT], f"{backend} pairs_per_image {name}")
+    assert triton_launches["mask_loss_fwd"] == 2 and triton_launches["mask_loss_bwd"] == 2
+    with pytest.raises(ValueError, match="summing to the 4 pairs"):
+        mask_losses_from_embeddings(embeds, feats, None, targets, 1.5, pairs_per_image=[1, 0, 2])
+    with pytest.raises(ValueError, match="not both"):
+        mask_losses_from_embeddings(embeds, feats, batch_idx, targets, 1.5, pairs_per_image=[1, 0, 3])
+
+
+def test_out_of_range_target_rows_are_nan(device, triton_launches):
+    # no host check on the Triton path (it would make every call wait for the GPU): the bad pair's sums and
+    # gradient are NaN, the others' are not
+    from fastseg.ops.mask_loss import mask_loss_sums
+
+    x = torch.randn(3, 4, 5, dtype=EXACT, device=device, requires_grad=True)
+    targets = _targets(2, 9, 11, device)
+    for bad in (2, -1):
+        sums = mask_loss_sums(x, targets, torch.tensor([1, bad, 0]))
+        (g,) = torch.autograd.grad(sums.sum(), x)
+        assert sums[1].isnan().all() and sums[[0, 2]].isfinite().all()
+        assert g[1].isnan().all() and g[[0, 2]].isfinite().all()
+    assert triton_launches["mask_loss_fwd"] == 2 and triton_launches["mask_loss_bwd"] == 2
 
 
 def test_torch_path_and_errors(device):
@@ -149,8 +180,8 @@ def test_torch_path_and_errors(device):
         mask_losses(x, targets[:1], 1.0)
     with pytest.raises(ValueError, match="no gradient flows to the targets"):
         mask_losses(x, targets.to(EXACT).requires_grad_(), 1.0)
-    with pytest.raises(ValueError, match="target_rows must be in"):
-        mask_losses(x, targets, 1.0, target_rows=[0, 2])
+    with _backend.use_backend("torch"), pytest.raises(ValueError, match="target_rows must be in"):
+        mask_losses(x, targets, 1.0, target_rows=[0, 2])  # the plain path checks CPU rows (the Triton path: NaN)
     with pytest.raises(ValueError, match=r"\(T, h, w\)"):
         mask_losses(x[0], targets, 1.0)
     with pytest.raises(ValueError, match="batch_idx must be in"):

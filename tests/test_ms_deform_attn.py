@@ -166,7 +166,9 @@ def test_op_bad_inputs(device):
         ms_deform_attn(value, st.float(), None, locs, attn)
     with pytest.raises(ValueError, match="sampling_locations"):
         ms_deform_attn(value, st, None, locs[..., :1], attn)
-    if device == "cpu":  # the Σ H·W == S check is CPU-only (a host sync on CUDA)
+    with pytest.raises(ValueError, match="S = 49"):  # a list of shapes is checked on the host, on any device
+        ms_deform_attn(value, [(5, 7), (3, 4), (2, 2)], None, locs, attn)
+    if device == "cpu":  # the Σ H·W == S check of tensors is CPU-only (a host sync on CUDA)
         with pytest.raises(ValueError, match="S = 49"):
             ms_deform_attn(value, torch.tensor([(5, 7), (3, 4), (2, 2)]), None, locs, attn)
         with pytest.raises(ValueError, match="level_start_index"):

@@ -87,12 +87,32 @@ def test_torch_backend_matches():
     assert_close(out, _ref(x, t, False), 1e-12)
 
 
+@pytest.mark.parametrize("bad", [3, -2, 2 ** 32 + 1])  # the last one would wrap to 1 as an int32
+def test_out_of_range_labels_are_nan(bad, device, triton_launches):
+    # no host check on the Triton path (it would make every call wait for the GPU): NaN at those pixels only
+    x = torch.randn(1, 3, 2, 2, device=device, requires_grad=True)
+    t = torch.zeros(1, 4, 4, dtype=torch.long, device=device)
+    t[0, 1, 2] = bad
+    t[0, 0, 0] = 255
+    loss = upsampled_cross_entropy(x, t)
+    assert triton_launches["upsample_ce_fwd"] == 1
+    nan = loss.isnan()
+    assert nan[0, 1, 2] and nan.sum() == 1 and loss[0, 0, 0] == 0
+    loss.nan_to_num(0.0).sum().backward()  # the NaN pixel's gradient is NaN even with a 0 upstream gradient
+    assert x.grad.isnan().any()
+    x2 = x.detach().clone().requires_grad_(True)
+    t[0, 1, 2] = 0
+    upsampled_cross_entropy(x2, t).sum().backward()
+    assert x2.grad.isfinite().all()
+
+
 def test_bad_input():
     x = torch.randn(1, 3, 2, 2)
-    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
-        upsampled_cross_entropy(x, torch.full((1, 4, 4), 3))
-    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
-        upsampled_cross_entropy(x, torch.full((1, 4, 4), -2))
+    with _backend.use_backend("torch"):  # the plain path on CPU checks the labels on the host (free there)
+        with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+            upsampled_cross_entropy(x, torch.full((1, 4, 4), 3))
+        with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+            upsampled_cross_entropy(x, torch.full((1, 4, 4), -2))
     with pytest.raises(TypeError, match="integer"):
         upsampled_cross_entropy(x, torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="target must be"):

@@ -200,12 +200,180 @@ def _case_atm_attention(dtype):
     return fwd, [q, k, v]
 
 
+def _case_ms_deform_attn(dtype):
+    """Shapes as a host list, starts None (checked in Python); CPU shape tensors are read only on CPU."""
+    from fastseg.ops import ms_deform_attn
+
+    shapes = [(3, 4), (2, 2)]
+    S = sum(h * w for h, w in shapes)
+    value = _rand(1, S, 2, 4, dtype=dtype)
+    locs = torch.rand(1, 5, 2, 2, 3, 2, dtype=dtype).requires_grad_(True)
+    attn = torch.rand(1, 5, 2, 2, 3, dtype=dtype).softmax(-1).requires_grad_(True)
+    return (lambda: ms_deform_attn(value, shapes, None, locs, attn)), [value, locs, attn]
+
+
+def _case_ms_deform_attn_from_offsets(dtype):
+    from fastseg.ops import ms_deform_attn_from_offsets
+
+    shapes = [(3, 4), (2, 2)]
+    S = sum(h * w for h, w in shapes)
+    value = _rand(1, S, 2, 4, dtype=dtype)
+    ref = torch.rand(1, 5, 2, 2, dtype=dtype).requires_grad_(True)
+    off, logits = _rand(1, 5, 2, 2, 3, 2, dtype=dtype), _rand(1, 5, 2, 2, 3, dtype=dtype)
+    return (lambda: ms_deform_attn_from_offsets(value, shapes, None, ref, off, logits)), [value, ref, off, logits]
+
+
+def _labels(b, h, w, k, g=None):
+    y = torch.randint(0, k, (b, h, w), generator=g)
+    y[:, 0, 0] = 255  # an ignored pixel
+    return y
+
+
+def _case_upsampled_ce(dtype):
+    from fastseg.ops import upsampled_cross_entropy
+
+    x = _rand(2, 5, 3, 4, dtype=dtype)
+    y = _labels(2, 7, 9, 5)
+    return (lambda: upsampled_cross_entropy(x, y)), [x]
+
+
+def _case_mask_losses(dtype):
+    from fastseg.ops import mask_losses
+
+    x = _rand(3, 4, 5, dtype=dtype)
+    y = torch.rand(3, 9, 11) > 0.5
+
+    def fwd():
+        focal, dice = mask_losses(x, y, 3.0)
+        return focal + dice
+    return fwd, [x]
+
+
+def _case_mask_losses_rows(dtype):
+    """With ``target_rows`` (the matcher's, as MaskFormer's criterion passes them): validated on the host."""
+    from fastseg.ops import mask_losses
+
+    x = _rand(3, 4, 5, dtype=dtype)
+    y = torch.rand(4, 9, 11) > 0.5
+
+    def fwd():
+        focal, dice = mask_losses(x, y, 3.0, torch.tensor([3, 0, 2]))
+        return focal + dice
+    return fwd, [x]
+
+
+def _case_mask_losses_from_embeddings(dtype, by_count=True):
+    """As MaskFormer's criterion calls it: pairs image by image, host counts, the matcher's target rows."""
+    from fastseg.ops import mask_losses_from_embeddings
+
+    e, f = _rand(3, 6, dtype=dtype), _rand(2, 6, 4, 5, dtype=dtype)
+    batch_idx = torch.tensor([0, 1, 1])  # the matcher's image of each pair
+    y = torch.rand(4, 9, 11) > 0.5
+    rows = torch.tensor([1, 3, 2])
+
+    def fwd():
+        if by_count:
+            focal, dice = mask_losses_from_embeddings(e, f, None, y, 3.0, rows, pairs_per_image=[1, 2])
+        else:
+            focal, dice = mask_losses_from_embeddings(e, f, batch_idx, y, 3.0, rows)
+        return focal + dice
+    return fwd, [e, f]
+
+
+def _case_mask_losses_from_embeddings_idx(dtype):
+    return _case_mask_losses_from_embeddings(dtype, by_count=False)
+
+
+def _case_mask_costs(dtype):
+    from fastseg.ops import matcher_mask_costs_batch
+
+    x = _rand(2, 5, 4, 5, dtype=dtype, grad=False)
+    ys = [torch.rand(3, 9, 11) > 0.5, torch.rand(2, 8, 10) > 0.5]
+
+    def fwd():
+        return torch.cat([torch.cat(fd, 1) for fd in matcher_mask_costs_batch(ys, logits=x)], 1)
+    return fwd, []
+
+
+def _case_mask_costs_from_embeddings(dtype):
+    from fastseg.ops import matcher_mask_costs_batch
+
+    e, f = _rand(2, 5, 6, dtype=dtype, grad=False), _rand(2, 6, 4, 5, dtype=dtype, grad=False)
+    ys = [torch.rand(3, 9, 11) > 0.5, torch.rand(2, 8, 10) > 0.5]
+
+    def fwd():
+        return torch.cat([torch.cat(fd, 1) for fd in matcher_mask_costs_batch(ys, embeds=e, features=f)], 1)
+    return fwd, []
+
+
+def _case_cac_soft_prototypes(dtype):
+    from fastseg.ops.cac import soft_class_prototypes
+
+    f, z = _rand(2, 6, 3, 5, dtype=dtype), _rand(2, 4, 3, 5, dtype=dtype)
+    return (lambda: soft_class_prototypes(f, z)), [f, z]
+
+
+def _case_cac_oracle_prototypes(dtype):
+    from fastseg.ops.cac import oracle_class_prototypes
+
+    f, wt = _rand(2, 6, 3, 5, dtype=dtype), _rand(4, 6, dtype=dtype)
+    y = _labels(2, 6, 10, 4)
+    return (lambda: oracle_class_prototypes(f, y, wt)), [f, wt]
+
+
+def _case_cac_cosine(dtype):
+    from fastseg.ops.cac import cosine_logits
+
+    f, q = _rand(2, 6, 3, 5, dtype=dtype), _rand(2, 4, 6, dtype=dtype)
+    return (lambda: cosine_logits(f, q)), [f, q]
+
+
+def _case_cac_cosine_clamp(dtype):
+    from fastseg.ops.cac import cosine_logits
+
+    f, q = _rand(2, 6, 3, 5, dtype=dtype), _rand(4, 6, dtype=dtype)
+    return (lambda: cosine_logits(f, q, clamp=True)), [f, q]
+
+
+def _case_cac_train(dtype):
+    """The fused classifier's training losses (refine, oracle, distillation, three upsampled CEs, accuracy)."""
+    from fastseg.nn import ContextAwareClassifier
+
+    m = ContextAwareClassifier(6, 4, dropout_ratio=0.0).to(dtype)
+    x = _rand(2, 6, 3, 5, dtype=dtype)
+    y = _labels(2, 6, 10, 4)[:, None]
+    return (lambda: m.forward_train(x, y)["loss_ce"]), [x, *m.parameters()]
+
+
+def _case_cac_distill(dtype):
+    from fastseg.ops.cac import entropy_distill_loss
+
+    x, t = _rand(2, 4, 3, 5, dtype=dtype), _rand(2, 4, 3, 5, dtype=dtype, grad=False)
+    y = _labels(2, 6, 10, 4)
+    return (lambda: entropy_distill_loss(x, t, y)), [x]
+
+
 #: name -> (builder(dtype) -> (forward callable, leaf tensors), differentiable)
 CASES = {
     "op msca": (_case_msca_op, True), "module fastseg.nn.MSCA": (_case_msca, True),
     "op dwconv3x3_gelu": (_case_mlp_op, True), "module fastseg.nn.MSCANMlp": (_case_mlp, True),
     "op masked_attention": (_case_attention, True), "op mask_from_embeddings": (_case_mask_from_embeddings, False),
     "op context_cluster": (_case_context_cluster, True), "op atm_attention": (_case_atm_attention, True),
+    "op ms_deform_attn": (_case_ms_deform_attn, True),
+    "op ms_deform_attn_from_offsets": (_case_ms_deform_attn_from_offsets, True),
+    "op upsampled_cross_entropy": (_case_upsampled_ce, True),
+    "op mask_losses": (_case_mask_losses, True),
+    "op mask_losses (target_rows)": (_case_mask_losses_rows, True),
+    "op mask_losses_from_embeddings": (_case_mask_losses_from_embeddings, True),
+    "op mask_losses_from_embeddings (batch_idx)": (_case_mask_losses_from_embeddings_idx, True),
+    "op matcher_mask_costs_batch": (_case_mask_costs, False),
+    "op matcher_mask_costs_batch (embeddings)": (_case_mask_costs_from_embeddings, False),
+    "op cac.soft_class_prototypes": (_case_cac_soft_prototypes, True),
+    "op cac.oracle_class_prototypes": (_case_cac_oracle_prototypes, True),
+    "op cac.cosine_logits": (_case_cac_cosine, True),
+    "op cac.cosine_logits (clamp)": (_case_cac_cosine_clamp, True),
+    "op cac.entropy_distill_loss": (_case_cac_distill, True),
+    "module fastseg.nn.ContextAwareClassifier (forward_train)": (_case_cac_train, True),
 }
 
 

@@ -331,7 +331,8 @@ class MaskFormerCriterion(SetCriterion):
         src_idx = self._get_src_permutation_idx(indices)
         tgt_idx = self._get_tgt_permutation_idx(indices)
         if self.fused or "pred_masks" not in outputs:
-            return self._fused_loss_masks(outputs, targets, src_idx, tgt_idx, num_masks)
+            return self._fused_loss_masks(outputs, targets, src_idx, tgt_idx, num_masks,
+                                          [len(src) for src, _ in indices])
         src_masks = outputs["pred_masks"][src_idx]
         target_masks = pad_target_masks([t["masks"] for t in targets]).to(src_masks)[tgt_idx]
         src_masks = F.interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
@@ -340,7 +341,7 @@ class MaskFormerCriterion(SetCriterion):
         return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_masks),
                 "loss_dice": dice_loss(src_masks, target_masks, num_masks)}
 
-    def _fused_loss_masks(self, outputs, targets, src_idx, tgt_idx, num_masks):
+    def _fused_loss_masks(self, outputs, targets, src_idx, tgt_idx, num_masks, pairs_per_image=None):
         from .. import ops
 
         ref = outputs["pred_masks"] if "pred_masks" in outputs else outputs["mask_features"]
@@ -353,8 +354,11 @@ class MaskFormerCriterion(SetCriterion):
             loss_mask, loss_dice = ops.mask_losses(outputs["pred_masks"][src_idx], flat, num_masks, rows)
         else:
             embeds = outputs["pred_embeds"][src_idx]
-            loss_mask, loss_dice = ops.mask_losses_from_embeddings(embeds, outputs["mask_features"], src_idx[0],
-                                                                   flat, num_masks, rows)
+            # src_idx lists the pairs image by image: the host counts group them (no tensor read)
+            by_count = pairs_per_image is not None
+            loss_mask, loss_dice = ops.mask_losses_from_embeddings(
+                embeds, outputs["mask_features"], None if by_count else src_idx[0], flat, num_masks, rows,
+                pairs_per_image=pairs_per_image)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def match(self, outputs, targets):

@@ -14,6 +14,10 @@ Same signatures and results as :mod:`fastseg.reference.cac` (so this module can 
 * ``entropy_distill_loss(pred, teacher, labels, smoothness=0.5, ignore_index=255, eps=0.0) -> ()``: one kernel
   over the pixels with per-class accumulators (teacher detached).
 
+Labels (B, H, W) or (B, 1, H, W) int, values in [0, K) or ``ignore_index``. On the Triton path labels outside
+[0, K) give NaN (the oracle table's every row, the distillation loss, and those pixels' gradients); no host
+check, which would make every call wait for the GPU. The plain-PyTorch path (the reference) raises ValueError.
+
 Float dtypes fp32 / fp16 / bf16 (fp64 on CPU); features and logits of one call share a dtype. Dispatch by
 :func:`fastseg._backend.select`: Triton on CUDA and under ``TRITON_INTERPRET=1``, else the reference. The
 per-tile partial sums are reduced in a fixed order (deterministic; no atomics). Saved for backward: the
@@ -153,13 +157,13 @@ def oracle_class_prototypes(feat: torch.Tensor, labels: torch.Tensor, weight: to
     if k > MAX_CLASSES:
         raise NotImplementedError(f"oracle_class_prototypes: the Triton kernel keeps all classes of a pixel in "
                                   f"registers and supports K <= {MAX_CLASSES}, got K = {k}")
-    y = resize_labels(labels, (h, w), k, ignore_index).reshape(b, h * w).contiguous()
+    y = resize_labels(labels, (h, w), None, ignore_index).reshape(b, h * w).contiguous()  # no host check
     if torch.compiler.is_compiling():
         a, count = _label_fwd_op(_fold(feat), y, k, int(ignore_index))
     else:
         a, count = _LabelSums.apply(_fold(feat), y, k, int(ignore_index))
-    mean = a / (count.unsqueeze(1) + _EPS)
-    return torch.where((count > 0).unsqueeze(1), mean, weight.to(mean.dtype)).to(feat.dtype)
+    mean = a / (count.unsqueeze(1) + _EPS)  # count is NaN after a bad label: keep the NaN (!= 0, not > 0)
+    return torch.where((count != 0).unsqueeze(1), mean, weight.to(mean.dtype)).to(feat.dtype)
 
 
 # -------------------------------------------------------------------------------------- cosine classifier
@@ -295,7 +299,7 @@ def entropy_distill_loss(pred: torch.Tensor, teacher: torch.Tensor, labels: torc
     if not _use_triton("entropy_distill_loss", pred, teacher):
         return ref.entropy_distill_loss(pred, teacher, labels, smoothness, ignore_index, eps)
     b, k, h, w = pred.shape
-    y = resize_labels(labels, (h, w), k, ignore_index).reshape(b, h * w).contiguous()
+    y = resize_labels(labels, (h, w), None, ignore_index).reshape(b, h * w).contiguous()  # no host check
     args = (_fold(pred), _fold(teacher.detach()), y, float(smoothness), int(ignore_index), float(eps))
     if torch.compiler.is_compiling():
         return _distill_fwd_op(*args)[0]

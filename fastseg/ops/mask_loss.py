@@ -12,7 +12,8 @@ the (T, H, W) upsampled logits, probabilities and focal terms are never stored.
 
 * :func:`mask_losses` ``(logits (T, h, w), targets (N, H, W), num_masks, target_rows=None)``: from the
   matched logit maps. Saved for backward: logits and targets (inputs).
-* :func:`mask_losses_from_embeddings` ``(embeds (T, C), features (B, C, h, w), batch_idx (T,), targets, ...)``:
+* :func:`mask_losses_from_embeddings` ``(embeds (T, C), features (B, C, h, w), batch_idx (T,), targets, ...)``
+  (or ``batch_idx=None, pairs_per_image=[n_0, ...]``: host counts, no tensor read for the grouping):
   logits ``e_t · F[batch_idx[t]]`` of the matched pairs only, formed per image (one GEMM), used by the
   kernel and dropped; recomputed in backward. Nothing of size (B, Q, h, w) or (T, H, W) exists, and only a
   transient (T, h, w) per call.
@@ -55,6 +56,19 @@ def _groups(batch_idx: torch.Tensor, B: int, device) -> list:
     return out
 
 
+def _count_groups(pairs_per_image, B: int, T: int) -> list:
+    """[(b, slice of image b's pairs)] from host ints (pairs sorted by image): no tensor is read."""
+    counts = [int(n) for n in pairs_per_image]
+    if len(counts) != B or any(n < 0 for n in counts) or sum(counts) != T:
+        raise ValueError(f"pairs_per_image must be {B} counts >= 0 summing to the {T} pairs, got {counts}")
+    out, start = [], 0
+    for b, n in enumerate(counts):
+        if n:
+            out.append((b, slice(start, start + n)))
+        start += n
+    return out
+
+
 def _logits(embeds, features, groups):
     """Matched logits in the inputs' dtype (autocast off: forward and backward recompute the same numbers)."""
     T = embeds.shape[0]
@@ -64,6 +78,15 @@ def _logits(embeds, features, groups):
         for b, sel in groups:
             out[sel] = (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)
     return out
+
+
+def _logits_in_order(embeds, features, groups):
+    """Differentiable (T, h, w) logits of pairs grouped by contiguous slices in image order."""
+    B, C, h, w = features.shape
+    pieces = [(embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w) for b, sel in groups]
+    if not pieces:
+        return features.new_zeros(0, h, w) + 0 * embeds.sum() + 0 * features.sum()
+    return torch.cat(pieces)
 
 
 def matched_logits(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
@@ -199,10 +222,15 @@ def _check_targets(op, targets, T, target_rows, device):
         rows = torch.as_tensor(target_rows).long().reshape(-1)
         if rows.numel() != T:
             raise ValueError(f"{op}: target_rows must have one entry per pair ({T}), got {rows.numel()}")
-        if T and not torch.compiler.is_compiling() and (int(rows.min()) < 0 or int(rows.max()) >= targets.shape[0]):
-            raise ValueError(f"{op}: target_rows must be in [0, {targets.shape[0]})")
-        rows = rows.to(device)
-    return rows.contiguous()
+        rows = rows.to(device)  # no host check of the range (it would wait for the GPU): the kernels make a
+    return rows.contiguous()  # row outside [0, N) NaN, the plain path checks CPU rows (_check_rows_host)
+
+
+def _check_rows_host(op, rows, N):
+    """The plain path only, and only CPU rows (free there; on CUDA indexing asserts on the device)."""
+    if rows.numel() and rows.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and (int(rows.min()) < 0 or int(rows.max()) >= N):
+        raise ValueError(f"{op}: target_rows must be in [0, {N})")
 
 
 def _plain_sums(logits, targets, rows, alpha, gamma):
@@ -255,6 +283,7 @@ def mask_loss_sums(logits: torch.Tensor, targets: torch.Tensor, target_rows=None
     if T == 0 or H * W == 0 or h * w == 0 or _backend.select(op, device) == "torch":
         if h * w == 0 and T and H * W:
             raise ValueError(f"{op}: empty logit maps {tuple(logits.shape)} cannot be upsampled to {(H, W)}")
+        _check_rows_host(op, rows, targets.shape[0])
         return _plain_sums(logits, targets, rows, alpha, gamma)
     _triton_ok(op, logits)
     if torch.compiler.is_compiling():
@@ -270,12 +299,18 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, num_masks: float, t
     return _reduce(sums, targets.shape[1] * targets.shape[2], num_masks)
 
 
-def mask_losses_from_embeddings(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.Tensor,
+def mask_losses_from_embeddings(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.Tensor | None,
                                 targets: torch.Tensor, num_masks: float, target_rows=None, alpha: float = 0.25,
-                                gamma: float = 2.0):
+                                gamma: float = 2.0, *, pairs_per_image=None):
     """Same as ``mask_losses(matched_logits(embeds, features, batch_idx), targets, ...)`` without keeping the
     (T, h, w) logits: embeds (T, C), features (B, C, h, w), batch_idx (T,) image of each pair. Under autocast both
-    are cast to the autocast dtype first (as the reference's einsum)."""
+    are cast to the autocast dtype first (as the reference's einsum).
+
+    Grouping the pairs per image (one GEMM each) reads ``batch_idx`` on the host (a CPU tensor, as the Hungarian
+    matcher's, is read in place; a CUDA one is copied back: a sync). ``pairs_per_image`` (B host ints, pairs
+    sorted by image, as DETR's ``_get_src_permutation_idx`` orders them; with ``batch_idx=None``) groups them
+    without reading any tensor: no host-device sync, CUDA-graph friendly. ``target_rows`` outside [0, N) give
+    NaN on the Triton path (no host check)."""
     op = "mask_losses_from_embeddings"
     if embeds.dim() != 2 or features.dim() != 4 or embeds.shape[1] != features.shape[1]:
         raise ValueError(f"{op}: embeds (T, C) and features (B, C, h, w) must share C, got "
@@ -285,19 +320,30 @@ def mask_losses_from_embeddings(embeds: torch.Tensor, features: torch.Tensor, ba
         embeds, features = embeds.to(dt), features.to(dt)
     elif embeds.dtype != features.dtype:
         raise TypeError(f"{op}: embeds and features must share a dtype, got {embeds.dtype} / {features.dtype}")
-    batch_idx = torch.as_tensor(batch_idx).reshape(-1)
-    if batch_idx.numel() != embeds.shape[0]:
-        raise ValueError(f"{op}: batch_idx must have one entry per pair ({embeds.shape[0]}), got {batch_idx.numel()}")
+    if (batch_idx is None) == (pairs_per_image is None):
+        raise ValueError(f"{op}: give batch_idx or pairs_per_image (with batch_idx=None), not both")
+    if pairs_per_image is not None:
+        groups = _count_groups(pairs_per_image, features.shape[0], embeds.shape[0])
+    else:
+        batch_idx = torch.as_tensor(batch_idx).reshape(-1)
+        if batch_idx.numel() != embeds.shape[0]:
+            raise ValueError(f"{op}: batch_idx must have one entry per pair ({embeds.shape[0]}), got "
+                             f"{batch_idx.numel()}")
     device = _backend.check_same_device(op, embeds=embeds, features=features, targets=targets)
     T = embeds.shape[0]
     rows = _check_targets(op, targets, T, target_rows, device)
     HW = targets.shape[1] * targets.shape[2]
     if T == 0 or HW == 0 or _backend.select(op, device) == "torch":
-        sums = mask_loss_sums(matched_logits(embeds, features, batch_idx), targets, rows, alpha, gamma)
+        if pairs_per_image is not None:
+            logits = _logits_in_order(embeds, features, groups)
+        else:
+            logits = matched_logits(embeds, features, batch_idx)
+        sums = mask_loss_sums(logits, targets, rows, alpha, gamma)
         return _reduce(sums, HW, num_masks)
     _triton_ok(op, features)
     if gamma < 0:
         raise ValueError(f"{op}: gamma must be >= 0, got {gamma}")
-    groups = _groups(batch_idx, features.shape[0], device)
+    if pairs_per_image is None:
+        groups = _groups(batch_idx, features.shape[0], device)
     sums = _SumsFromEmbeddings.apply(embeds, features, groups, targets, rows, float(alpha), float(gamma))
     return _reduce(sums, HW, num_masks)

@@ -11,8 +11,8 @@ official ``MSDeformAttnFunction`` signature without ``im2col_step``.
   dtype each (read in fp32); returns (N, Lq, M·D) in value's dtype. Gradients for value, sampling_locations and
   attention_weights, in their dtypes.
 
-No host sync on CUDA: the shapes tensors are read by the kernels. So ``Σ H_l·W_l == S`` is checked on CPU
-tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels skip a level
+No host sync on CUDA: the shapes tensors are read by the kernels. So ``Σ H_l·W_l == S`` is checked for a list
+of shapes (in Python, with ``level_start_index=None``) and for CPU tensors only; on CUDA inconsistent shapes cannot touch memory outside ``value`` (the kernels skip a level
 with ``start + H·W > S``) but give meaningless numbers. grad_value is accumulated with fp32 atomics (fp64 for
 fp64), so it can differ between runs at rounding level (on CUDA the backward raises, or warns, under
 ``torch.use_deterministic_algorithms(True)``, as ``grid_sample``'s does); the other outputs are deterministic.
@@ -200,10 +200,11 @@ def ms_deform_attn_from_offsets(value: torch.Tensor, spatial_shapes, level_start
     reference_points, sampling_offsets and attention_logits."""
     if not isinstance(value, torch.Tensor):
         raise ValueError("ms_deform_attn_from_offsets: value must be a tensor")
+    host = _host_shapes(spatial_shapes, level_start_index)
     spatial_shapes = shapes_tensor(spatial_shapes, value.device)
     if level_start_index is None:
         level_start_index = level_start_index_of(spatial_shapes)
-    _check(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits)
+    _check(value, spatial_shapes, level_start_index, sampling_offsets, attention_logits, host)
     N, Lq, L = sampling_offsets.shape[0], sampling_offsets.shape[1], sampling_offsets.shape[3]
     if not isinstance(reference_points, torch.Tensor) or tuple(reference_points.shape) != (N, Lq, L, 2) \
             or not reference_points.is_floating_point():
@@ -265,7 +266,15 @@ def _check_dtypes(**tensors):
                             "fp32/fp16/bf16 on CUDA")
 
 
-def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _host_shapes(spatial_shapes, level_start_index):
+    """The (H, W) list when the shapes come from the host (a list) and the starts are derived from them (None):
+    then they are validated in Python, on any device, without reading a tensor."""
+    if isinstance(spatial_shapes, torch.Tensor) or level_start_index is not None:
+        return None
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, host_shapes=None):
     for name, t, dim in (("value", value, 4), ("sampling_locations", sampling_locations, 6),
                          ("attention_weights", attention_weights, 5)):
         if not isinstance(t, torch.Tensor) or t.dim() != dim:
@@ -289,8 +298,14 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
     if level_start_index.shape != (L,) or level_start_index.is_floating_point():
         raise ValueError(f"ms_deform_attn: level_start_index must be an integer ({L},) tensor, got "
                          f"{level_start_index.dtype} {tuple(level_start_index.shape)}")
-    # free on CPU; on CUDA it would be a host sync (see module doc); skipped while torch.compile traces (it reads
-    # tensor values; the kernels still skip a level that would read past S)
+    if host_shapes is not None:  # a list: checked in Python (no tensor read on any device)
+        total = sum(h * w for h, w in host_shapes)
+        if total != S:
+            raise ValueError(f"ms_deform_attn: spatial_shapes {host_shapes} give Σ H·W = {total}, but value has "
+                             f"S = {S}")
+        return
+    # tensors: free on CPU; on CUDA it would be a host sync (see module doc); skipped while torch.compile traces
+    # (it reads tensor values; the kernels still skip a level that would read past S)
     if spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling():
         total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
         if total != S:
@@ -306,10 +321,11 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes, level_start_index, sampl
     """Fused multi-scale deformable attention; see the module docstring for shapes and dtypes."""
     if not isinstance(value, torch.Tensor):
         raise ValueError("ms_deform_attn: value must be a tensor")
+    host = _host_shapes(spatial_shapes, level_start_index)
     spatial_shapes = shapes_tensor(spatial_shapes, value.device)
     if level_start_index is None:
         level_start_index = level_start_index_of(spatial_shapes)
-    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, host)
     device = _backend.check_same_device("ms_deform_attn", value=value, spatial_shapes=spatial_shapes,
                                         level_start_index=level_start_index, sampling_locations=sampling_locations,
                                         attention_weights=attention_weights)

@@ -2,6 +2,9 @@
 
 ``upsampled_cross_entropy(logits, target, align_corners=False, ignore_index=255)``: logits (B, K, h, w)
 fp32/fp16/bf16 (fp64 on CPU), target (B, H, W) or (B, 1, H, W) int64 with values in [0, K) or ``ignore_index``.
+On the Triton path labels outside [0, K) give NaN at those pixels (loss and gradient); there is no host check,
+which would make every call wait for the GPU. The plain-PyTorch path on CPU raises ValueError for them (free
+there); on CUDA it is ``F.cross_entropy``'s own device-side assert.
 Returns the per-pixel loss (B, H, W) in float32 (float64 for float64 logits), 0 at ignored pixels — the same as
 ``F.cross_entropy(F.interpolate(logits, (H, W), mode="bilinear", align_corners=...), target,
 ignore_index=..., reduction="none")``. Reduce it yourself (mmseg's mean over all pixels: ``.mean()``;
@@ -98,12 +101,17 @@ def _check(logits, target, ignore_index):
                          f"got {tuple(target.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"upsampled_cross_entropy: target must be an integer tensor, got {target.dtype}")
-    K = logits.shape[1]
+    return target.long().contiguous()
+
+
+def _check_labels_host(target, K, ignore_index):
+    """The plain path on CPU only (a host read, free there; on CUDA it would wait for the GPU)."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= K))
-    if not torch.compiler.is_compiling() and bad.any():  # a host read: skipped while compiling
+    if bad.any():
         raise ValueError(f"upsampled_cross_entropy: target values must be in [0, {K}) or ignore_index="
                          f"{ignore_index}; found {target[bad].unique().tolist()[:8]}")
-    return target.long().contiguous()
 
 
 def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_corners: bool = False,
@@ -113,6 +121,7 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, align_co
     device = _backend.check_same_device("upsampled_cross_entropy", logits=logits, target=target)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if target.numel() == 0 or logits.shape[1] == 0 or _backend.select("upsampled_cross_entropy", device) == "torch":
+        _check_labels_host(target, logits.shape[1], ignore_index)
         up = F.interpolate(logits.to(acc), size=target.shape[1:], mode="bilinear", align_corners=align_corners)
         return F.cross_entropy(up, target, ignore_index=ignore_index, reduction="none")
     if logits.dtype == torch.float64 and logits.is_cuda:

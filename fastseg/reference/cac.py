@@ -211,7 +211,7 @@ def cac_train_losses(base: torch.Tensor, feat: torch.Tensor, gt: torch.Tensor, w
     refined = impl.refine_logits(feat, base, weight, proj, tau, norm_eps)
     oracle = impl.oracle_logits(feat, y, weight, apd_proj, tau, ignore_index)
     kl_loss = impl.entropy_distill_loss(refined, oracle.detach(), y, smoothness, ignore_index)
-    labels = y.squeeze(1).long()  # (B, H, W); oracle_logits has checked the values
+    labels = y.squeeze(1).long()  # (B, H, W); the reference's oracle_logits has checked the values (fused: NaN)
     ce = getattr(impl, "upsampled_cross_entropy", None)
     if ce is not None:
         n_valid = (labels != ignore_index).sum()  # 0 gives NaN, as nn.CrossEntropyLoss
