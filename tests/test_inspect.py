@@ -130,3 +130,19 @@ def test_rules_msca_mlp_bf16():
         if r["kernel"] in ("_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel",
                            "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel", "_msca_fused_bwd_kernel"):
             assert r["wgmma"] + r["mma"] > 0, r
+
+
+def test_rules_every_family_bf16(tmp_path):
+    """Every kernel family, one benchmark shape each, bf16, both layouts, every config an autotuner can pick and
+    every default, compiled for sm_90 (child process): 0 B spills, <= 227 KB shared memory, and every bf16 dot
+    on tensor cores (its tt.dot ops counted in the Triton IR). About 1.5 min on 2 cores."""
+    _nvidia_backend()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "fastseg.bench.inspect", "--dtype", "bf16", "--max-shapes", "1",
+                           "--no-sass", "--json", str(out)], env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["family"] for r in rows} == set(I.CASES), {r["family"] for r in rows}
+    assert I.violations(rows) == []
+    assert sum(r.get("half_dots", 0) for r in rows) > 0  # the dot count itself works

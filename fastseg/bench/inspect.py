@@ -251,6 +251,8 @@ def compile_launch(launch: Launch, cfg: dict, sass: bool = True) -> dict:
         "smem": int(k.metadata.shared),
         "wgmma": len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
         "mma": len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
+        # tt.dot ops with fp16 / bf16 operands in the Triton IR: each must become wgmma / mma (violations())
+        "half_dots": len(re.findall(r"tt\.dot\b[^\n]*:\s*tensor<[^>]*x(?:bf16|f16)\b", k.asm.get("ttir", ""))),
         "dots_fp": _dot_dtypes(ptx),
         "num_warps": options.num_warps, "num_stages": options.num_stages,
         "compile_s": round(secs, 1),
@@ -644,6 +646,9 @@ def violations(rows: list[dict], fp32_spill: int = 256) -> list[str]:
             out.append(f"{r['kernel']} {r['config']} {r['dtype']} {r['layout']}: spills {r['spill_bytes']} B")
         if r["smem"] > SMEM_LIMIT:
             out.append(f"{r['kernel']} {r['config']} {r['dtype']} {r['layout']}: {r['smem']} B shared memory")
+        if r.get("half_dots") and not (r["wgmma"] or r["mma"]):
+            out.append(f"{r['kernel']} {r['config']} {r['dtype']} {r['layout']}: {r['half_dots']} fp16/bf16 dots "
+                       "without tensor-core instructions")
     return out
 
 
