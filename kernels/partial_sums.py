@@ -33,7 +33,15 @@ def sum_rows(part: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     R, L = part.shape
     assert part.is_contiguous()
     out = torch.empty(L, dtype=dtype, device=part.device)
-    BR, BL = (16, 128) if interpreter_enabled() else (8, 256)
+    if interpreter_enabled():
+        BR, BL = 16, 128
+    else:
+        # columns per program: enough programs for every SM twice when L is small (the MLP dwconv's
+        # channels_last partials, L = 2 560 over 8 192 rows, had 10 programs at BL = 256), 256 at most; every
+        # step still reads BR x BL = 2 048 elements
+        sms = torch.cuda.get_device_properties(part.device).multi_processor_count if part.is_cuda else 132
+        BL = min(256, max(32, triton.next_power_of_2(triton.cdiv(L, 2 * sms))))
+        BR = 2048 // BL
     record_launch(name)
     _sum_rows_kernel[(triton.cdiv(L, BL),)](part, out, R, L, BR=BR, BL=BL, num_warps=4)
     return out
