@@ -396,11 +396,11 @@ def _dkdv_block(
 
 
 def _prune_dq(configs, named_args, **kwargs):
-    """ATM attention's logits gradient in fp32 / fp64 with dropout or head dim 64: 8 warps only (sm_90, exact
-    fp32 dots: 4 warps spill 1048-1148 B at head dim 32 with dropout, 2524-2596 B at 64; 8 warps 12-104 B).
-    Everything else: every config."""
-    wide = kwargs.get("DROPOUT") or kwargs.get("BLOCK_D", 32) >= 64
-    if named_args["Q"].dtype.itemsize < 4 or not (kwargs.get("LOGITS_GRAD") and wide):
+    """fp32 / fp64 with dropout, or the ATM logits gradient at head dim 64: 8 warps only (sm_90, exact fp32
+    dots: 4 warps spill 516-780 B with dropout (1048-1148 B with the logits gradient), 2524-2596 B with the
+    logits gradient at head dim 64; 8 warps 0-104 B). Everything else: every config."""
+    wide = kwargs.get("DROPOUT") or (kwargs.get("LOGITS_GRAD") and kwargs.get("BLOCK_D", 32) >= 64)
+    if named_args["Q"].dtype.itemsize < 4 or not wide:
         return configs
     return [c for c in configs if c.num_warps >= 8] or configs
 
