@@ -57,7 +57,7 @@ def _prune(configs, named_args, **kw):
     config. The tl.dot path (> 8 centers) runs without the register cap."""
     bc = kw.get("BLOCK_C", named_args.get("BLOCK_C", 32))
     ok = [c for c in configs if c.kwargs["BLOCK_N"] * bc <= 8 * 32 * c.num_warps]
-    if named_args["x_ptr"].dtype == torch.float16:  # sm_90: the fp16 backward at 32 x 4 warps spilled 4 B (ADE
+    if getattr(named_args.get("x_ptr"), "dtype", None) == torch.float16:  # sm_90: the fp16 backward at 32 x 4 warps spilled 4 B (ADE
         ok = [c for c in ok if c.num_warps != 4] or ok  # 512, 16 x 16 regions; bf16 / fp32 0 B), the others 0 B
     ok = ok or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
     if kw.get("USE_DOT", False):

@@ -93,7 +93,7 @@ def measure(stage: int = 1, dtypes=("fp32", "fp16", "bf16"), allow_tf32: bool = 
                     continue
                 configs = kernel.configs
                 if kernel.early_config_prune is not None:
-                    configs = kernel.early_config_prune(configs, {}, **meta)
+                    configs = kernel.early_config_prune(configs, {"x_ptr": torch.empty(0, dtype=DTYPES[dt])}, **meta)
                 for cfg in configs:
                     t = time.time()
                     ck = compile_kernel(kernel, ints, dt, {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
