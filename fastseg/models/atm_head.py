@@ -56,6 +56,22 @@ def d4_to_d3(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(-2).transpose(-1, -2)
 
 
+def _add_stage_projection(head: nn.Module, i: int, use_proj: bool, in_channels: int, dim: int) -> None:
+    """Stage i's ``input_proj_{i+1}`` (Linear, trunc-normal(0.02) weight) and ``proj_norm_{i+1}`` (LayerNorm),
+    or identities without ``use_proj``: registered on the head and appended to its plain lists, as both official
+    ATM heads do."""
+    if use_proj:
+        proj = nn.Linear(in_channels, dim)
+        nn.init.trunc_normal_(proj.weight, std=0.02)
+        norm = nn.LayerNorm(dim)
+    else:
+        proj, norm = nn.Identity(), nn.Identity()
+    head.add_module(f"input_proj_{i + 1}", proj)
+    head.add_module(f"proj_norm_{i + 1}", norm)
+    head.input_proj.append(proj)
+    head.proj_norm.append(norm)
+
+
 def seg_accuracy(pred: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """mmseg's top-1 ``accuracy`` in percent: pred (B, K, H, W), target (B, H, W); ignored pixels left out."""
     label = pred.argmax(dim=1)
@@ -147,19 +163,10 @@ class _ATMBase(nn.Module):
         dim = embed_dims
         self.input_proj, self.proj_norm, self.decoder = [], [], []  # plain lists, as the official
         for i in range(use_stages):
-            if use_proj:
-                proj = nn.Linear(in_channels, dim)
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                norm = nn.LayerNorm(dim)
-            else:
-                proj, norm = nn.Identity(), nn.Identity()
-            self.add_module(f"input_proj_{i + 1}", proj)
-            self.add_module(f"proj_norm_{i + 1}", norm)
+            _add_stage_projection(self, i, use_proj, in_channels, dim)
             layer = TPNDecoderLayer(d_model=dim, nhead=num_heads, dim_feedforward=dim * 4)
             decoder = TPNDecoder(layer, num_layers, return_intermediate=return_intermediate)
             self.add_module(f"decoder_{i + 1}", decoder)
-            self.input_proj.append(proj)
-            self.proj_norm.append(norm)
             self.decoder.append(decoder)
         self.q = nn.Embedding(num_classes, dim)
         self.class_embed = nn.Linear(dim, num_classes + 1)
@@ -288,19 +295,10 @@ class TPNATMHead(nn.Module):
         dim = embed_dims
         self.input_proj, self.proj_norm, self.decoder = [], [], []
         for i in range(use_stages):
-            if use_proj:
-                proj = nn.Linear(in_channels, dim)
-                nn.init.trunc_normal_(proj.weight, std=0.02)
-                norm = nn.LayerNorm(dim)
-            else:
-                proj, norm = nn.Identity(), nn.Identity()
-            self.add_module(f"input_proj_{i + 1}", proj)
-            self.add_module(f"proj_norm_{i + 1}", norm)
+            _add_stage_projection(self, i, use_proj, in_channels, dim)
             layer = nn.TransformerDecoderLayer(d_model=dim, nhead=num_heads, dim_feedforward=dim * 4)
             decoder = nn.TransformerDecoder(layer, num_layers)
             self.add_module(f"decoder_{i + 1}", decoder)
-            self.input_proj.append(proj)
-            self.proj_norm.append(norm)
             self.decoder.append(decoder)
         self.q = nn.Embedding((img_size // shrink_ratio) ** 2, dim)
         self.atm = ATMSingleHead(img_size, in_channels, embed_dims, num_layers, num_heads, use_stages=1,

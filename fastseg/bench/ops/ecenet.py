@@ -145,19 +145,22 @@ def _label(s):
 
 SHAPE = {"model": "t", "B": 16, "H": 512, "W": 512, "C": 256, "K": 150}
 
+#: the whole model and the head alone run at the same shapes
+_MODEL_PRESETS = {
+    "cpu": [{"model": "t", "B": 1, "H": 64, "W": 64, "C": 64, "K": 19}],
+    "quick": [{"model": "t", "B": 2, "H": 256, "W": 256}],
+    "ade": [{"model": "t", "B": 16, "H": 512, "W": 512}, {"model": "b", "B": 16, "H": 512, "W": 512}],
+    "default": [{"model": "t", "B": 16, "H": 512, "W": 512}],
+    "full": [{"model": m, "B": b, "H": 512, "W": 512} for m in ("t", "b") for b in (8, 16)],
+}
+
 register(OpSpec(
     name="ecenet",
     summary="ECENet (MSCAN + ECENet head), whole model: training step (all losses) / inference — reference",
     issue="issue 17",
     heavy=True,
     shape_keys=dict(SHAPE),
-    presets={
-        "cpu": [{"model": "t", "B": 1, "H": 64, "W": 64, "C": 64, "K": 19}],
-        "quick": [{"model": "t", "B": 2, "H": 256, "W": 256}],
-        "ade": [{"model": "t", "B": 16, "H": 512, "W": 512}, {"model": "b", "B": 16, "H": 512, "W": 512}],
-        "default": [{"model": "t", "B": 16, "H": 512, "W": 512}],
-        "full": [{"model": m, "B": b, "H": 512, "W": 512} for m in ("t", "b") for b in (8, 16)],
-    },
+    presets=_MODEL_PRESETS,
     label=_label,
     impls=[
         Impl("eager", _model_prep(), description="fastseg.models.mscan_*_ecenet, eager (reference)"),
@@ -171,13 +174,7 @@ register(OpSpec(
     summary="ECENet head alone (FR, ECE, 3 SAU stages, ghost upsampling, fusion; training: all losses)",
     issue="issue 17",
     shape_keys=dict(SHAPE),
-    presets={
-        "cpu": [{"model": "t", "B": 1, "H": 64, "W": 64, "C": 64, "K": 19}],
-        "quick": [{"model": "t", "B": 2, "H": 256, "W": 256}],
-        "ade": [{"model": "t", "B": 16, "H": 512, "W": 512}, {"model": "b", "B": 16, "H": 512, "W": 512}],
-        "default": [{"model": "t", "B": 16, "H": 512, "W": 512}],
-        "full": [{"model": m, "B": b, "H": 512, "W": 512} for m in ("t", "b") for b in (8, 16)],
-    },
+    presets=_MODEL_PRESETS,
     label=lambda s: f"head({s['model']}) B={s['B']} {s['H']}x{s['W']} C={s['C']} K={s['K']}",
     impls=[
         Impl("eager", _head_prep(), description="fastseg.models.ECENetHead, eager (reference)"),
