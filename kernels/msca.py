@@ -40,7 +40,8 @@ from fastseg._backend import interpreter_enabled, record_launch
 from .partial_sums import sum_rows
 
 __all__ = ["PACK", "WPACK", "msca_dw_fwd", "msca_pw_fwd", "msca_fused_fwd", "use_fused_fwd", "msca_pw_bwd", "msca_w3_bwd",
-           "msca_pw_w3_bwd", "msca_dw_bwd", "msca_fused_bwd", "use_fused_bwd"]
+           "msca_pw_w3_bwd", "msca_dw_bwd", "msca_fused_bwd", "use_fused_bwd", "msca_pw_ds_bwd",
+           "msca_twopass_bwd", "use_twopass_bwd", "twopass_bwd_items"]
 
 WPACK = 128
 #: column ranges in the packed per-channel parameter row.
@@ -432,6 +433,83 @@ def _msca_fused_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, w3_ptr, b3_ptr, wp_ptr, 
                       BC, RH, RW, ACC, SB, RWP)
 
 
+@triton.jit(do_not_specialize=["H", "W", "sn", "sc", "sh", "n_ck", "n_th", "n_tw", "total"])
+def _msca_dw_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, ds_ptr, dx_ptr, w3_ptr, b3_ptr, wp_ptr, part_ptr, scr_ptr,
+                           H, W, sn, sc, sh, sw, n_ck, n_th, n_tw, total, C: tl.constexpr, CK: tl.constexpr,
+                           NCB: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, PH: tl.constexpr,
+                           PW: tl.constexpr, NP: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr,
+                           M: tl.constexpr, CP: tl.constexpr, GP: tl.constexpr, PREC: tl.constexpr):
+    """Second pass of the two-pass backward (the first: ds = (g*x) @ W3, a full tensor). One item per
+    (n, spatial tile, chunk of CK output channels), chunks innermost, so a tile's chunks run side by side and
+    share their reads of s. GEMM phase, GP own pixels at a time: dx_direct = g * (s @ W3^T + b3) of the
+    chunk's channels into dx, and the chunk's rows of dW3 = (g*x)^T s, db3 = sum g*x; then the chunk's NCB
+    channel blocks of BC through :func:`_dw_bwd_block` (ds from global memory), adding into dx. g, x, s, ds,
+    dx share strides; partial row per tile: NP * C depthwise columns, then (C + 1) * C (dW3 rows, db3)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c1, cc, ii, jj, pS, own_t = _block_frame(scr_ptr, 3, BC, RH, RW, PH, PW, M)
+    RWP: tl.constexpr = RW + 2 * M
+    SB: tl.constexpr = BC * (RH + 2 * M) * (RW + 2 * M)
+    OH: tl.constexpr = RH - 2 * PH
+    OW: tl.constexpr = RW - 2 * PW
+    ch = tl.arange(0, CP)
+    chm = ch < C
+    pix = tl.arange(0, GP)
+    # one flat loop over (item, channel block of its chunk): nothing but the counter is carried between blocks
+    n_mine = tl.cdiv(total - pid, nprog)
+    for k in range(0, n_mine * NCB):
+        cbk = k % NCB
+        item = pid + (k // NCB) * nprog
+        ck = item % n_ck
+        t = item // n_ck
+        tw = t % n_tw
+        r = t // n_tw
+        th = r % n_th
+        n = r // n_th
+        h0 = th * OH - PH
+        w0 = tw * OW - PW
+        nb = n.to(tl.int64) * sn
+        pt = part_ptr + t.to(tl.int64) * ((NP + C + 1) * C)
+        if cbk == 0:  # the chunk's GEMM phase on the tile's own pixels
+            oc = ck * CK + tl.arange(0, CK)
+            ocm = oc < C
+            w_co = tl.load(w3_ptr + oc[None, :] * C + ch[:, None], mask=chm[:, None] & ocm[None, :], other=0.0)
+            bias = tl.load(b3_ptr + oc, mask=ocm, other=0.0).to(ACC)
+            acc_w = tl.zeros([CK, CP], ACC)
+            acc_b = tl.zeros([CK], ACC)
+            for p0 in range(0, OH * OW, GP):
+                p = p0 + pix
+                hh = h0 + PH + p // OW
+                ww = w0 + PW + p % OW
+                own = (p < OH * OW) & (hh < H) & (ww < W)
+                po = hh * sh + ww * sw  # 32-bit in-image offsets
+                sv = tl.load(s_ptr + nb + (po[:, None] + ch[None, :] * sc), mask=own[:, None] & chm[None, :],
+                             other=0.0)
+                mk = own[:, None] & ocm[None, :]
+                ok = po[:, None] + oc[None, :] * sc
+                gv = tl.load(g_ptr + nb + ok, mask=mk, other=0.0).to(ACC)
+                xv = tl.load(x_ptr + nb + ok, mask=mk, other=0.0)
+                q = (gv * xv.to(ACC)).to(xv.dtype)
+                at = tl.dot(sv, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
+                tl.store(dx_ptr + nb + ok, (gv * (at + bias[None, :])).to(dx_ptr.dtype.element_ty), mask=mk)
+                acc_w += tl.dot(tl.trans(q), sv, input_precision=PREC)  # dW3[o, c] += sum_p q[p, o] s[p, c]
+                acc_b += tl.sum(q.to(ACC), axis=0)
+            p3 = pt + NP * C
+            tl.store(p3 + oc[:, None] * C + ch[None, :], acc_w, mask=ocm[:, None] & chm[None, :])
+            tl.store(p3 + C * C + oc, acc_b, mask=ocm)
+            tl.debug_barrier()  # dx_direct of the chunk written before its depthwise blocks read it
+        h = h0 + ii
+        w = w0 + jj
+        xo = h * sh + w * sw
+        cb0 = ck * CK + cbk * BC
+        c = cb0 + cc
+        c1b = cb0 + c1
+        base = nb + c.to(tl.int64) * sc
+        _dw_bwd_block(x_ptr + base, xo, sh, sw, ds_ptr + base, xo, sh, dx_ptr + base, dx_ptr + base,
+                      wp_ptr + c * WP, pS, pt, C, c1b, c1b < C, c < C, h, w, H, W, own_t,
+                      BC, RH, RW, ACC, SB, RWP)
+
+
 # ------------------------------------------------------------------------------------- pointwise kernels
 def _pw_configs(kind: str):
     """GEMM tiles of the pointwise kernels; one small config under the interpreter, one default with
@@ -530,16 +608,18 @@ def _prune_pw_w3(configs, named_args, **kwargs):
     return kept or configs
 
 
-@triton.autotune(configs=_pw_w3_configs(), key=["C", "HW", "PREC"],
+@triton.autotune(configs=_pw_w3_configs(), key=["C", "HW", "PREC", "DS_ONLY"],
                  prune_configs_by={"early_config_prune": _prune_pw_w3})
 @triton.jit
 def _msca_pw_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, part_ptr, C, HW, N,
                            sgn, sgc, sgp, sxn, sxc, sxp, ssn, ssc, ssp, sdn, sdc, sdp,
-                           PREC: tl.constexpr, ACC: tl.constexpr, CP: tl.constexpr, BP: tl.constexpr):
+                           PREC: tl.constexpr, ACC: tl.constexpr, CP: tl.constexpr, DS_ONLY: tl.constexpr,
+                           BP: tl.constexpr):
     """:func:`_msca_pw_bwd_kernel` and :func:`_msca_w3_bwd_kernel` in one pass over g, x, s, for C <= CP
     channels (every channel of a pixel block in registers): per pixel block q = g*x, ds = q @ W3,
     dx_direct = g * (s @ W3^T + b3), and this program's running dW3 += q^T s, db3 += sum q over its pixel
-    blocks (persistent grid), written once as a (C + 1, C) partial (rows dW3, then db3)."""
+    blocks (persistent grid), written once as a (C + 1, C) partial (rows dW3, then db3). DS_ONLY: ds alone
+    (reads g and x; s, b, dxd and part are not touched), the first pass of the two-pass backward."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ch = tl.arange(0, CP)
@@ -556,18 +636,20 @@ def _msca_pw_w3_bwd_kernel(g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, ds_ptr, dxd_ptr, p
         m2 = (p < HW)[:, None] & chm[None, :]
         gv = tl.load(g_ptr + n * sgn + p[:, None] * sgp + ch[None, :] * sgc, mask=m2, other=0.0)
         xv = tl.load(x_ptr + n * sxn + p[:, None] * sxp + ch[None, :] * sxc, mask=m2, other=0.0)
-        sv = tl.load(s_ptr + n * ssn + p[:, None] * ssp + ch[None, :] * ssc, mask=m2, other=0.0)
         q = (gv.to(ACC) * xv.to(ACC)).to(xv.dtype)
         ds = tl.dot(q, w_oc, input_precision=PREC)  # ds[p, c] = sum_o q[p, o] W3[o, c]
-        at = tl.dot(sv, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
         off = n * sdn + p[:, None] * sdp + ch[None, :] * sdc
         tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-        tl.store(dxd_ptr + off, (gv.to(ACC) * (at + bias[None, :])).to(dxd_ptr.dtype.element_ty), mask=m2)
-        acc_w += tl.dot(tl.trans(q), sv, input_precision=PREC)
-        acc_b += tl.sum(q.to(ACC), axis=0)
-    pk = part_ptr + pid.to(tl.int64) * (C + 1) * C
-    tl.store(pk + ch[:, None] * C + ch[None, :], acc_w, mask=chm[:, None] & chm[None, :])
-    tl.store(pk + C * C + ch, acc_b, mask=chm)
+        if not DS_ONLY:
+            sv = tl.load(s_ptr + n * ssn + p[:, None] * ssp + ch[None, :] * ssc, mask=m2, other=0.0)
+            at = tl.dot(sv, w_co, input_precision=PREC)  # at[p, o] = sum_c s[p, c] W3[o, c]
+            tl.store(dxd_ptr + off, (gv.to(ACC) * (at + bias[None, :])).to(dxd_ptr.dtype.element_ty), mask=m2)
+            acc_w += tl.dot(tl.trans(q), sv, input_precision=PREC)
+            acc_b += tl.sum(q.to(ACC), axis=0)
+    if not DS_ONLY:
+        pk = part_ptr + pid.to(tl.int64) * (C + 1) * C
+        tl.store(pk + ch[:, None] * C + ch[None, :], acc_w, mask=chm[:, None] & chm[None, :])
+        tl.store(pk + C * C + ch, acc_b, mask=chm)
 
 
 def _w3_configs():
@@ -826,19 +908,40 @@ def msca_pw_w3_bwd(g, x, s, w3, b3, dtype=None):
     gdt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t
     ds = torch.empty_like(x, dtype=gdt)
     dxd = torch.empty_like(x, dtype=gdt)
-    bp_min = 32  # smallest BP of the configs: enough programs for it, the others just loop less
-    n_blocks_min = N * triton.cdiv(HW, bp_min)
-    if x.device.type == "cuda":
-        nprog = max(1, min(n_blocks_min, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    else:
-        nprog = max(1, min(n_blocks_min, 4))
+    nprog = _pw_w3_nprog(N * HW, x.device)
     part = torch.empty(nprog, C + 1, C, dtype=acc_t, device=x.device)
     record_launch("msca_pw_w3_bwd")
     _msca_pw_w3_bwd_kernel[(nprog,)](g, x, s, w3, b3, ds, dxd, part, C, HW, N,
                                      *_pix_strides(g), *_pix_strides(x), *_pix_strides(s), *_pix_strides(ds),
-                                     PREC=_prec(x), ACC=acc_tl, CP=max(16, triton.next_power_of_2(C)))
+                                     PREC=_prec(x), ACC=acc_tl, CP=max(16, triton.next_power_of_2(C)),
+                                     DS_ONLY=False)
     g3 = sum_rows(part.view(nprog, (C + 1) * C), dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
     return ds, dxd, g3
+
+
+def _pw_w3_nprog(pixels: int, device: torch.device) -> int:
+    """Persistent programs of _msca_pw_w3_bwd_kernel: 2 per SM, at most one per 32-pixel block (its smallest BP)."""
+    blocks = triton.cdiv(pixels, 32)
+    if device.type == "cuda":
+        return max(1, min(blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(blocks, 4))
+
+
+def msca_pw_ds_bwd(g, x, w3):
+    """ds = (g*x) @ W3 alone, (N, C, H, W) with x's strides, in x's dtype for fp16 / bf16 (else fp32 / fp64);
+    C <= FUSED_BWD_CAP_C (one launch of _msca_pw_w3_bwd_kernel with DS_ONLY)."""
+    N, C, H, W = x.shape
+    if C > FUSED_BWD_CAP_C:
+        raise ValueError(f"msca_pw_ds_bwd: C={C} > {FUSED_BWD_CAP_C}")
+    acc_tl, acc_t = _acc_dtype(x)
+    ds = torch.empty_like(x, dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t)
+    nprog = _pw_w3_nprog(N * H * W, x.device)
+    record_launch("msca_pw_ds_bwd")
+    _msca_pw_w3_bwd_kernel[(nprog,)](g, x, x, w3, ds, ds, ds, ds, C, H * W, N,
+                                     *_pix_strides(g), *_pix_strides(x), *_pix_strides(x), *_pix_strides(ds),
+                                     PREC=_prec(x), ACC=acc_tl, CP=max(16, triton.next_power_of_2(C)),
+                                     DS_ONLY=True)
+    return ds
 
 
 def msca_w3_bwd(g, x, s, dtype=None):
@@ -941,6 +1044,84 @@ def msca_fused_bwd(g, x, s, wpack, w3, b3, w3_dtype=None, dw_dtype=None):
                                      PREC=_prec(x), num_warps=warps)
     g3 = sum_rows(part3, w3_dtype or acc_t, "msca_w3_reduce").view(C + 1, C)
     return dx, g3, sum_rows(part, dw_dtype or acc_t, "msca_dw_reduce")
+
+
+#: largest channel count of the two-pass backward (:func:`msca_twopass_bwd`, the default for NCHW / channels_last
+#: x with C <= this): ds = (g*x) @ W3 as a full tensor, then one kernel for dx_direct, dW3 and the depthwise
+#: backward (no dx_direct tensor). FASTSEG_MSCA_TWOPASS=0 (or 0 here) gives the split path (msca_pw_w3_bwd +
+#: msca_dw_bwd) for the A/B timing.
+TWOPASS_BWD_MAX_C = 64 if _FUSED and os.environ.get("FASTSEG_MSCA_TWOPASS", "1") != "0" else 0
+#: output channels per item of the second pass (the N of its GEMMs: tl.dot needs >= 16)
+TWOPASS_CK = 16
+
+
+_TWOPASS_HALO = (10, 12)  # rows, columns: the depthwise backward's halo (as msca_dw_bwd)
+
+
+def twopass_bwd_items(N: int, C: int, H: int, W: int) -> int:
+    """Items ((n, spatial tile, 16-channel chunk)) of the two-pass backward's second pass on a GPU."""
+    PH, PW = _TWOPASS_HALO
+    RH, RW, _ = _dw_config(H, W, PH, PW)
+    return N * triton.cdiv(H, RH - 2 * PH) * triton.cdiv(W, RW - 2 * PW) * triton.cdiv(C, TWOPASS_CK)
+
+
+def use_twopass_bwd(x: torch.Tensor) -> bool:
+    """Whether the op runs :func:`msca_twopass_bwd` for x (N, C, H, W): C <= TWOPASS_BWD_MAX_C, x NCHW- or
+    channels_last-contiguous (g, s must share its strides) and, on CUDA, at least one item per SM
+    (FUSED_FWD_MIN_TILES_PER_SM, as the forward: at MSCAN-T stage 1, batch 16, 384 items for 132 SMs; at batch
+    2, 48, so the split backward's 768 depthwise planes keep every SM busy instead)."""
+    N, C, H, W = x.shape
+    if C > TWOPASS_BWD_MAX_C or _layout(x) is None:
+        return False
+    if x.device.type != "cuda":
+        return True
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return twopass_bwd_items(N, C, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+
+
+def msca_twopass_bwd(g, x, s, wpack, w3, b3, w3_dtype=None, dw_dtype=None):
+    """The backward in two passes for C <= FUSED_BWD_CAP_C; returns what :func:`msca_fused_bwd` does (dx in x's
+    dtype / strides, (C + 1, C) dW3 rows then db3 in ``w3_dtype``, flat depthwise gradients in ``dw_dtype``).
+    Pass 1 (:func:`msca_pw_ds_bwd`): ds = (g*x) @ W3. Pass 2 (_msca_dw_pw_bwd_kernel): per (tile, 16 output
+    channels) dx_direct, dW3 / db3 and the depthwise backward. Then one fixed-order reduction of both
+    gradients' partials: 3 launches; g, x, s read twice, once and once, ds written and read, dx written."""
+    N, C, H, W = x.shape
+    if C > FUSED_BWD_CAP_C:
+        raise ValueError(f"msca_twopass_bwd: C={C} > {FUSED_BWD_CAP_C} channels")
+    layout = _layout(x)
+    if layout is None or not (x.stride() == g.stride() == s.stride()):
+        raise ValueError(f"msca_twopass_bwd: g, x, s must share NCHW- or channels_last-contiguous strides, got "
+                         f"{g.stride()}, {x.stride()}, {s.stride()}")
+    acc_tl, acc_t = _acc_dtype(x)
+    ds = msca_pw_ds_bwd(g, x, w3)
+    PH, PW = _TWOPASS_HALO
+    RH, RW, warps = _dw_config(H, W, PH, PW)
+    if not (_ENV_BLOCK and not interpreter_enabled()):
+        warps = max(4, warps // 2)  # as msca_dw_bwd: 16 pixels per thread in the depthwise phase
+    CK = TWOPASS_CK
+    BC = min(_channel_block(C, RH, RW), CK)
+    n_ck, n_th, n_tw = triton.cdiv(C, CK), triton.cdiv(H, RH - 2 * PH), triton.cdiv(W, RW - 2 * PW)
+    tiles = N * n_th * n_tw
+    total = tiles * n_ck
+    nprog = _nprog(total, x.device)
+    scratch = _scratch(nprog, 3, BC, RH, RW, acc_t, x.device)
+    part = torch.empty(tiles, (NPACK + C + 1) * C, dtype=acc_t, device=x.device)
+    dx = torch.empty_like(x)
+    own = (RH - 2 * PH) * (RW - 2 * PW)
+    # GEMM steps of GP own pixels: the interpreter takes the whole tile (it costs per operation, not per element)
+    gp = triton.next_power_of_2(own) if interpreter_enabled() else 32
+    record_launch("msca_dw_pw_bwd")
+    _msca_dw_pw_bwd_kernel[(nprog,)](g, x, s, ds, dx, w3, b3, wpack, part, scratch, H, W, *x.stride(),
+                                     n_ck, n_th, n_tw, total, C=C, CK=CK, NCB=triton.cdiv(min(CK, C), BC),
+                                     BC=BC, RH=RH, RW=RW, PH=PH, PW=PW,
+                                     NP=NPACK, WP=WPACK, ACC=acc_tl, M=MARGIN, CP=max(16, triton.next_power_of_2(C)),
+                                     GP=gp, PREC=_prec(x), num_warps=warps)
+    same = (w3_dtype or acc_t) == (dw_dtype or acc_t)
+    flat = sum_rows(part, (dw_dtype or acc_t) if same else acc_t, "msca_bwd_reduce")
+    gflat, g3 = flat[:NPACK * C], flat[NPACK * C:].view(C + 1, C)
+    if not same:
+        gflat, g3 = gflat.to(dw_dtype or acc_t), g3.to(w3_dtype or acc_t)
+    return dx, g3, gflat
 
 
 def msca_dw_bwd(x, ds, dxd, wpack, dtype=None):

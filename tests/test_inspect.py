@@ -123,12 +123,13 @@ def test_rules_msca_mlp_bf16():
     names = {r["kernel"] for r in rows}
     assert {"_msca_dw_fwd_kernel", "_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel",
             "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel", "_msca_dw_bwd_kernel", "_msca_fused_bwd_kernel",
-            "_dwgelu_fwd_kernel",
+            "_msca_dw_pw_bwd_kernel", "_dwgelu_fwd_kernel",
             "_dwgelu_bwd_dz_kernel", "_dwgelu_bwd_dx_kernel", "_sum_rows_kernel"} <= names, names
     assert I.violations(rows) == []
     for r in rows:  # every bf16 GEMM on tensor cores
         if r["kernel"] in ("_msca_pw_fwd_kernel", "_msca_pw_bwd_kernel", "_msca_w3_bwd_kernel",
-                           "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel", "_msca_fused_bwd_kernel"):
+                           "_msca_fused_fwd_kernel", "_msca_pw_w3_bwd_kernel", "_msca_fused_bwd_kernel",
+                           "_msca_dw_pw_bwd_kernel"):
             assert r["wgmma"] + r["mma"] > 0, r
 
 

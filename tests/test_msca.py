@@ -14,17 +14,17 @@ from helpers import EXACT, TOL, assert_close
 
 
 
-REDUCTIONS = {"msca_w3_reduce", "msca_dw_reduce"}
-
-
 def _kernels(x):
     """The Triton launches of one forward + backward of x (the dispatch rules of fastseg.ops.msca)."""
     fwd = {"msca_fused_fwd"} if K.use_fused_fwd(x) else {"msca_dw_fwd", "msca_pw_fwd"}
     if K.use_fused_bwd(x):
-        bwd = {"msca_fused_bwd"}
+        bwd = {"msca_fused_bwd", "msca_w3_reduce", "msca_dw_reduce"}
+    elif K.use_twopass_bwd(x):
+        bwd = {"msca_pw_ds_bwd", "msca_dw_pw_bwd", "msca_bwd_reduce"}
     else:
-        bwd = {"msca_dw_bwd"} | ({"msca_pw_w3_bwd"} if x.shape[1] <= K.PW_FUSED_MAX_C else {"msca_pw_bwd", "msca_w3_bwd"})
-    return REDUCTIONS | fwd | bwd
+        bwd = {"msca_dw_bwd", "msca_w3_reduce", "msca_dw_reduce"} | (
+            {"msca_pw_w3_bwd"} if x.shape[1] <= K.PW_FUSED_MAX_C else {"msca_pw_bwd", "msca_w3_bwd"})
+    return fwd | bwd
 
 
 def _pair(C, dtype, device):
@@ -80,6 +80,7 @@ def test_msca_fp32_many_channels(device, triton_launches):
 def test_msca_unfused_pointwise_backward(device, triton_launches, monkeypatch):
     # above FUSED_FWD_MAX_C / PW_FUSED_MAX_C channels the forward is the depthwise + pointwise kernels and the
     # pointwise backward and dW3 are two kernels: run those paths at a small C (and one fused, one not)
+    monkeypatch.setattr(K, "TWOPASS_BWD_MAX_C", 0)
     monkeypatch.setattr(K, "PW_FUSED_MAX_C", 2)
     monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 2)
     _check(1, 5, 9, 13, True, EXACT, device, triton_launches)
@@ -110,11 +111,44 @@ def test_msca_fused_backward(N, C, H, W, channels_last, dtype, device, triton_la
     assert triton_launches["msca_fused_bwd"] == 1
 
 
+@pytest.mark.parametrize("N,C,H,W,channels_last,dtype", [
+    (1, 5, 9, 13, True, EXACT),
+    (2, 3, 7, 6, False, torch.float32),
+    (1, 2, 17, 70, False, EXACT),  # 32-wide blocks below: several tiles
+])
+def test_msca_split_backward(N, C, H, W, channels_last, dtype, device, triton_launches, monkeypatch):
+    # FASTSEG_MSCA_TWOPASS=0: the pointwise + W3 kernel, then the per-plane depthwise backward
+    monkeypatch.setattr(K, "TWOPASS_BWD_MAX_C", 0)
+    if W > 60:
+        if device != "cpu":
+            pytest.skip("the small-block case is for the interpreter")
+        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    _check(N, C, H, W, channels_last, dtype, device, triton_launches)
+    assert triton_launches["msca_dw_bwd"] == 1 and "msca_dw_pw_bwd" not in triton_launches
+
+
+def test_msca_twopass_chunks_and_tiles(device, triton_launches, monkeypatch):
+    # the default backward's second pass: 16-channel chunks (C = 20: a full and a partial one; C = 37 in
+    # test_msca_fp32_many_channels: three) over several tiles, each chunk writing its own rows of the partials
+    if device == "cpu":
+        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+        _check(1, 20, 17, 30, True, EXACT, device, triton_launches)
+        _check(2, 18, 15, 13, False, torch.float32, device, triton_launches)
+    else:
+        _check(2, 20, 70, 90, True, torch.float32, device, triton_launches)
+    assert triton_launches["msca_dw_pw_bwd"] == 1 and triton_launches["msca_bwd_reduce"] == 1
+
+
 def test_msca_fused_forward_dispatch():
     # on a GPU the one-kernel forward needs a spatial tile per SM (132 on an H100): not at batch 1
     assert K.fused_fwd_tiles(16, 128, 128) == 144 and K.fused_fwd_tiles(1, 128, 128) == 9
     assert K.use_fused_fwd(torch.empty(1, 64, 8, 8, device="meta"))  # no GPU: C decides
     assert not K.use_fused_fwd(torch.empty(1, 65, 8, 8, device="meta"))
+    # the two-pass backward's second pass: (tile, 16-channel chunk) items, one per SM at least on a GPU
+    assert K.twopass_bwd_items(16, 32, 128, 128) == 384 and K.twopass_bwd_items(2, 32, 128, 128) == 48
+    assert K.use_twopass_bwd(torch.empty(1, 64, 8, 8, device="meta"))
+    assert not K.use_twopass_bwd(torch.empty(1, 65, 8, 8, device="meta"))
+    assert not K.use_twopass_bwd(torch.empty(1, 8, 8, 8, device="meta").permute(0, 1, 3, 2))  # no dense layout
 
 
 def test_msca_several_tiles(device, triton_launches, monkeypatch):
@@ -158,6 +192,36 @@ def test_msca_torch_backend_matches(device):
 
 def test_msca_state_dict_keys():
     assert list(MSCA(8).state_dict()) == list(AttentionModule(8).state_dict())
+
+
+@pytest.mark.parametrize("twopass", [True, False])
+def test_msca_mixed_parameter_dtypes(twopass, device, triton_launches, monkeypatch):
+    # conv3 in another dtype than the depthwise convs: each gradient comes back in its parameter's dtype (the
+    # two-pass backward reduces both gradients in one launch, then casts when their dtypes differ)
+    if device != "cpu":
+        pytest.skip("fp64 parameters with fp32 x: an interpreter case")
+    from fastseg.ops import msca
+    from fastseg.ops.msca import _torch_msca
+
+    monkeypatch.setattr(K, "TWOPASS_BWD_MAX_C", 64 if twopass else 0)
+    ref, _ = _pair(5, torch.float64, device)
+    convs = [getattr(ref, n) for n in ("conv0", "conv0_1", "conv0_2", "conv1_1", "conv1_2", "conv2_1", "conv2_2")]
+    dw = [c.weight.detach().float().requires_grad_() for c in convs]
+    db = [c.bias.detach().float().requires_grad_() for c in convs]
+    w3 = ref.conv3.weight.detach().clone().requires_grad_()  # fp64
+    b3 = ref.conv3.bias.detach().clone().requires_grad_()
+    x = torch.randn(1, 5, 9, 13, device=device, requires_grad=True)
+    triton_launches.clear()
+    y = msca(x, dw, db, w3, b3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert triton_launches["msca_dw_pw_bwd" if twopass else "msca_dw_bwd"] == 1
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *dw, *db, w3, b3)]
+    x64, w3_64, b3_64 = leaves64[0], leaves64[-2], leaves64[-1]
+    _torch_msca(x64, leaves64[1:8], leaves64[8:15], w3_64, b3_64).backward(g.double())
+    for t, r in zip((x, *dw, *db, w3, b3), leaves64):
+        assert t.grad.dtype == t.dtype
+        assert_close(t.grad, r.grad, TOL[torch.float32], "grad")
 
 
 def test_msca_bad_input(device):

@@ -67,7 +67,7 @@ def test_mscan_fused_matches_reference(device, triton_launches):
     named = dict(ref.named_parameters())
     for name, p in fused.named_parameters():
         assert_close(p.grad, named[name].grad, 1e-8 if EXACT == torch.float64 else 1e-3, name)
-    assert triton_launches["msca_fused_bwd"] + triton_launches["msca_dw_bwd"] == 4 and triton_launches["dwconv3x3_gelu_bwd_dx"] == 4
+    assert triton_launches["msca_fused_bwd"] + triton_launches["msca_dw_pw_bwd"] + triton_launches["msca_dw_bwd"] == 4 and triton_launches["dwconv3x3_gelu_bwd_dx"] == 4
     assert not bn_calls, "eval forward of MSCANBlock must fold its BatchNorms, not run them"
 
 

@@ -67,7 +67,7 @@ def _leaf(*shape, channels_last=False):
 def test_msca(backend, channels_last):
     mod = MSCA(3).to(F64)
     _compare(mod, (_leaf(2, 3, 5, 7, channels_last=channels_last),), backend,
-             {"msca_fused_fwd", "msca_pw_w3_bwd", "msca_dw_bwd"})  # C <= 64: the fused kernels
+             {"msca_fused_fwd", "msca_pw_ds_bwd", "msca_dw_pw_bwd"})  # C <= 64: the fused / two-pass kernels
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

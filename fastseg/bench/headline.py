@@ -88,12 +88,18 @@ STEPS: list[Step] = [
          op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
          impls=("fastseg",), rename={"fastseg": "fastseg-unfused"}, group="msca", case_limit_s=20,
          env={"FASTSEG_MSCA_FUSED": "0"}),
-    # The opt-in one-kernel MSCA backward (FASTSEG_MSCA_FUSED_BWD=1) at the same shape, rows joining the msca
-    # step's: whether it may become the default (benchmarks/results/notes/msca_bytes.md: 1.52x the minimum
-    # bytes if its re-reads hit L2, up to 6.1x if not; the default split backward 3.15x). No target: a decision
-    # row. ~12 s: start 6 s; 4 kernels (fused fwd / bwd, two reductions) compile in ~5 s; 2 cases ~1 s.
+    # The other two MSCA backwards at the same shape, rows joining the msca step's (default: the two-pass
+    # backward, 2.81x the strict minimum bytes, benchmarks/results/notes/msca_bytes.md): the split backward
+    # (FASTSEG_MSCA_TWOPASS=0, 3.15x, robust to L2 misses) and the opt-in one-kernel backward
+    # (FASTSEG_MSCA_FUSED_BWD=1: 1.52x if its re-reads hit L2, up to 6.1x if not). No targets: decision rows.
+    # ~12 s each: start 6 s; 4-5 kernels compile in ~5 s; 2 cases ~1 s.
+    Step("msca-split-bwd", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_TWOPASS=0 (the split "
+         "backward) as row fastseg-split-bwd next to the msca step's fastseg row (two-pass backward)",
+         op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
+         impls=("fastseg",), rename={"fastseg": "fastseg-split-bwd"}, group="msca", case_limit_s=20,
+         env={"FASTSEG_MSCA_FUSED": "1", "FASTSEG_MSCA_TWOPASS": "0"}),
     Step("msca-fused-bwd", "bench", 25, "MSCA at MSCAN-T stage 1 with FASTSEG_MSCA_FUSED_BWD=1 (the one-kernel "
-         "backward) as row fastseg-fused-bwd next to the msca step's fastseg row (split backward)",
+         "backward) as row fastseg-fused-bwd next to the msca step's fastseg row (two-pass backward)",
          op="msca", shapes=[{"B": 16, "C": 32, "H": 128, "W": 128}], dry_shapes=[{"B": 1, "C": 8, "H": 12, "W": 12}],
          impls=("fastseg",), rename={"fastseg": "fastseg-fused-bwd"}, group="msca", case_limit_s=20,
          env={"FASTSEG_MSCA_FUSED": "1", "FASTSEG_MSCA_FUSED_BWD": "1"}),

@@ -116,6 +116,8 @@ def _config_label(kw: dict, launch: Launch) -> str:
     meta.append(f"s{kw.get('num_stages', launch.kwargs.get('num_stages', 3))}")
     if kw.get("maxnreg"):
         meta.append(f"maxnreg={kw['maxnreg']}")
+    if kw is not launch.kwargs:  # an autotune config: name the launch's own constexpr flags that are set
+        meta += [f"+{k}" for k, v in launch.kwargs.items() if v is True and k not in kw]
     return " ".join(meta)
 
 
@@ -318,6 +320,7 @@ def _msca_cases(preset: str):
                         K.msca_pw_fwd(sm, x, w3, b3)
                     if C <= K.FUSED_BWD_CAP_C:  # the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1)
                         K.msca_fused_bwd(x, x, sm, wp, w3, b3)
+                        K.msca_twopass_bwd(x, x, sm, wp, w3, b3)  # the default (C <= 64)
                     if C <= K.PW_FUSED_MAX_C:
                         ds, dxd, _ = K.msca_pw_w3_bwd(x, x, sm, w3, b3)
                     else:

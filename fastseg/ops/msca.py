@@ -101,11 +101,14 @@ def _pw_backward(K, g, x, s, w3m, b3a, w3_dtype):
 
 
 def _backward_kernels(K, g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype):
-    """(dx, (C + 1, C) dW3 rows then db3 in w3_dtype, flat depthwise gradients in dw_dtype): the one-kernel
-    backward where :func:`use_fused_bwd` says so (g sharing x's strides), else the pointwise then the
-    depthwise backward kernels."""
-    if K.use_fused_bwd(x) and g.stride() == x.stride() == s.stride():
-        return K.msca_fused_bwd(g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
+    """(dx, (C + 1, C) dW3 rows then db3 in w3_dtype, flat depthwise gradients in dw_dtype), for g sharing x's
+    strides: the one-kernel backward where :func:`use_fused_bwd` says so (opt-in), else the two-pass backward
+    (:func:`use_twopass_bwd`: C <= 64), else the pointwise then the depthwise backward kernels."""
+    if g.stride() == x.stride() == s.stride():
+        if K.use_fused_bwd(x):
+            return K.msca_fused_bwd(g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
+        if K.use_twopass_bwd(x):
+            return K.msca_twopass_bwd(g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
     ds, dxd, g3 = _pw_backward(K, g, x, s, w3m, b3a, w3_dtype)
     dx, gflat = K.msca_dw_bwd(x, ds, dxd, wp, dw_dtype)  # flat, parameter after parameter (PACK order)
     return dx, g3, gflat

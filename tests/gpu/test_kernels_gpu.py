@@ -132,15 +132,17 @@ def test_mask_from_embeddings(dtype, triton_launches):
 # ------------------------------------------------------------------------------------------------ MSCA
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids.get)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-@pytest.mark.parametrize("path", ["fused", "split", "unfused"])
+@pytest.mark.parametrize("path", ["fused", "twopass", "split", "unfused"])
 def test_msca(dtype, channels_last, path, triton_launches, monkeypatch):
     from fastseg.kernels import msca as K
 
     if path != "unfused":  # at this small shape the tiles do not fill the GPU: force the one-kernel forward
         monkeypatch.setattr(K, "FUSED_FWD_MIN_TILES_PER_SM", 0)
-    # "fused": the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1); "split" (the default at C <= 64): the
-    # fused pointwise + dW3 backward, then the depthwise one
+    # "fused": the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1); "twopass" (the default at C <= 64):
+    # ds, then dx_direct / dW3 with the depthwise backward; "split": the fused pointwise + dW3 backward, then the
+    # depthwise one
     monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 64 if path == "fused" else 0)
+    monkeypatch.setattr(K, "TWOPASS_BWD_MAX_C", 64 if path == "twopass" else 0)
     if path == "unfused":  # the kernels used above 64 channels, at this C
         monkeypatch.setattr(K, "FUSED_FWD_MAX_C", 0)
         monkeypatch.setattr(K, "PW_FUSED_MAX_C", 0)
@@ -171,6 +173,7 @@ def test_msca(dtype, channels_last, path, triton_launches, monkeypatch):
     for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
         assert_close(p.grad, p_ref.grad, TOL[dtype], f"d {name}")
     want = {"fused": {"msca_fused_fwd", "msca_fused_bwd"},
+            "twopass": {"msca_fused_fwd", "msca_pw_ds_bwd", "msca_dw_pw_bwd", "msca_bwd_reduce"},
             "split": {"msca_fused_fwd", "msca_pw_w3_bwd", "msca_dw_bwd"},
             "unfused": {"msca_dw_fwd", "msca_pw_fwd", "msca_pw_bwd", "msca_w3_bwd", "msca_dw_bwd"}}[path]
     assert want <= set(triton_launches)
