@@ -4,8 +4,8 @@ x: (N, C, H, W) NCHW or channels_last strides, fp32/fp16/bf16 (fp64 under the in
 bias (C,) in the accumulation dtype (fp32, fp64 for fp64 x). Blocks are (BC channels, BP pixels of one image).
 * ``_dwgelu_fwd_kernel``: 9 shifted loads, bias, GELU, store (the pre-activation is not kept).
 * ``_dwgelu_bwd_dz_kernel``: recomputes z, dz = gy * GELU'(z) (stored in x's dtype for fp16 / bf16, as MSCA's
-  ds, else fp32; the weight partials use the fp32 value), and per-block partial sums of dW (9 taps) and db,
-  reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no atomics) straight
+  ds, else fp32; the weight partials use the fp32 value), and partial sums of dW (9 taps) and db over each
+  program's G pixel blocks, reduced afterwards in a fixed order by one :func:`sum_rows` launch (deterministic, no atomics) straight
   into the parameters' dtype and layout.
 All shifted accesses are ``p + scalar offset`` from one pointer tensor per operand, in runtime tap loops:
 fully unrolled, every tap's addresses were computed up front and held (the channels_last backward spilled).
@@ -62,32 +62,43 @@ def _dwgelu_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, sxn, sxc, sxh, sxw, 
     tl.store(y_ptr + n * syn + c.to(tl.int64) * syc + h * syh + w * syw, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=_NOSPEC)
+@triton.jit(do_not_specialize=_NOSPEC + ["n_pg"])
 def _dwgelu_bwd_dz_kernel(x_ptr, gy_ptr, w_ptr, b_ptr, dz_ptr, part_ptr, C, H, W, sxn, sxc, sxh, sxw,
-                          syn, syc, syh, syw, n_pb, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
-    """gy and dz share the strides (syn, syc, syh, syw); partials: (N * n_pb, 10 * C), dW (C, 9) then db (C,)."""
-    pid_p = tl.program_id(0)
-    n, c, h, w, inside = _tile(pid_p, n_pb, tl.program_id(1), C, H, W, BC, BP)
-    cm = c < C
-    px = x_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
-    z = _conv3x3(px, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
-    z += tl.load(b_ptr + c, mask=cm, other=0.0)
-    off = n * syn + c.to(tl.int64) * syc + h * syh + w * syw
-    gy = tl.load(gy_ptr + off, mask=inside, other=0.0).to(ACC)
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-    dz = tl.where(inside, gy * (cdf + z * pdf), 0.0)
-    tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+                          syn, syc, syh, syw, n_pb, n_pg, G, ACC: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr):
+    """gy and dz share the strides (syn, syc, syh, syw). A program takes G consecutive pixel blocks of one image
+    (group pid_g % n_pg of image pid_g // n_pg) and writes one partial row: (N * n_pg, 10 * C), dW (C, 9) then
+    db (C,), summed over its blocks in registers."""
+    pid_g = tl.program_id(0)
+    n_img = pid_g // n_pg
     c1 = tl.program_id(1) * BC + tl.arange(0, BC)
-    pb = part_ptr + pid_p.to(tl.int64) * (10 * C)
     pm = c1 < C
-    for u in range(3):
-        mh = inside & (h >= 1 - u) & (h < H + 1 - u)
-        for v in range(3):
-            m = mh & (w >= 1 - v) & (w < W + 1 - v)
-            xv = tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m, other=0.0).to(ACC)
-            tl.store(pb + c1 * 9 + (u * 3 + v), tl.sum(dz * xv, axis=1), mask=pm)
-    tl.store(pb + 9 * C + c1, tl.sum(dz, axis=1), mask=pm)
+    tap = tl.arange(0, 16)[None, :]
+    acc_w = tl.zeros([BC, 16], ACC)  # the 9 taps' sums (columns 0..8)
+    acc_b = tl.zeros([BC], ACC)
+    for i in range(G):
+        pb_i = (pid_g % n_pg) * G + i
+        n, c, h, w, inside = _tile(n_img * n_pb + pb_i, n_pb, tl.program_id(1), C, H, W, BC, BP)
+        inside = inside & (pb_i < n_pb)
+        cm = c < C
+        px = x_ptr + n * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+        z = _conv3x3(px, sxh, sxw, h, w, H, W, w_ptr + c * 9, cm, inside, ACC, BC, BP)
+        z += tl.load(b_ptr + c, mask=cm, other=0.0)
+        off = n * syn + c.to(tl.int64) * syc + h * syh + w * syw
+        gy = tl.load(gy_ptr + off, mask=inside, other=0.0).to(ACC)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        dz = tl.where(inside, gy * (cdf + z * pdf), 0.0)
+        tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+        for u in range(3):
+            mh = inside & (h >= 1 - u) & (h < H + 1 - u)
+            for v in range(3):
+                m = mh & (w >= 1 - v) & (w < W + 1 - v)
+                xv = tl.load(px + ((u - 1) * sxh + (v - 1) * sxw), mask=m, other=0.0).to(ACC)
+                acc_w += tl.where(tap == u * 3 + v, tl.sum(dz * xv, axis=1)[:, None], 0.0)
+        acc_b += tl.sum(dz, axis=1)
+    pb = part_ptr + pid_g.to(tl.int64) * (10 * C)
+    tl.store(pb + c1[:, None] * 9 + tap, acc_w, mask=pm[:, None] & (tap < 9))
+    tl.store(pb + 9 * C + c1, acc_b, mask=pm)
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
@@ -118,6 +129,16 @@ def _blocks(x: torch.Tensor):
     return BC, BP, triton.cdiv(H * W, BP)
 
 
+def _group(BP: int, n_pb: int) -> int:
+    """Pixel blocks per program of the dz kernel (each program writes one (10 * C,) partial row): at least 512
+    pixels per row, so channels_last's 32-pixel blocks give 16 blocks a row (MSCAN-T stage 1: 512 rows, 5.2 MB,
+    instead of 8 192 rows, 84 MB, written and read back); NCHW's 1 024-pixel blocks 1. The interpreter: 2, so
+    the tests run the loop."""
+    if interpreter_enabled():
+        return min(2, n_pb)
+    return max(1, min(n_pb, 512 // BP))
+
+
 def _acc(x):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -144,13 +165,15 @@ def dwconv3x3_gelu_bwd(x, gy, weight, bias, dtype=None):
     dz = torch.empty_like(x, dtype=x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_t)
     if gy.stride() != dz.stride():  # gy and dz share one set of strides in the kernel
         gy = torch.empty_like(dz, dtype=gy.dtype).copy_(gy)
-    part = torch.empty(N * n_pb, 10 * C, dtype=acc_t, device=x.device)
-    grid = (N * n_pb, triton.cdiv(C, BC))
+    G = _group(BP, n_pb)
+    n_pg = triton.cdiv(n_pb, G)
+    part = torch.empty(N * n_pg, 10 * C, dtype=acc_t, device=x.device)
     record_launch("dwconv3x3_gelu_bwd_dz")
-    _dwgelu_bwd_dz_kernel[grid](x, gy, weight, bias, dz, part, C, H, W, *x.stride(), *dz.stride(), n_pb,
-                                ACC=acc_tl, BC=BC, BP=BP, num_warps=4)
+    _dwgelu_bwd_dz_kernel[(N * n_pg, triton.cdiv(C, BC))](x, gy, weight, bias, dz, part, C, H, W, *x.stride(),
+                                                           *dz.stride(), n_pb, n_pg, G, ACC=acc_tl, BC=BC, BP=BP,
+                                                           num_warps=4)
     dx = torch.empty_like(x)
     record_launch("dwconv3x3_gelu_bwd_dx")
-    _dwgelu_bwd_dx_kernel[grid](dz, weight, dx, C, H, W, *dz.stride(), *dx.stride(), n_pb,
-                                ACC=acc_tl, BC=BC, BP=BP, num_warps=4)
+    _dwgelu_bwd_dx_kernel[(N * n_pb, triton.cdiv(C, BC))](dz, weight, dx, C, H, W, *dz.stride(), *dx.stride(), n_pb,
+                                                           ACC=acc_tl, BC=BC, BP=BP, num_warps=4)
     return dx, sum_rows(part, dtype or acc_t, "dwconv3x3_gelu_reduce")

@@ -20,6 +20,8 @@ KERNELS = {"dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd_dz", "dwconv3x3_gelu_bwd_dx
     (2, 5, 7, 9, False, EXACT),
     (1, 70, 5, 3, True, EXACT),      # two channel blocks, channels_last
     (1, 3, 1, 17, False, torch.float32),
+    (1, 6, 23, 25, True, EXACT),     # 3 pixel blocks under the interpreter: groups of 2 (the second partial)
+    (2, 3, 17, 20, False, torch.float32),  # 2 pixel blocks per image, one group
 ])
 def test_dwconv3x3_gelu(N, C, H, W, channels_last, dtype, device, triton_launches):
     x = torch.randn(N, C, H, W, device=device, dtype=dtype)
