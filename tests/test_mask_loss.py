@@ -145,6 +145,14 @@ def test_from_embeddings(device, triton_launches):
         for name, a, b in zip(("loss_mask", "loss_dice", "d features", "d embeds"), (*cnt, *cnt_g), (*ref, *ref_g)):
             assert_close(a, b, TOL[EXACT], f"{backend} pairs_per_image {name}")
     assert triton_launches["mask_loss_fwd"] == 2 and triton_launches["mask_loss_bwd"] == 2
+    # a sorted batch_idx: grouped by slices (views, GEMMs straight into their rows), the same numbers
+    fs = [feats.clone().requires_grad_(), embeds.clone().requires_grad_()]
+    srt = mask_losses_from_embeddings(fs[1][order], fs[0], batch_idx[order], targets, 1.5, rows)
+    srt_g = torch.autograd.grad(srt[0] * 0.7 + srt[1] * 1.3, fs)
+    for name, a, b in zip(("loss_mask", "loss_dice", "d features", "d embeds"), (*srt, *srt_g), (*ref, *ref_g)):
+        assert_close(a, b, TOL[EXACT], f"sorted batch_idx {name}")
+    for bi in (batch_idx, batch_idx[order]):  # index and slice groups against a gather + einsum
+        assert_close(matched_logits(embeds, feats, bi), torch.einsum("tc,tchw->thw", embeds, feats[bi]), TOL[EXACT])
     with pytest.raises(ValueError, match="summing to the 4 pairs"):
         mask_losses_from_embeddings(embeds, feats, None, targets, 1.5, pairs_per_image=[1, 0, 2])
     with pytest.raises(ValueError, match="not both"):

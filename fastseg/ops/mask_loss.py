@@ -42,12 +42,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _groups(batch_idx: torch.Tensor, B: int, device) -> list:
-    """[(b, positions (on ``device``) of the pairs of image b)] for the images that have pairs."""
+    """[(b, pairs of image b)] for the images that have pairs: a slice when batch_idx is sorted (DETR's
+    ``_get_src_permutation_idx`` order: views, no gathers), else positions on ``device``."""
     bi = torch.as_tensor(batch_idx).detach().reshape(-1).cpu().long()
     if bi.numel() and (int(bi.min()) < 0 or int(bi.max()) >= B):
         raise ValueError(f"batch_idx must be in [0, {B}), got values in [{int(bi.min())}, {int(bi.max())}]")
-    order = torch.argsort(bi, stable=True)
     counts = torch.bincount(bi, minlength=B).tolist()
+    if bool((bi[1:] >= bi[:-1]).all()):
+        return _count_groups(counts, B, bi.numel())
+    order = torch.argsort(bi, stable=True)
     out, start = [], 0
     for b, n in enumerate(counts):
         if n:
@@ -76,7 +79,10 @@ def _logits(embeds, features, groups):
     out = features.new_empty(T, h, w)
     with torch.autocast(features.device.type, enabled=False):
         for b, sel in groups:
-            out[sel] = (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)
+            if isinstance(sel, slice):  # straight into the output rows (no temporary, no copy)
+                torch.mm(embeds[sel], features[b].reshape(C, h * w), out=out[sel].view(-1, h * w))
+            else:
+                out[sel] = (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)
     return out
 
 
@@ -92,8 +98,10 @@ def _logits_in_order(embeds, features, groups):
 def matched_logits(embeds: torch.Tensor, features: torch.Tensor, batch_idx: torch.Tensor) -> torch.Tensor:
     """(T, h, w) logit maps ``embeds[t] · features[batch_idx[t]]``: one GEMM per image (differentiable)."""
     B, C, h, w = features.shape
-    pieces = [(sel, (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w))
-              for b, sel in _groups(batch_idx, B, features.device)]
+    groups = _groups(batch_idx, B, features.device)
+    if all(isinstance(sel, slice) for _, sel in groups):  # batch_idx sorted: the pieces are in pair order
+        return _logits_in_order(embeds, features, groups)
+    pieces = [(sel, (embeds[sel] @ features[b].reshape(C, h * w)).view(-1, h, w)) for b, sel in groups]
     if not pieces:
         return features.new_zeros(0, h, w) + 0 * embeds.sum() + 0 * features.sum()
     sel = torch.cat([s for s, _ in pieces])
@@ -189,7 +197,9 @@ class _SumsFromEmbeddings(torch.autograd.Function):
             dlogits = K.mask_loss_bwd(logits, targets, rows, g, *ctx.args)
             del logits
             B, C, h, w = features.shape
-            d_embeds = torch.zeros_like(embeds) if ctx.needs_input_grad[0] else None
+            # the groups partition the pairs: every row of d_embeds is written once
+            d_embeds = torch.empty_like(embeds, memory_format=torch.contiguous_format) \
+                if ctx.needs_input_grad[0] else None
             d_feat = None
             if ctx.needs_input_grad[1]:  # each image's gradient written once by its GEMM (no zero fill, no copy)
                 d_feat = torch.empty(features.shape, dtype=features.dtype, device=features.device)
@@ -199,7 +209,9 @@ class _SumsFromEmbeddings(torch.autograd.Function):
                         d_feat[b].zero_()
             for b, sel in ctx.groups:
                 dl = dlogits[sel].reshape(-1, h * w)
-                if d_embeds is not None:
+                if d_embeds is not None and isinstance(sel, slice):
+                    torch.mm(dl, features[b].reshape(C, h * w).transpose(0, 1), out=d_embeds[sel])
+                elif d_embeds is not None:
                     d_embeds[sel] = dl @ features[b].reshape(C, h * w).transpose(0, 1)
                 if d_feat is not None:
                     torch.mm(embeds[sel].transpose(0, 1), dl, out=d_feat[b].view(C, h * w))
