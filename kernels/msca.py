@@ -284,6 +284,17 @@ def _tile_coords(item, n_cb, n_th, n_tw, C, H, W, cc, ii, jj, BC: tl.constexpr, 
 
 
 @triton.jit
+def _tile_origin(t, n_th, n_tw, sn, OH: tl.constexpr, OW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """(first row h0, first column w0, image offset) of the block of spatial tile t = (n * n_th + th) * n_tw + tw
+    (OH x OW own pixels, PH / PW halo)."""
+    tw = t % n_tw
+    r = t // n_tw
+    th = r % n_th
+    n = r // n_th
+    return th * OH - PH, tw * OW - PW, n.to(tl.int64) * sn
+
+
+@triton.jit
 def _dw_bwd_block(xb, xo, sh, sw, dsb, do, sdh, dxdb, dxb, wb, pS, pt, C, c1b, pm, cm, h, w, H, W, own_t,
                   BC: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, ACC: tl.constexpr, SB: tl.constexpr,
                   RWP: tl.constexpr):
@@ -379,13 +390,7 @@ def _msca_fused_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, w3_ptr, b3_ptr, wp_ptr, 
     for k in range(0, n_mine * n_cb):
         cb = k % n_cb
         item = pid + (k // n_cb) * nprog
-        tw = item % n_tw
-        r = item // n_tw
-        th = r % n_th
-        n = r // n_th
-        h0 = th * OH - PH
-        w0 = tw * OW - PW
-        nb = n.to(tl.int64) * sn
+        h0, w0, nb = _tile_origin(item, n_th, n_tw, sn, OH, OW, PH, PW)
         slot = (pid // dk).to(tl.int64) * dband + (pid % dk) * (RW * sw)
         dsp = dscr_ptr + (slot - ((h0 - M) * sh + w0 * sw))  # ds of pixel p: dsp + p's offset
         row = item.to(tl.int64)
@@ -462,13 +467,7 @@ def _msca_dw_pw_bwd_kernel(g_ptr, x_ptr, s_ptr, ds_ptr, dx_ptr, w3_ptr, b3_ptr, 
         item = pid + (k // NCB) * nprog
         ck = item % n_ck
         t = item // n_ck
-        tw = t % n_tw
-        r = t // n_tw
-        th = r % n_th
-        n = r // n_th
-        h0 = th * OH - PH
-        w0 = tw * OW - PW
-        nb = n.to(tl.int64) * sn
+        h0, w0, nb = _tile_origin(t, n_th, n_tw, sn, OH, OW, PH, PW)
         pt = part_ptr + t.to(tl.int64) * ((NP + C + 1) * C)
         if cbk == 0:  # the chunk's GEMM phase on the tile's own pixels
             oc = ck * CK + tl.arange(0, CK)
