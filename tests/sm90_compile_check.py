@@ -104,7 +104,7 @@ def main():
                           PREC="ieee", sxw=1, ssw=1, sow=1), 16)
     compile_for_sm90(M._msca_pw_w3_bwd_kernel, {"g_ptr": dt, "x_ptr": dt, "s_ptr": dt, "w_ptr": dt, "b_ptr": "fp32",
                                                 "ds_ptr": dt, "dxd_ptr": dt, "part_ptr": "fp32"},
-                     dict(PREC="ieee", ACC=tl.float32, CP=64, BP=64), 8)
+                     dict(PREC="ieee", ACC=tl.float32, CP=64, BP=64, DS_ONLY=False), 8)
     U = upsample_ce
     compile_for_sm90(U._upce_fwd_kernel, {"x_ptr": dt, "t_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32"},
                      dict(ALIGN=False, ACC=tl.float32, BP=64, BK=32))
