@@ -3,7 +3,7 @@ either output) against the PyTorch reference, the drop-in module against the off
 fastseg.patch recognition. Runs under TRITON_INTERPRET=1 on CPU, compiled on CUDA."""
 import pytest
 import torch
-from helpers import DTYPES_EXACT, EXACT, TOL, assert_close
+from helpers import DTYPES_EXACT, EXACT, TOL, assert_close, sm90_rows
 
 import fastseg
 from fastseg import _backend, ops
@@ -249,21 +249,9 @@ print(json.dumps(rows))
 def test_sm90_forward_resources_bf16():
     """The ATM forward kernel compiled for sm_90 (child process, no interpreter) at the ViT-B 512² shape,
     with and without dropout, every config the autotuner can pick: no spill, shared memory fits, wgmma."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
     from fastseg.bench import inspect as I
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = sm90_rows(_RULES)
     assert {r["kernel"] for r in rows} == {"_atm_logits_kernel", "_fwd_kernel"}, rows
     assert I.violations(rows) == []
     assert all(r["spill_bytes"] == 0 and r["wgmma"] > 0 for r in rows), rows

@@ -163,17 +163,28 @@ OFFICIAL_FCN_CAC_KEYS = [
 ]
 
 
-def _official_shapes(cin, ch, k):
-    """Parameter shapes of the official FCNHeadCAC(in_channels=cin, channels=ch, num_classes=k, 2 convs, 3x3)."""
-    bn = lambda: {"bn.weight": (ch,), "bn.bias": (ch,), "bn.running_mean": (ch,), "bn.running_var": (ch,),  # noqa: E731
-                  "bn.num_batches_tracked": ()}
-    shapes = {"conv_seg.weight": (k, ch, 1, 1), "conv_seg.bias": (k,)}
-    for name, c_in in (("convs.0", cin), ("convs.1", ch), ("conv_cat", cin + ch)):
-        shapes[f"{name}.conv.weight"] = (ch, c_in, 3, 3)
-        shapes.update({f"{name}.{p}": s for p, s in bn().items()})
+def _cm_shapes(name, cout, cin, ks, groups=1):
+    """Parameter shapes of an mmcv ConvModule (conv without bias + BatchNorm) named ``name``."""
+    return {f"{name}.conv.weight": (cout, cin // groups, ks, ks), f"{name}.bn.weight": (cout,),
+            f"{name}.bn.bias": (cout,), f"{name}.bn.running_mean": (cout,), f"{name}.bn.running_var": (cout,),
+            f"{name}.bn.num_batches_tracked": ()}
+
+
+def _proj_shapes(ch):
+    """Parameter shapes of the CAC head's two projectors, ``proj`` and ``apd_proj``."""
+    shapes = {}
     for name in ("proj", "apd_proj"):
         shapes.update({f"{name}.0.weight": (ch // 2, 2 * ch), f"{name}.2.weight": (ch, ch // 2),
                        f"{name}.2.bias": (ch,)})
+    return shapes
+
+
+def _official_shapes(cin, ch, k):
+    """Parameter shapes of the official FCNHeadCAC(in_channels=cin, channels=ch, num_classes=k, 2 convs, 3x3)."""
+    shapes = {"conv_seg.weight": (k, ch, 1, 1), "conv_seg.bias": (k,)}
+    for name, c_in in (("convs.0", cin), ("convs.1", ch), ("conv_cat", cin + ch)):
+        shapes.update(_cm_shapes(name, ch, c_in, 3))
+    shapes.update(_proj_shapes(ch))
     return shapes
 
 
@@ -532,10 +543,7 @@ def _off_uper_forward(head, inputs):
 
 
 def _official_uper_shapes(cins, ch, k, scales=4):
-    def cm(name, cout, cin, ks):
-        return {f"{name}.conv.weight": (cout, cin, ks, ks), f"{name}.bn.weight": (cout,), f"{name}.bn.bias": (cout,),
-                f"{name}.bn.running_mean": (cout,), f"{name}.bn.running_var": (cout,),
-                f"{name}.bn.num_batches_tracked": ()}
+    cm = _cm_shapes
     shapes = {"conv_seg.weight": (k, ch, 1, 1), "conv_seg.bias": (k,)}
     for i in range(scales):
         shapes.update(cm(f"psp_modules.{i}.1", ch, cins[-1], 1))
@@ -545,9 +553,7 @@ def _official_uper_shapes(cins, ch, k, scales=4):
     for i in range(len(cins) - 1):
         shapes.update(cm(f"fpn_convs.{i}", ch, ch, 3))
     shapes.update(cm("fpn_bottleneck", ch, len(cins) * ch, 3))
-    for name in ("proj", "apd_proj"):
-        shapes.update({f"{name}.0.weight": (ch // 2, 2 * ch), f"{name}.2.weight": (ch, ch // 2),
-                       f"{name}.2.bias": (ch,)})
+    shapes.update(_proj_shapes(ch))
     return shapes
 
 
@@ -586,10 +592,10 @@ def test_uper_official_keys_and_forward():
         [96, 192, 384, 768], 512, 150)
 
 
-def test_uper_forward_train_matches_official_and_reaches_every_parameter():
-    head, feats = _uper()
+def _check_forward_train_matches_official(head, feats, y):
+    """Training-mode losses equal the official forward_train's (same dropout draws), and the CE's gradient
+    reaches every parameter."""
     head.train()
-    y = _labels(2, 48, 44, 5, absent=1)
     torch.manual_seed(3)
     ours = head.forward_train(feats, y)
     torch.manual_seed(3)
@@ -599,6 +605,11 @@ def test_uper_forward_train_matches_official_and_reaches_every_parameter():
     ours["loss_ce"].backward()
     for name, p in head.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_uper_forward_train_matches_official_and_reaches_every_parameter():
+    head, feats = _uper()
+    _check_forward_train_matches_official(head, feats, _labels(2, 48, 44, 5, absent=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -639,10 +650,7 @@ def _off_aspp_forward(head, inputs):
 
 
 def _official_aspp_shapes(cin, ch, k, dilations, c1_in, c1):
-    def cm(name, cout, cin_, ks, groups=1):
-        return {f"{name}.conv.weight": (cout, cin_ // groups, ks, ks), f"{name}.bn.weight": (cout,),
-                f"{name}.bn.bias": (cout,), f"{name}.bn.running_mean": (cout,), f"{name}.bn.running_var": (cout,),
-                f"{name}.bn.num_batches_tracked": ()}
+    cm = _cm_shapes
 
     def sep(name, cout, cin_):
         return {**cm(f"{name}.depthwise_conv", cin_, cin_, 3, groups=cin_),
@@ -655,9 +663,7 @@ def _official_aspp_shapes(cin, ch, k, dilations, c1_in, c1):
     shapes.update(cm("c1_bottleneck", c1, c1_in, 1))
     shapes.update(sep("sep_bottleneck.0", ch, ch + c1))
     shapes.update(sep("sep_bottleneck.1", ch, ch))
-    for name in ("proj", "apd_proj"):
-        shapes.update({f"{name}.0.weight": (ch // 2, 2 * ch), f"{name}.2.weight": (ch, ch // 2),
-                       f"{name}.2.bias": (ch,)})
+    shapes.update(_proj_shapes(ch))
     return shapes
 
 
@@ -698,17 +704,7 @@ def test_aspp_official_keys_and_forward():
 
 def test_aspp_forward_train_matches_official_and_reaches_every_parameter():
     head, feats = _aspp()
-    head.train()
-    y = _labels(2, 24, 22, 5, absent=4)
-    torch.manual_seed(3)
-    ours = head.forward_train(feats, y)
-    torch.manual_seed(3)
-    ref = _off_forward_train(head, feats, y)
-    for k in ref:
-        assert abs(ours[k].item() - ref[k].item()) < 1e-10 * max(1.0, abs(ref[k].item())), (k, ours[k], ref[k])
-    ours["loss_ce"].backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    _check_forward_train_matches_official(head, feats, _labels(2, 24, 22, 5, absent=4))
 
 
 def test_depthwise_separable_conv_module_by_functional_ops():

@@ -11,7 +11,7 @@ from fastseg.nn import ContextAwareClassifier
 from fastseg.ops import cac as ops
 from fastseg.reference import cac as ref
 
-from helpers import DTYPES_EXACT, TOL, assert_close
+from helpers import DTYPES_EXACT, TOL, assert_close, sm90_rows
 
 B, C, K, H, W = 2, 12, 7, 5, 9  # odd sizes: K = 7 classes, C = 12 channels, 5 x 9 pixels
 
@@ -292,22 +292,9 @@ print(json.dumps(I.inspect_kernels(["cac"], "default", dtypes=["bf16"], sass=Fal
 def test_sm90_resources_bf16():
     """sm_90 (Triton's ptxas, no GPU): at ADE20K's shape (K = 150, C = 512) every CAC kernel compiles with no
     spill in bf16, fits the shared memory, and every dot runs on tensor cores (wgmma / mma)."""
-    import os
-    import subprocess
-    import sys
-
     from fastseg.bench import inspect as I
 
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = sm90_rows(_RULES)
     assert {r["kernel"] for r in rows} == {"_proto_fwd_kernel", "_proto_bwd_kernel", "_cos_fwd_kernel",
                                            "_cos_bwd_df_kernel", "_cos_bwd_dq_kernel", "_distill_fwd_kernel",
                                            "_distill_bwd_kernel"}

@@ -6,26 +6,17 @@ no register spills in fp16/bf16, at most 256 B in fp32, shared memory within sm_
 the fp32 backward's dots are IEEE fp32 unless torch allows TF32. Runs tests/context_cluster_resources.py in a
 fresh process (TRITON_INTERPRET unset)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from helpers import sm90_child
 
 SCRIPT = Path(__file__).with_name("context_cluster_resources.py")
 SMEM_LIMIT = 227 * 1024
 
 
 def _run(*args):
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout = sm90_child([str(SCRIPT), *args], timeout=600)
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def test_stage1_configs_do_not_spill():

@@ -13,7 +13,7 @@ from fastseg.models.maskformer import MaskFormerMatcher, batch_sigmoid_focal_los
 from fastseg.models.matcher import batch_dice_loss
 from fastseg.ops.mask_cost import matcher_mask_costs, matcher_mask_costs_batch, matcher_mask_costs_from_embeddings
 
-from helpers import DTYPES_EXACT, EXACT
+from helpers import DTYPES_EXACT, EXACT, sm90_rows
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
@@ -178,21 +178,9 @@ print(json.dumps(I.inspect_kernels(["mask_cost"], "default", dtypes=["bf16"], sa
 
 def test_sm90_resources_bf16():
     # built for sm_90 with the launcher's own blocks at Q=100, T=30, 128x128 logits: no spills, tensor cores
-    import json
-    import os
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
     from fastseg.bench import inspect as I
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _RULES], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = sm90_rows(_RULES, timeout=600)
     assert {r["layout"] for r in rows if r["kernel"] == "_mask_cost_kernel"} == {"qhw", "emb"}, rows
     assert I.violations(rows) == []
     for r in rows:

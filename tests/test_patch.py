@@ -9,31 +9,15 @@ from torch import nn
 
 import fastseg
 from fastseg.models import build_mask2former, build_maskformer
+from fastseg.reference import AttentionModule
 from hf_models import targets as targets_, tiny_hf_mask2former
 
 HAS_MCA = hasattr(fastseg.nn, "MaskedCrossAttention")
 HAS_MSCA = hasattr(fastseg.nn, "MSCA")
 
 
-class OfficialMSCA(nn.Module):
-    """SegNeXt's AttentionModule layout (official repository)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.conv0 = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
-        self.conv0_1 = nn.Conv2d(dim, dim, (1, 7), padding=(0, 3), groups=dim)
-        self.conv0_2 = nn.Conv2d(dim, dim, (7, 1), padding=(3, 0), groups=dim)
-        self.conv1_1 = nn.Conv2d(dim, dim, (1, 11), padding=(0, 5), groups=dim)
-        self.conv1_2 = nn.Conv2d(dim, dim, (11, 1), padding=(5, 0), groups=dim)
-        self.conv2_1 = nn.Conv2d(dim, dim, (1, 21), padding=(0, 10), groups=dim)
-        self.conv2_2 = nn.Conv2d(dim, dim, (21, 1), padding=(10, 0), groups=dim)
-        self.conv3 = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, x):
-        attn = self.conv0(x)
-        attn = (attn + self.conv0_2(self.conv0_1(attn)) + self.conv1_2(self.conv1_1(attn))
-                + self.conv2_2(self.conv2_1(attn)))
-        return self.conv3(attn) * x
+# SegNeXt's AttentionModule layout (official repository): fastseg's faithful copy of it
+OfficialMSCA = AttentionModule
 
 
 class MmsegMSCA(nn.Module):

@@ -180,6 +180,21 @@ class MSDeformAttnEncoder(nn.Module):
 MSDeformAttnTransformerEncoderOnly = MSDeformAttnEncoder
 
 
+def _add_fpn_level(parent: nn.Module, idx: int, in_channels: int, conv_dim: int, norm: str):
+    """One FPN level as both official pixel decoders build it: a 1×1 lateral ``ConvNormAct`` (in_channels ->
+    conv_dim) and a 3×3 output one (+ ReLU), created in that order, both c2-xavier-filled and registered on
+    ``parent`` as ``adapter_{idx + 1}`` / ``layer_{idx + 1}`` (the official state_dict names). Returns them."""
+    use_bias = norm == ""
+    lateral = ConvNormAct(in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=norm)
+    output = ConvNormAct(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1, bias=use_bias, norm=norm,
+                         activation=F.relu)
+    c2_xavier_fill(lateral)
+    c2_xavier_fill(output)
+    parent.add_module(f"adapter_{idx + 1}", lateral)
+    parent.add_module(f"layer_{idx + 1}", output)
+    return lateral, output
+
+
 class MSDeformAttnPixelDecoder(nn.Module):
     """Mask2Former's pixel decoder.
 
@@ -223,16 +238,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.maskformer_num_feature_levels = 3  # always 3 scales for the decoder
         self.common_stride = common_stride
         self.num_fpn_levels = int(math.log2(min(t_strides)) - math.log2(common_stride))
-        use_bias = norm == ""
         lateral_convs, output_convs = [], []
         for idx, c in enumerate(self.feature_channels[: self.num_fpn_levels]):
-            lateral = ConvNormAct(c, conv_dim, kernel_size=1, bias=use_bias, norm=norm)
-            output = ConvNormAct(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1, bias=use_bias, norm=norm,
-                                 activation=F.relu)
-            c2_xavier_fill(lateral)
-            c2_xavier_fill(output)
-            self.add_module(f"adapter_{idx + 1}", lateral)
-            self.add_module(f"layer_{idx + 1}", output)
+            lateral, output = _add_fpn_level(self, idx, c, conv_dim, norm)
             lateral_convs.append(lateral)
             output_convs.append(output)
         self.lateral_convs = lateral_convs[::-1]
@@ -286,13 +294,7 @@ class BasePixelDecoder(nn.Module):
                 lateral_convs.append(None)
                 output_convs.append(output)
             else:
-                lateral = ConvNormAct(c, conv_dim, kernel_size=1, bias=use_bias, norm=norm)
-                output = ConvNormAct(conv_dim, conv_dim, kernel_size=3, stride=1, padding=1, bias=use_bias, norm=norm,
-                                     activation=F.relu)
-                c2_xavier_fill(lateral)
-                c2_xavier_fill(output)
-                self.add_module(f"adapter_{idx + 1}", lateral)
-                self.add_module(f"layer_{idx + 1}", output)
+                lateral, output = _add_fpn_level(self, idx, c, conv_dim, norm)
                 lateral_convs.append(lateral)
                 output_convs.append(output)
         self.lateral_convs = lateral_convs[::-1]

@@ -43,6 +43,33 @@ def randn(shape, dtype, g, scale=1.0):
     return (torch.randn(shape, generator=g, device=DEV, dtype=torch.float32) * scale).to(dtype)
 
 
+def _load_rounded(fused, ref, dtype):
+    """``fused`` takes ``ref``'s parameters and is cast to ``dtype``; the float64 ``ref`` then holds the same
+    rounded weights."""
+    fused.load_state_dict(ref.state_dict())
+    fused.to(dtype)
+    with torch.no_grad():
+        for p, pf in zip(ref.parameters(), fused.parameters()):
+            p.copy_(pf.double())
+
+
+def _check_module(fused, ref, x, g):
+    """A one-input module ``fused`` on ``x`` against the float64 ``ref`` on ``x.double()``: the output, then the
+    gradients of x and of every parameter for one random output gradient, at ``TOL[x.dtype]``. Returns the
+    output."""
+    tol = TOL[x.dtype]
+    x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, y_ref = fused(x_f), ref(x_r)
+    assert_close(y, y_ref, tol, "forward")
+    grad = randn(y.shape, x.dtype, g)
+    y.backward(grad)
+    y_ref.backward(grad.double())
+    assert_close(x_f.grad, x_r.grad, tol, "d x")
+    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        assert_close(p.grad, p_ref.grad, tol, f"d {name}")
+    return y
+
+
 def test_poison_fills_new_buffers_with_nan():
     """The fixture works: fresh torch.empty buffers of every size class read as NaN (0xFF bytes)."""
     if not CUDA:
@@ -87,11 +114,7 @@ def test_masked_cross_attention_module(dtype, triton_launches):
         ref.in_proj_bias.normal_(0, 0.5)
         ref.out_proj.bias.normal_(0, 0.5)
     fused = MaskedCrossAttention(E, nh).to(DEV)
-    fused.load_state_dict(ref.state_dict())
-    fused.to(dtype)
-    with torch.no_grad():  # the reference holds the rounded weights
-        for p, pf in zip(ref.parameters(), fused.parameters()):
-            p.copy_(pf.double())
+    _load_rounded(fused, ref, dtype)
     query, key, value = (randn((n, B, E), dtype, g) for n in (Q, L, L))
     allowed = torch.rand(B, Q, L, generator=g, device=DEV) < 0.3
     allowed[..., 0] = True  # no empty row: nn.MultiheadAttention gives NaN there
@@ -154,24 +177,11 @@ def test_msca(dtype, channels_last, path, triton_launches, monkeypatch):
         for p in ref.parameters():
             p.normal_(0, 0.3)
     fused = MSCA(C).to(DEV)
-    fused.load_state_dict(ref.state_dict())
-    fused.to(dtype)
-    with torch.no_grad():
-        for p, pf in zip(ref.parameters(), fused.parameters()):
-            p.copy_(pf.double())
+    _load_rounded(fused, ref, dtype)
     x = randn((N, C, H, W), dtype, g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
-    y, y_ref = fused(x_f), ref(x_r)
-    assert y.dtype == dtype
-    assert_close(y, y_ref, TOL[dtype], "forward")
-    grad = randn(y.shape, dtype, g)
-    y.backward(grad)
-    y_ref.backward(grad.double())
-    assert_close(x_f.grad, x_r.grad, TOL[dtype], "d x")
-    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
-        assert_close(p.grad, p_ref.grad, TOL[dtype], f"d {name}")
+    assert _check_module(fused, ref, x, g).dtype == dtype
     want = {"fused": {"msca_fused_fwd", "msca_fused_bwd"},
             "twopass": {"msca_fused_fwd", "msca_pw_ds_bwd", "msca_dw_pw_bwd", "msca_bwd_reduce"},
             "split": {"msca_fused_fwd", "msca_pw_w3_bwd", "msca_dw_bwd"},
@@ -186,21 +196,9 @@ def test_mscan_mlp_dwconv(dtype, triton_launches):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g, device=DEV)))
     ref = Mlp(C, hidden).to(DEV, torch.float64)
     fused = MSCANMlp(C, hidden).to(DEV)
-    fused.load_state_dict(ref.state_dict())
-    fused.to(dtype)
-    with torch.no_grad():
-        for p, pf in zip(ref.parameters(), fused.parameters()):
-            p.copy_(pf.double())
+    _load_rounded(fused, ref, dtype)
     x = randn((N, C, H, W), dtype, g)
-    x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
-    y, y_ref = fused(x_f), ref(x_r)
-    assert_close(y, y_ref, TOL[dtype], "forward")
-    grad = randn(y.shape, dtype, g)
-    y.backward(grad)
-    y_ref.backward(grad.double())
-    assert_close(x_f.grad, x_r.grad, TOL[dtype], "d x")
-    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
-        assert_close(p.grad, p_ref.grad, TOL[dtype], f"d {name}")
+    _check_module(fused, ref, x, g)
     assert {"dwconv3x3_gelu_fwd", "dwconv3x3_gelu_bwd_dz", "dwconv3x3_gelu_bwd_dx"} <= set(triton_launches)
 
 
@@ -269,15 +267,7 @@ def test_context_cluster_module_fp32(triton_launches):
                 break
     fused = ContextCluster(dim, dim, p, p, f, f, heads, hd).to(DEV)
     fused.load_state_dict(ref.state_dict())
-    x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
-    y, y_ref = fused(x_f), ref(x_r)
-    assert_close(y, y_ref, TOL[torch.float32], "out")
-    grad = randn(y.shape, torch.float32, g)
-    y.backward(grad)
-    y_ref.backward(grad.double())
-    assert_close(x_f.grad, x_r.grad, TOL[torch.float32], "d x")
-    for (name, p_ref), p_f in zip(ref.named_parameters(), fused.parameters()):
-        assert_close(p_f.grad, p_ref.grad, TOL[torch.float32], f"d {name}")
+    _check_module(fused, ref, x, g)
     assert triton_launches["coc_bwd_kernel"] >= 1
 
 

@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark case files."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..measure import Prepared, make_step
@@ -23,6 +25,33 @@ def module_step(forward, inputs: list[torch.Tensor], modules: list[torch.nn.Modu
         leaves += [p for p in m.parameters() if p.requires_grad]
     return Prepared(make_step(forward, leaves, mode), resident=list(inputs) + list(modules) + list(extra_resident),
                     forward=forward)
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The parameters' dtype of a whole-model case run in ``dtype``: float64 for float64, else float32 (fp16 /
+    bf16 run under :func:`autocast` with fp32 parameters, as mixed-precision training does)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """``torch.autocast`` to ``dtype`` on ``device`` for fp16 / bf16; a no-op context for fp32 / fp64."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def image_model_step(model: torch.nn.Module, x: torch.Tensor, dtype, device, mode: str,
+                     compile_: bool = False) -> Prepared:
+    """A :class:`Prepared` for ``scalar_loss(model(x))`` under :func:`autocast` (``model`` already at
+    :func:`param_dtype` and in train / eval mode, ``x`` its (B, 3, H, W) input), gradients of every trainable
+    parameter; ``compile_``: through :func:`compiled`."""
+    fn = compiled(model) if compile_ else model
+
+    def fwd():
+        with autocast(device, dtype):
+            return scalar_loss(fn(x))
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    return Prepared(make_step(fwd, leaves, mode), resident=[x, model])
 
 
 def compiled(fn):

@@ -25,7 +25,7 @@ import torch
 
 from ..measure import Prepared
 from ..registry import Impl, OpSpec, register, require
-from .common import compiled, generator, module_step, randn
+from .common import autocast, compiled, generator, module_step, param_dtype, randn
 
 __all__ = ["ecenet_labels"]
 
@@ -47,31 +47,20 @@ def ecenet_labels(batch, h, w, num_classes, g, device, classes_per_image=12, blo
     return labels
 
 
-def _param_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _autocast(device, dtype):
-    import contextlib
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def _model_prep(compile_: bool = False):
     def prepare(s, dtype, device, mode) -> Prepared:
         build = require("fastseg.models", f"mscan_{s['model']}_ecenet", WHAT)
         torch.manual_seed(0)
-        model = build(num_classes=s["K"], channels=s["C"]).to(device=device, dtype=_param_dtype(dtype))
+        model = build(num_classes=s["K"], channels=s["C"]).to(device=device, dtype=param_dtype(dtype))
         model.train(mode == "fwdbwd")
         g = generator(device)
-        x = randn((s["B"], 3, s["H"], s["W"]), _param_dtype(dtype), device, g)
+        x = randn((s["B"], 3, s["H"], s["W"]), param_dtype(dtype), device, g)
         y = ecenet_labels(s["B"], s["H"], s["W"], s["K"], g, device)
         train = compiled(model.forward_train) if compile_ else model.forward_train
         infer = compiled(model) if compile_ else model
 
         def fn():
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 return train(x, y)["loss"] if mode == "fwdbwd" else infer(x)
         return module_step(fn, [], [model], mode, extra_resident=[x, y])
     return prepare
@@ -83,17 +72,17 @@ def _head_prep(compile_: bool = False):
         torch.manual_seed(0)
         dims = MSCAN_DIMS[s["model"]]
         head = head_cls(in_channels=dims, channels=s["C"], num_classes=s["K"]).to(device=device,
-                                                                                   dtype=_param_dtype(dtype))
+                                                                                   dtype=param_dtype(dtype))
         head.train(mode == "fwdbwd")
         g = generator(device)
-        feats = [randn((s["B"], c, -(-s["H"] // 2 ** (i + 2)), -(-s["W"] // 2 ** (i + 2))), _param_dtype(dtype),
+        feats = [randn((s["B"], c, -(-s["H"] // 2 ** (i + 2)), -(-s["W"] // 2 ** (i + 2))), param_dtype(dtype),
                        device, g, mode == "fwdbwd") for i, c in enumerate(dims)]
         y = ecenet_labels(s["B"], s["H"], s["W"], s["K"], g, device)
         train = compiled(head.forward_train) if compile_ else head.forward_train
         infer = compiled(head) if compile_ else head
 
         def fn():
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 if mode == "fwdbwd":
                     return sum(train(feats, y).values())
                 return infer(feats)["seg_logits"]

@@ -14,14 +14,12 @@ has them, fastseg's fused cross-attention); ``reference``: the official formulat
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..measure import Prepared, Unavailable, make_step
 from ..registry import Impl, MemprofSpec, OpSpec, register, require
-from .common import generator, randn
+from .common import autocast, generator, param_dtype, randn
 
 OP = "maskformer"
 WHAT = "MaskFormer (fastseg.models.build_maskformer) with set_fused lands with issue 16"
@@ -47,12 +45,6 @@ def label(s):
     return f"{bb}B={s['B']} Q={s['Q']} image {s['H']}x{s['W']} T={s['T']} K={s['K']}"
 
 
-def _autocast(device, dtype):
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 def _targets(s, g, device):
     from .masked_attention import blob_mask
 
@@ -64,29 +56,29 @@ def _targets(s, g, device):
 def maskformer_case(s: dict, dtype: torch.dtype, device, train: bool, fused: bool) -> dict:
     """{"forward", "leaves", "resident"} of one MaskFormer step (see the module docstring)."""
     build = require("fastseg.models", "build_maskformer", WHAT)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    pdtype = param_dtype(dtype)
     g = generator(device)
     H, W = s["H"], s["W"]
     torch.manual_seed(0)
     if s["backbone"] == "r50-features":
         model = build(nn.Identity(), s["K"], in_channels=list(R50_CHANNELS), num_queries=s["Q"])
-        inputs = [randn((s["B"], c, -(-H // st), -(-W // st)), param_dtype, device, g, train)
+        inputs = [randn((s["B"], c, -(-H // st), -(-W // st)), pdtype, device, g, train)
                   for c, st in zip(R50_CHANNELS, (4, 8, 16, 32))]
     else:
         try:
             model = build(s["backbone"], s["K"], num_queries=s["Q"])
         except ImportError as exc:
             raise Unavailable(str(exc)) from None
-        inputs = randn((s["B"], 3, H, W), param_dtype, device, g)
+        inputs = randn((s["B"], 3, H, W), pdtype, device, g)
     if fused:
         if not hasattr(model, "set_fused"):
             raise Unavailable(WHAT)
         model.set_fused(True)
-    model = model.to(device=device, dtype=param_dtype).train(train)
+    model = model.to(device=device, dtype=pdtype).train(train)
     targets = _targets(s, g, device) if train else []
 
     def forward():
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             if train:
                 return sum(model(inputs, targets).values())
             return model.semantic_inference(model(inputs), (H, W))

@@ -5,19 +5,11 @@ A training step here is forward + backward of a scalar loss (no optimizer step);
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..measure import Prepared, Unavailable, make_step
 from ..registry import Impl, MemprofSpec, OpSpec, register, require
-from .common import compiled, generator, randn, scalar_loss
-
-
-def _autocast(device, dtype):
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
+from .common import autocast, generator, image_model_step, param_dtype, randn
 
 
 def _model_prep(factory_name: str, what: str, fused: bool, compile_: bool = False, size_key: str | None = None):
@@ -29,16 +21,9 @@ def _model_prep(factory_name: str, what: str, fused: bool, compile_: bool = Fals
             model = factory(fused=fused)
         except TypeError as exc:
             raise Unavailable(f"fastseg.models.{name}(fused=...) not supported in this build: {exc}") from None
-        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        model = model.to(device=device, dtype=param_dtype).train(mode == "fwdbwd")
-        x = randn((s["B"], 3, s["H"], s["W"]), param_dtype, device, generator(device))
-        fn = compiled(model) if compile_ else model
-
-        def fwd():
-            with _autocast(device, dtype):
-                return scalar_loss(fn(x))
-        leaves = [p for p in model.parameters() if p.requires_grad]
-        return Prepared(make_step(fwd, leaves, mode), resident=[x, model])
+        model = model.to(device=device, dtype=param_dtype(dtype)).train(mode == "fwdbwd")
+        x = randn((s["B"], 3, s["H"], s["W"]), param_dtype(dtype), device, generator(device))
+        return image_model_step(model, x, dtype, device, mode, compile_)
     return prepare
 
 
@@ -147,17 +132,17 @@ def _m2f_default_case(*, batch, queries, image_hw, dtype, device, train, fused, 
         patch = require("fastseg", "patch", "fastseg.patch lands with issue 7")
         require("fastseg.nn", "MaskedCrossAttention", "the fused masked attention lands with issue 3")
         patch(decoder)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    decoder = decoder.to(device=device, dtype=param_dtype).train(train)
+    pdtype = param_dtype(dtype)
+    decoder = decoder.to(device=device, dtype=pdtype).train(train)
     criterion = build_criterion(num_classes).to(device)
     g = generator(device)
     (H, W), B = image_hw, batch
-    feats = [randn((B, 256, -(-H // s), -(-W // s)), param_dtype, device, g, train) for s in (32, 16, 8)]
-    mask_features = randn((B, 256, -(-H // 4), -(-W // 4)), param_dtype, device, g, train)
+    feats = [randn((B, 256, -(-H // s), -(-W // s)), pdtype, device, g, train) for s in (32, 16, 8)]
+    mask_features = randn((B, 256, -(-H // 4), -(-W // 4)), pdtype, device, g, train)
     targets = _m2f_targets(B, image_hw, num_classes, objects, g, device) if train else []
 
     def forward():
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             out = decoder(feats, mask_features)
             if not train:
                 return _semantic(out, image_hw)
@@ -180,15 +165,14 @@ def _m2f_model_case(*, batch, queries, image_hw, dtype, device, train, fused, ba
     if fused:
         patch = require("fastseg", "patch", "fastseg.patch lands with issue 7")
         patch(model)
-    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    model = model.to(device=device, dtype=param_dtype).train(train)
+    model = model.to(device=device, dtype=param_dtype(dtype)).train(train)
     g = generator(device)
     H, W = image_hw
-    x = randn((batch, 3, H, W), param_dtype, device, g)
+    x = randn((batch, 3, H, W), param_dtype(dtype), device, g)
     targets = _m2f_targets(batch, image_hw, num_classes, objects, g, device) if train else []
 
     def forward():
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             if train:
                 return sum(model(x, targets).values())
             return _semantic(model(x), image_hw)

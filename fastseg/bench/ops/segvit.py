@@ -16,9 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..measure import Prepared, Unavailable, make_step
+from ..measure import Prepared, Unavailable
 from ..registry import Impl, MemprofSpec, OpSpec, register, require
-from .common import compiled, generator, module_step, randn, scalar_loss
+from .common import compiled, generator, image_model_step, module_step, param_dtype, randn, scalar_loss
 
 OP = "atm-attention"
 SHAPE_KEYS = {"B": 2, "K": 150, "H": 32, "W": 32, "C": 384, "heads": 12, "drop": 0.1}
@@ -175,13 +175,10 @@ def _segvit_prep(fused: bool, compile_: bool = False):
     forward in train mode + backward of a scalar of the outputs (not ATMLoss); fp16 / bf16 under autocast with
     fp32 parameters. ``fwd``: eval forward."""
     def prepare(s, dtype, device, mode) -> Prepared:
-        import contextlib
-
         build = require("fastseg.models", "build_segvit", "the SegViT models land with issue 18")
         torch.manual_seed(0)
         model = build(s["model"], num_classes=s["K"], img_size=s["img"])
-        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        model = model.to(device=device, dtype=param_dtype).train(mode == "fwdbwd")
+        model = model.to(device=device, dtype=param_dtype(dtype)).train(mode == "fwdbwd")
         if fused:
             import fastseg
 
@@ -190,16 +187,8 @@ def _segvit_prep(fused: bool, compile_: bool = False):
                 why = "; ".join(sorted({sk.reason for sk in report.skipped}))[:200]
                 raise Unavailable("fastseg.patch found no ATM attention layer to swap"
                                   + (f" (skipped: {why})" if why else ""))
-        x = randn((s["B"], 3, s["img"], s["img"]), param_dtype, device, generator(device))
-        fn = compiled(model) if compile_ else model
-        amp = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.float16, torch.bfloat16)
-               else contextlib.nullcontext())
-
-        def fwd():
-            with amp:
-                return scalar_loss(fn(x))
-        leaves = [p for p in model.parameters() if p.requires_grad]
-        return Prepared(make_step(fwd, leaves, mode), resident=[x, model])
+        x = randn((s["B"], 3, s["img"], s["img"]), param_dtype(dtype), device, generator(device))
+        return image_model_step(model, x, dtype, device, mode, compile_)
     return prepare
 
 
