@@ -284,3 +284,36 @@ def test_msca_launches_per_step(device, triton_launches):
     assert fwd["kernels"] == ({"msca_fused_fwd": 1} if K.use_fused_fwd(x) else {"msca_dw_fwd": 1, "msca_pw_fwd": 1})
     assert fwd["aten"] == {} and bwd["aten"] == {}, (fwd["aten"], bwd["aten"])
     assert fwd["launches"] + bwd["launches"] <= 8
+
+
+def _nan_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled floating tensors: an output or partial element a kernel never
+    writes shows up as NaN instead of passing by luck as a fresh (often zero) allocation."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type != "meta" else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("N,C,H,W,channels_last,dtype,bc", [
+    (3, 17, 1, 19, False, EXACT, None),         # one row, 3 tiles across (the last 3 wide), a 1-channel chunk
+    (1, 33, 47, 3, True, EXACT, None),          # 4 tiles down, 3 chunks (the last: 1 channel)
+    (2, 17, 5, 1, True, torch.float32, None),   # one column, channels_last
+    (1, 20, 9, 11, False, EXACT, 4),            # 4 channel blocks per chunk (the GPU runs 16 of BC = 1)
+    (2, 5, 6, 7, True, torch.float32, 2),       # C < 16: 3 blocks of 2, the last half masked
+])
+def test_msca_twopass_edges(N, C, H, W, channels_last, dtype, bc, device, triton_launches, monkeypatch):
+    # the default backward's second pass at odd shapes: (tile, chunk) decoding, partial chunks and channel
+    # blocks, planes thinner than a tile; every output and partial starts as NaN (nothing may stay unwritten)
+    if device != "cpu":
+        pytest.skip("interpreter shapes (the GPU cases run at the real block size above)")
+    monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    if bc is not None:
+        cb = K._channel_block
+        monkeypatch.setattr(K, "_channel_block", lambda C_, RH, RW: min(cb(C_, RH, RW), bc))
+    _nan_empty(monkeypatch)
+    _check(N, C, H, W, channels_last, dtype, device, triton_launches)
+    assert triton_launches["msca_dw_pw_bwd"] == 1
