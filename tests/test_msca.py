@@ -304,6 +304,7 @@ def _nan_empty(monkeypatch):
     (2, 17, 5, 1, True, torch.float32, None),   # one column, channels_last
     (1, 20, 9, 11, False, EXACT, 4),            # 4 channel blocks per chunk (the GPU runs 16 of BC = 1)
     (2, 5, 6, 7, True, torch.float32, 2),       # C < 16: 3 blocks of 2, the last half masked
+    (1, 17, 1, 1, True, EXACT, None),           # 1x1 planes in channels_last: g gets x's exact strides
 ])
 def test_msca_twopass_edges(N, C, H, W, channels_last, dtype, bc, device, triton_launches, monkeypatch):
     # the default backward's second pass at odd shapes: (tile, chunk) decoding, partial chunks and channel

@@ -82,6 +82,14 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _like(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g in x's dtype with x's exact strides (x is dense: the backward kernels index g and x with one offset
+    tensor; a size-1 dim makes NCHW and channels_last strides differ although both formats hold)."""
+    if g.stride() == x.stride() and g.dtype == x.dtype:
+        return g
+    return torch.empty_like(x).copy_(g)
+
+
 def _forward(K, x, wp, w3m, b3a):
     """(y, s): one kernel for C <= K.FUSED_FWD_MAX_C when its spatial tiles fill the GPU (:func:`use_fused_fwd`;
     s is then not re-read from DRAM by a second kernel), else the depthwise kernel then the pointwise GEMM."""
@@ -138,8 +146,7 @@ class _MSCAFunction(torch.autograd.Function):
         x, s, wp, w3m, b3a = ctx.saved_tensors
         w3_shape, w3_dtype, b3_dtype, dw_meta = ctx.meta
         C = x.shape[1]
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        g = g.contiguous(memory_format=fmt).to(x.dtype)
+        g = _like(g, x)
         dw_dtype = dw_meta[0][1]
         dx, g3, gflat = _backward_kernels(K, g, x, s, wp, w3m, b3a, w3_dtype, dw_dtype)
         grads, off = [], 0
@@ -165,8 +172,7 @@ def _msca_grads(g, x, s, w3, b3, dw):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wp, w3m, b3a = _kernel_weights(dw[:7], dw[7:], w3, b3, x.dtype, acc)
     C = x.shape[1]
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    g = g.contiguous(memory_format=fmt).to(x.dtype)
+    g = _like(g, x)
     dx, g3, gflat = _backward_kernels(K, g, x, s, wp, w3m, b3a, w3.dtype, dw[0].dtype)
     grads, off = [], 0
     for t in dw:
