@@ -722,6 +722,10 @@ def _dw_config(H: int, W: int, PH: int, PW: int):
         cap_h, cap_w, warps = (int(v) for v in _ENV_BLOCK.split(","))
     RH = min(cap_h, max(16, triton.next_power_of_2(H + 2 * PH)))
     RW = min(cap_w, max(16, triton.next_power_of_2(W + 2 * PW)))
+    if RH <= 2 * PH or RW <= 2 * PW:  # no own pixel per block: the kernels would write nothing
+        raise ValueError(f"msca: a {RH}x{RW} depthwise block leaves no pixels inside its {PH}/{PW}-pixel halo; "
+                         f"block edges must be powers of two >= 32 (FASTSEG_MSCA_DW_BLOCK={_ENV_BLOCK!r}, "
+                         f"BLOCK_CAP={BLOCK_CAP})")
     # 16 warps for a 64x64 block keep 8 pixels per thread: the sm_90 forward then uses 128 registers and
     # spills 0 B (fastseg inspect; the backward uses half the warps, see msca_dw_bwd). Not yet timed.
     return RH, RW, warps or (16 if RH * RW >= 4096 else 8 if RH * RW >= 2048 else 4)

@@ -224,6 +224,16 @@ def test_msca_mixed_parameter_dtypes(twopass, device, triton_launches, monkeypat
         assert_close(t.grad, r.grad, TOL[torch.float32], "grad")
 
 
+def test_msca_block_without_own_pixels(device, monkeypatch):
+    # a depthwise block no larger than its halo (FASTSEG_MSCA_DW_BLOCK=16,16,..., or BLOCK_CAP) would leave every
+    # output unwritten: a clear error instead
+    monkeypatch.setattr(K, "BLOCK_CAP", 16)
+    with pytest.raises(ValueError, match="leaves no pixels inside"):
+        K._dw_config(40, 40, 10, 10)
+    monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    assert K._dw_config(40, 40, 10, 12)[:2] == (32, 32)
+
+
 def test_msca_bad_input(device):
     m = MSCA(4).to(device)
     with pytest.raises(ValueError, match="4-D"):
