@@ -823,10 +823,12 @@ def use_fused_fwd(x: torch.Tensor) -> bool:
     N, C, H, W = x.shape
     if C > FUSED_FWD_MAX_C:
         return False
-    if x.device.type != "cuda":
-        return True
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return fused_fwd_tiles(N, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+    return x.device.type != "cuda" or _fills_gpu(x.device, fused_fwd_tiles(N, H, W))
+
+
+def _fills_gpu(device: torch.device, items: int) -> bool:
+    """Whether ``items`` work items give every SM of the CUDA ``device`` at least FUSED_FWD_MIN_TILES_PER_SM."""
+    return items >= FUSED_FWD_MIN_TILES_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fused_fwd_tiles(N: int, H: int, W: int) -> int:
@@ -988,10 +990,7 @@ def use_fused_bwd(x: torch.Tensor) -> bool:
     N, C, H, W = x.shape
     if C > FUSED_BWD_MAX_C or _layout(x) is None:
         return False
-    if x.device.type != "cuda":
-        return True
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return fused_bwd_tiles(N, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+    return x.device.type != "cuda" or _fills_gpu(x.device, fused_bwd_tiles(N, H, W))
 
 
 def msca_fused_bwd(g, x, s, wpack, w3, b3, w3_dtype=None, dw_dtype=None):
@@ -1076,10 +1075,7 @@ def use_twopass_bwd(x: torch.Tensor) -> bool:
     N, C, H, W = x.shape
     if C > TWOPASS_BWD_MAX_C or _layout(x) is None:
         return False
-    if x.device.type != "cuda":
-        return True
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return twopass_bwd_items(N, C, H, W) >= FUSED_FWD_MIN_TILES_PER_SM * sms
+    return x.device.type != "cuda" or _fills_gpu(x.device, twopass_bwd_items(N, C, H, W))
 
 
 def msca_twopass_bwd(g, x, s, wpack, w3, b3, w3_dtype=None, dw_dtype=None):

@@ -89,6 +89,14 @@ def test_msca_unfused_pointwise_backward(device, triton_launches, monkeypatch):
     _check(1, 5, 9, 13, False, EXACT, device, triton_launches)
 
 
+def _small_blocks_if_wide(W, device, monkeypatch):
+    """The W > 60 cases run 32-wide blocks (several tiles per plane) under the interpreter; skipped on a GPU."""
+    if W > 60:
+        if device != "cpu":
+            pytest.skip("the small-block case is for the interpreter")
+        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+
+
 @pytest.mark.parametrize("N,C,H,W,channels_last,dtype", [
     (2, 5, 9, 13, False, EXACT),
     (1, 3, 5, 4, True, EXACT),
@@ -100,10 +108,7 @@ def test_msca_fused_backward(N, C, H, W, channels_last, dtype, device, triton_la
     # the opt-in one-kernel backward (FASTSEG_MSCA_FUSED_BWD=1); its ds scratch poisoned with NaN first: the
     # rows it never writes this call must reach no output or gradient
     monkeypatch.setattr(K, "FUSED_BWD_MAX_C", 64)
-    if W > 60:
-        if device != "cpu":
-            pytest.skip("the small-block case is for the interpreter")
-        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    _small_blocks_if_wide(W, device, monkeypatch)
     for key, buf in K._SCRATCH.items():
         if key[2] == "flat":
             buf.fill_(float("nan"))
@@ -119,10 +124,7 @@ def test_msca_fused_backward(N, C, H, W, channels_last, dtype, device, triton_la
 def test_msca_split_backward(N, C, H, W, channels_last, dtype, device, triton_launches, monkeypatch):
     # FASTSEG_MSCA_TWOPASS=0: the pointwise + W3 kernel, then the per-plane depthwise backward
     monkeypatch.setattr(K, "TWOPASS_BWD_MAX_C", 0)
-    if W > 60:
-        if device != "cpu":
-            pytest.skip("the small-block case is for the interpreter")
-        monkeypatch.setattr(K, "BLOCK_CAP", 32)
+    _small_blocks_if_wide(W, device, monkeypatch)
     _check(N, C, H, W, channels_last, dtype, device, triton_launches)
     assert triton_launches["msca_dw_bwd"] == 1 and "msca_dw_pw_bwd" not in triton_launches
 
